@@ -1,0 +1,425 @@
+//! The `hbrfs` command line: clap definitions, and rendering of the
+//! control answers as tables (default) or JSON (`--json`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::control::{self, Request};
+use crate::daemon::{self, MountOptions};
+use crate::datastore::{Access, Datastore, StatePaths};
+use crate::error::{Error, Result};
+use crate::ids::BlockSize;
+
+/// Host-based replication for virtual-disk images.
+#[derive(Debug, Parser)]
+#[command(name = "hbrfs", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mount BACKING at MOUNTPOINT as a tracked passthrough (foreground).
+    Mount {
+        /// The directory holding the images.
+        backing: PathBuf,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+        /// Tracking granularity, fixed when the datastore is created
+        /// (4K to 1M, a power of two).
+        #[arg(long, value_parser = parse_block_size)]
+        block_size: Option<BlockSize>,
+        /// FUSE worker threads; at least the guests' queue depth for direct IO.
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        /// Close an epoch this often (e.g. 5s, 500ms).
+        #[arg(long, value_parser = parse_duration)]
+        cut_every: Option<Duration>,
+        /// Benchmarks only: pass through without tracking anything.
+        #[arg(long, hide = true)]
+        no_tracking: bool,
+    },
+    /// Inspect the change journal (through the running daemon, or offline).
+    Journal {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        what: JournalCommand,
+    },
+    /// Close the open epoch now.
+    Cut {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The datastore: its backing directory or its mountpoint.
+    #[arg(short, long, default_value = ".", global = true)]
+    datastore: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum JournalCommand {
+    /// Every tracked file with its dirty blocks.
+    Ls,
+    /// One file's dirty block ranges, merged into extents.
+    Show {
+        /// Path of the file, relative to the datastore or absolute.
+        path: PathBuf,
+    },
+    /// The epochs: open, closed, merged, shipped.
+    Epochs,
+    /// The namespace operations in order.
+    Ops,
+    /// Totals.
+    Stats,
+}
+
+fn parse_block_size(s: &str) -> std::result::Result<BlockSize, String> {
+    let (num, mult) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with('K') => (t[..t.len() - 1].to_string(), 1024),
+        t if t.ends_with('M') => (t[..t.len() - 1].to_string(), 1024 * 1024),
+        t => (t, 1),
+    };
+    let bytes: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 64K)"))?;
+    BlockSize::new(bytes * mult)
+        .ok_or_else(|| format!("{s}: block size must be a power of two from 4K to 1M"))
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    if secs <= 0.0 {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses arguments, sets up logging and runs; returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("hbrfs=info,warn"))
+        .init();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("hbrfs: {e}");
+            1
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Mount {
+            backing,
+            mountpoint,
+            block_size,
+            threads,
+            cut_every,
+            no_tracking,
+        } => daemon::run_mount(&MountOptions {
+            backing,
+            mountpoint,
+            block_size,
+            threads,
+            cut_every,
+            tracking: !no_tracking,
+        }),
+        Command::Journal { target, what } => {
+            let backing = resolve_datastore(&target.datastore)?;
+            let req = match what {
+                JournalCommand::Ls => Request::Ls,
+                JournalCommand::Show { path } => Request::Show {
+                    path: relative_to_datastore(&path, &target.datastore, &backing),
+                },
+                JournalCommand::Epochs => Request::Epochs,
+                JournalCommand::Ops => Request::Ops,
+                JournalCommand::Stats => Request::Stats,
+            };
+            let value = query(&backing, &req)?;
+            print(&req, &value, target.json);
+            Ok(())
+        }
+        Command::Cut { target } => {
+            let backing = resolve_datastore(&target.datastore)?;
+            let value = query(&backing, &Request::Cut)?;
+            print(&Request::Cut, &value, target.json);
+            Ok(())
+        }
+    }
+}
+
+/// The backing directory for a datastore given as backing dir or mountpoint.
+fn resolve_datastore(given: &Path) -> Result<PathBuf> {
+    let canon = given
+        .canonicalize()
+        .map_err(|e| Error::Usage(format!("datastore {}: {e}", given.display())))?;
+    let ours = |m: &daemon::MountEntry| {
+        m.point == canon
+            && m.fstype.starts_with("fuse")
+            && StatePaths::of(Path::new(&m.source)).format().exists()
+    };
+    if let Some(m) = daemon::mounts().into_iter().find(ours) {
+        return Ok(PathBuf::from(m.source));
+    }
+    Ok(canon)
+}
+
+/// A file path as the journal names it: relative to the datastore root.
+///
+/// A path that exists (from the current directory, through the mount or
+/// in the backing directory) is made relative to whichever it lies in;
+/// anything else is taken as relative to the datastore already.
+fn relative_to_datastore(path: &Path, given: &Path, backing: &Path) -> String {
+    let abs = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let strip = |base: &Path| {
+        base.canonicalize()
+            .ok()
+            .and_then(|b| abs.strip_prefix(b).ok().map(Path::to_path_buf))
+    };
+    let rel = strip(given)
+        .or_else(|| strip(backing))
+        .unwrap_or_else(|| path.to_path_buf());
+    rel.to_string_lossy().into_owned()
+}
+
+/// Asks the running daemon, or reads the state folder when none runs.
+fn query(backing: &Path, req: &Request) -> Result<Value> {
+    let paths = StatePaths::of(backing);
+    if let Some(v) = control::ask(&paths.socket(), req)? {
+        return Ok(v);
+    }
+    let ds = Datastore::open(backing, Access::Inspect).map_err(|e| match e {
+        Error::Journal { .. } => Error::Usage(format!(
+            "{e} (is an hbrfs daemon running for {} without answering on {}?)",
+            backing.display(),
+            paths.socket().display()
+        )),
+        other => other,
+    })?;
+    ds.load_for_inspection()?;
+    control::answer(&ds, req, false)
+}
+
+fn print(req: &Request, v: &Value, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    let s = |v: &Value, k: &str| match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let rows: Vec<Vec<String>> = match req {
+        Request::Ls => table_rows(
+            &v["files"],
+            &[
+                "PATH",
+                "ID",
+                "SIZE",
+                "DIRTY BLOCKS",
+                "DIRTY",
+                "WRITTEN",
+                "LAST WRITE",
+            ],
+            |f| {
+                vec![
+                    s(f, "path"),
+                    s(f, "id"),
+                    bytes(u(f, "size")),
+                    s(f, "dirty_blocks"),
+                    bytes(u(f, "dirty_bytes")),
+                    bytes(u(f, "bytes_written")),
+                    time(u(f, "last_write_ns")),
+                ]
+            },
+        ),
+        Request::Show { .. } => {
+            println!(
+                "{} (file id {}): {} , block size {}",
+                s(v, "path"),
+                s(v, "id"),
+                bytes(u(v, "size")),
+                bytes(u(v, "block_size"))
+            );
+            table_rows(
+                &v["extents"],
+                &["FIRST BLOCK", "BLOCKS", "OFFSET", "LENGTH"],
+                |e| {
+                    vec![
+                        s(e, "first_block"),
+                        s(e, "blocks"),
+                        s(e, "offset"),
+                        bytes(u(e, "length")),
+                    ]
+                },
+            )
+        }
+        Request::Epochs => table_rows(
+            &v["epochs"],
+            &[
+                "EPOCH",
+                "STATE",
+                "OPENED",
+                "CLOSED",
+                "FILES",
+                "BLOCKS",
+                "MERGED INTO",
+            ],
+            |e| {
+                vec![
+                    s(e, "epoch"),
+                    s(e, "state"),
+                    time(u(e, "opened_ns")),
+                    time(u(e, "closed_ns")),
+                    s(e, "files"),
+                    s(e, "blocks"),
+                    s(e, "merged_into"),
+                ]
+            },
+        ),
+        Request::Ops => table_rows(
+            &v["ops"],
+            &[
+                "SEQ", "EPOCH", "OP", "PATH", "TARGET", "SIZE", "TIME", "SEEN",
+            ],
+            |o| {
+                let seen = if o["found_at_mount"].as_bool() == Some(true) {
+                    "at mount"
+                } else {
+                    "live"
+                };
+                vec![
+                    s(o, "seq"),
+                    s(o, "epoch"),
+                    s(o, "op"),
+                    s(o, "path"),
+                    s(o, "target"),
+                    s(o, "size"),
+                    time(u(o, "time_ns")),
+                    seen.into(),
+                ]
+            },
+        ),
+        Request::Stats | Request::Cut => {
+            if let Value::Object(map) = v {
+                for (k, val) in map {
+                    println!("{k:<18} {val}");
+                }
+            }
+            return;
+        }
+    };
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn table_rows(
+    items: &Value,
+    header: &[&str],
+    row: impl Fn(&Value) -> Vec<String>,
+) -> Vec<Vec<String>> {
+    let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    if let Value::Array(items) = items {
+        rows.extend(items.iter().map(row));
+    }
+    rows
+}
+
+/// Bytes in binary units, for tables.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A unix-nanosecond time as UTC `YYYY-MM-DD HH:MM:SS`, `-` for none.
+fn time(ns: u64) -> String {
+    if ns == 0 {
+        return "-".into();
+    }
+    let secs = ns / 1_000_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes_and_durations() {
+        assert_eq!(parse_block_size("64K").unwrap().bytes(), 65536);
+        assert_eq!(parse_block_size("1m").unwrap().bytes(), 1 << 20);
+        assert!(parse_block_size("3K").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn formats_times_in_utc() {
+        assert_eq!(time(0), "-");
+        assert_eq!(time(1_700_000_000 * 1_000_000_000), "2023-11-14 22:13:20");
+    }
+}

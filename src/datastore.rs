@@ -1,0 +1,518 @@
+//! A datastore's state folder (`BACKING/.hbrfs/`): its format line, the
+//! lock that keeps one daemon per datastore, and opening the journal and the
+//! tracker together — including the mount-time scan that reconciles the
+//! journal with what is really in the backing directory.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, IoContext, Result};
+use crate::ids::{BlockSize, FileId};
+use crate::journal::Journal;
+use crate::proto::journal::{FileRecord, OpKind, OpRecord};
+use crate::sys;
+use crate::tracking::{Tracker, now_ns};
+
+/// Name of the state folder inside the backing directory.
+pub const STATE_DIR: &str = ".hbrfs";
+/// The on-disk format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Paths inside a state folder.
+#[derive(Clone, Debug)]
+pub struct StatePaths {
+    /// The state folder itself.
+    pub dir: PathBuf,
+}
+
+impl StatePaths {
+    /// The state folder of the datastore at `backing`.
+    pub fn of(backing: &Path) -> StatePaths {
+        StatePaths {
+            dir: backing.join(STATE_DIR),
+        }
+    }
+    /// The format line.
+    pub fn format(&self) -> PathBuf {
+        self.dir.join("format")
+    }
+    /// The daemon lock.
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+    /// The sled journal.
+    pub fn journal(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+    /// The bitmap folder.
+    pub fn bitmaps(&self) -> PathBuf {
+        self.dir.join("bitmaps")
+    }
+    /// The control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    /// Present only after a clean shutdown.
+    pub fn clean_marker(&self) -> PathBuf {
+        self.dir.join("clean")
+    }
+}
+
+/// The parsed format line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Format {
+    /// Tracking granularity, fixed at creation.
+    pub block_size: BlockSize,
+    /// Random id of this datastore, fixed at creation.
+    pub id: String,
+}
+
+impl Format {
+    fn line(&self) -> String {
+        format!(
+            "hbrfs-datastore v{FORMAT_VERSION} block_size={} id={}\n",
+            self.block_size.bytes(),
+            self.id
+        )
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Format> {
+        let bad = |reason: String| Error::BadState {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut words = text.split_whitespace();
+        if words.next() != Some("hbrfs-datastore") {
+            return Err(bad("not an hbrfs format file".into()));
+        }
+        let version: u32 = words
+            .next()
+            .and_then(|v| v.strip_prefix('v'))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("missing format version".into()))?;
+        if version > FORMAT_VERSION {
+            return Err(bad(format!(
+                "datastore format v{version} was written by a newer hbrfs; this one reads up to v{FORMAT_VERSION}"
+            )));
+        }
+        let mut block_size = None;
+        let mut id = None;
+        for word in words {
+            if let Some(v) = word.strip_prefix("block_size=") {
+                block_size = v.parse().ok().and_then(BlockSize::new);
+            } else if let Some(v) = word.strip_prefix("id=") {
+                id = Some(v.to_string());
+            }
+        }
+        Ok(Format {
+            block_size: block_size.ok_or_else(|| bad("missing or invalid block_size".into()))?,
+            id: id.ok_or_else(|| bad("missing datastore id".into()))?,
+        })
+    }
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    let ok =
+        File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    if ok.is_err() {
+        bytes[..8].copy_from_slice(&now_ns().to_le_bytes());
+        bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a datastore is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// By the daemon: creates the state folder if needed, takes the lock,
+    /// may change everything. `block_size` is what the user asked for.
+    Daemon {
+        /// `--block-size`, if given.
+        block_size: Option<BlockSize>,
+    },
+    /// By `hbrfs journal` while no daemon runs: reads only.
+    Inspect,
+}
+
+/// An open datastore.
+#[derive(Debug)]
+pub struct Datastore {
+    /// The backing directory.
+    pub root: PathBuf,
+    /// Its state folder.
+    pub paths: StatePaths,
+    /// Its format line.
+    pub format: Format,
+    /// The change journal.
+    pub journal: Arc<Journal>,
+    /// The dirty bitmaps and epochs.
+    pub tracker: Arc<Tracker>,
+    /// Held for as long as the datastore is open by the daemon.
+    _lock: Option<File>,
+    /// Whether the state folder was made by this open.
+    pub fresh: bool,
+}
+
+impl Datastore {
+    /// Opens the datastore at `backing`.
+    pub fn open(backing: &Path, access: Access) -> Result<Datastore> {
+        let meta = fs::metadata(backing).at(backing)?;
+        if !meta.is_dir() {
+            return Err(Error::Usage(format!(
+                "{}: not a directory",
+                backing.display()
+            )));
+        }
+        let root = backing.canonicalize().at(backing)?;
+        let paths = StatePaths::of(&root);
+        let fresh = !paths.format().exists();
+        let (format, lock) = match access {
+            Access::Daemon { block_size } => {
+                fs::create_dir_all(paths.bitmaps()).at(paths.bitmaps())?;
+                let lock = take_lock(&paths)?;
+                let format = if fresh {
+                    let format = Format {
+                        block_size: block_size.unwrap_or(BlockSize::DEFAULT),
+                        id: random_id(),
+                    };
+                    write_durably(&paths.format(), format.line().as_bytes())?;
+                    format
+                } else {
+                    read_format(&paths)?
+                };
+                if let Some(asked) = block_size.filter(|b| *b != format.block_size) {
+                    return Err(Error::Usage(format!(
+                        "{}: this datastore was created with block size {}; --block-size {asked} does not match. \
+                         The block size is fixed at creation; remove {} to start over (this forces a full resync).",
+                        root.display(),
+                        format.block_size,
+                        paths.dir.display()
+                    )));
+                }
+                (format, Some(lock))
+            }
+            Access::Inspect => {
+                if fresh {
+                    return Err(Error::Usage(format!(
+                        "{}: no hbrfs datastore here (no {STATE_DIR}/format); mount it once with `hbrfs mount`",
+                        root.display()
+                    )));
+                }
+                (read_format(&paths)?, None)
+            }
+        };
+        let writable = lock.is_some();
+        let journal = Arc::new(open_journal(&paths, writable)?);
+        let tracker = Arc::new(Tracker::new(
+            &paths.bitmaps(),
+            format.block_size,
+            journal.clone(),
+            writable,
+        )?);
+        Ok(Datastore {
+            root,
+            paths,
+            format,
+            journal,
+            tracker,
+            _lock: lock,
+            fresh,
+        })
+    }
+
+    /// Path of a backing file relative to the root, as the journal keeps it.
+    pub fn relative(&self, abs: &Path) -> Vec<u8> {
+        abs.strip_prefix(&self.root)
+            .unwrap_or(abs)
+            .as_os_str()
+            .as_bytes()
+            .to_vec()
+    }
+
+    /// Records a namespace operation in the open epoch (call under the gate).
+    pub fn record_op(
+        &self,
+        kind: OpKind,
+        file_id: Option<FileId>,
+        path: &[u8],
+        target: &[u8],
+        size: u64,
+    ) -> Result<()> {
+        self.tracker.note_op();
+        self.journal
+            .append_op(&OpRecord {
+                kind: kind as i32,
+                epoch: self.tracker.current_epoch().0,
+                file_id: file_id.map_or(0, |f| f.0),
+                path: path.to_vec(),
+                target: target.to_vec(),
+                size,
+                time_ns: now_ns(),
+                found_at_mount: false,
+            })
+            .map(drop)
+    }
+
+    /// Starts tracking a regular file just created (or first seen) at
+    /// `path` with backing inode `ino` and `size` bytes, all of them dirty.
+    pub fn track_file(
+        &self,
+        ino: u64,
+        path: &[u8],
+        size: u64,
+    ) -> Result<Arc<crate::tracking::TrackedFile>> {
+        let id = self.journal.new_file_id()?;
+        let blocks = size.div_ceil(self.format.block_size.bytes());
+        let file = self.tracker.track_new(id, blocks)?;
+        self.journal.put_file(
+            id,
+            &FileRecord {
+                path: path.to_vec(),
+                backing_ino: ino,
+                created_ns: now_ns(),
+            },
+        )?;
+        Ok(file)
+    }
+
+    /// Loads every tracked file's bitmap without changing anything (for
+    /// inspection while no daemon runs).
+    pub fn load_for_inspection(&self) -> Result<()> {
+        for (id, _) in self.journal.files()? {
+            self.tracker.load(id, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The daemon's start: reconciles the journal with the backing tree,
+    /// loads every bitmap, and closes the epoch a crash left open.
+    pub fn start(&self) -> Result<ScanReport> {
+        let clean = self.paths.clean_marker();
+        let was_clean = clean.exists() || self.fresh;
+        if clean.exists() {
+            fs::remove_file(&clean).at(&clean)?;
+        }
+        let report = self.reconcile()?;
+        if !was_clean {
+            log::warn!(
+                "the previous run did not stop cleanly (crash or kill -9): resuming from the bitmaps, \
+                 no full resync"
+            );
+        }
+        self.tracker.cut()?;
+        self.journal.flush()?;
+        Ok(report)
+    }
+
+    /// The daemon's clean stop: flushes everything and leaves the marker.
+    pub fn shutdown(&self) -> Result<()> {
+        for file in self.tracker.all_files() {
+            file.sync()?;
+        }
+        self.journal.flush()?;
+        write_durably(&self.paths.clean_marker(), b"clean\n")
+    }
+
+    fn reconcile(&self) -> Result<ScanReport> {
+        let mut found: HashMap<u64, (Vec<u8>, u64)> = HashMap::new();
+        walk(&self.root, &self.root, &mut found)?;
+        let mut report = ScanReport::default();
+        let bs = self.format.block_size.bytes();
+        for (id, mut record) in self.journal.files()? {
+            match found.remove(&record.backing_ino) {
+                Some((path, size)) => {
+                    if path != record.path {
+                        self.found_op(OpKind::Rename, Some(id), &record.path, &path)?;
+                        record.path = path;
+                        self.journal.put_file(id, &record)?;
+                        report.moved += 1;
+                    }
+                    let (_, problem) = self.tracker.load(id, size.div_ceil(bs))?;
+                    if let Some(problem) = problem {
+                        log::warn!(
+                            "{}: {problem}; treating all of it as dirty",
+                            String::from_utf8_lossy(&record.path)
+                        );
+                        report.bitmaps_rebuilt += 1;
+                    }
+                    report.tracked += 1;
+                }
+                None => {
+                    self.found_op(OpKind::Unlink, Some(id), &record.path, b"")?;
+                    self.journal.remove_file(id)?;
+                    self.tracker.forget(id);
+                    report.gone += 1;
+                }
+            }
+        }
+        for (ino, (path, size)) in found {
+            let file = self.track_file(ino, &path, size)?;
+            self.found_op(OpKind::Create, Some(file.id), &path, b"")?;
+            report.untracked_blocks += size.div_ceil(bs);
+            report.untracked += 1;
+            report.tracked += 1;
+        }
+        if report.untracked > 0 {
+            let why = if self.fresh {
+                "the state folder is new"
+            } else {
+                "they changed while hbrfs was not running, or their state was lost"
+            };
+            log::warn!(
+                "{} file(s) without tracking state ({why}): all {} of their blocks are dirty and will be replicated in full",
+                report.untracked,
+                report.untracked_blocks
+            );
+        }
+        Ok(report)
+    }
+
+    fn found_op(&self, kind: OpKind, id: Option<FileId>, path: &[u8], target: &[u8]) -> Result<()> {
+        self.tracker.note_op();
+        self.journal
+            .append_op(&OpRecord {
+                kind: kind as i32,
+                epoch: self.tracker.current_epoch().0,
+                file_id: id.map_or(0, |f| f.0),
+                path: path.to_vec(),
+                target: target.to_vec(),
+                size: 0,
+                time_ns: now_ns(),
+                found_at_mount: true,
+            })
+            .map(drop)
+    }
+}
+
+/// What the mount-time scan found.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScanReport {
+    /// Files tracked after the scan.
+    pub tracked: u64,
+    /// Files found without state (new id, fully dirty).
+    pub untracked: u64,
+    /// Blocks those files hold.
+    pub untracked_blocks: u64,
+    /// Known files found under another path.
+    pub moved: u64,
+    /// Known files no longer there.
+    pub gone: u64,
+    /// Bitmaps that were missing or unreadable.
+    pub bitmaps_rebuilt: u64,
+}
+
+fn walk(root: &Path, dir: &Path, found: &mut HashMap<u64, (Vec<u8>, u64)>) -> Result<()> {
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let path = entry.path();
+        if dir == root && entry.file_name() == STATE_DIR {
+            continue;
+        }
+        let meta = fs::symlink_metadata(&path).at(&path)?;
+        if meta.is_dir() {
+            walk(root, &path, found)?;
+        } else if meta.is_file() {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
+            found.entry(meta.ino()).or_insert((rel, meta.len()));
+        }
+    }
+    Ok(())
+}
+
+fn read_format(paths: &StatePaths) -> Result<Format> {
+    let path = paths.format();
+    let text = fs::read_to_string(&path).at(&path)?;
+    Format::parse(&path, &text)
+}
+
+fn take_lock(paths: &StatePaths) -> Result<File> {
+    let path = paths.lock();
+    let mut lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .at(&path)?;
+    if !sys::try_lock_exclusive(lock.as_fd()).at(&path)? {
+        let holder = fs::read_to_string(&path).unwrap_or_default();
+        return Err(Error::Usage(format!(
+            "{}: datastore is in use by another hbrfs process (pid {}); stop it first",
+            paths.dir.display(),
+            holder.trim()
+        )));
+    }
+    lock.set_len(0).at(&path)?;
+    writeln!(lock, "{}", std::process::id()).at(&path)?;
+    Ok(lock)
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).at(&tmp)?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).at(&tmp)?;
+    fs::rename(&tmp, path).at(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+/// Opens the journal; when it cannot be opened by the daemon, moves it and
+/// the bitmaps aside and starts over with everything dirty, saying so.
+fn open_journal(paths: &StatePaths, writable: bool) -> Result<Journal> {
+    let path = paths.journal();
+    match Journal::open(&path) {
+        Ok(j) => Ok(j),
+        Err(e) if writable => {
+            let stamp = now_ns() / 1_000_000_000;
+            let aside = paths.dir.join(format!("journal.broken-{stamp}"));
+            let maps_aside = paths.dir.join(format!("bitmaps.broken-{stamp}"));
+            fs::rename(&path, &aside).at(&path)?;
+            fs::rename(paths.bitmaps(), &maps_aside).at(paths.bitmaps())?;
+            fs::create_dir_all(paths.bitmaps()).at(paths.bitmaps())?;
+            log::error!(
+                "the journal could not be opened ({e}); it was moved to {} and the bitmaps to {}. \
+                 Starting a new journal: every file will be treated as entirely dirty (full resync).",
+                aside.display(),
+                maps_aside.display()
+            );
+            eprintln!(
+                "hbrfs: journal {} is unusable ({e}); moved aside to {}; every file is now treated as dirty",
+                path.display(),
+                aside.display()
+            );
+            Journal::open(&path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_line_round_trips_and_rejects_newer_versions() {
+        let f = Format {
+            block_size: BlockSize::DEFAULT,
+            id: "abc".into(),
+        };
+        let p = Path::new("format");
+        assert_eq!(Format::parse(p, &f.line()).unwrap(), f);
+        let err = Format::parse(p, "hbrfs-datastore v9 block_size=65536 id=x").unwrap_err();
+        assert!(err.to_string().contains("newer hbrfs"), "{err}");
+        let err = Format::parse(p, "hbrfs-datastore v1 block_size=3 id=x").unwrap_err();
+        assert!(err.to_string().contains("block_size"), "{err}");
+    }
+}

@@ -1,0 +1,156 @@
+//! The inode table: FUSE inode numbers ↔ `O_PATH` descriptors of backing
+//! objects. Holding a descriptor (not a path) keeps a node valid across
+//! renames of it or its parents, as in virtiofsd.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use fuser::INodeNo;
+
+use crate::tracking::TrackedFile;
+
+/// Identity of a backing object: (device, inode).
+pub type BackingKey = (u64, u64);
+
+/// One node the kernel knows about.
+#[derive(Debug)]
+pub struct Inode {
+    /// Our inode number.
+    pub ino: INodeNo,
+    /// `O_PATH | O_NOFOLLOW` descriptor of the backing object.
+    pub fd: OwnedFd,
+    /// Backing (device, inode).
+    pub key: BackingKey,
+    /// `S_IFMT` bits of the backing object.
+    pub kind: u32,
+    /// Tracking state, for regular files when tracking is on.
+    pub tracked: Option<Arc<TrackedFile>>,
+    /// Kernel references (lookups minus forgets).
+    lookups: AtomicU64,
+}
+
+impl Inode {
+    /// The descriptor, borrowed.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Whether the node is a regular file.
+    pub fn is_file(&self) -> bool {
+        self.kind == libc::S_IFREG
+    }
+
+    /// Whether the node is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    by_ino: HashMap<u64, Arc<Inode>>,
+    by_key: HashMap<BackingKey, u64>,
+    next: u64,
+}
+
+/// All nodes the kernel holds references to.
+#[derive(Debug)]
+pub struct InodeTable {
+    /// One lock for both maps, which must change together; held only for
+    /// map operations, never across IO.
+    tables: Mutex<Tables>,
+}
+
+impl InodeTable {
+    /// A table holding only the root.
+    pub fn new(root_fd: OwnedFd, root_key: BackingKey) -> InodeTable {
+        let root = Arc::new(Inode {
+            ino: INodeNo::ROOT,
+            fd: root_fd,
+            key: root_key,
+            kind: libc::S_IFDIR,
+            tracked: None,
+            lookups: AtomicU64::new(1),
+        });
+        let mut tables = Tables {
+            next: INodeNo::ROOT.0 + 1,
+            ..Default::default()
+        };
+        tables.by_key.insert(root_key, INodeNo::ROOT.0);
+        tables.by_ino.insert(INodeNo::ROOT.0, root);
+        InodeTable {
+            tables: Mutex::new(tables),
+        }
+    }
+
+    /// The node `ino`, if the kernel still holds it.
+    pub fn get(&self, ino: INodeNo) -> Option<Arc<Inode>> {
+        self.tables
+            .lock()
+            .expect("inode lock")
+            .by_ino
+            .get(&ino.0)
+            .cloned()
+    }
+
+    /// Takes one kernel reference on the node for `key`, creating it from
+    /// `fd` (and `tracked`, computed only for new nodes) when it is new.
+    pub fn lookup(
+        &self,
+        fd: OwnedFd,
+        key: BackingKey,
+        kind: u32,
+        tracked: impl FnOnce() -> Option<Arc<TrackedFile>>,
+    ) -> Arc<Inode> {
+        let mut t = self.tables.lock().expect("inode lock");
+        if let Some(node) = t.by_key.get(&key).and_then(|ino| t.by_ino.get(ino)) {
+            node.lookups.fetch_add(1, Ordering::Relaxed);
+            return node.clone();
+        }
+        let ino = t.next;
+        t.next += 1;
+        let node = Arc::new(Inode {
+            ino: INodeNo(ino),
+            fd,
+            key,
+            kind,
+            tracked: tracked(),
+            lookups: AtomicU64::new(1),
+        });
+        t.by_key.insert(key, ino);
+        t.by_ino.insert(ino, node.clone());
+        node
+    }
+
+    /// Whether a node for `key` exists (so a lookup would not need tracking
+    /// state computed).
+    pub fn known(&self, key: BackingKey) -> bool {
+        self.tables
+            .lock()
+            .expect("inode lock")
+            .by_key
+            .contains_key(&key)
+    }
+
+    /// Drops `n` kernel references; the node goes when none are left.
+    pub fn forget(&self, ino: INodeNo, n: u64) {
+        if ino == INodeNo::ROOT {
+            return;
+        }
+        let mut t = self.tables.lock().expect("inode lock");
+        let Some(node) = t.by_ino.get(&ino.0) else {
+            return;
+        };
+        let left = node.lookups.load(Ordering::Relaxed).saturating_sub(n);
+        node.lookups.store(left, Ordering::Relaxed);
+        if left == 0 {
+            let key = node.key;
+            t.by_ino.remove(&ino.0);
+            if t.by_key.get(&key) == Some(&ino.0) {
+                t.by_key.remove(&key);
+            }
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! hbrfs: host-based replication for virtual-disk images.
+//!
+//! A passthrough FUSE mount over a backing directory notices every write,
+//! records it crash-safely, and (in later parts) ships crash-consistent
+//! points to a secondary site.
+//!
+//! # Layout
+//!
+//! - [`fs`]: the fuser `Filesystem`: passthrough of every operation images need.
+//! - [`tracking`]: per-file dirty bitmaps (memmap2), epochs and the cut gate.
+//! - [`journal`]: the sled database: file ids, namespace operations, epochs.
+//! - [`datastore`]: the state folder: format, lock, and opening tracking and journal together.
+//! - [`daemon`]: the primary daemon: mount, control socket, cut timer, signals.
+//! - [`control`]: the daemon's control socket and the requests it answers.
+//! - [`cli`]: clap commands; `main.rs` only calls [`cli::main`].
+//! - [`sys`]: every raw syscall, each behind a helper that returns `io::Result`.
+//! - [`ids`]: the newtypes for ids and units shared by the modules.
+//! - [`error`]: the error tree.
+
+pub mod cli;
+pub mod control;
+pub mod daemon;
+pub mod datastore;
+pub mod error;
+pub mod fs;
+pub mod ids;
+pub mod journal;
+pub mod sys;
+pub mod tracking;
+
+/// Generated protobuf types (see `proto/`).
+pub mod proto {
+    /// Records stored in the journal.
+    pub mod journal {
+        tonic::include_proto!("hbrfs.journal");
+    }
+}
