@@ -180,6 +180,9 @@ pub fn answer(ds: &Datastore, req: &Request, daemon_running: bool) -> Result<Val
                 CutOutcome::Empty => {
                     json!({ "result": "empty", "open_epoch": ds.tracker.current_epoch().0 })
                 }
+                CutOutcome::Deferred => {
+                    json!({ "result": "deferred: the closed epoch is being shipped" })
+                }
                 CutOutcome::Closed(e) => json!({ "result": "closed", "epoch": e.0 }),
                 CutOutcome::Merged { epoch, into } => {
                     json!({ "result": "merged", "epoch": epoch.0, "into": into.0 })

@@ -17,7 +17,7 @@ use crate::ids::{BlockSize, FileId};
 use crate::journal::Journal;
 use crate::proto::journal::{FileRecord, OpKind, OpRecord};
 use crate::sys;
-use crate::tracking::{Tracker, now_ns};
+use crate::tracking::{FileSource, TrackedFile, Tracker, now_ns};
 
 /// Name of the state folder inside the backing directory.
 pub const STATE_DIR: &str = ".hbrfs";
@@ -267,10 +267,15 @@ impl Datastore {
         ino: u64,
         path: &[u8],
         size: u64,
-    ) -> Result<Arc<crate::tracking::TrackedFile>> {
+        reader: File,
+    ) -> Result<Arc<TrackedFile>> {
         let id = self.journal.new_file_id()?;
-        let blocks = size.div_ceil(self.format.block_size.bytes());
-        let file = self.tracker.track_new(id, blocks)?;
+        let source = FileSource {
+            reader: Some(reader),
+            path: path.to_vec(),
+            size,
+        };
+        let file = self.tracker.track_new(id, source)?;
         self.journal.put_file(
             id,
             &FileRecord {
@@ -285,8 +290,13 @@ impl Datastore {
     /// Loads every tracked file's bitmap without changing anything (for
     /// inspection while no daemon runs).
     pub fn load_for_inspection(&self) -> Result<()> {
-        for (id, _) in self.journal.files()? {
-            self.tracker.load(id, 0)?;
+        for (id, rec) in self.journal.files()? {
+            let source = FileSource {
+                reader: None,
+                path: rec.path,
+                size: 0,
+            };
+            self.tracker.load(id, source)?;
         }
         Ok(())
     }
@@ -313,9 +323,7 @@ impl Datastore {
 
     /// The daemon's clean stop: flushes everything and leaves the marker.
     pub fn shutdown(&self) -> Result<()> {
-        for file in self.tracker.all_files() {
-            file.sync()?;
-        }
+        self.tracker.sync_all()?;
         self.journal.flush()?;
         write_durably(&self.paths.clean_marker(), b"clean\n")
     }
@@ -330,11 +338,16 @@ impl Datastore {
                 Some((path, size)) => {
                     if path != record.path {
                         self.found_op(OpKind::Rename, Some(id), &record.path, &path)?;
-                        record.path = path;
+                        record.path = path.clone();
                         self.journal.put_file(id, &record)?;
                         report.moved += 1;
                     }
-                    let (_, problem) = self.tracker.load(id, size.div_ceil(bs))?;
+                    let source = FileSource {
+                        reader: Some(self.open_reader(&path)?),
+                        path: path.clone(),
+                        size,
+                    };
+                    let (_, problem) = self.tracker.load(id, source)?;
                     if let Some(problem) = problem {
                         log::warn!(
                             "{}: {problem}; treating all of it as dirty",
@@ -353,12 +366,13 @@ impl Datastore {
             }
         }
         for (ino, (path, size)) in found {
-            let file = self.track_file(ino, &path, size)?;
+            let file = self.track_file(ino, &path, size, self.open_reader(&path)?)?;
             self.found_op(OpKind::Create, Some(file.id), &path, b"")?;
             report.untracked_blocks += size.div_ceil(bs);
             report.untracked += 1;
             report.tracked += 1;
         }
+        self.remove_orphan_bitmaps()?;
         if report.untracked > 0 {
             let why = if self.fresh {
                 "the state folder is new"
@@ -372,6 +386,30 @@ impl Datastore {
             );
         }
         Ok(report)
+    }
+
+    /// Removes bitmaps whose file id the journal no longer knows (a crash
+    /// between creating a bitmap and recording its file).
+    fn remove_orphan_bitmaps(&self) -> Result<()> {
+        let dir = self.paths.bitmaps();
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let path = entry.at(&dir)?.path();
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse().ok())
+                .map(FileId);
+            if id.is_none_or(|id| self.tracker.file(id).is_none()) {
+                log::info!("removing orphan bitmap {}", path.display());
+                fs::remove_file(&path).at(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_reader(&self, rel: &[u8]) -> Result<File> {
+        let path = self.root.join(std::ffi::OsStr::from_bytes(rel));
+        File::open(&path).at(path)
     }
 
     fn found_op(&self, kind: OpKind, id: Option<FileId>, path: &[u8], target: &[u8]) -> Result<()> {

@@ -24,6 +24,7 @@ pub struct Journal {
     inodes: sled::Tree,
     ops: sled::Tree,
     epochs: sled::Tree,
+    meta: sled::Tree,
 }
 
 fn key(n: u64) -> [u8; 8] {
@@ -53,6 +54,7 @@ impl Journal {
             inodes: tree("inodes")?,
             ops: tree("ops")?,
             epochs: tree("epochs")?,
+            meta: tree("meta")?,
             db,
         })
     }
@@ -152,6 +154,42 @@ impl Journal {
                 Ok((key_of(&k), self.decode("ops", &v)?))
             })
             .collect()
+    }
+
+    /// Operations of epochs after `after` up to and including `through`:
+    /// what one shipped point carries.
+    pub fn ops_between(&self, after: Epoch, through: Epoch) -> Result<Vec<OpRecord>> {
+        Ok(self
+            .ops()?
+            .into_iter()
+            .map(|(_, op)| op)
+            .filter(|op| op.epoch > after.0 && op.epoch <= through.0)
+            .collect())
+    }
+
+    /// Drops the operations of epochs up to `through` once the secondary
+    /// applied them: the journal keeps only what is still to ship.
+    pub fn prune_ops_through(&self, through: Epoch) -> Result<()> {
+        for (seq, op) in self.ops()? {
+            if op.epoch <= through.0 {
+                self.sled(self.ops.remove(key(seq)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last epoch the secondary acknowledged, 0 if none.
+    pub fn last_shipped(&self) -> Result<Epoch> {
+        Ok(Epoch(
+            self.sled(self.meta.get("last_shipped"))?
+                .map_or(0, |v| key_of(&v)),
+        ))
+    }
+
+    /// Records the last epoch the secondary acknowledged.
+    pub fn set_last_shipped(&self, epoch: Epoch) -> Result<()> {
+        self.sled(self.meta.insert("last_shipped", &key(epoch.0)))
+            .map(drop)
     }
 
     /// Number of namespace operations recorded.

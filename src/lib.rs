@@ -12,11 +12,13 @@
 //! - [`datastore`]: the state folder: format, lock, and opening tracking and journal together.
 //! - [`daemon`]: the primary daemon: mount, control socket, cut timer, signals.
 //! - [`control`]: the daemon's control socket and the requests it answers.
+//! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
 //! - [`cli`]: clap commands; `main.rs` only calls [`cli::main`].
 //! - [`sys`]: every raw syscall, each behind a helper that returns `io::Result`.
 //! - [`ids`]: the newtypes for ids and units shared by the modules.
 //! - [`error`]: the error tree.
 
+pub mod block;
 pub mod cli;
 pub mod control;
 pub mod daemon;

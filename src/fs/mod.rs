@@ -14,7 +14,7 @@
 pub mod handles;
 pub mod inodes;
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -32,7 +32,7 @@ use fuser::{
 };
 
 use crate::datastore::{Datastore, STATE_DIR};
-use crate::error::Error;
+use crate::error::{Error, IoContext};
 use crate::ids::FileId;
 use crate::proto::journal::OpKind;
 use crate::sys::{self, TimeSpec};
@@ -60,6 +60,10 @@ fn state_errno(e: Error) -> Errno {
             Errno::EIO
         }
     }
+}
+
+fn display(name: &OsStr) -> String {
+    name.to_string_lossy().into_owned()
 }
 
 fn system_time(sec: i64, nsec: i64) -> SystemTime {
@@ -213,6 +217,7 @@ impl Passthrough {
         &self,
         st: &libc::stat,
         path: impl FnOnce() -> Vec<u8>,
+        reader: impl FnOnce() -> crate::error::Result<File>,
     ) -> Option<Arc<TrackedFile>> {
         if !self.tracking || st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return None;
@@ -233,7 +238,9 @@ impl Passthrough {
             "{}: found without tracking state (changed outside hbrfs?): all of it is dirty",
             String::from_utf8_lossy(&path)
         );
-        match self.ds.track_file(st.st_ino, &path, st.st_size as u64) {
+        let tracked =
+            reader().and_then(|r| self.ds.track_file(st.st_ino, &path, st.st_size as u64, r));
+        match tracked {
             Ok(f) => Some(f),
             Err(e) => {
                 log::error!("tracking {}: {e}", String::from_utf8_lossy(&path));
@@ -256,7 +263,17 @@ impl Passthrough {
             if known {
                 None
             } else {
-                self.tracking_for(&st, || self.child_path(parent, name))
+                let reader = || {
+                    sys::openat(
+                        Some(parent.fd()),
+                        name,
+                        libc::O_RDONLY | libc::O_NOFOLLOW,
+                        0,
+                    )
+                    .map(File::from)
+                    .at(display(name))
+                };
+                self.tracking_for(&st, || self.child_path(parent, name), reader)
             }
         });
         Ok((node.clone(), attr(node.ino, &st)))
@@ -322,9 +339,10 @@ impl Passthrough {
         let st = sys::statat(file.as_fd(), OsStr::new("")).map_err(io_errno)?;
         let path = self.child_path(&parent, name);
         let tracked = if self.tracking {
+            let reader = File::from(sys::reopen(file.as_fd(), libc::O_RDONLY).map_err(io_errno)?);
             let t = self
                 .ds
-                .track_file(st.st_ino, &path, 0)
+                .track_file(st.st_ino, &path, 0, reader)
                 .map_err(state_errno)?;
             Some(t)
         } else {
@@ -384,6 +402,9 @@ impl Passthrough {
                 .map_err(state_errno)?;
         }
         f.file.write_all_at(data, offset).map_err(io_errno)?;
+        if let Some(t) = &f.inode.tracked {
+            t.extended_to(offset + data.len() as u64);
+        }
         Ok(data.len() as u32)
     }
 
@@ -436,6 +457,9 @@ impl Passthrough {
             }
         }
         sys::ftruncate(fd, size).map_err(io_errno)?;
+        if let Some(t) = &node.tracked {
+            t.resized(size);
+        }
         let id = node.tracked.as_ref().map(|t| t.id);
         self.record(OpKind::Truncate, id, &self.path_of(node), b"", size);
         Ok(())
@@ -579,6 +603,9 @@ impl Passthrough {
             let new = moved(&rec.path, from, to)
                 .or_else(|| exchange.then(|| moved(&rec.path, to, from)).flatten());
             if let Some(new) = new {
+                if let Some(t) = self.ds.tracker.file(id) {
+                    t.renamed(new.clone());
+                }
                 rec.path = new;
                 if let Err(e) = self.ds.journal.put_file(id, &rec) {
                     log::error!("updating path of file {id}: {e}");
@@ -677,7 +704,13 @@ impl Passthrough {
                 t.mark(offset, length, 0).map_err(state_errno)?;
             }
         }
-        sys::fallocate(f.file.as_fd(), mode, offset, length).map_err(io_errno)
+        sys::fallocate(f.file.as_fd(), mode, offset, length).map_err(io_errno)?;
+        if let Some(t) = &f.inode.tracked {
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+                t.extended_to(offset + length);
+            }
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1163,6 +1196,22 @@ impl Filesystem for Passthrough {
         }
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Image tools probe filesystem ioctls (e.g. FS_IOC_FSGETXATTR);
+        // "not a tty" is the answer a plain file gives to an unknown one.
+        reply.error(Errno::ENOTTY);
+    }
+
     fn copy_file_range(
         &self,
         _req: &Request,
@@ -1181,9 +1230,4 @@ impl Filesystem for Passthrough {
             Err(e) => reply.error(e),
         }
     }
-}
-
-/// Names a directory entry for log messages.
-pub fn display_name(name: &OsStr) -> String {
-    OsString::from(name).to_string_lossy().into_owned()
 }

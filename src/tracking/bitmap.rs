@@ -293,6 +293,44 @@ impl Bitmap {
         }
     }
 
+    /// Whether `block` is set in `slot`.
+    pub fn is_set(&self, slot: Slot, block: u64) -> bool {
+        let map = self.map.read().expect("bitmap lock");
+        block < capacity_of(&map)
+            && word_at(&map, Self::word_offset(&map, block / 64, slot)).load(Ordering::Relaxed)
+                & (1 << (block % 64))
+                != 0
+    }
+
+    /// The blocks set in `slot`, in order.
+    pub fn blocks(&self, slot: Slot) -> Vec<u64> {
+        let map = self.map.read().expect("bitmap lock");
+        let mut out = Vec::new();
+        for g in 0..capacity_of(&map) / 64 {
+            let mut bits = word_at(&map, Self::word_offset(&map, g, slot)).load(Ordering::Relaxed);
+            while bits != 0 {
+                out.push(g * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
+    /// Clears the closed slot once its epoch is applied at the secondary.
+    pub fn clear_closed(&self) {
+        let map = self.map.read().expect("bitmap lock");
+        for g in 0..capacity_of(&map) / 64 {
+            word_at(&map, Self::word_offset(&map, g, Slot::Closed)).store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets every block below `blocks` in the closed slot (a full baseline).
+    pub fn fill_closed(&self, blocks: u64) -> Result<()> {
+        self.ensure_capacity(blocks)?;
+        self.set_range(Slot::Closed, 0..blocks);
+        Ok(())
+    }
+
     /// The dirty blocks (set in either slot), merged into runs.
     pub fn dirty_extents(&self) -> Vec<Range<u64>> {
         let map = self.map.read().expect("bitmap lock");

@@ -1,26 +1,31 @@
 //! Change tracking: per-file dirty bitmaps, the datastore's epoch counter,
-//! and the cut gate that makes an epoch boundary one instant across every
-//! file of the consistency group (the whole datastore).
+//! the cut gate that makes an epoch boundary one instant across every file
+//! of the consistency group (the whole datastore), and pre-images that keep
+//! a shipping epoch as it was at its cut.
 //!
 //! Writers hold the gate shared from marking their blocks until their
 //! `pwrite` returns; a cut holds it exclusively only to flip the per-file
-//! slots of the files written in the open epoch, so writes wait for
-//! microseconds, never for shipping. Decisions the design card leaves open
-//! are in `docs/design.md` ("Epochs and the cut").
+//! slots of the files written in the open epoch and snapshot their size and
+//! path, so writes wait for microseconds, never for shipping. Decisions the
+//! design card leaves open are in `docs/design.md` ("Epochs and the cut").
 
 pub mod bitmap;
+pub mod preimage;
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::ids::{BlockSize, Epoch, FileId};
 use crate::journal::Journal;
 use crate::proto::journal::{EpochRecord, EpochState};
 use bitmap::{Bitmap, Slot};
+use preimage::PreImages;
 
 /// Unix time in nanoseconds, the unit of every timestamp hbrfs records.
 pub fn now_ns() -> u64 {
@@ -29,18 +34,34 @@ pub fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// One tracked file: its bitmap and what the cut needs to know about it.
+/// One tracked file: its bitmap and what the cut and the shipper need.
 #[derive(Debug)]
 pub struct TrackedFile {
     /// The stable id.
     pub id: FileId,
     block_size: BlockSize,
     bitmap: Bitmap,
-    /// Written in the open epoch: the cut visits only these files.
+    /// Read-only descriptor of the backing file, for pre-images and
+    /// shipping; it stays valid across renames and unlinks.
+    reader: Option<File>,
+    /// Current size, kept by the filesystem under the gate.
+    size: AtomicU64,
+    /// Current path relative to the root, kept by the filesystem.
+    path: Mutex<Vec<u8>>,
+    /// Path and size at the last cut: what the closed set ships with.
+    at_cut: Mutex<(Vec<u8>, u64)>,
+    /// Written (or resized) in the open epoch: the cut visits only these.
     touched: AtomicBool,
     /// Its closed slot holds blocks waiting to ship: the cut must fold into
     /// it instead of swapping.
     closed_nonempty: AtomicBool,
+    /// Its closed set is being shipped: writes to closed blocks save
+    /// pre-images first.
+    shipping: AtomicBool,
+    /// Pre-images of the shipping epoch; the lock also orders a writer's
+    /// save against the shipper's read of the same block.
+    preimages: Mutex<Option<PreImages>>,
+    preimage_path: PathBuf,
 }
 
 impl TrackedFile {
@@ -55,9 +76,82 @@ impl TrackedFile {
         if blocks.is_empty() {
             return Ok(());
         }
+        if self.shipping.load(Ordering::Acquire) {
+            self.preserve(blocks.clone())?;
+        }
         self.bitmap.mark(blocks, written, now_ns())?;
         self.touched.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Saves the cut-time content of the shipping blocks in `blocks`.
+    fn preserve(&self, blocks: std::ops::Range<u64>) -> Result<()> {
+        let mut guard = self.preimages.lock().expect("preimage lock");
+        for block in blocks {
+            if !self.bitmap.is_set(Slot::Closed, block)
+                || guard.as_ref().is_some_and(|s| s.contains(block))
+            {
+                continue;
+            }
+            let data = self.read_current(block)?;
+            if guard.is_none() {
+                *guard = Some(PreImages::create(&self.preimage_path)?);
+            }
+            guard.as_mut().expect("just created").save(block, &data)?;
+        }
+        Ok(())
+    }
+
+    fn read_current(&self, block: u64) -> Result<Vec<u8>> {
+        let Some(reader) = &self.reader else {
+            return Ok(Vec::new());
+        };
+        let bs = self.block_size.bytes();
+        let mut buf = vec![0u8; bs as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match reader.read_at(&mut buf[done..], block * bs + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).at(&self.preimage_path),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// The content `block` had at the cut of the shipping epoch, cut to
+    /// the file's size at the cut.
+    pub fn read_for_ship(&self, block: u64) -> Result<Vec<u8>> {
+        let guard = self.preimages.lock().expect("preimage lock");
+        let mut data = match guard.as_ref().map(|s| s.get(block)).transpose()?.flatten() {
+            Some(saved) => saved,
+            None => self.read_current(block)?,
+        };
+        let size = self.at_cut.lock().expect("cut lock").1;
+        let end = size
+            .saturating_sub(block * self.block_size.bytes())
+            .min(data.len() as u64);
+        data.truncate(end as usize);
+        Ok(data)
+    }
+
+    /// Notes that the file now ends at least at `end` (after a write).
+    pub fn extended_to(&self, end: u64) {
+        self.size.fetch_max(end, Ordering::Relaxed);
+    }
+
+    /// Notes a new size (truncate); the size change belongs to the epoch.
+    pub fn resized(&self, size: u64) {
+        self.size.store(size, Ordering::Relaxed);
+        self.touched.store(true, Ordering::Relaxed);
+    }
+
+    /// Notes a new path (rename).
+    pub fn renamed(&self, path: Vec<u8>) {
+        *self.path.lock().expect("path lock") = path;
+        self.touched.store(true, Ordering::Relaxed);
     }
 
     /// Makes the bitmap durable (msync): part of `fsync` of the image.
@@ -74,6 +168,45 @@ impl TrackedFile {
     pub fn counters(&self) -> bitmap::Counters {
         self.bitmap.counters()
     }
+
+    /// Path and size at the last cut.
+    pub fn at_cut(&self) -> (Vec<u8>, u64) {
+        self.at_cut.lock().expect("cut lock").clone()
+    }
+
+    /// Blocks of the closed set below the size at the cut.
+    pub fn closed_blocks(&self) -> Vec<u64> {
+        let size = self.at_cut().1;
+        let end = size.div_ceil(self.block_size.bytes());
+        self.bitmap
+            .blocks(Slot::Closed)
+            .into_iter()
+            .filter(|b| *b < end)
+            .collect()
+    }
+
+    /// Blocks saved as pre-images during the current ship.
+    pub fn preimage_count(&self) -> usize {
+        self.preimages
+            .lock()
+            .expect("preimage lock")
+            .as_ref()
+            .map_or(0, PreImages::len)
+    }
+
+    /// Flips or folds this file's slots and snapshots its path and size;
+    /// the caller holds the gate exclusively.
+    fn cut(&self, touched: bool) {
+        if touched {
+            if self.closed_nonempty.swap(true, Ordering::Relaxed) {
+                self.bitmap.fold_active_into_closed();
+            } else {
+                self.bitmap.swap_slots();
+            }
+        }
+        let path = self.path.lock().expect("path lock").clone();
+        *self.at_cut.lock().expect("cut lock") = (path, self.size.load(Ordering::Relaxed));
+    }
 }
 
 /// What a cut did.
@@ -81,6 +214,8 @@ impl TrackedFile {
 pub enum CutOutcome {
     /// Nothing was written in the open epoch: it stays open.
     Empty,
+    /// The closed set is being shipped; the open epoch goes on.
+    Deferred,
     /// The epoch was closed as a new set waiting to ship.
     Closed(Epoch),
     /// The epoch was folded into the closed epoch still waiting to ship.
@@ -92,10 +227,32 @@ pub enum CutOutcome {
     },
 }
 
+/// A closed set handed to the shipper: everything up to the cut of `end`.
+#[derive(Debug)]
+pub struct ShipSet {
+    /// The first epoch of the set (its journal record).
+    pub first: Epoch,
+    /// The epoch whose cut the set ends at: the point the replica reaches.
+    pub end: Epoch,
+    /// Files with blocks or a size or path to ship.
+    pub files: Vec<Arc<TrackedFile>>,
+}
+
+/// How to open a file's tracking state.
+#[derive(Debug)]
+pub struct FileSource {
+    /// Read-only descriptor of the backing file (absent when inspecting).
+    pub reader: Option<File>,
+    /// Path relative to the root.
+    pub path: Vec<u8>,
+    /// Current size.
+    pub size: u64,
+}
+
 /// The datastore's tracking state.
 #[derive(Debug)]
 pub struct Tracker {
-    bitmaps_dir: PathBuf,
+    state_dir: PathBuf,
     block_size: BlockSize,
     journal: Arc<Journal>,
     /// The cut gate: writes and namespace operations hold it shared, a cut
@@ -107,6 +264,10 @@ pub struct Tracker {
     epoch: AtomicU64,
     /// The closed epoch whose blocks wait to ship, 0 when none.
     waiting: AtomicU64,
+    /// The last epoch folded into the waiting set.
+    waiting_end: AtomicU64,
+    /// A closed set is being shipped: cuts are deferred.
+    shipping: AtomicBool,
     /// Namespace operations recorded in the open epoch.
     ops_in_epoch: AtomicU64,
     /// Longest time a cut held the gate, in nanoseconds.
@@ -119,41 +280,42 @@ pub struct Tracker {
 impl Tracker {
     /// Opens the tracking state; the epoch counter resumes from the journal.
     pub fn new(
-        bitmaps_dir: &Path,
+        state_dir: &Path,
         block_size: BlockSize,
         journal: Arc<Journal>,
         writable: bool,
     ) -> Result<Tracker> {
-        let (epoch, waiting) = match journal.last_epoch()? {
-            None => {
-                if writable {
-                    let rec = EpochRecord {
-                        state: EpochState::Open as i32,
-                        opened_ns: now_ns(),
-                        ..Default::default()
-                    };
-                    journal.put_epoch(Epoch(1), &rec)?;
-                }
-                (1, 0)
-            }
-            Some((last, _)) => {
-                let waiting = journal
-                    .epochs()?
-                    .into_iter()
-                    .rev()
-                    .find(|(_, r)| r.state() == EpochState::Closed)
-                    .map_or(0, |(e, _)| e.0);
-                (last.0, waiting)
-            }
-        };
+        let epochs = journal.epochs()?;
+        let epoch = epochs.last().map_or(1, |(e, _)| e.0);
+        if epochs.is_empty() && writable {
+            let rec = EpochRecord {
+                state: EpochState::Open as i32,
+                opened_ns: now_ns(),
+                ..Default::default()
+            };
+            journal.put_epoch(Epoch(1), &rec)?;
+        }
+        let waiting = epochs
+            .iter()
+            .rev()
+            .find(|(_, r)| r.state() == EpochState::Closed)
+            .map_or(0, |(e, _)| e.0);
+        let waiting_end = epochs
+            .iter()
+            .filter(|(e, r)| e.0 == waiting || (waiting != 0 && r.merged_into == waiting))
+            .map(|(e, _)| e.0)
+            .max()
+            .unwrap_or(0);
         Ok(Tracker {
-            bitmaps_dir: bitmaps_dir.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
             block_size,
             journal,
             gate: RwLock::new(()),
             files: RwLock::new(HashMap::new()),
             epoch: AtomicU64::new(epoch),
             waiting: AtomicU64::new(waiting),
+            waiting_end: AtomicU64::new(waiting_end),
+            shipping: AtomicBool::new(false),
             ops_in_epoch: AtomicU64::new(0),
             max_cut_stall_ns: AtomicU64::new(0),
             writable,
@@ -186,7 +348,7 @@ impl Tracker {
     }
 
     fn bitmap_path(&self, id: FileId) -> PathBuf {
-        self.bitmaps_dir.join(format!("{}.map", id.0))
+        self.state_dir.join("bitmaps").join(format!("{}.map", id.0))
     }
 
     /// The tracked file `id`, if it is loaded.
@@ -204,15 +366,25 @@ impl Tracker {
             .collect()
     }
 
-    fn insert(&self, id: FileId, bitmap: Bitmap) -> Arc<TrackedFile> {
+    fn insert(&self, id: FileId, bitmap: Bitmap, source: FileSource) -> Arc<TrackedFile> {
         let closed = bitmap.count(Slot::Closed) > 0;
         let touched = bitmap.count(Slot::Active) > 0;
         let file = Arc::new(TrackedFile {
             id,
             block_size: self.block_size,
             bitmap,
+            reader: source.reader,
+            size: AtomicU64::new(source.size),
+            at_cut: Mutex::new((source.path.clone(), source.size)),
+            path: Mutex::new(source.path),
             touched: AtomicBool::new(touched),
             closed_nonempty: AtomicBool::new(closed),
+            shipping: AtomicBool::new(false),
+            preimages: Mutex::new(None),
+            preimage_path: self
+                .state_dir
+                .join("preimages")
+                .join(format!("{}.pre", id.0)),
         });
         self.files
             .write()
@@ -222,24 +394,28 @@ impl Tracker {
     }
 
     /// Starts tracking a file whose earlier content is unknown (new, or
-    /// found without state): blocks `0..dirty_blocks` start dirty.
-    pub fn track_new(&self, id: FileId, dirty_blocks: u64) -> Result<Arc<TrackedFile>> {
-        let bitmap = Bitmap::create(&self.bitmap_path(id), id, self.block_size, dirty_blocks)?;
-        let file = self.insert(id, bitmap);
-        if dirty_blocks > 0 {
-            file.closed_nonempty.store(true, Ordering::Relaxed);
-        }
+    /// found without state): all of its blocks start dirty.
+    pub fn track_new(&self, id: FileId, source: FileSource) -> Result<Arc<TrackedFile>> {
+        let blocks = source.size.div_ceil(self.block_size.bytes());
+        let bitmap = Bitmap::create(&self.bitmap_path(id), id, self.block_size, blocks)?;
+        let file = self.insert(id, bitmap, source);
+        // A new file is a change of the open epoch even when empty.
+        file.touched.store(true, Ordering::Relaxed);
         Ok(file)
     }
 
     /// Loads a known file's bitmap. When it is missing or unreadable, the
-    /// file is tracked anew with all `size_blocks` dirty and the reason is
+    /// file is tracked anew with all its blocks dirty and the reason is
     /// returned so the caller can say so.
-    pub fn load(&self, id: FileId, size_blocks: u64) -> Result<(Arc<TrackedFile>, Option<String>)> {
+    pub fn load(
+        &self,
+        id: FileId,
+        source: FileSource,
+    ) -> Result<(Arc<TrackedFile>, Option<String>)> {
         let path = self.bitmap_path(id);
         match Bitmap::open(&path, id, self.block_size, self.writable) {
-            Ok(bitmap) => Ok((self.insert(id, bitmap), None)),
-            Err(e) if self.writable => Ok((self.track_new(id, size_blocks)?, Some(e.to_string()))),
+            Ok(bitmap) => Ok((self.insert(id, bitmap, source), None)),
+            Err(e) if self.writable => Ok((self.track_new(id, source)?, Some(e.to_string()))),
             Err(e) => Err(e),
         }
     }
@@ -254,40 +430,63 @@ impl Tracker {
         }
     }
 
-    /// Closes the open epoch: drains writes in flight, flips the slots of
-    /// every file written in it, opens the next epoch, lets writes resume.
-    /// The bookkeeping (counting, journal records) happens after writes
-    /// resume.
-    pub fn cut(&self) -> Result<CutOutcome> {
-        let gate = self.gate.write().expect("gate lock");
-        let held = Instant::now();
-        let touched: Vec<Arc<TrackedFile>> = self
-            .files
-            .read()
-            .expect("files lock")
-            .values()
-            .filter(|f| f.touched.swap(false, Ordering::Relaxed))
-            .cloned()
-            .collect();
-        let ops = self.ops_in_epoch.swap(0, Ordering::Relaxed);
-        if touched.is_empty() && ops == 0 {
-            return Ok(CutOutcome::Empty);
+    /// Marks every block of every file dirty: the secondary holds nothing
+    /// of this datastore and needs a full baseline.
+    pub fn mark_everything(&self) -> Result<()> {
+        let _gate = self.gate.write().expect("gate lock");
+        for f in self.all_files() {
+            let size = f.size.load(Ordering::Relaxed);
+            f.bitmap
+                .mark(0..size.div_ceil(self.block_size.bytes()), 0, now_ns())?;
+            f.touched.store(true, Ordering::Relaxed);
         }
-        for f in &touched {
-            if f.closed_nonempty.swap(true, Ordering::Relaxed) {
-                f.bitmap.fold_active_into_closed();
-            } else {
-                f.bitmap.swap_slots();
+        Ok(())
+    }
+
+    /// Under the exclusive gate: flips the slots of every touched file,
+    /// snapshots the closed set's paths and sizes, opens the next epoch.
+    /// Returns the epoch closed, or `None` when nothing changed.
+    fn cut_locked(&self) -> Option<Epoch> {
+        let files = self.all_files();
+        let mut any = self.ops_in_epoch.swap(0, Ordering::Relaxed) > 0;
+        for f in &files {
+            let touched = f.touched.swap(false, Ordering::Relaxed);
+            any |= touched;
+            if touched || f.closed_nonempty.load(Ordering::Relaxed) {
+                f.cut(touched);
             }
         }
-        let closed = Epoch(self.epoch.fetch_add(1, Ordering::Relaxed));
-        let stall = held.elapsed().as_nanos() as u64;
-        drop(gate);
-        self.max_cut_stall_ns.fetch_max(stall, Ordering::Relaxed);
+        any.then(|| Epoch(self.epoch.fetch_add(1, Ordering::Relaxed)))
+    }
 
+    /// Closes the open epoch: drains writes in flight, flips the slots of
+    /// every file written in it, opens the next epoch, lets writes resume.
+    /// The bookkeeping (counting, journal records) happens after.
+    pub fn cut(&self) -> Result<CutOutcome> {
+        let gate = self.gate.write().expect("gate lock");
+        if self.shipping.load(Ordering::Relaxed) {
+            return Ok(CutOutcome::Deferred);
+        }
+        let held = Instant::now();
+        let closed = self.cut_locked();
+        self.note_stall(held);
+        drop(gate);
+        match closed {
+            Some(epoch) => self.record_cut(epoch),
+            None => Ok(CutOutcome::Empty),
+        }
+    }
+
+    fn note_stall(&self, held: Instant) {
+        self.max_cut_stall_ns
+            .fetch_max(held.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn record_cut(&self, closed: Epoch) -> Result<CutOutcome> {
         let now = now_ns();
         let (files, blocks) = self.closed_set_size();
         let waiting = self.waiting.load(Ordering::Relaxed);
+        self.waiting_end.store(closed.0, Ordering::Relaxed);
         let outcome = if waiting == 0 {
             self.waiting.store(closed.0, Ordering::Relaxed);
             CutOutcome::Closed(closed)
@@ -333,5 +532,83 @@ impl Tracker {
             .map(|f| f.bitmap.count(Slot::Closed))
             .filter(|&n| n > 0)
             .fold((0, 0), |(files, blocks), n| (files + 1, blocks + n))
+    }
+
+    /// Cuts the open epoch (closing it or folding it into the waiting set)
+    /// and hands the waiting set to the shipper, in one hold of the gate so
+    /// that no write slips between the cut and the pre-image protection.
+    /// `None` when there is nothing to ship.
+    pub fn begin_ship(&self) -> Result<Option<ShipSet>> {
+        let gate = self.gate.write().expect("gate lock");
+        if self.shipping.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let held = Instant::now();
+        let closed = self.cut_locked();
+        let files: Vec<Arc<TrackedFile>> = self
+            .all_files()
+            .into_iter()
+            .filter(|f| f.closed_nonempty.load(Ordering::Relaxed))
+            .collect();
+        for f in &files {
+            f.shipping.store(true, Ordering::Release);
+        }
+        let pending = closed.is_some() || self.waiting.load(Ordering::Relaxed) != 0;
+        self.shipping.store(pending, Ordering::Relaxed);
+        self.note_stall(held);
+        drop(gate);
+        if let Some(epoch) = closed {
+            self.record_cut(epoch)?;
+        }
+        if !pending {
+            return Ok(None);
+        }
+        Ok(Some(ShipSet {
+            first: Epoch(self.waiting.load(Ordering::Relaxed)),
+            end: Epoch(self.waiting_end.load(Ordering::Relaxed)),
+            files,
+        }))
+    }
+
+    fn stop_shipping(&self, set: &ShipSet) {
+        for f in &set.files {
+            f.shipping.store(false, Ordering::Release);
+            *f.preimages.lock().expect("preimage lock") = None;
+        }
+        self.shipping.store(false, Ordering::Relaxed);
+    }
+
+    /// The secondary applied `set`: its blocks are clean, its epochs shipped.
+    pub fn finish_ship(&self, set: &ShipSet) -> Result<()> {
+        for f in &set.files {
+            f.bitmap.clear_closed();
+            f.closed_nonempty.store(false, Ordering::Relaxed);
+        }
+        let mut record = self.journal.epoch(set.first)?.unwrap_or_default();
+        record.state = EpochState::Shipped as i32;
+        self.journal.put_epoch(set.first, &record)?;
+        self.journal.prune_ops_through(set.end)?;
+        self.journal.set_last_shipped(set.end)?;
+        self.journal.flush()?;
+        self.waiting.store(0, Ordering::Relaxed);
+        self.waiting_end.store(0, Ordering::Relaxed);
+        self.stop_shipping(set);
+        Ok(())
+    }
+
+    /// Shipping `set` failed: it stays waiting, and the next ship first
+    /// folds in everything written since (a later, still consistent cut),
+    /// so the pre-images are no longer needed.
+    pub fn abort_ship(&self, set: &ShipSet) {
+        self.stop_shipping(set);
+    }
+
+    /// Flushes every bitmap to disk (clean shutdown).
+    pub fn sync_all(&self) -> Result<()> {
+        for f in self.all_files() {
+            f.sync()?;
+        }
+        let dir = self.state_dir.join("bitmaps");
+        File::open(&dir).and_then(|d| d.sync_all()).at(&dir)
     }
 }
