@@ -108,14 +108,16 @@ pub fn decompress(frame: &[u8], limit: usize) -> Result<Vec<u8>, BlockError> {
         Err(_) => return Err(BlockError::Corrupt("unreadable frame header".into())),
         _ => {}
     }
-    let mut out = Vec::with_capacity(limit);
-    zstd::bulk::decompress_to_buffer(frame, &mut out).map_err(|e| {
-        if out.capacity() == limit && e.to_string().contains("Destination buffer is too small") {
+    // A slice (not a Vec's spare capacity) lets zstd fill exactly `limit`.
+    let mut out = vec![0u8; limit];
+    let n = zstd::bulk::decompress_to_buffer(frame, &mut out[..]).map_err(|e| {
+        if e.to_string().contains("too small") {
             BlockError::TooLarge { limit }
         } else {
             BlockError::Corrupt(e.to_string())
         }
     })?;
+    out.truncate(n);
     Ok(out)
 }
 
