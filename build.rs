@@ -2,7 +2,11 @@
 //! compiler, so building needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/journal.proto"];
+    let protos = [
+        "proto/journal.proto",
+        "proto/replication.proto",
+        "proto/replica.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

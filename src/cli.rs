@@ -8,10 +8,11 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::control::{self, Request};
-use crate::daemon::{self, MountOptions};
+use crate::daemon::{self, MountOptions, ServeOptions};
 use crate::datastore::{Access, Datastore, StatePaths};
 use crate::error::{Error, Result};
 use crate::ids::BlockSize;
+use crate::replicate::ReplicateOptions;
 
 /// Host-based replication for virtual-disk images.
 #[derive(Debug, Parser)]
@@ -42,6 +43,47 @@ enum Command {
         /// Benchmarks only: pass through without tracking anything.
         #[arg(long, hide = true)]
         no_tracking: bool,
+        /// Replicate to the secondary at this address (e.g. 127.0.0.1:7070).
+        #[arg(long, value_name = "ADDR")]
+        replicate_to: Option<String>,
+        /// Recovery point objective: cut and ship a point this often.
+        #[arg(long, value_parser = parse_duration, default_value = "5s")]
+        rpo: Duration,
+        /// zstd level for shipped blocks (see PERF-NOTES: 1 gives 2.7x at ~500 MB/s per core).
+        #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
+        zstd_level: i32,
+    },
+    /// Run a secondary: receive points into REPLICA_DIR and apply them atomically.
+    Serve {
+        /// The replica folder (created if missing).
+        replica: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// Also mount a read-only mirror of the latest applied point here.
+        #[arg(long, value_name = "MOUNTPOINT")]
+        mount: Option<PathBuf>,
+    },
+    /// Mount a replica folder read-only (when no secondary serves it).
+    MountReplica {
+        /// The replica folder.
+        replica: PathBuf,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+    },
+    /// Run a primary and a secondary on loopback under DIR: the demo.
+    Up {
+        /// Where to keep both sides.
+        #[arg(default_value = "./hbrfs-demo")]
+        dir: PathBuf,
+        /// Recovery point objective.
+        #[arg(long, value_parser = parse_duration, default_value = "2s")]
+        rpo: Duration,
+    },
+    /// Replication state of a primary or a secondary.
+    Status {
+        #[command(flatten)]
+        target: Target,
     },
     /// Inspect the change journal (through the running daemon, or offline).
     Journal {
@@ -141,6 +183,9 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             cut_every,
             no_tracking,
+            replicate_to,
+            rpo,
+            zstd_level,
         } => daemon::run_mount(&MountOptions {
             backing,
             mountpoint,
@@ -148,7 +193,36 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             cut_every,
             tracking: !no_tracking,
+            replicate: replicate_to.map(|addr| ReplicateOptions {
+                addr,
+                rpo,
+                level: zstd_level,
+            }),
         }),
+        Command::Serve {
+            replica,
+            listen,
+            mount,
+        } => daemon::run_serve(&ServeOptions {
+            replica,
+            listen,
+            mount,
+        }),
+        Command::MountReplica {
+            replica,
+            mountpoint,
+        } => daemon::run_mount_replica(&replica, &mountpoint),
+        Command::Up { dir, rpo } => daemon::run_up(&dir, rpo),
+        Command::Status { target } => {
+            let dir = resolve_datastore(&target.datastore)?;
+            let value = if StatePaths::of(&dir).format().exists() {
+                query(&dir, &Request::Status)?
+            } else {
+                secondary_status(&dir)?
+            };
+            print(&Request::Status, &value, target.json);
+            Ok(())
+        }
         Command::Journal { target, what } => {
             let backing = resolve_datastore(&target.datastore)?;
             let req = match what {
@@ -181,7 +255,7 @@ fn resolve_datastore(given: &Path) -> Result<PathBuf> {
     let ours = |m: &daemon::MountEntry| {
         m.point == canon
             && m.fstype.starts_with("fuse")
-            && StatePaths::of(Path::new(&m.source)).format().exists()
+            && StatePaths::of(Path::new(&m.source)).dir.is_dir()
     };
     if let Some(m) = daemon::mounts().into_iter().find(ours) {
         return Ok(PathBuf::from(m.source));
@@ -327,12 +401,8 @@ fn print(req: &Request, v: &Value, json: bool) {
                 ]
             },
         ),
-        Request::Stats | Request::Cut => {
-            if let Value::Object(map) = v {
-                for (k, val) in map {
-                    println!("{k:<18} {val}");
-                }
-            }
+        Request::Stats | Request::Cut | Request::Status => {
+            print_fields("", v);
             return;
         }
     };
@@ -347,6 +417,53 @@ fn print(req: &Request, v: &Value, json: bool) {
             .collect();
         println!("{}", line.join("  ").trim_end());
     }
+}
+
+/// Prints an object's fields one a line, nested objects indented.
+fn print_fields(indent: &str, v: &Value) {
+    let Value::Object(map) = v else { return };
+    for (k, val) in map {
+        match val {
+            Value::Object(_) => {
+                println!("{indent}{k}:");
+                print_fields(&format!("{indent}  "), val);
+            }
+            Value::String(s) => println!("{indent}{k:<24} {s}"),
+            other => println!("{indent}{k:<24} {other}"),
+        }
+    }
+}
+
+/// A secondary's status: its applied point, and its counters when serving.
+fn secondary_status(dir: &Path) -> Result<Value> {
+    let state = dir.join(crate::datastore::STATE_DIR);
+    if !state.is_dir() {
+        return Err(Error::Usage(format!(
+            "{}: neither an hbrfs datastore nor a replica (no {} folder)",
+            dir.display(),
+            crate::datastore::STATE_DIR
+        )));
+    }
+    let applied = std::fs::read_to_string(state.join("applied")).unwrap_or_default();
+    let mut words = applied
+        .split_whitespace()
+        .map(|w| w.parse::<u64>().unwrap_or(0));
+    let (epoch, at) = (words.next().unwrap_or(0), words.next().unwrap_or(0));
+    let mut v = serde_json::json!({
+        "role": "secondary",
+        "replica": dir.display().to_string(),
+        "last_applied_epoch": epoch,
+        "applied_at_ns": at,
+        "serving": false,
+    });
+    if let Ok(addr) = std::fs::read_to_string(state.join("listen")) {
+        v["listen"] = Value::String(addr.trim().to_string());
+        if let Ok(live) = crate::replicate::remote_status(addr.trim()) {
+            v["serving"] = Value::Bool(true);
+            v["counters"] = live;
+        }
+    }
+    Ok(v)
 }
 
 fn table_rows(

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use crate::datastore::Datastore;
 use crate::error::{Error, IoContext, Result};
 use crate::journal::{epoch_state_name, op_name};
+use crate::replicate::ReplStats;
 use crate::tracking::CutOutcome;
 
 /// What a client can ask.
@@ -37,6 +38,18 @@ pub enum Request {
     Stats,
     /// Close the open epoch now.
     Cut,
+    /// Tracking totals and replication state.
+    Status,
+}
+
+/// What the control socket answers from: the datastore and, when the
+/// daemon replicates, the replicator's counters.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The open datastore.
+    pub ds: Arc<Datastore>,
+    /// The replicator's counters, when replicating.
+    pub replication: Option<Arc<ReplStats>>,
 }
 
 fn lossy(bytes: &[u8]) -> String {
@@ -45,6 +58,15 @@ fn lossy(bytes: &[u8]) -> String {
 
 /// Computes the answer to `req` from an open datastore.
 pub fn answer(ds: &Datastore, req: &Request, daemon_running: bool) -> Result<Value> {
+    answer_with(ds, None, req, daemon_running)
+}
+
+fn answer_with(
+    ds: &Datastore,
+    repl: Option<&ReplStats>,
+    req: &Request,
+    daemon_running: bool,
+) -> Result<Value> {
     let bs = ds.format.block_size.bytes();
     match req {
         Request::Ls => {
@@ -145,6 +167,12 @@ pub fn answer(ds: &Datastore, req: &Request, daemon_running: bool) -> Result<Val
                 .collect();
             Ok(json!({ "ops": ops }))
         }
+        Request::Status => {
+            let mut v = answer_with(ds, repl, &Request::Stats, daemon_running)?;
+            v["role"] = json!("primary");
+            v["replication"] = repl.map_or(Value::Null, ReplStats::report);
+            Ok(v)
+        }
         Request::Stats => {
             let files = ds.tracker.all_files();
             let dirty: u64 = files
@@ -194,25 +222,25 @@ pub fn answer(ds: &Datastore, req: &Request, daemon_running: bool) -> Result<Val
 }
 
 /// Serves the control socket on a thread until the process exits.
-pub fn serve(ds: Arc<Datastore>) -> Result<()> {
-    let path = ds.paths.socket();
+pub fn serve(ctx: Context) -> Result<()> {
+    let path = ctx.ds.paths.socket();
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).at(&path)?;
     std::thread::Builder::new()
         .name("hbrfs-control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let ds = ds.clone();
+                let ctx = ctx.clone();
                 let _ = std::thread::Builder::new()
                     .name("hbrfs-control-conn".into())
-                    .spawn(move || handle(&ds, stream));
+                    .spawn(move || handle(&ctx, stream));
             }
         })
         .at(&path)?;
     Ok(())
 }
 
-fn handle(ds: &Datastore, stream: UnixStream) {
+fn handle(ctx: &Context, stream: UnixStream) {
     let Ok(writer) = stream.try_clone() else {
         return;
     };
@@ -220,7 +248,7 @@ fn handle(ds: &Datastore, stream: UnixStream) {
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match answer(ds, &req, true) {
+            Ok(req) => match answer_with(&ctx.ds, ctx.replication.as_deref(), &req, true) {
                 Ok(v) => json!({ "ok": v }),
                 Err(e) => json!({ "error": e.to_string() }),
             },

@@ -1,18 +1,23 @@
-//! The primary daemon: checks the mountpoint, opens the datastore, mounts
-//! the passthrough filesystem, and runs the control socket, the cut timer
-//! and the signal handler beside it until the mount goes away.
+//! The long-running commands: the primary (`mount`: datastore, FUSE mount,
+//! control socket, cut timer or replicator), the secondary (`serve`, with
+//! an optional mirrored mount), the mirror alone (`mount-replica`), and
+//! both sides at once on loopback (`up`). Each runs in the foreground until
+//! its mounts go away or it is signalled, then stops cleanly.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{Config, MountOption, SessionACL};
+use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+use tokio::sync::watch;
 
 use crate::control;
 use crate::datastore::{Access, Datastore};
 use crate::error::{Error, IoContext, Result};
 use crate::fs::Passthrough;
 use crate::ids::BlockSize;
+use crate::replica::store::ReplicaStore;
+use crate::replicate::{ReplicateOptions, Replicator};
 use crate::sys;
 
 /// What `hbrfs mount` was asked to do.
@@ -30,6 +35,8 @@ pub struct MountOptions {
     pub cut_every: Option<Duration>,
     /// False only for benchmarks: a plain passthrough.
     pub tracking: bool,
+    /// Ship points to a secondary.
+    pub replicate: Option<ReplicateOptions>,
 }
 
 /// One mount of `/proc/self/mountinfo`.
@@ -105,28 +112,106 @@ fn check_mountpoint(mountpoint: &Path, backing: &Path) -> Result<PathBuf> {
     Ok(canon)
 }
 
-/// Runs `hbrfs mount` in the foreground until unmounted or signalled.
-pub fn run_mount(opts: &MountOptions) -> Result<()> {
-    let backing = match std::fs::metadata(&opts.backing) {
-        Ok(m) if m.is_dir() => opts.backing.canonicalize().at(&opts.backing)?,
-        Ok(_) => {
-            return Err(Error::Usage(format!(
-                "backing {} is not a directory",
-                opts.backing.display()
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::Usage(format!(
-                "backing directory {} does not exist",
-                opts.backing.display()
-            )));
-        }
-        Err(e) => return Err(e).at(&opts.backing),
-    };
-    let mountpoint = check_mountpoint(&opts.mountpoint, &backing)?;
-    sys::set_umask(0);
-    sys::block_shutdown_signals().at("signal mask")?;
+fn existing_dir(path: &Path, what: &str) -> Result<PathBuf> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => path.canonicalize().at(path),
+        Ok(_) => Err(Error::Usage(format!(
+            "{what} {} is not a directory",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Usage(format!(
+            "{what} {} does not exist",
+            path.display()
+        ))),
+        Err(e) => Err(e).at(path),
+    }
+}
 
+/// Mounts `fs` at `mountpoint`, showing `source` as the mount's source.
+fn mount(
+    fs: Passthrough,
+    source: &Path,
+    mountpoint: &Path,
+    read_only: bool,
+    threads: usize,
+) -> Result<Session<Passthrough>> {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(source.display().to_string()),
+        MountOption::Subtype("hbrfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    if read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    config.acl = SessionACL::All;
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+    Session::new(fs, mountpoint, &config).map_err(|e| {
+        Error::Usage(format!(
+            "mounting {} on {}: {e}",
+            source.display(),
+            mountpoint.display()
+        ))
+    })
+}
+
+/// Unmounts `mountpoint` through `unmounter`, lazily if it is busy.
+fn unmount(unmounter: &mut SessionUnmounter, mountpoint: &Path) {
+    log::info!("unmounting {}", mountpoint.display());
+    if let Err(e) = unmounter.unmount() {
+        log::warn!(
+            "unmount {}: {e}; detaching lazily (it goes once the last file closes)",
+            mountpoint.display()
+        );
+        if let Err(e) = sys::umount_detach(mountpoint) {
+            log::error!("lazy unmount of {}: {e}", mountpoint.display());
+        }
+    }
+}
+
+/// Runs `on_signal` on a thread once SIGINT, SIGTERM or SIGHUP arrives.
+/// The signals must have been blocked before any thread was started.
+fn on_signal(on_signal: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new()
+        .name("hbrfs-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = sys::wait_signal() {
+                log::info!("signal {sig}: stopping");
+                on_signal();
+            }
+        })
+        .at("signal thread")?;
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hbrfs-rt")
+        .enable_all()
+        .build()
+        .at("tokio runtime")
+}
+
+/// The primary, started: what `mount` and `up` wait on and stop.
+struct Primary {
+    ds: Arc<Datastore>,
+    session: Session<Passthrough>,
+    mountpoint: PathBuf,
+    /// Stops the replicator (and the runtime it runs on).
+    replication: Option<(
+        tokio::runtime::Runtime,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+fn start_primary(opts: &MountOptions) -> Result<Primary> {
+    let backing = existing_dir(&opts.backing, "backing directory")?;
+    let mountpoint = check_mountpoint(&opts.mountpoint, &backing)?;
     let ds = Arc::new(Datastore::open(
         &backing,
         Access::Daemon {
@@ -143,29 +228,19 @@ pub fn run_mount(opts: &MountOptions) -> Result<()> {
         scan.moved,
         scan.gone
     );
-    let fs = Passthrough::new(ds.clone(), opts.tracking).at(&backing)?;
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(backing.display().to_string()),
-        MountOption::Subtype("hbrfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
-    ];
-    config.acl = SessionACL::All;
-    config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
-    let session = fuser::Session::new(fs, &mountpoint, &config).map_err(|e| {
-        Error::Usage(format!(
-            "mounting {} on {}: {e}",
-            backing.display(),
-            mountpoint.display()
-        ))
-    })?;
-    let mut session = session;
-    let mut unmounter = session.unmount_callable();
-    control::serve(ds.clone())?;
-    if let Some(every) = opts.cut_every {
+    let fs = Passthrough::new(&backing, opts.tracking.then(|| ds.clone())).at(&backing)?;
+    let session = mount(fs, &backing, &mountpoint, false, opts.threads)?;
+    let mut replication = None;
+    let mut stats = None;
+    if let Some(r) = &opts.replicate {
+        let replicator = Arc::new(Replicator::new(ds.clone(), r.clone())?);
+        stats = Some(replicator.stats.clone());
+        let rt = runtime()?;
+        let (stop, stopped) = watch::channel(false);
+        let task = rt.spawn(replicator.run(stopped));
+        log::info!("replicating to {} every {:?}", r.addr, r.rpo);
+        replication = Some((rt, stop, task));
+    } else if let Some(every) = opts.cut_every {
         let ds = ds.clone();
         std::thread::Builder::new()
             .name("hbrfs-cut".into())
@@ -179,37 +254,246 @@ pub fn run_mount(opts: &MountOptions) -> Result<()> {
             })
             .at("cut thread")?;
     }
-    let signal_mountpoint = mountpoint.clone();
-    std::thread::Builder::new()
-        .name("hbrfs-signals".into())
-        .spawn(move || {
-            if let Ok(sig) = sys::wait_signal() {
-                log::info!("signal {sig}: unmounting {}", signal_mountpoint.display());
-                if let Err(e) = unmounter.unmount() {
-                    log::warn!(
-                        "unmount: {e}; detaching lazily (it goes once the last file closes)"
-                    );
-                    if let Err(e) = sys::umount_detach(&signal_mountpoint) {
-                        log::error!("lazy unmount of {}: {e}", signal_mountpoint.display());
-                    }
-                }
-            }
-        })
-        .at("signal thread")?;
+    control::serve(control::Context {
+        ds: ds.clone(),
+        replication: stats,
+    })?;
     eprintln!(
         "hbrfs: {} mounted at {}",
         backing.display(),
         mountpoint.display()
     );
-    let result = session.run();
-    let _ = std::fs::remove_file(ds.paths.socket());
-    ds.shutdown()?;
-    result.map_err(|e| {
+    Ok(Primary {
+        ds,
+        session,
+        mountpoint,
+        replication,
+    })
+}
+
+impl Primary {
+    /// Serves the mount until it goes away, then stops cleanly.
+    fn run(self) -> Result<()> {
+        let Primary {
+            ds,
+            session,
+            mountpoint,
+            replication,
+        } = self;
+        let result = session.run();
+        if let Some((rt, stop, task)) = replication {
+            let _ = stop.send(true);
+            let _ =
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await });
+        }
+        let _ = std::fs::remove_file(ds.paths.socket());
+        ds.shutdown()?;
+        result.map_err(|e| {
+            Error::Usage(format!(
+                "FUSE session on {} ended with an error: {e}",
+                mountpoint.display()
+            ))
+        })?;
+        eprintln!("hbrfs: {} unmounted cleanly", mountpoint.display());
+        Ok(())
+    }
+}
+
+/// Runs `hbrfs mount` in the foreground until unmounted or signalled.
+pub fn run_mount(opts: &MountOptions) -> Result<()> {
+    sys::set_umask(0);
+    sys::block_shutdown_signals().at("signal mask")?;
+    let mut primary = start_primary(opts)?;
+    let mut unmounter = primary.session.unmount_callable();
+    let mountpoint = primary.mountpoint.clone();
+    on_signal(move || unmount(&mut unmounter, &mountpoint))?;
+    primary.run()
+}
+
+/// What `hbrfs serve` was asked to do.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The replica folder.
+    pub replica: PathBuf,
+    /// Address to listen on.
+    pub listen: std::net::SocketAddr,
+    /// Also mount the mirrored read-only view here.
+    pub mount: Option<PathBuf>,
+}
+
+/// The secondary, started.
+struct Secondary {
+    rt: tokio::runtime::Runtime,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    mirror_thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    mirror_unmount: Option<(SessionUnmounter, PathBuf)>,
+}
+
+fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
+    let store = Arc::new(ReplicaStore::open(&opts.replica)?);
+    let (epoch, _) = store.applied();
+    let rt = runtime()?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(opts.listen))
+        .map_err(|e| Error::Usage(format!("listening on {}: {e}", opts.listen)))?;
+    let addr = listener.local_addr().at("listener")?;
+    crate::replica::store::write_durably(
+        &store.root.join(".hbrfs/listen"),
+        addr.to_string().as_bytes(),
+    )?;
+    let (stop, mut stopped) = watch::channel(false);
+    let server = rt.spawn(crate::replica::serve_on(
+        store.clone(),
+        listener,
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+    let (mirror_thread, mirror_unmount) = match &opts.mount {
+        Some(mnt) => {
+            let mountpoint = check_mountpoint(mnt, &store.root)?;
+            let fs = Passthrough::mirror(&store.root, store.view.clone()).at(&store.root)?;
+            let mut session = mount(fs, &store.root, &mountpoint, true, 4)?;
+            let unmounter = session.unmount_callable();
+            let thread = std::thread::Builder::new()
+                .name("hbrfs-mirror".into())
+                .spawn(move || session.run())
+                .at("mirror thread")?;
+            eprintln!(
+                "hbrfs: replica {} mirrored read-only at {}",
+                store.root.display(),
+                mountpoint.display()
+            );
+            (Some(thread), Some((unmounter, mountpoint)))
+        }
+        None => (None, None),
+    };
+    eprintln!(
+        "hbrfs: secondary for {} listening on {addr} (at epoch {epoch})",
+        store.root.display()
+    );
+    Ok(Secondary {
+        rt,
+        stop,
+        server,
+        mirror_thread,
+        mirror_unmount,
+    })
+}
+
+impl Secondary {
+    /// A handle that stops the secondary from another thread.
+    fn stopper(&mut self) -> impl FnOnce() + Send + 'static {
+        let stop = self.stop.clone();
+        let mirror = self.mirror_unmount.take();
+        move || {
+            if let Some((mut u, p)) = mirror {
+                unmount(&mut u, &p);
+            }
+            let _ = stop.send(true);
+        }
+    }
+
+    /// Serves until stopped.
+    fn run(self) -> Result<()> {
+        let served = self.rt.block_on(self.server);
+        if let Some(thread) = self.mirror_thread {
+            let _ = thread.join();
+        }
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Remote(format!("server: {e}"))),
+            Err(e) => Err(Error::Remote(format!("server task: {e}"))),
+        }
+    }
+}
+
+/// Runs `hbrfs serve` in the foreground until signalled.
+pub fn run_serve(opts: &ServeOptions) -> Result<()> {
+    sys::set_umask(0);
+    sys::block_shutdown_signals().at("signal mask")?;
+    let mut secondary = start_secondary(opts)?;
+    on_signal(secondary.stopper())?;
+    secondary.run()
+}
+
+/// Runs `hbrfs mount-replica`: the read-only view of a replica folder that
+/// no secondary is serving (after failover, or for inspection).
+pub fn run_mount_replica(replica: &Path, mountpoint: &Path) -> Result<()> {
+    sys::block_shutdown_signals().at("signal mask")?;
+    let root = existing_dir(replica, "replica folder")?;
+    let mountpoint = check_mountpoint(mountpoint, &root)?;
+    let fs = Passthrough::mirror(&root, Arc::new(std::sync::RwLock::new(()))).at(&root)?;
+    let mut session = mount(fs, &root, &mountpoint, true, 4)?;
+    let mut unmounter = session.unmount_callable();
+    let shown = mountpoint.clone();
+    on_signal(move || unmount(&mut unmounter, &shown))?;
+    eprintln!(
+        "hbrfs: replica {} mounted read-only at {}",
+        root.display(),
+        mountpoint.display()
+    );
+    session.run().map_err(|e| {
         Error::Usage(format!(
             "FUSE session on {} ended with an error: {e}",
             mountpoint.display()
         ))
+    })
+}
+
+/// Runs `hbrfs up`: a secondary (with its mirror) and a primary replicating
+/// to it over loopback, under `dir`.
+pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
+    sys::set_umask(0);
+    sys::block_shutdown_signals().at("signal mask")?;
+    let sub = |name: &str| -> Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::create_dir_all(&p).at(&p)?;
+        Ok(p)
+    };
+    let (backing, mnt, replica, replica_mnt) = (
+        sub("backing")?,
+        sub("mnt")?,
+        sub("replica")?,
+        sub("replica-mnt")?,
+    );
+    let mut secondary = start_secondary(&ServeOptions {
+        replica,
+        listen: "127.0.0.1:0".parse().expect("literal address"),
+        mount: Some(replica_mnt.clone()),
     })?;
-    eprintln!("hbrfs: {} unmounted cleanly", mountpoint.display());
-    Ok(())
+    let listen = std::fs::read_to_string(dir.join("replica/.hbrfs/listen"))
+        .at(dir.join("replica/.hbrfs/listen"))?;
+    let mut primary = start_primary(&MountOptions {
+        backing,
+        mountpoint: mnt.clone(),
+        block_size: None,
+        threads: 8,
+        cut_every: None,
+        tracking: true,
+        replicate: Some(ReplicateOptions {
+            addr: listen.trim().to_string(),
+            rpo,
+            level: 1,
+        }),
+    })?;
+    let mnt = primary.mountpoint.clone();
+    eprintln!(
+        "\nhbrfs is up.\n  primary datastore: {mnt}  (write images here)\n  replica, read-only: {rep}  (updated every {rpo:?})\n\n\
+         Try:\n  qemu-img create -f qcow2 {mnt}/disk.qcow2 1G\n  qemu-io -f qcow2 -t none -c 'write -P 0xab 0 1M' {mnt}/disk.qcow2\n  \
+         hbrfs status -d {mnt}\n  qemu-img compare {mnt}/disk.qcow2 {rep}/disk.qcow2\n\
+         A VM: qemu-system-x86_64 -drive file={mnt}/disk.qcow2,cache=none,aio=threads ...\n\nCtrl-C stops both sides.",
+        mnt = mnt.display(),
+        rep = replica_mnt.display(),
+    );
+    let mut unmounter = primary.session.unmount_callable();
+    let stop_secondary = secondary.stopper();
+    on_signal(move || {
+        unmount(&mut unmounter, &mnt);
+        stop_secondary();
+    })?;
+    let primary_result = primary.run();
+    let secondary_result = secondary.run();
+    primary_result.and(secondary_result)
 }

@@ -210,8 +210,12 @@ impl Datastore {
         };
         let writable = lock.is_some();
         let journal = Arc::new(open_journal(&paths, writable)?);
+        if writable {
+            let pre = paths.dir.join("preimages");
+            fs::create_dir_all(&pre).at(&pre)?;
+        }
         let tracker = Arc::new(Tracker::new(
-            &paths.bitmaps(),
+            &paths.dir,
             format.block_size,
             journal.clone(),
             writable,

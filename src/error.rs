@@ -44,6 +44,9 @@ pub enum Error {
         #[source]
         source: prost::DecodeError,
     },
+    /// The other side of a replication pair failed or refused.
+    #[error("{0}")]
+    Remote(String),
     /// The user asked for something that cannot be done as asked.
     #[error("{0}")]
     Usage(String),

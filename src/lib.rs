@@ -13,6 +13,8 @@
 //! - [`daemon`]: the primary daemon: mount, control socket, cut timer, signals.
 //! - [`control`]: the daemon's control socket and the requests it answers.
 //! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
+//! - [`replicate`]: the primary's replicator: cut, offer hashes, send wanted blocks, wait for the ack.
+//! - [`replica`]: the secondary: gRPC service, staging, atomic apply, content index.
 //! - [`cli`]: clap commands; `main.rs` only calls [`cli::main`].
 //! - [`sys`]: every raw syscall, each behind a helper that returns `io::Result`.
 //! - [`ids`]: the newtypes for ids and units shared by the modules.
@@ -30,10 +32,21 @@ pub mod journal;
 pub mod sys;
 pub mod tracking;
 
+pub mod replica;
+pub mod replicate;
+
 /// Generated protobuf types (see `proto/`).
 pub mod proto {
     /// Records stored in the journal.
     pub mod journal {
         tonic::include_proto!("hbrfs.journal");
+    }
+    /// The replication protocol between primary and secondary.
+    pub mod replication {
+        tonic::include_proto!("hbrfs.replication");
+    }
+    /// The secondary's staged-epoch records.
+    pub mod replica {
+        tonic::include_proto!("hbrfs.replica");
     }
 }

@@ -433,3 +433,9 @@ pub fn c_string(s: &OsStr) -> io::Result<CString> {
 pub fn os_str(s: &CStr) -> &OsStr {
     OsStr::from_bytes(s.to_bytes())
 }
+
+/// `syncfs(2)`: makes everything written to the file system of `fd` durable.
+pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}

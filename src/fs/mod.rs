@@ -128,9 +128,16 @@ fn time_spec(t: Option<TimeOrNow>) -> TimeSpec {
 /// The passthrough filesystem over one datastore.
 #[derive(Debug)]
 pub struct Passthrough {
-    ds: Arc<Datastore>,
-    /// Off only for the benchmark's baseline (`--no-tracking`).
-    tracking: bool,
+    /// The backing directory.
+    root: std::path::PathBuf,
+    /// The datastore whose changes are tracked; `None` for a plain
+    /// passthrough (the benchmark's baseline) and for the mirror.
+    ds: Option<Arc<Datastore>>,
+    /// For the mirror: held shared by every read, so that an epoch being
+    /// applied (which holds it exclusively) is never seen half-done.
+    view: Option<Arc<std::sync::RwLock<()>>>,
+    /// Attribute and entry cache time.
+    ttl: Duration,
     inodes: InodeTable,
     handles: HandleTable,
     /// Whether the kernel caches writes (negotiated in `init`).
@@ -139,17 +146,28 @@ pub struct Passthrough {
 
 impl Passthrough {
     /// A filesystem over `ds`; `tracking` false makes it a plain passthrough.
-    pub fn new(ds: Arc<Datastore>, tracking: bool) -> io::Result<Passthrough> {
-        let root_fd = sys::openat(
-            None,
-            ds.root.as_os_str(),
-            libc::O_PATH | libc::O_DIRECTORY,
-            0,
-        )?;
+    pub fn new(root: &Path, ds: Option<Arc<Datastore>>) -> io::Result<Passthrough> {
+        Self::build(root, ds, None)
+    }
+
+    /// A read-only view for the secondary's mirror: no kernel caching (the
+    /// replica changes under it) and reads held out of applies by `view`.
+    pub fn mirror(root: &Path, view: Arc<std::sync::RwLock<()>>) -> io::Result<Passthrough> {
+        Self::build(root, None, Some(view))
+    }
+
+    fn build(
+        root: &Path,
+        ds: Option<Arc<Datastore>>,
+        view: Option<Arc<std::sync::RwLock<()>>>,
+    ) -> io::Result<Passthrough> {
+        let root_fd = sys::openat(None, root.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)?;
         let st = sys::statat(root_fd.as_fd(), OsStr::new(""))?;
         Ok(Passthrough {
+            root: root.to_path_buf(),
             ds,
-            tracking,
+            ttl: if view.is_some() { Duration::ZERO } else { TTL },
+            view,
             inodes: InodeTable::new(root_fd, (st.st_dev, st.st_ino)),
             handles: HandleTable::default(),
             writeback: false,
@@ -168,9 +186,14 @@ impl Passthrough {
         }
     }
 
+    /// For the mirror: holds applies off while a read runs.
+    fn viewing(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
+        self.view.as_ref().map(|v| v.read().expect("view lock"))
+    }
+
     /// Holds the cut gate for one change, when tracking.
     fn gate(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
-        self.tracking.then(|| self.ds.tracker.gate())
+        self.ds.as_ref().map(|ds| ds.tracker.gate())
     }
 
     /// The `.hbrfs` state folder is invisible and untouchable in the root.
@@ -187,7 +210,12 @@ impl Passthrough {
             return Vec::new();
         }
         match std::fs::read_link(Path::new(sys::proc_path(node.fd()).to_str().unwrap_or(""))) {
-            Ok(p) => self.ds.relative(&p),
+            Ok(p) => p
+                .strip_prefix(&self.root)
+                .unwrap_or(&p)
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
             Err(_) => Vec::new(),
         }
     }
@@ -202,10 +230,10 @@ impl Passthrough {
     }
 
     fn record(&self, kind: OpKind, id: Option<FileId>, path: &[u8], target: &[u8], size: u64) {
-        if !self.tracking {
+        let Some(ds) = &self.ds else {
             return;
-        }
-        if let Err(e) = self.ds.record_op(kind, id, path, target, size) {
+        };
+        if let Err(e) = ds.record_op(kind, id, path, target, size) {
             // The scan at the next mount repairs a missing record.
             log::error!("recording {kind:?} {}: {e}", String::from_utf8_lossy(path));
         }
@@ -219,11 +247,12 @@ impl Passthrough {
         path: impl FnOnce() -> Vec<u8>,
         reader: impl FnOnce() -> crate::error::Result<File>,
     ) -> Option<Arc<TrackedFile>> {
-        if !self.tracking || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        let ds = self.ds.as_ref()?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return None;
         }
-        let found = match self.ds.journal.file_by_ino(st.st_ino) {
-            Ok(Some(id)) => self.ds.tracker.file(id),
+        let found = match ds.journal.file_by_ino(st.st_ino) {
+            Ok(Some(id)) => ds.tracker.file(id),
             Ok(None) => None,
             Err(e) => {
                 log::error!("journal lookup of inode {}: {e}", st.st_ino);
@@ -238,8 +267,7 @@ impl Passthrough {
             "{}: found without tracking state (changed outside hbrfs?): all of it is dirty",
             String::from_utf8_lossy(&path)
         );
-        let tracked =
-            reader().and_then(|r| self.ds.track_file(st.st_ino, &path, st.st_size as u64, r));
+        let tracked = reader().and_then(|r| ds.track_file(st.st_ino, &path, st.st_size as u64, r));
         match tracked {
             Ok(f) => Some(f),
             Err(e) => {
@@ -251,6 +279,7 @@ impl Passthrough {
 
     /// Looks `name` up in `parent` and takes a kernel reference on it.
     fn do_lookup(&self, parent: &Inode, name: &OsStr) -> Res<(Arc<Inode>, FileAttr)> {
+        let _view = self.viewing();
         if parent.ino == INodeNo::ROOT && name == STATE_DIR {
             return Err(Errno::ENOENT);
         }
@@ -305,8 +334,8 @@ impl Passthrough {
         f
     }
 
-    fn fopen_flags(flags: i32) -> FopenFlags {
-        if flags & libc::O_DIRECT != 0 {
+    fn fopen_flags(&self, flags: i32) -> FopenFlags {
+        if flags & libc::O_DIRECT != 0 || self.view.is_some() {
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
@@ -338,10 +367,9 @@ impl Passthrough {
         let file = File::from(fd);
         let st = sys::statat(file.as_fd(), OsStr::new("")).map_err(io_errno)?;
         let path = self.child_path(&parent, name);
-        let tracked = if self.tracking {
+        let tracked = if let Some(ds) = &self.ds {
             let reader = File::from(sys::reopen(file.as_fd(), libc::O_RDONLY).map_err(io_errno)?);
-            let t = self
-                .ds
+            let t = ds
                 .track_file(st.st_ino, &path, 0, reader)
                 .map_err(state_errno)?;
             Some(t)
@@ -359,7 +387,7 @@ impl Passthrough {
             file,
             inode: node.clone(),
         }));
-        Ok((attr(node.ino, &st), fh, Self::fopen_flags(flags)))
+        Ok((attr(node.ino, &st), fh, self.fopen_flags(flags)))
     }
 
     fn op_open(&self, ino: INodeNo, flags: i32) -> Res<(FileHandle, FopenFlags)> {
@@ -369,10 +397,11 @@ impl Passthrough {
             file: File::from(fd),
             inode: node,
         }));
-        Ok((fh, Self::fopen_flags(flags)))
+        Ok((fh, self.fopen_flags(flags)))
     }
 
     fn op_read(&self, fh: FileHandle, offset: u64, size: u32) -> Res<Vec<u8>> {
+        let _view = self.viewing();
         let h = self.open_file(fh)?;
         let Handle::File(f) = &*h else {
             return Err(Errno::EBADF);
@@ -422,8 +451,8 @@ impl Passthrough {
         } else {
             f.file.sync_all().map_err(io_errno)?;
         }
-        if self.tracking {
-            self.ds.journal.flush().map_err(state_errno)?;
+        if let Some(ds) = &self.ds {
+            ds.journal.flush().map_err(state_errno)?;
         }
         Ok(())
     }
@@ -449,12 +478,7 @@ impl Passthrough {
         };
         let old = sys::statat(fd, OsStr::new("")).map_err(io_errno)?.st_size as u64;
         if let Some(t) = &node.tracked {
-            let bs = self.ds.format.block_size;
-            let (lo, hi) = (old.min(size), old.max(size));
-            if size < old {
-                t.mark_blocks(bs.block_of(lo).0..hi.div_ceil(bs.bytes()), 0)
-                    .map_err(state_errno)?;
-            }
+            t.before_truncate(old, size).map_err(state_errno)?;
         }
         sys::ftruncate(fd, size).map_err(io_errno)?;
         if let Some(t) = &node.tracked {
@@ -541,15 +565,16 @@ impl Passthrough {
     /// After the name of a file with stat `st` went away: when it was its
     /// last link, its tracking state goes too. Returns its file id.
     fn forget_if_last_link(&self, st: &libc::stat) -> Option<FileId> {
-        if !self.tracking || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        let ds = self.ds.as_ref()?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return None;
         }
-        let id = self.ds.journal.file_by_ino(st.st_ino).ok().flatten()?;
+        let id = ds.journal.file_by_ino(st.st_ino).ok().flatten()?;
         if st.st_nlink <= 1 {
-            if let Err(e) = self.ds.journal.remove_file(id) {
+            if let Err(e) = ds.journal.remove_file(id) {
                 log::error!("forgetting file {id}: {e}");
             }
-            self.ds.tracker.forget(id);
+            ds.tracker.forget(id);
         }
         Some(id)
     }
@@ -576,13 +601,12 @@ impl Passthrough {
         if let Some(old) = replaced.filter(|r| !exchange && r.st_ino != src.st_ino) {
             self.forget_if_last_link(&old);
         }
-        let id = if self.tracking {
-            self.ds.journal.file_by_ino(src.st_ino).ok().flatten()
-        } else {
-            None
-        };
+        let id = self
+            .ds
+            .as_ref()
+            .and_then(|ds| ds.journal.file_by_ino(src.st_ino).ok().flatten());
         self.record(OpKind::Rename, id, &from, &to, u64::from(flags));
-        if self.tracking {
+        if self.ds.is_some() {
             self.repath(&from, &to, exchange);
         }
         Ok(())
@@ -591,7 +615,10 @@ impl Passthrough {
     /// Updates the journal's paths of files at or below `from` (and, for an
     /// exchange, below `to`) after a rename.
     fn repath(&self, from: &[u8], to: &[u8], exchange: bool) {
-        let files = match self.ds.journal.files() {
+        let Some(ds) = &self.ds else {
+            return;
+        };
+        let files = match ds.journal.files() {
             Ok(f) => f,
             Err(e) => return log::error!("updating paths after rename: {e}"),
         };
@@ -603,11 +630,11 @@ impl Passthrough {
             let new = moved(&rec.path, from, to)
                 .or_else(|| exchange.then(|| moved(&rec.path, to, from)).flatten());
             if let Some(new) = new {
-                if let Some(t) = self.ds.tracker.file(id) {
+                if let Some(t) = ds.tracker.file(id) {
                     t.renamed(new.clone());
                 }
                 rec.path = new;
-                if let Err(e) = self.ds.journal.put_file(id, &rec) {
+                if let Err(e) = ds.journal.put_file(id, &rec) {
                     log::error!("updating path of file {id}: {e}");
                 }
             }
@@ -634,6 +661,7 @@ impl Passthrough {
     }
 
     fn op_opendir(&self, ino: INodeNo) -> Res<FileHandle> {
+        let _view = self.viewing();
         let node = self.inode(ino)?;
         let fd = sys::reopen(node.fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(io_errno)?;
         let dir_path = sys::proc_path(fd.as_fd());
@@ -762,7 +790,7 @@ impl Filesystem for Passthrough {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.inode(parent).and_then(|p| self.do_lookup(&p, name)) {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok((_, attr)) => reply.entry(&self.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -772,13 +800,14 @@ impl Filesystem for Passthrough {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _view = self.viewing();
         let res = self.inode(ino).and_then(|n| {
             sys::statat(n.fd(), OsStr::new(""))
                 .map_err(io_errno)
                 .map(|st| attr(ino, &st))
         });
         match res {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -802,7 +831,7 @@ impl Filesystem for Passthrough {
         reply: ReplyAttr,
     ) {
         match self.op_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -840,7 +869,7 @@ impl Filesystem for Passthrough {
             })
         };
         match res {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -857,7 +886,7 @@ impl Filesystem for Passthrough {
         match self.make_node(req, parent, name, OpKind::Mkdir, b"", |p| {
             sys::mkdirat(p.fd(), name, mode & 0o7777)
         }) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -893,7 +922,7 @@ impl Filesystem for Passthrough {
             |p| sys::symlinkat(target, p.fd(), link_name),
         );
         match res {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -923,7 +952,7 @@ impl Filesystem for Passthrough {
         reply: ReplyEntry,
     ) {
         match self.op_link(ino, newparent, newname) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -1156,7 +1185,7 @@ impl Filesystem for Passthrough {
         reply: ReplyCreate,
     ) {
         match self.op_create(req, parent, name, mode, flags) {
-            Ok((attr, fh, fl)) => reply.created(&TTL, &attr, Generation(0), fh, fl),
+            Ok((attr, fh, fl)) => reply.created(&self.ttl, &attr, Generation(0), fh, fl),
             Err(e) => reply.error(e),
         }
     }

@@ -71,8 +71,18 @@ impl TrackedFile {
         self.mark_blocks(self.block_size.blocks_of(offset, len), written)
     }
 
-    /// Marks whole blocks dirty (truncate marks from the new end to the old).
-    pub fn mark_blocks(&self, blocks: std::ops::Range<u64>, written: u64) -> Result<()> {
+    /// Marks what a truncate from `old` to `new` bytes changes: when it
+    /// shrinks, the blocks from the new end to the old one (their content
+    /// is gone, and reads zeros if the file grows again).
+    pub fn before_truncate(&self, old: u64, new: u64) -> Result<()> {
+        if new >= old {
+            return Ok(());
+        }
+        let bs = self.block_size.bytes();
+        self.mark_blocks(new / bs..old.div_ceil(bs), 0)
+    }
+
+    fn mark_blocks(&self, blocks: std::ops::Range<u64>, written: u64) -> Result<()> {
         if blocks.is_empty() {
             return Ok(());
         }

@@ -1,0 +1,331 @@
+//! One Ship stream at the secondary: checks every message against what
+//! came before and the limits, stages the epoch's blocks, and hands the
+//! complete epoch to the store. Anything malformed ends the stream with a
+//! message naming what is wrong; nothing reaches the replica before the
+//! commit, so the replica stays at its last consistent point.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use super::confine;
+use super::store::ReplicaStore;
+use crate::block::{self, BlockHash, HashKey};
+use crate::proto::replica::{StagedBlock, StagedEpoch};
+use crate::proto::replication::{Applied, Begin, Blocks, Commit, Offers, Wants};
+
+/// Most offers in one message.
+pub const MAX_OFFERS: usize = 65_536;
+/// Most blocks in one message.
+pub const MAX_BLOCKS: usize = 4_096;
+/// Most namespace operations or files in one epoch.
+pub const MAX_ENTRIES: usize = 1 << 20;
+/// Largest file size accepted (16 EiB would overflow offsets).
+pub const MAX_FILE_SIZE: u64 = 1 << 50;
+
+/// Why a stream was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+fn refuse<T>(msg: impl Into<String>) -> Result<T, Refused> {
+    Err(Refused(msg.into()))
+}
+
+/// Blocks awaiting data: (file id, block) → (hash, length).
+type Pending = HashMap<(u64, u64), (BlockHash, u32)>;
+
+/// The state of one epoch being received.
+#[derive(Debug)]
+pub struct Session<'a> {
+    store: &'a ReplicaStore,
+    key: HashKey,
+    block_size: u64,
+    begin: Option<Begin>,
+    sizes: HashMap<u64, u64>,
+    data_path: PathBuf,
+    data: File,
+    data_len: u64,
+    blocks: Vec<StagedBlock>,
+    offered: HashSet<(u64, u64)>,
+    pending: Pending,
+    /// Content staged in this epoch by hash, so a repeated block is
+    /// staged once.
+    staged: HashMap<BlockHash, (u64, u32)>,
+}
+
+impl<'a> Session<'a> {
+    /// A session for the paired primary; refused before any hello.
+    pub fn new(store: &'a ReplicaStore) -> Result<Session<'a>, Refused> {
+        let Some(pair) = store.pair() else {
+            return refuse("no primary has said hello to this replica yet");
+        };
+        if store.apply_pending() {
+            return refuse(
+                "an earlier apply failed and must be finished first: restart the secondary",
+            );
+        }
+        let data_path = store.staging_dir().join("data");
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&data_path)
+            .map_err(|e| Refused(format!("staging {}: {e}", data_path.display())))?;
+        Ok(Session {
+            store,
+            key: pair.key,
+            block_size: u64::from(pair.block_size),
+            begin: None,
+            sizes: HashMap::new(),
+            data_path,
+            data,
+            data_len: 0,
+            blocks: Vec::new(),
+            offered: HashSet::new(),
+            pending: HashMap::new(),
+            staged: HashMap::new(),
+        })
+    }
+
+    /// The start of an epoch: operations and file states.
+    pub fn begin(&mut self, begin: Begin) -> Result<(), Refused> {
+        if self.begin.is_some() {
+            return refuse("a second Begin in one stream");
+        }
+        let (applied, _) = self.store.applied();
+        if begin.base_epoch != applied {
+            return refuse(format!(
+                "epoch {} is based on epoch {}, but this replica is at epoch {applied}",
+                begin.epoch, begin.base_epoch
+            ));
+        }
+        if begin.epoch <= applied {
+            return refuse(format!(
+                "epoch {} is not newer than the applied epoch {applied} (replayed or out of order)",
+                begin.epoch
+            ));
+        }
+        if begin.ops.len() > MAX_ENTRIES || begin.files.len() > MAX_ENTRIES {
+            return refuse(format!(
+                "epoch {} carries {} operations and {} files; at most {MAX_ENTRIES} each",
+                begin.epoch,
+                begin.ops.len(),
+                begin.files.len()
+            ));
+        }
+        for op in &begin.ops {
+            confine::join(&self.store.root, &op.path).map_err(|e| Refused(e.to_string()))?;
+            if !op.target.is_empty() && op.kind() != crate::proto::replication::OpKind::Symlink {
+                confine::join(&self.store.root, &op.target).map_err(|e| Refused(e.to_string()))?;
+            }
+        }
+        for f in &begin.files {
+            confine::join(&self.store.root, &f.path).map_err(|e| Refused(e.to_string()))?;
+            if f.size > MAX_FILE_SIZE {
+                return refuse(format!(
+                    "file {} size {} is beyond the limit",
+                    f.file_id, f.size
+                ));
+            }
+            if self.sizes.insert(f.file_id, f.size).is_some() {
+                return refuse(format!("file {} listed twice", f.file_id));
+            }
+        }
+        self.begin = Some(begin);
+        Ok(())
+    }
+
+    fn append(&mut self, data: &[u8]) -> Result<u64, Refused> {
+        let at = self.data_len;
+        self.data
+            .write_all_at(data, at)
+            .map_err(|e| Refused(format!("staging {}: {e}", self.data_path.display())))?;
+        self.data_len += data.len() as u64;
+        Ok(at)
+    }
+
+    fn stage(
+        &mut self,
+        file_id: u64,
+        block: u64,
+        hash: BlockHash,
+        data: &[u8],
+    ) -> Result<(), Refused> {
+        let (offset, length) = match self.staged.get(&hash) {
+            Some(&at) => at,
+            None => {
+                let at = (self.append(data)?, data.len() as u32);
+                self.staged.insert(hash, at);
+                at
+            }
+        };
+        self.blocks.push(StagedBlock {
+            file_id,
+            block,
+            zero: false,
+            offset,
+            length,
+            hash: hash.to_bytes().to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Hash offers: answers which blocks must be sent.
+    pub fn offers(&mut self, offers: Offers) -> Result<Wants, Refused> {
+        if self.begin.is_none() {
+            return refuse("Offers before Begin");
+        }
+        if offers.offers.len() > MAX_OFFERS {
+            return refuse(format!(
+                "{} offers in one message; at most {MAX_OFFERS}",
+                offers.offers.len()
+            ));
+        }
+        let mut wants = Vec::new();
+        for (i, o) in offers.offers.into_iter().enumerate() {
+            let Some(&size) = self.sizes.get(&o.file_id) else {
+                return refuse(format!(
+                    "offer for file {} which is not in the epoch",
+                    o.file_id
+                ));
+            };
+            let start = o.block.checked_mul(self.block_size).filter(|s| *s < size);
+            let Some(start) = start else {
+                return refuse(format!(
+                    "offer for block {} of file {} beyond its size {size}",
+                    o.block, o.file_id
+                ));
+            };
+            let expected = (size - start).min(self.block_size) as u32;
+            if o.length != expected {
+                return refuse(format!(
+                    "offer for block {} of file {} has length {}, expected {expected}",
+                    o.block, o.file_id, o.length
+                ));
+            }
+            if !self.offered.insert((o.file_id, o.block)) {
+                return refuse(format!(
+                    "block {} of file {} offered twice",
+                    o.block, o.file_id
+                ));
+            }
+            if o.zero {
+                self.blocks.push(StagedBlock {
+                    file_id: o.file_id,
+                    block: o.block,
+                    zero: true,
+                    offset: 0,
+                    length: o.length,
+                    hash: Vec::new(),
+                });
+                continue;
+            }
+            let Some(hash) = BlockHash::from_bytes(&o.hash) else {
+                return refuse(format!(
+                    "offer for block {} of file {} has a {}-byte hash",
+                    o.block,
+                    o.file_id,
+                    o.hash.len()
+                ));
+            };
+            if let Some(&(offset, length)) = self.staged.get(&hash) {
+                if length == o.length {
+                    self.blocks.push(StagedBlock {
+                        file_id: o.file_id,
+                        block: o.block,
+                        zero: false,
+                        offset,
+                        length,
+                        hash: o.hash,
+                    });
+                    self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            let held = self
+                .store
+                .find(&self.key, hash, o.length as usize)
+                .map_err(|e| Refused(format!("reading the content index: {e}")))?;
+            match held {
+                Some(data) => {
+                    self.stage(o.file_id, o.block, hash, &data)?;
+                    self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    wants.push(i as u32);
+                    self.pending.insert((o.file_id, o.block), (hash, o.length));
+                }
+            }
+        }
+        Ok(Wants { positions: wants })
+    }
+
+    /// Wanted blocks: decompressed within bounds and checked against the
+    /// hash offered for them before they are staged.
+    pub fn blocks(&mut self, blocks: Blocks) -> Result<(), Refused> {
+        if blocks.blocks.len() > MAX_BLOCKS {
+            return refuse(format!(
+                "{} blocks in one message; at most {MAX_BLOCKS}",
+                blocks.blocks.len()
+            ));
+        }
+        for b in blocks.blocks {
+            let Some((hash, length)) = self.pending.remove(&(b.file_id, b.block)) else {
+                return refuse(format!(
+                    "block {} of file {} was not asked for",
+                    b.block, b.file_id
+                ));
+            };
+            let data = block::decompress(&b.zstd, length as usize)
+                .map_err(|e| Refused(format!("block {} of file {}: {e}", b.block, b.file_id)))?;
+            if data.len() != length as usize || self.key.hash(&data) != hash {
+                return refuse(format!(
+                    "block {} of file {} does not match the hash offered for it (corrupted in transit?)",
+                    b.block, b.file_id
+                ));
+            }
+            self.store
+                .stats
+                .bytes_received
+                .fetch_add(b.zstd.len() as u64, Ordering::Relaxed);
+            self.store.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
+            self.stage(b.file_id, b.block, hash, &data)?;
+        }
+        Ok(())
+    }
+
+    /// The end of the epoch: applies it atomically.
+    pub fn commit(self, commit: Commit) -> Result<Applied, Refused> {
+        let Some(begin) = self.begin else {
+            return refuse("Commit before Begin");
+        };
+        if commit.epoch != begin.epoch {
+            return refuse(format!(
+                "Commit for epoch {} inside epoch {}",
+                commit.epoch, begin.epoch
+            ));
+        }
+        if !self.pending.is_empty() {
+            return refuse(format!(
+                "Commit with {} wanted blocks never sent",
+                self.pending.len()
+            ));
+        }
+        self.data
+            .sync_all()
+            .map_err(|e| Refused(format!("staging {}: {e}", self.data_path.display())))?;
+        let epoch = begin.epoch;
+        let staged = StagedEpoch {
+            begin: Some(begin),
+            blocks: self.blocks,
+        };
+        self.store
+            .commit(&staged, epoch)
+            .map_err(|e| Refused(format!("applying epoch {epoch}: {e}")))?;
+        Ok(Applied { epoch })
+    }
+}

@@ -1,0 +1,529 @@
+//! The primary's replicator: every RPO tick it cuts a point (tracking's
+//! `begin_ship`), offers a keyed hash per dirty block, sends zstd-compressed
+//! only what the secondary wants (zero blocks as markers), commits, and
+//! forgets the point only once the secondary says it is applied. A failed
+//! ship leaves the point waiting; the next one folds in everything written
+//! since, so the replica still only ever moves between consistent points.
+//!
+//! Reading, hashing and compressing run on blocking threads, never on the
+//! FUSE threads and never on the async runtime's workers.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::block::{self, HashKey};
+use crate::datastore::Datastore;
+use crate::error::{Error, IoContext, Result};
+use crate::ids::Epoch;
+use crate::proto::replication::replication_client::ReplicationClient;
+use crate::proto::replication::{
+    Begin, Block, Blocks, Commit, FileState, HelloRequest, NamespaceOp, Offer, Offers, ShipMessage,
+    ship_message, ship_reply,
+};
+use crate::replica::{MAX_MESSAGE, PROTOCOL_VERSION};
+use crate::tracking::{ShipSet, TrackedFile, now_ns};
+
+/// Blocks read, hashed and offered per round trip.
+const OFFER_CHUNK: usize = 256;
+/// Compressed bytes per Blocks message (well under the message limit).
+const BLOCKS_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How to replicate.
+#[derive(Clone, Debug)]
+pub struct ReplicateOptions {
+    /// The secondary, e.g. `127.0.0.1:7070`.
+    pub addr: String,
+    /// Cut and ship this often.
+    pub rpo: Duration,
+    /// zstd level for blocks.
+    pub level: i32,
+}
+
+/// Counters for `hbrfs status`.
+#[derive(Debug, Default)]
+pub struct ReplStats {
+    connected: AtomicBool,
+    last_applied: AtomicU64,
+    /// When the last applied point was cut: the replica's age is measured
+    /// from here.
+    last_applied_cut_ns: AtomicU64,
+    epochs_shipped: AtomicU64,
+    blocks_offered: AtomicU64,
+    blocks_zero: AtomicU64,
+    blocks_sent: AtomicU64,
+    raw_bytes_sent: AtomicU64,
+    compressed_bytes_sent: AtomicU64,
+    wire_bytes: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+impl ReplStats {
+    /// The counters as JSON, with the derived ratios.
+    pub fn report(&self) -> Value {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let offered = l(&self.blocks_offered);
+        let nonzero = offered.saturating_sub(l(&self.blocks_zero));
+        let sent = l(&self.blocks_sent);
+        let cut = l(&self.last_applied_cut_ns);
+        json!({
+            "connected": self.connected.load(Ordering::Relaxed),
+            "last_applied_epoch": l(&self.last_applied),
+            "last_applied_cut_ns": cut,
+            "replica_age_ms": if cut == 0 { Value::Null } else { json!(now_ns().saturating_sub(cut) / 1_000_000) },
+            "epochs_shipped": l(&self.epochs_shipped),
+            "blocks_offered": offered,
+            "blocks_zero": l(&self.blocks_zero),
+            "blocks_sent": sent,
+            "blocks_have": nonzero.saturating_sub(sent),
+            "dedup_ratio": if nonzero == 0 { 0.0 } else { (nonzero - sent) as f64 / nonzero as f64 },
+            "raw_bytes_sent": l(&self.raw_bytes_sent),
+            "compressed_bytes_sent": l(&self.compressed_bytes_sent),
+            "compression_ratio": ratio(l(&self.raw_bytes_sent), l(&self.compressed_bytes_sent)),
+            "wire_bytes": l(&self.wire_bytes),
+            "last_error": self.last_error.lock().expect("error lock").clone(),
+        })
+    }
+
+    fn fail(&self, e: &Error) {
+        log::warn!("replication: {e}");
+        self.connected.store(false, Ordering::Relaxed);
+        *self.last_error.lock().expect("error lock") = e.to_string();
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+fn remote(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Remote(format!("{what}: {e}"))
+}
+
+/// The pair's hash key, made once and kept in the state folder.
+fn pair_key(ds: &Datastore) -> Result<HashKey> {
+    let path = ds.paths.dir.join("pair.key");
+    if let Ok(bytes) = std::fs::read(&path) {
+        return HashKey::from_bytes(&bytes).ok_or_else(|| Error::BadState {
+            path: path.clone(),
+            reason: format!(
+                "hash key of {} bytes, expected {}",
+                bytes.len(),
+                block::SECRET_LEN
+            ),
+        });
+    }
+    let key = HashKey::random().at("/dev/urandom")?;
+    crate::replica::store::write_durably(&path, key.as_bytes())?;
+    Ok(key)
+}
+
+/// One block read for an offer.
+struct ReadBlock {
+    offer: Offer,
+    data: Vec<u8>,
+}
+
+/// Reads, zero-checks and hashes `blocks` of `file` as they were at the cut.
+fn read_and_hash(file: &TrackedFile, blocks: &[u64], key: &HashKey) -> Result<Vec<ReadBlock>> {
+    blocks
+        .iter()
+        .map(|&block| {
+            let data = file.read_for_ship(block)?;
+            let zero = block::is_zero(&data);
+            Ok(ReadBlock {
+                offer: Offer {
+                    file_id: file.id.0,
+                    block,
+                    hash: if zero {
+                        Vec::new()
+                    } else {
+                        key.hash(&data).to_bytes().to_vec()
+                    },
+                    zero,
+                    length: data.len() as u32,
+                },
+                data,
+            })
+        })
+        .collect()
+}
+
+/// The primary's replicator.
+#[derive(Debug)]
+pub struct Replicator {
+    ds: Arc<Datastore>,
+    opts: ReplicateOptions,
+    key: HashKey,
+    /// Counters, shared with the control socket.
+    pub stats: Arc<ReplStats>,
+}
+
+impl Replicator {
+    /// A replicator for `ds`; makes the pair key on first use.
+    pub fn new(ds: Arc<Datastore>, opts: ReplicateOptions) -> Result<Replicator> {
+        let key = pair_key(&ds)?;
+        let stats = Arc::new(ReplStats::default());
+        stats
+            .last_applied
+            .store(ds.journal.last_shipped()?.0, Ordering::Relaxed);
+        Ok(Replicator {
+            ds,
+            opts,
+            key,
+            stats,
+        })
+    }
+
+    /// Ships points every RPO until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut client: Option<(ReplicationClient<Channel>, u64)> = None;
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let wait = if client.is_some() {
+                self.opts.rpo
+            } else {
+                backoff
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            if client.is_none() {
+                match self.connect().await {
+                    Ok(c) => {
+                        backoff = Duration::from_millis(500);
+                        client = Some(c);
+                    }
+                    Err(e) => {
+                        self.stats.fail(&e);
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+            let (mut c, applied) = client.take().expect("connected above");
+            match self.tick(&mut c, applied).await {
+                Ok(applied) => client = Some((c, applied)),
+                Err(e) => self.stats.fail(&e),
+            }
+        }
+    }
+
+    /// Says hello; returns the client and the replica's last applied epoch.
+    async fn connect(&self) -> Result<(ReplicationClient<Channel>, u64)> {
+        let url = format!("http://{}", self.opts.addr);
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|e| remote(&url, e))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| remote(&format!("connecting to {url}"), e))?;
+        let mut client = ReplicationClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let hello = HelloRequest {
+            protocol_version: PROTOCOL_VERSION,
+            datastore_id: self.ds.format.id.clone(),
+            block_size: self.ds.format.block_size.bytes() as u32,
+            hash_key: self.key.as_bytes().to_vec(),
+        };
+        let reply = client
+            .hello(hello)
+            .await
+            .map_err(|s| {
+                remote(
+                    &format!("secondary {} refused", self.opts.addr),
+                    s.message(),
+                )
+            })?
+            .into_inner();
+        let applied = reply.last_applied_epoch;
+        let shipped = self.ds.journal.last_shipped()?.0;
+        if applied < shipped {
+            if applied != 0 {
+                return Err(Error::Remote(format!(
+                    "the secondary is at epoch {applied} but epoch {shipped} was shipped to it before: it lost \
+                     applied points (restored from an older copy?). Refusing to guess; give it a fresh replica \
+                     folder to reseed."
+                )));
+            }
+            log::warn!(
+                "the secondary holds nothing of this datastore: shipping everything (baseline)"
+            );
+            let ds = self.ds.clone();
+            tokio::task::spawn_blocking(move || ds.tracker.mark_everything())
+                .await
+                .map_err(|e| remote("baseline", e))??;
+        }
+        log::info!(
+            "connected to secondary {} (at epoch {applied})",
+            self.opts.addr
+        );
+        self.stats.connected.store(true, Ordering::Relaxed);
+        self.stats.last_applied.store(applied, Ordering::Relaxed);
+        Ok((client, applied))
+    }
+
+    /// One RPO tick: cut and ship if anything changed; returns the
+    /// replica's epoch afterwards.
+    async fn tick(&self, client: &mut ReplicationClient<Channel>, applied: u64) -> Result<u64> {
+        let ds = self.ds.clone();
+        let set = tokio::task::spawn_blocking(move || ds.tracker.begin_ship())
+            .await
+            .map_err(|e| remote("cut", e))??;
+        let Some(set) = set else {
+            return Ok(applied);
+        };
+        let result = if set.end.0 <= applied {
+            // Applied before the ack was lost: nothing to send again.
+            Ok(())
+        } else {
+            self.ship(client, &set, applied).await
+        };
+        let set = Arc::new(set);
+        let ds = self.ds.clone();
+        let done = set.clone();
+        match result {
+            Ok(()) => {
+                tokio::task::spawn_blocking(move || ds.tracker.finish_ship(&done))
+                    .await
+                    .map_err(|e| remote("finishing ship", e))??;
+                let cut = self.ds.journal.epoch(set.end)?.map_or(0, |r| r.closed_ns);
+                self.stats.last_applied.store(set.end.0, Ordering::Relaxed);
+                self.stats.last_applied_cut_ns.store(cut, Ordering::Relaxed);
+                self.stats.epochs_shipped.fetch_add(1, Ordering::Relaxed);
+                Ok(set.end.0.max(applied))
+            }
+            Err(e) => {
+                self.ds.tracker.abort_ship(&set);
+                Err(e)
+            }
+        }
+    }
+
+    /// Streams one point to the secondary and waits until it is applied.
+    async fn ship(
+        &self,
+        client: &mut ReplicationClient<Channel>,
+        set: &ShipSet,
+        base: u64,
+    ) -> Result<()> {
+        let (tx, rx) = mpsc::channel::<ShipMessage>(4);
+        let mut replies = client
+            .ship(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| remote("starting ship", s.message()))?
+            .into_inner();
+        let send = |body: ship_message::Body| {
+            let tx = tx.clone();
+            let stats = self.stats.clone();
+            async move {
+                let msg = ShipMessage { body: Some(body) };
+                stats
+                    .wire_bytes
+                    .fetch_add(prost::Message::encoded_len(&msg) as u64, Ordering::Relaxed);
+                tx.send(msg)
+                    .await
+                    .map_err(|_| remote("ship", "stream closed by the secondary"))
+            }
+        };
+        let ops = self
+            .ds
+            .journal
+            .ops_between(Epoch(base), set.end)?
+            .into_iter()
+            .map(|op| NamespaceOp {
+                kind: op.kind,
+                file_id: op.file_id,
+                path: op.path,
+                // Rename flags or the new size travel in `size`.
+                arg: op.size,
+                target: op.target,
+            })
+            .collect();
+        let files = set
+            .files
+            .iter()
+            .map(|f| {
+                let (path, size) = f.at_cut();
+                FileState {
+                    file_id: f.id.0,
+                    path,
+                    size,
+                }
+            })
+            .collect();
+        send(ship_message::Body::Begin(Begin {
+            epoch: set.end.0,
+            base_epoch: base,
+            ops,
+            files,
+        }))
+        .await?;
+        for file in &set.files {
+            let blocks = file.closed_blocks();
+            for chunk in blocks.chunks(OFFER_CHUNK) {
+                let (f, chunk, key) = (file.clone(), chunk.to_vec(), self.key.clone());
+                let read = tokio::task::spawn_blocking(move || read_and_hash(&f, &chunk, &key))
+                    .await
+                    .map_err(|e| remote("reading blocks", e))??;
+                let offers: Vec<Offer> = read.iter().map(|r| r.offer.clone()).collect();
+                let zeros = offers.iter().filter(|o| o.zero).count() as u64;
+                self.stats
+                    .blocks_offered
+                    .fetch_add(offers.len() as u64, Ordering::Relaxed);
+                self.stats.blocks_zero.fetch_add(zeros, Ordering::Relaxed);
+                send(ship_message::Body::Offers(Offers { offers })).await?;
+                let wants = match replies
+                    .message()
+                    .await
+                    .map_err(|s| remote("secondary", s.message()))?
+                {
+                    Some(r) => match r.body {
+                        Some(ship_reply::Body::Wants(w)) => w,
+                        _ => {
+                            return Err(remote(
+                                "secondary",
+                                "answered offers with something else than wants",
+                            ));
+                        }
+                    },
+                    None => return Err(remote("secondary", "closed the stream")),
+                };
+                self.send_wanted(read, wants.positions, &send).await?;
+            }
+        }
+        send(ship_message::Body::Commit(Commit { epoch: set.end.0 })).await?;
+        drop(tx);
+        match replies
+            .message()
+            .await
+            .map_err(|s| remote("secondary", s.message()))?
+        {
+            Some(r) => match r.body {
+                Some(ship_reply::Body::Applied(a)) if a.epoch == set.end.0 => Ok(()),
+                other => Err(remote(
+                    "secondary",
+                    format!("answered commit with {other:?}"),
+                )),
+            },
+            None => Err(remote(
+                "secondary",
+                "closed the stream before acknowledging",
+            )),
+        }
+    }
+
+    /// Compresses the wanted blocks of a chunk and sends them.
+    async fn send_wanted<F, Fut>(
+        &self,
+        read: Vec<ReadBlock>,
+        positions: Vec<u32>,
+        send: &F,
+    ) -> Result<()>
+    where
+        F: Fn(ship_message::Body) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let mut wanted = Vec::with_capacity(positions.len());
+        let mut read: Vec<Option<ReadBlock>> = read.into_iter().map(Some).collect();
+        for p in positions {
+            let block = read
+                .get_mut(p as usize)
+                .and_then(Option::take)
+                .filter(|b| !b.offer.zero)
+                .ok_or_else(|| {
+                    remote(
+                        "secondary",
+                        format!("wanted offer {p}, which was not offered"),
+                    )
+                })?;
+            wanted.push(block);
+        }
+        let level = self.opts.level;
+        let compressed = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|b| {
+                    block::compress(&b.data, level).map(|z| {
+                        (
+                            Block {
+                                file_id: b.offer.file_id,
+                                block: b.offer.block,
+                                zstd: z,
+                            },
+                            b.data.len(),
+                        )
+                    })
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| remote("compressing", e))?
+        .at("zstd")?;
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for (block, raw) in compressed {
+            self.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .raw_bytes_sent
+                .fetch_add(raw as u64, Ordering::Relaxed);
+            self.stats
+                .compressed_bytes_sent
+                .fetch_add(block.zstd.len() as u64, Ordering::Relaxed);
+            batch_bytes += block.zstd.len();
+            batch.push(block);
+            if batch_bytes >= BLOCKS_MESSAGE_BYTES
+                || batch.len() >= crate::replica::session::MAX_BLOCKS
+            {
+                send(ship_message::Body::Blocks(Blocks {
+                    blocks: std::mem::take(&mut batch),
+                }))
+                .await?;
+                batch_bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            send(ship_message::Body::Blocks(Blocks { blocks: batch })).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Asks a running secondary for its counters (for `hbrfs status`).
+pub fn remote_status(addr: &str) -> Result<Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .at("tokio runtime")?;
+    rt.block_on(async {
+        let url = format!("http://{addr}");
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|e| remote(&url, e))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| remote(&url, e))?;
+        let s = ReplicationClient::new(channel)
+            .status(crate::proto::replication::StatusRequest {})
+            .await
+            .map_err(|e| remote(&url, e.message()))?
+            .into_inner();
+        Ok(json!({
+            "last_applied_epoch": s.last_applied_epoch,
+            "files": s.files,
+            "bytes_received": s.bytes_received,
+            "blocks_have": s.blocks_have,
+            "blocks_sent": s.blocks_sent,
+        }))
+    })
+}
