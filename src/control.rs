@@ -185,6 +185,7 @@ fn answer_with(
                 })
                 .sum();
             let written: u64 = files.iter().map(|f| f.counters().bytes_written).sum();
+            let stalls = ds.tracker.cut_stalls();
             Ok(json!({
                 "block_size": bs,
                 "files": files.len(),
@@ -193,7 +194,9 @@ fn answer_with(
                 "bytes_written": written,
                 "current_epoch": ds.tracker.current_epoch().0,
                 "ops": ds.journal.op_count(),
-                "max_cut_stall_ns": ds.tracker.max_cut_stall_ns(),
+                "cuts": stalls.0,
+                "cut_stall_p99_ns": stalls.1,
+                "cut_stall_max_ns": stalls.2,
                 "daemon_running": daemon_running,
             }))
         }

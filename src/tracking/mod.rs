@@ -58,6 +58,9 @@ pub struct TrackedFile {
     /// Its closed set is being shipped: writes to closed blocks save
     /// pre-images first.
     shipping: AtomicBool,
+    /// The epoch in which its last name was unlinked, 0 while it exists.
+    /// A gone file stays known until the closed set holding it has shipped.
+    gone_epoch: AtomicU64,
     /// Pre-images of the shipping epoch; the lock also orders a writer's
     /// save against the shipper's read of the same block.
     preimages: Mutex<Option<PreImages>>,
@@ -280,8 +283,9 @@ pub struct Tracker {
     shipping: AtomicBool,
     /// Namespace operations recorded in the open epoch.
     ops_in_epoch: AtomicU64,
-    /// Longest time a cut held the gate, in nanoseconds.
-    max_cut_stall_ns: AtomicU64,
+    /// How long recent cuts held the gate (writes wait at most this), in
+    /// nanoseconds; the newest 4096.
+    cut_stalls: Mutex<std::collections::VecDeque<u64>>,
     /// Whether this process may change the bitmaps (the daemon) or only
     /// read them (`hbrfs journal` with no daemon running).
     writable: bool,
@@ -327,7 +331,7 @@ impl Tracker {
             waiting_end: AtomicU64::new(waiting_end),
             shipping: AtomicBool::new(false),
             ops_in_epoch: AtomicU64::new(0),
-            max_cut_stall_ns: AtomicU64::new(0),
+            cut_stalls: Mutex::new(std::collections::VecDeque::new()),
             writable,
         })
     }
@@ -342,9 +346,12 @@ impl Tracker {
         Epoch(self.epoch.load(Ordering::Relaxed))
     }
 
-    /// Longest time a cut has held writes, in nanoseconds.
-    pub fn max_cut_stall_ns(&self) -> u64 {
-        self.max_cut_stall_ns.load(Ordering::Relaxed)
+    /// How long recent cuts held writes: (count, p99, max) in nanoseconds.
+    pub fn cut_stalls(&self) -> (usize, u64, u64) {
+        let mut v: Vec<u64> = self.cut_stalls.lock().expect("stall lock").iter().copied().collect();
+        v.sort_unstable();
+        let p99 = v.get((v.len() * 99).div_ceil(100).saturating_sub(1)).copied().unwrap_or(0);
+        (v.len(), p99, v.last().copied().unwrap_or(0))
     }
 
     /// Holds the cut gate shared for one write or namespace operation.
@@ -390,6 +397,7 @@ impl Tracker {
             touched: AtomicBool::new(touched),
             closed_nonempty: AtomicBool::new(closed),
             shipping: AtomicBool::new(false),
+            gone_epoch: AtomicU64::new(0),
             preimages: Mutex::new(None),
             preimage_path: self
                 .state_dir
@@ -433,7 +441,20 @@ impl Tracker {
     /// Stops tracking a file that no longer exists (its last name was
     /// unlinked): its bitmap goes too.
     pub fn forget(&self, id: FileId) {
-        self.files.write().expect("files lock").remove(&id);
+        let mut files = self.files.write().expect("files lock");
+        if let Some(f) = files.get(&id)
+            && f.closed_nonempty.load(Ordering::Relaxed)
+        {
+            // Its blocks still belong to a point waiting to ship.
+            f.gone_epoch.store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+            return;
+        }
+        files.remove(&id);
+        drop(files);
+        self.remove_bitmap(id);
+    }
+
+    fn remove_bitmap(&self, id: FileId) {
         let path = self.bitmap_path(id);
         if let Err(e) = std::fs::remove_file(&path) {
             log::warn!("removing bitmap {}: {e}", path.display());
@@ -473,11 +494,13 @@ impl Tracker {
     /// every file written in it, opens the next epoch, lets writes resume.
     /// The bookkeeping (counting, journal records) happens after.
     pub fn cut(&self) -> Result<CutOutcome> {
+        // New writes queue from the moment the cut asks for the gate (the
+        // lock prefers writers), so the stall is timed from here.
+        let held = Instant::now();
         let gate = self.gate.write().expect("gate lock");
         if self.shipping.load(Ordering::Relaxed) {
             return Ok(CutOutcome::Deferred);
         }
-        let held = Instant::now();
         let closed = self.cut_locked();
         self.note_stall(held);
         drop(gate);
@@ -488,8 +511,11 @@ impl Tracker {
     }
 
     fn note_stall(&self, held: Instant) {
-        self.max_cut_stall_ns
-            .fetch_max(held.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let mut stalls = self.cut_stalls.lock().expect("stall lock");
+        if stalls.len() == 4096 {
+            stalls.pop_front();
+        }
+        stalls.push_back(held.elapsed().as_nanos() as u64);
     }
 
     fn record_cut(&self, closed: Epoch) -> Result<CutOutcome> {
@@ -549,16 +575,21 @@ impl Tracker {
     /// that no write slips between the cut and the pre-image protection.
     /// `None` when there is nothing to ship.
     pub fn begin_ship(&self) -> Result<Option<ShipSet>> {
+        let held = Instant::now();
         let gate = self.gate.write().expect("gate lock");
         if self.shipping.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let held = Instant::now();
         let closed = self.cut_locked();
+        let end = closed.map_or(self.waiting_end.load(Ordering::Relaxed), |e| e.0);
+        let exists_at_cut = |f: &TrackedFile| {
+            let gone = f.gone_epoch.load(Ordering::Relaxed);
+            gone == 0 || gone > end
+        };
         let files: Vec<Arc<TrackedFile>> = self
             .all_files()
             .into_iter()
-            .filter(|f| f.closed_nonempty.load(Ordering::Relaxed))
+            .filter(|f| f.closed_nonempty.load(Ordering::Relaxed) && exists_at_cut(f))
             .collect();
         for f in &files {
             f.shipping.store(true, Ordering::Release);
@@ -593,6 +624,16 @@ impl Tracker {
         for f in &set.files {
             f.bitmap.clear_closed();
             f.closed_nonempty.store(false, Ordering::Relaxed);
+        }
+        let gone: Vec<FileId> = self
+            .all_files()
+            .iter()
+            .filter(|f| f.gone_epoch.load(Ordering::Relaxed) != 0)
+            .map(|f| f.id)
+            .collect();
+        for id in gone {
+            self.files.write().expect("files lock").remove(&id);
+            self.remove_bitmap(id);
         }
         let mut record = self.journal.epoch(set.first)?.unwrap_or_default();
         record.state = EpochState::Shipped as i32;
