@@ -211,33 +211,30 @@ impl TimeSpec {
     }
 }
 
-/// `utimensat(2)` of `name` in `dir` without following a final symlink.
-pub fn utimensat(
-    dir: BorrowedFd<'_>,
-    name: &OsStr,
-    atime: TimeSpec,
-    mtime: TimeSpec,
-) -> io::Result<()> {
-    let name = cstr(name)?;
-    let times = [atime.to_timespec(), mtime.to_timespec()];
-    // SAFETY: name is a valid C string and times has two entries.
-    check(unsafe {
-        libc::utimensat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
-}
-
-/// `futimens(2)` through the descriptor's `/proc` path (works for `O_PATH`).
+/// Sets the times of the object `fd` refers to, symlinks included:
+/// `utimensat(fd, "", AT_EMPTY_PATH)`, which works on `O_PATH` descriptors
+/// on current kernels; older ones refuse it (EINVAL) and get the
+/// `/proc/self/fd` path instead, which cannot reach a symlink itself.
 pub fn utimens_fd(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
-    let path = proc_path(fd);
     let times = [atime.to_timespec(), mtime.to_timespec()];
-    // SAFETY: path is a valid C string and times has two entries.
-    check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }).map(drop)
+    // SAFETY: "" is a valid C string and times has two entries.
+    let direct = check(unsafe {
+        libc::utimensat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            times.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    });
+    match direct {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let path = proc_path(fd);
+            // SAFETY: path is a valid C string and times has two entries.
+            check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) })
+                .map(drop)
+        }
+        other => other.map(drop),
+    }
 }
 
 /// `ftruncate(2)`.

@@ -513,9 +513,6 @@ impl Passthrough {
             self.truncate(&node, fh, size)?;
         }
         if atime.is_some() || mtime.is_some() {
-            if node.kind == libc::S_IFLNK {
-                return Err(Errno::EOPNOTSUPP);
-            }
             sys::utimens_fd(node.fd(), time_spec(atime), time_spec(mtime)).map_err(io_errno)?;
         }
         let st = sys::statat(node.fd(), OsStr::new("")).map_err(io_errno)?;

@@ -348,9 +348,18 @@ impl Tracker {
 
     /// How long recent cuts held writes: (count, p99, max) in nanoseconds.
     pub fn cut_stalls(&self) -> (usize, u64, u64) {
-        let mut v: Vec<u64> = self.cut_stalls.lock().expect("stall lock").iter().copied().collect();
+        let mut v: Vec<u64> = self
+            .cut_stalls
+            .lock()
+            .expect("stall lock")
+            .iter()
+            .copied()
+            .collect();
         v.sort_unstable();
-        let p99 = v.get((v.len() * 99).div_ceil(100).saturating_sub(1)).copied().unwrap_or(0);
+        let p99 = v
+            .get((v.len() * 99).div_ceil(100).saturating_sub(1))
+            .copied()
+            .unwrap_or(0);
         (v.len(), p99, v.last().copied().unwrap_or(0))
     }
 
@@ -446,7 +455,8 @@ impl Tracker {
             && f.closed_nonempty.load(Ordering::Relaxed)
         {
             // Its blocks still belong to a point waiting to ship.
-            f.gone_epoch.store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+            f.gone_epoch
+                .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
             return;
         }
         files.remove(&id);

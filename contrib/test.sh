@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): makes sure what the mount tests drive
+# is installed — the FUSE helpers, fio, qemu-img/qemu-io, util-linux's
+# fallocate, the pjdfstest suite — then runs every test. Needs root and
+# /dev/fuse: the tests mount real file systems.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v fusermount3 >/dev/null || missing+=(fuse3)
+command -v fio >/dev/null || missing+=(fio)
+command -v qemu-io >/dev/null || missing+=(qemu-utils)
+command -v fallocate >/dev/null || missing+=(util-linux)
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+bash contrib/ci/install-pjdfstest.sh
+
+# Two threads: the machine has two cores, and mount tests run fio.
+cargo test --release -- --test-threads=2
