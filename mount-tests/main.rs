@@ -1,0 +1,10 @@
+//! Mount tests: each one spawns the real `hbrfs` binary, mounts a real FUSE
+//! filesystem over a fresh temp datastore and drives it with real clients
+//! (qemu-img, qemu-io, fio, coreutils, util-linux). Run as root with
+//! /dev/fuse: `cargo test --test mount -- --test-threads=2`.
+
+mod crash;
+mod harness;
+mod passthrough;
+mod posix;
+mod tracking;
