@@ -1,10 +1,10 @@
 //! Every raw syscall hbrfs makes, each behind a helper that turns `-1` into
 //! `io::Error::last_os_error()`, so `unsafe` lives in this one file.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CString, OsStr};
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -181,7 +181,7 @@ pub fn chmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     check(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
 }
 
-/// A timestamp for [`utimens`]: leave, now, or a given time.
+/// A timestamp for [`utimens_fd`]: leave, now, or a given time.
 #[derive(Clone, Copy, Debug)]
 pub enum TimeSpec {
     /// Leave this time unchanged.
@@ -394,24 +394,9 @@ fn shutdown_sigset() -> libc::sigset_t {
     }
 }
 
-/// Sends `signal` to the whole process (used to end the signal thread).
-pub fn raise_to_self(signal: i32) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    check(unsafe { libc::kill(libc::getpid(), signal) }).map(drop)
-}
-
 /// The errno an `io::Error` carries, `EIO` when it carries none.
 pub fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
-}
-
-/// Reads a raw fd as borrowed for the duration of a call.
-///
-/// # Safety
-/// `fd` must stay open for the lifetime of the returned value.
-pub unsafe fn borrow_raw<'a>(fd: RawFd) -> BorrowedFd<'a> {
-    // SAFETY: the caller guarantees fd stays open.
-    unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
 /// Unmounts `path` lazily (`MNT_DETACH`), clearing a mount whose daemon died.
@@ -419,16 +404,6 @@ pub fn umount_detach(path: &Path) -> io::Result<()> {
     let path = cstr(path.as_os_str())?;
     // SAFETY: path is a valid C string.
     check(unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) }).map(drop)
-}
-
-/// The C string of an `OsStr`, for callers that build paths themselves.
-pub fn c_string(s: &OsStr) -> io::Result<CString> {
-    cstr(s)
-}
-
-/// Borrows a `CStr` as an `OsStr`.
-pub fn os_str(s: &CStr) -> &OsStr {
-    OsStr::from_bytes(s.to_bytes())
 }
 
 /// `syncfs(2)`: makes everything written to the file system of `fd` durable.
