@@ -450,7 +450,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
     let sub = |name: &str| -> Result<PathBuf> {
         let p = dir.join(name);
         std::fs::create_dir_all(&p).at(&p)?;
-        Ok(p)
+        p.canonicalize().at(&p)
     };
     let (backing, mnt, replica, replica_mnt) = (
         sub("backing")?,
