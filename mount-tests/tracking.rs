@@ -354,3 +354,38 @@ fn fio_direct_crc32c_verify_and_backing_matches_mount() {
 fn fio_buffered_crc32c_verify_and_backing_matches_mount() {
     fio_verify(false);
 }
+
+/// A journal that cannot be opened does not stop the datastore and loses
+/// no change: the daemon says so, moves it aside, and treats every block
+/// of every file as dirty (a full resync), instead of panicking.
+#[test]
+fn unreadable_journal_is_moved_aside_and_everything_becomes_dirty() {
+    let mut m = Mount::start(&[]);
+    let f = "survivor.img";
+    write_ranges(&m.mnt(f), &[(0, 8 * BLOCK)], BLOCK);
+    m.cut();
+    m.stop();
+    // sled checks its config file's checksum on open.
+    std::fs::write(m.back(".hbrfs/journal/conf"), b"not a sled config\n").unwrap();
+    m.restart();
+    let log = m.log();
+    assert!(
+        log.contains("is unusable") && log.contains("moved aside"),
+        "no clear message:\n{log}"
+    );
+    let aside = std::fs::read_dir(m.back(".hbrfs"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("journal.broken-")
+        });
+    assert!(aside, "the broken journal was not kept for inspection");
+    assert_eq!(
+        m.dirty_blocks(f),
+        (0..8).collect(),
+        "every block must be dirty again"
+    );
+    assert_eq!(read(&m.mnt(f)).len() as u64, 8 * BLOCK, "data intact");
+}

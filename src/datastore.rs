@@ -8,7 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -176,6 +176,8 @@ impl Datastore {
         let (format, lock) = match access {
             Access::Daemon { block_size } => {
                 fs::create_dir_all(paths.bitmaps()).at(paths.bitmaps())?;
+                // The state is the daemon's alone, whatever the umask.
+                fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700)).at(&paths.dir)?;
                 let lock = take_lock(&paths)?;
                 let format = if fresh {
                     let format = Format {

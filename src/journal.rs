@@ -42,11 +42,19 @@ impl Journal {
             path: path.to_path_buf(),
             source,
         };
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(sled_err)?;
+        // sled may panic on some corruptions instead of returning an error;
+        // a journal we cannot read must be an error the caller handles.
+        let opened = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(path)
+                .flush_every_ms(Some(500))
+                .open()
+        })
+        .map_err(|_| Error::BadState {
+            path: path.to_path_buf(),
+            reason: "sled panicked opening the journal (corrupt)".into(),
+        })?;
+        let db = opened.map_err(sled_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_err);
         Ok(Journal {
             path: path.to_path_buf(),

@@ -132,6 +132,8 @@ impl ReplicaStore {
         let root = root.canonicalize().at(root)?;
         let state = root.join(STATE_DIR);
         make_dirs(&state.join("staging"))?;
+        fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .at(&state)?;
         let db_path = state.join("index");
         let db = sled::Config::new()
             .path(&db_path)
