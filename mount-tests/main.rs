@@ -7,4 +7,5 @@ mod crash;
 mod harness;
 mod passthrough;
 mod posix;
+mod replication;
 mod tracking;

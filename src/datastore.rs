@@ -317,9 +317,17 @@ impl Datastore {
         }
         let report = self.reconcile()?;
         if !was_clean {
+            let files = self.tracker.all_files();
+            let dirty: Vec<u64> = files
+                .iter()
+                .map(|f| f.dirty_extents().iter().map(|r| r.end - r.start).sum())
+                .collect();
             log::warn!(
                 "the previous run did not stop cleanly (crash or kill -9): resuming from the bitmaps, \
-                 no full resync"
+                 no full resync: {} blocks in {} files are marked (written since the last shipped point, \
+                 or in flight at the crash) and will be shipped again",
+                dirty.iter().sum::<u64>(),
+                dirty.iter().filter(|&&n| n > 0).count()
             );
         }
         self.tracker.cut()?;
