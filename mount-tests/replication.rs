@@ -748,7 +748,6 @@ fn qemu_io_patterns_in_raw_and_qcow2_replicate_identically_and_mirror_shows_them
         repl_counter(&after1, "last_applied_epoch"),
         started.elapsed()
     );
-    if started.elapsed() > Duration::from_secs(5) { println!("PRIMARY LOG\n{}\nSECONDARY LOG\n{}", m.log(), sec.log()); }
     let mut hashes1 = BTreeMap::new();
     for (name, format, _) in images {
         qemu_img_compare(format, &m.mnt(name), &sec.rep(name));

@@ -405,9 +405,3 @@ pub fn umount_detach(path: &Path) -> io::Result<()> {
     // SAFETY: path is a valid C string.
     check(unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) }).map(drop)
 }
-
-/// `syncfs(2)`: makes everything written to the file system of `fd` durable.
-pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid fd.
-    check(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
-}

@@ -752,7 +752,14 @@ impl Passthrough {
         let (Handle::File(fin), Handle::File(fout)) = (&*hin, &*hout) else {
             return Err(Errno::EBADF);
         };
-        let len = len.min(u64::from(u32::MAX) & !0xfff) as usize;
+        // Clamped to the source's end, so exactly the blocks that change
+        // are marked.
+        let src_size = sys::statat(fin.file.as_fd(), OsStr::new(""))
+            .map_err(io_errno)?
+            .st_size as u64;
+        let len = len
+            .min(u64::from(u32::MAX) & !0xfff)
+            .min(src_size.saturating_sub(off_in)) as usize;
         let _gate = self.gate();
         if let Some(t) = &fout.inode.tracked {
             t.mark(off_out, len as u64, len as u64)
@@ -760,6 +767,9 @@ impl Passthrough {
         }
         let n = sys::copy_file_range(fin.file.as_fd(), off_in, fout.file.as_fd(), off_out, len)
             .map_err(io_errno)?;
+        if let Some(t) = &fout.inode.tracked {
+            t.extended_to(off_out + n as u64);
+        }
         Ok(n as u32)
     }
 }
@@ -776,6 +786,11 @@ impl Filesystem for Passthrough {
             InitFlags::FUSE_MAX_PAGES,
         ];
         for flag in wanted {
+            if flag == InitFlags::FUSE_WRITEBACK_CACHE && self.view.is_some() {
+                // The mirror's files change under the kernel: with a
+                // writeback cache it would trust its own (stale) sizes.
+                continue;
+            }
             if config.add_capabilities(flag).is_err() {
                 log::info!("kernel does not offer {flag:?}");
             } else if flag == InitFlags::FUSE_WRITEBACK_CACHE {

@@ -436,8 +436,25 @@ impl ReplicaStore {
         for (file, path) in open.values() {
             file.sync_all().at(path)?;
         }
-        let root = File::open(&self.root).at(&self.root)?;
-        sys::syncfs(root.as_fd()).at(&self.root)?;
+        // Only what this epoch touched is synced (not the whole file
+        // system): the files above, and the folders whose entries changed.
+        let mut dirs: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+        let raw_paths = begin.ops.iter().flat_map(|op| [&op.path, &op.target]);
+        for raw in raw_paths.chain(begin.files.iter().map(|f| &f.path)) {
+            if let Ok(p) = confine::join(&self.root, raw) {
+                dirs.extend(
+                    p.ancestors()
+                        .skip(1)
+                        .take_while(|d| d.starts_with(&self.root))
+                        .map(Path::to_path_buf),
+                );
+            }
+        }
+        for dir in dirs {
+            if let Ok(d) = File::open(&dir) {
+                d.sync_all().at(&dir)?;
+            }
+        }
         self.sled(self.db.flush())?;
         let now = now_ns();
         write_durably(&self.applied_path(), format!("{epoch} {now}\n").as_bytes())?;
