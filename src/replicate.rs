@@ -294,13 +294,16 @@ impl Replicator {
         let done = set.clone();
         match result {
             Ok(()) => {
+                // The secondary holds the point: say so before the blocks
+                // turn clean, so status never shows clean blocks and an
+                // older point.
+                let cut = self.ds.journal.epoch(set.end)?.map_or(0, |r| r.closed_ns);
+                self.stats.last_applied.store(set.end.0.max(applied), Ordering::Relaxed);
+                self.stats.last_applied_cut_ns.store(cut, Ordering::Relaxed);
+                self.stats.epochs_shipped.fetch_add(1, Ordering::Relaxed);
                 tokio::task::spawn_blocking(move || ds.tracker.finish_ship(&done))
                     .await
                     .map_err(|e| remote("finishing ship", e))??;
-                let cut = self.ds.journal.epoch(set.end)?.map_or(0, |r| r.closed_ns);
-                self.stats.last_applied.store(set.end.0, Ordering::Relaxed);
-                self.stats.last_applied_cut_ns.store(cut, Ordering::Relaxed);
-                self.stats.epochs_shipped.fetch_add(1, Ordering::Relaxed);
                 Ok(set.end.0.max(applied))
             }
             Err(e) => {
