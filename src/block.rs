@@ -32,9 +32,7 @@ impl HashKey {
 
     /// A fresh random key.
     pub fn random() -> std::io::Result<HashKey> {
-        let mut key = [0u8; SECRET_LEN];
-        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
-        Ok(HashKey(key))
+        crate::sys::random_bytes().map(HashKey)
     }
 
     /// The key's bytes.

@@ -332,7 +332,7 @@ struct Secondary {
 
 fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
     let store = Arc::new(ReplicaStore::open(&opts.replica)?);
-    let (epoch, _) = store.applied();
+    let epoch = store.applied().epoch;
     let rt = runtime()?;
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(opts.listen))

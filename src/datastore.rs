@@ -117,15 +117,9 @@ impl Format {
     }
 }
 
-fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    let ok =
-        File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
-    if ok.is_err() {
-        bytes[..8].copy_from_slice(&now_ns().to_le_bytes());
-        bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn random_id() -> Result<String> {
+    let bytes: [u8; 16] = sys::random_bytes().at("/dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// How a datastore is opened.
@@ -182,7 +176,7 @@ impl Datastore {
                 let format = if fresh {
                     let format = Format {
                         block_size: block_size.unwrap_or(BlockSize::DEFAULT),
-                        id: random_id(),
+                        id: random_id()?,
                     };
                     write_durably(&paths.format(), format.line().as_bytes())?;
                     format

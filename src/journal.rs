@@ -186,18 +186,34 @@ impl Journal {
         Ok(())
     }
 
-    /// The last epoch the secondary acknowledged, 0 if none.
-    pub fn last_shipped(&self) -> Result<Epoch> {
-        Ok(Epoch(
-            self.sled(self.meta.get("last_shipped"))?
-                .map_or(0, |v| key_of(&v)),
-        ))
+    fn point(&self, name: &str) -> Result<Option<ShippedPoint>> {
+        Ok(self
+            .sled(self.meta.get(name))?
+            .and_then(|v| ShippedPoint::decode(&v)))
     }
 
-    /// Records the last epoch the secondary acknowledged.
-    pub fn set_last_shipped(&self, epoch: Epoch) -> Result<()> {
-        self.sled(self.meta.insert("last_shipped", &key(epoch.0)))
-            .map(drop)
+    /// The last point the secondary acknowledged, if any.
+    pub fn last_shipped(&self) -> Result<Option<ShippedPoint>> {
+        self.point("last_shipped")
+    }
+
+    /// The point being shipped, recorded (durably) before it is sent, so a
+    /// lost acknowledgement can be recognised after a reconnect.
+    pub fn pending_point(&self) -> Result<Option<ShippedPoint>> {
+        self.point("pending")
+    }
+
+    /// Records the point about to be sent, durably.
+    pub fn set_pending_point(&self, point: &ShippedPoint) -> Result<()> {
+        self.sled(self.meta.insert("pending", point.encode()))?;
+        self.flush()
+    }
+
+    /// Records that the secondary holds `point`, and that nothing is
+    /// pending any more.
+    pub fn set_last_shipped(&self, point: &ShippedPoint) -> Result<()> {
+        self.sled(self.meta.insert("last_shipped", point.encode()))?;
+        self.sled(self.meta.remove("pending")).map(drop)
     }
 
     /// Number of namespace operations recorded.
@@ -236,6 +252,33 @@ impl Journal {
             Some((k, v)) => Ok(Some((Epoch(key_of(&k)), self.decode("epochs", &v)?))),
             None => Ok(None),
         }
+    }
+}
+
+/// A point shipped to the secondary: its epoch and random id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShippedPoint {
+    /// The last epoch folded into the point.
+    pub epoch: Epoch,
+    /// Random id, recorded by both sides.
+    pub id: [u8; 16],
+}
+
+impl ShippedPoint {
+    fn encode(&self) -> Vec<u8> {
+        [&self.epoch.0.to_be_bytes()[..], &self.id].concat()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<ShippedPoint> {
+        (bytes.len() == 24).then(|| ShippedPoint {
+            epoch: Epoch(key_of(&bytes[..8])),
+            id: bytes[8..].try_into().expect("16 bytes"),
+        })
+    }
+
+    /// The id as hex, for messages.
+    pub fn id_hex(&self) -> String {
+        self.id.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 

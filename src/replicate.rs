@@ -21,6 +21,7 @@ use crate::block::{self, HashKey};
 use crate::datastore::Datastore;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Epoch;
+use crate::journal::ShippedPoint;
 use crate::proto::replication::replication_client::ReplicationClient;
 use crate::proto::replication::{
     Begin, Block, Blocks, Commit, FileState, HelloRequest, NamespaceOp, Offer, Offers, ShipMessage,
@@ -169,9 +170,10 @@ impl Replicator {
     pub fn new(ds: Arc<Datastore>, opts: ReplicateOptions) -> Result<Replicator> {
         let key = pair_key(&ds)?;
         let stats = Arc::new(ReplStats::default());
+        let shipped = ds.journal.last_shipped()?;
         stats
             .last_applied
-            .store(ds.journal.last_shipped()?.0, Ordering::Relaxed);
+            .store(shipped.map_or(0, |p| p.epoch.0), Ordering::Relaxed);
         Ok(Replicator {
             ds,
             opts,
@@ -247,23 +249,8 @@ impl Replicator {
             })?
             .into_inner();
         let applied = reply.last_applied_epoch;
-        let shipped = self.ds.journal.last_shipped()?.0;
-        if applied < shipped {
-            if applied != 0 {
-                return Err(Error::Remote(format!(
-                    "the secondary is at epoch {applied} but epoch {shipped} was shipped to it before: it lost \
-                     applied points (restored from an older copy?). Refusing to guess; give it a fresh replica \
-                     folder to reseed."
-                )));
-            }
-            log::warn!(
-                "the secondary holds nothing of this datastore: shipping everything (baseline)"
-            );
-            let ds = self.ds.clone();
-            tokio::task::spawn_blocking(move || ds.tracker.mark_everything())
-                .await
-                .map_err(|e| remote("baseline", e))??;
-        }
+        self.check_history(applied, &reply.last_applied_point)
+            .await?;
         log::info!(
             "connected to secondary {} (at epoch {applied})",
             self.opts.addr
@@ -271,6 +258,53 @@ impl Replicator {
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.last_applied.store(applied, Ordering::Relaxed);
         Ok((client, applied))
+    }
+
+    /// Compares the secondary's last applied point with this primary's
+    /// history: the same point, the point whose acknowledgement was lost, or
+    /// an empty replica (baseline) are fine; anything else means the two
+    /// histories diverged, and nothing is sent.
+    async fn check_history(&self, applied: u64, point: &[u8]) -> Result<()> {
+        let journal = &self.ds.journal;
+        let shipped = journal.last_shipped()?;
+        let pending = journal.pending_point()?;
+        let is = |p: &Option<ShippedPoint>| {
+            p.is_some_and(|p| p.epoch.0 == applied && p.id[..] == *point)
+        };
+        if is(&shipped) {
+            return Ok(());
+        }
+        if is(&pending) {
+            log::info!("the secondary applied epoch {applied} before its acknowledgement was lost");
+            return journal.set_last_shipped(&pending.expect("matched above"));
+        }
+        if applied == 0 && point.is_empty() {
+            if shipped.is_some() {
+                log::warn!(
+                    "the secondary holds nothing of this datastore: shipping everything (baseline)"
+                );
+                let ds = self.ds.clone();
+                tokio::task::spawn_blocking(move || ds.tracker.mark_everything())
+                    .await
+                    .map_err(|e| remote("baseline", e))??;
+            }
+            return Ok(());
+        }
+        let hex: String = point.iter().map(|b| format!("{b:02x}")).collect();
+        let show = |p: Option<ShippedPoint>| {
+            p.map_or("none".to_string(), |p| {
+                format!("epoch {} (point {})", p.epoch, p.id_hex())
+            })
+        };
+        Err(Error::Remote(format!(
+            "histories diverged: the secondary {} last applied epoch {applied} (point {hex}), but this primary last \
+             shipped {} and was shipping {}. Nothing was sent or overwritten. If this primary is right, reseed the \
+             secondary: stop it and run `rm -rf REPLICA_DIR/.hbrfs` there (a full resync), or replicate to a new \
+             replica folder.",
+            self.opts.addr,
+            show(shipped),
+            show(pending)
+        )))
     }
 
     /// One RPO tick: cut and ship if anything changed; returns the
@@ -283,11 +317,13 @@ impl Replicator {
         let Some(set) = set else {
             return Ok(applied);
         };
-        let result = if set.end.0 <= applied {
-            // Applied before the ack was lost: nothing to send again.
-            Ok(())
-        } else {
-            self.ship(client, &set, applied).await
+        let point = ShippedPoint {
+            epoch: set.end,
+            id: crate::sys::random_bytes().at("/dev/urandom")?,
+        };
+        let result = match self.ds.journal.set_pending_point(&point) {
+            Ok(()) => self.ship(client, &set, applied, &point).await,
+            Err(e) => Err(e),
         };
         let set = Arc::new(set);
         let ds = self.ds.clone();
@@ -298,10 +334,12 @@ impl Replicator {
                 // turn clean, so status never shows clean blocks and an
                 // older point.
                 let cut = self.ds.journal.epoch(set.end)?.map_or(0, |r| r.closed_ns);
-                self.stats.last_applied.store(set.end.0.max(applied), Ordering::Relaxed);
+                self.stats
+                    .last_applied
+                    .store(set.end.0.max(applied), Ordering::Relaxed);
                 self.stats.last_applied_cut_ns.store(cut, Ordering::Relaxed);
                 self.stats.epochs_shipped.fetch_add(1, Ordering::Relaxed);
-                tokio::task::spawn_blocking(move || ds.tracker.finish_ship(&done))
+                tokio::task::spawn_blocking(move || ds.tracker.finish_ship(&done, &point))
                     .await
                     .map_err(|e| remote("finishing ship", e))??;
                 Ok(set.end.0.max(applied))
@@ -319,6 +357,7 @@ impl Replicator {
         client: &mut ReplicationClient<Channel>,
         set: &ShipSet,
         base: u64,
+        point: &ShippedPoint,
     ) -> Result<()> {
         let (tx, rx) = mpsc::channel::<ShipMessage>(4);
         let mut replies = client
@@ -370,6 +409,7 @@ impl Replicator {
             base_epoch: base,
             ops,
             files,
+            point: point.id.to_vec(),
         }))
         .await?;
         for file in &set.files {

@@ -405,3 +405,10 @@ pub fn umount_detach(path: &Path) -> io::Result<()> {
     // SAFETY: path is a valid C string.
     check(unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) }).map(drop)
 }
+
+/// `N` random bytes from the kernel, for ids and keys.
+pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes)
+}

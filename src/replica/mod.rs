@@ -115,9 +115,11 @@ impl Replication for ReplicaService {
         self.store
             .accept(pair)
             .map_err(Status::failed_precondition)?;
+        let applied = self.store.applied();
         Ok(Response::new(HelloReply {
             protocol_version: PROTOCOL_VERSION,
-            last_applied_epoch: self.store.applied().0,
+            last_applied_epoch: applied.epoch,
+            last_applied_point: applied.point,
         }))
     }
 
@@ -188,7 +190,8 @@ impl Replication for ReplicaService {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
-        let (epoch, at) = self.store.applied();
+        let applied = self.store.applied();
+        let (epoch, at) = (applied.epoch, applied.at_ns);
         let stats = &self.store.stats;
         Ok(Response::new(StatusReply {
             last_applied_epoch: epoch,

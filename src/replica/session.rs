@@ -96,7 +96,13 @@ impl<'a> Session<'a> {
         if self.begin.is_some() {
             return refuse("a second Begin in one stream");
         }
-        let (applied, _) = self.store.applied();
+        if begin.point.len() != 16 {
+            return refuse(format!(
+                "point id of {} bytes, expected 16",
+                begin.point.len()
+            ));
+        }
+        let applied = self.store.applied().epoch;
         if begin.base_epoch != applied {
             return refuse(format!(
                 "epoch {} is based on epoch {}, but this replica is at epoch {applied}",

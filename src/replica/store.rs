@@ -18,7 +18,7 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
 use prost::Message;
@@ -54,6 +54,17 @@ pub struct ReplicaStats {
     pub blocks_sent: AtomicU64,
 }
 
+/// The last point applied: a primary checks it against its history.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Its epoch, 0 before the first.
+    pub epoch: u64,
+    /// When it was applied, unix nanoseconds.
+    pub at_ns: u64,
+    /// The point's random id (empty before the first).
+    pub point: Vec<u8>,
+}
+
 /// An open replica folder.
 #[derive(Debug)]
 pub struct ReplicaStore {
@@ -66,8 +77,8 @@ pub struct ReplicaStore {
     files: sled::Tree,
     db: sled::Db,
     pair: Mutex<Option<Pair>>,
-    applied: AtomicU64,
-    applied_at_ns: AtomicU64,
+    /// The last applied point.
+    applied: Mutex<Applied>,
     /// Held exclusively while an epoch applies, shared by the mirror's
     /// reads, so the mirror never shows a half-applied point.
     pub view: Arc<RwLock<()>>,
@@ -153,8 +164,7 @@ impl ReplicaStore {
             files: tree("files")?,
             db,
             pair: Mutex::new(None),
-            applied: AtomicU64::new(0),
-            applied_at_ns: AtomicU64::new(0),
+            applied: Mutex::new(Applied::default()),
             view: Arc::new(RwLock::new(())),
             stats: ReplicaStats::default(),
             root,
@@ -228,13 +238,17 @@ impl ReplicaStore {
         let mut words = text.split_whitespace();
         let epoch = words.next().and_then(|w| w.parse().ok());
         let at = words.next().and_then(|w| w.parse().ok());
-        match (epoch, at) {
-            (Some(e), Some(at)) => {
-                self.applied.store(e, Ordering::Relaxed);
-                self.applied_at_ns.store(at, Ordering::Relaxed);
+        let point = words.next().and_then(unhex);
+        match (epoch, at, point) {
+            (Some(epoch), Some(at_ns), Some(point)) => {
+                *self.applied.lock().expect("applied lock") = Applied {
+                    epoch,
+                    at_ns,
+                    point,
+                };
                 Ok(())
             }
-            _ => Err(bad(&path, "unreadable applied record")),
+            _ => Err(bad(&path, "unreadable applied record (epoch, time, point)")),
         }
     }
 
@@ -280,11 +294,8 @@ impl ReplicaStore {
     }
 
     /// The last applied epoch and when it was applied.
-    pub fn applied(&self) -> (u64, u64) {
-        (
-            self.applied.load(Ordering::Relaxed),
-            self.applied_at_ns.load(Ordering::Relaxed),
-        )
+    pub fn applied(&self) -> Applied {
+        self.applied.lock().expect("applied lock").clone()
     }
 
     /// Files the index knows.
@@ -359,7 +370,7 @@ impl ReplicaStore {
             .and_then(|w| w.parse().ok())
             .ok_or_else(|| bad(&redo, "unreadable redo record"))?;
         let ops_done: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-        if epoch <= self.applied.load(Ordering::Relaxed) {
+        if epoch <= self.applied().epoch {
             log::info!("epoch {epoch} was applied before the restart; removing its staging");
             fs::remove_file(&redo).at(&redo)?;
             return self.clear_staging();
@@ -456,10 +467,19 @@ impl ReplicaStore {
             }
         }
         self.sled(self.db.flush())?;
-        let now = now_ns();
-        write_durably(&self.applied_path(), format!("{epoch} {now}\n").as_bytes())?;
-        self.applied.store(epoch, Ordering::Relaxed);
-        self.applied_at_ns.store(now, Ordering::Relaxed);
+        let applied = Applied {
+            epoch,
+            at_ns: now_ns(),
+            point: begin.point.clone(),
+        };
+        let line = format!(
+            "{} {} {}\n",
+            applied.epoch,
+            applied.at_ns,
+            hex(&applied.point)
+        );
+        write_durably(&self.applied_path(), line.as_bytes())?;
+        *self.applied.lock().expect("applied lock") = applied;
         let redo = self.redo_path();
         fs::remove_file(&redo).at(&redo)?;
         self.clear_staging()

@@ -22,7 +22,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{IoContext, Result};
 use crate::ids::{BlockSize, Epoch, FileId};
-use crate::journal::Journal;
+use crate::journal::{Journal, ShippedPoint};
 use crate::proto::journal::{EpochRecord, EpochState};
 use bitmap::{Bitmap, Slot};
 use preimage::PreImages;
@@ -630,7 +630,7 @@ impl Tracker {
     }
 
     /// The secondary applied `set`: its blocks are clean, its epochs shipped.
-    pub fn finish_ship(&self, set: &ShipSet) -> Result<()> {
+    pub fn finish_ship(&self, set: &ShipSet, point: &ShippedPoint) -> Result<()> {
         for f in &set.files {
             f.bitmap.clear_closed();
             f.closed_nonempty.store(false, Ordering::Relaxed);
@@ -649,7 +649,7 @@ impl Tracker {
         record.state = EpochState::Shipped as i32;
         self.journal.put_epoch(set.first, &record)?;
         self.journal.prune_ops_through(set.end)?;
-        self.journal.set_last_shipped(set.end)?;
+        self.journal.set_last_shipped(point)?;
         self.journal.flush()?;
         self.waiting.store(0, Ordering::Relaxed);
         self.waiting_end.store(0, Ordering::Relaxed);
