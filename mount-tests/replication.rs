@@ -1391,3 +1391,63 @@ fn rename_unlink_truncate_punch_mkdir_symlink_replicate_and_sparse_stays_sparse(
         std::panic::resume_unwind(e);
     }
 }
+
+/// A primary restored from an older copy of its datastore (state folder
+/// included) must not be taken for the one that shipped the newer points:
+/// the secondary's last point is not in its history, so it refuses to ship
+/// (naming both histories and the way out) and the replica keeps its point.
+#[test]
+fn primary_restored_from_an_older_copy_is_refused_as_a_diverged_history() {
+    let (sec, mut m) = pair(&[]);
+    write_ranges(&m.mnt("disk.img"), &[(0, 4 * BLOCK)], BLOCK);
+    wait_applied(&m, &sec, Until::CaughtUp, Duration::from_secs(60));
+    m.stop();
+    let old_copy = temp_dir();
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(&m.backing)
+        .arg(old_copy.path()));
+
+    m.restart();
+    write_ranges(&m.mnt("disk.img"), &[(8 * BLOCK, 4 * BLOCK)], BLOCK);
+    wait_applied(&m, &sec, Until::CaughtUp, Duration::from_secs(60));
+    let newer = sec.applied_epoch();
+    let replica_before = sha256(&sec.rep("disk.img"));
+    m.stop();
+
+    // Put the older copy back, then change something so it has a point to ship.
+    fs::remove_dir_all(&m.backing).unwrap();
+    let name = m.backing.file_name().unwrap().to_owned();
+    fs::rename(old_copy.path().join(name), &m.backing).unwrap();
+    m.restart();
+    write_ranges(&m.mnt("disk.img"), &[(20 * BLOCK, BLOCK)], BLOCK);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let error = loop {
+        let s = primary_status(&m);
+        let e = s["replication"]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if e.contains("diverged") {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no divergence reported:\n{s:#}\n{}",
+            m.log()
+        );
+        sleep(POLL);
+    };
+    assert!(
+        error.contains(&format!("epoch {newer}")),
+        "names the secondary's point: {error}"
+    );
+    assert!(error.contains("rm -rf"), "says how to resolve it: {error}");
+    assert_eq!(sec.applied_epoch(), newer, "the secondary moved");
+    assert_eq!(
+        sha256(&sec.rep("disk.img")),
+        replica_before,
+        "the replica was overwritten"
+    );
+}
