@@ -79,6 +79,11 @@ impl Secondary {
         s
     }
 
+    /// The pre-shared key a primary must present (made by `serve`).
+    pub fn key_path(&self) -> PathBuf {
+        self.replica.join(".hbrfs/auth.key")
+    }
+
     fn listen_file(&self) -> PathBuf {
         self.replica.join(".hbrfs").join("listen")
     }
@@ -263,7 +268,15 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 /// A secondary and a primary replicating to it every second.
 fn pair(extra: &[&str]) -> (Secondary, Mount) {
     let sec = Secondary::start();
-    let mut args = vec!["--replicate-to", &sec.addr, "--rpo", "1s"];
+    let key = sec.key_path();
+    let mut args = vec![
+        "--replicate-to",
+        &sec.addr,
+        "--rpo",
+        "1s",
+        "--auth-key",
+        path_str(&key),
+    ];
     args.extend_from_slice(extra);
     let m = Mount::start(&args);
     (sec, m)
@@ -1449,5 +1462,62 @@ fn primary_restored_from_an_older_copy_is_refused_as_a_diverged_history() {
         sha256(&sec.rep("disk.img")),
         replica_before,
         "the replica was overwritten"
+    );
+}
+
+/// A client without the pair's key is refused before it can send anything
+/// that touches disk; with a wrong key too.
+#[test]
+fn primary_without_the_key_is_refused_and_nothing_is_written() {
+    let sec = Secondary::start();
+    let out = Command::new(hbrfs())
+        .args([
+            "mount",
+            "/nonexistent-backing",
+            "/nonexistent-mnt",
+            "--replicate-to",
+            &sec.addr,
+        ])
+        .output()
+        .expect("run hbrfs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--auth-key"),
+        "{out:?}"
+    );
+
+    let wrong = temp_dir();
+    let wrong_key = wrong.path().join("wrong.key");
+    fs::write(&wrong_key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let m = Mount::start(&[
+        "--replicate-to",
+        &sec.addr,
+        "--rpo",
+        "1s",
+        "--auth-key",
+        path_str(&wrong_key),
+    ]);
+    write_ranges(&m.mnt("disk.img"), &[(0, BLOCK)], BLOCK);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = primary_status(&m);
+        let e = s["replication"]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if e.contains("wrong key") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no refusal:\n{s:#}\n{}", m.log());
+        sleep(POLL);
+    }
+    assert_eq!(sec.applied_epoch(), 0);
+    assert!(
+        !sec.replica.join(".hbrfs/pair").exists(),
+        "an unauthenticated hello paired the replica"
+    );
+    assert!(
+        !sec.rep("disk.img").exists(),
+        "an unauthenticated primary wrote to the replica"
     );
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+use crate::auth::AuthKey;
 use crate::control::{self, Request};
 use crate::daemon::{self, MountOptions, ServeOptions};
 use crate::datastore::{Access, Datastore, StatePaths};
@@ -52,6 +53,9 @@ enum Command {
         /// zstd level for shipped blocks (see PERF-NOTES: 1 gives 2.7x at ~500 MB/s per core).
         #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
         zstd_level: i32,
+        /// The secondary's pre-shared key (a copy of its REPLICA/.hbrfs/auth.key).
+        #[arg(long, value_name = "FILE")]
+        auth_key: Option<PathBuf>,
     },
     /// Run a secondary: receive points into REPLICA_DIR and apply them atomically.
     Serve {
@@ -63,6 +67,10 @@ enum Command {
         /// Also mount a read-only mirror of the latest applied point here.
         #[arg(long, value_name = "MOUNTPOINT")]
         mount: Option<PathBuf>,
+        /// The pre-shared key primaries must present (made if missing);
+        /// default REPLICA/.hbrfs/auth.key.
+        #[arg(long, value_name = "FILE")]
+        auth_key: Option<PathBuf>,
     },
     /// Mount a replica folder read-only (when no secondary serves it).
     MountReplica {
@@ -186,27 +194,44 @@ fn run(cli: Cli) -> Result<()> {
             replicate_to,
             rpo,
             zstd_level,
-        } => daemon::run_mount(&MountOptions {
-            backing,
-            mountpoint,
-            block_size,
-            threads,
-            cut_every,
-            tracking: !no_tracking,
-            replicate: replicate_to.map(|addr| ReplicateOptions {
-                addr,
-                rpo,
-                level: zstd_level,
-            }),
-        }),
+            auth_key,
+        } => {
+            let replicate = match (replicate_to, auth_key) {
+                (Some(addr), Some(key)) => Some(ReplicateOptions {
+                    addr,
+                    rpo,
+                    level: zstd_level,
+                    key: AuthKey::load(&key)?,
+                }),
+                (Some(_), None) => {
+                    return Err(Error::Usage(
+                        "--replicate-to needs --auth-key FILE: a copy of the secondary's key \
+                         (REPLICA/.hbrfs/auth.key on the secondary)"
+                            .into(),
+                    ));
+                }
+                (None, _) => None,
+            };
+            daemon::run_mount(&MountOptions {
+                backing,
+                mountpoint,
+                block_size,
+                threads,
+                cut_every,
+                tracking: !no_tracking,
+                replicate,
+            })
+        }
         Command::Serve {
             replica,
             listen,
             mount,
+            auth_key,
         } => daemon::run_serve(&ServeOptions {
             replica,
             listen,
             mount,
+            auth_key,
         }),
         Command::MountReplica {
             replica,
@@ -458,7 +483,9 @@ fn secondary_status(dir: &Path) -> Result<Value> {
     });
     if let Ok(addr) = std::fs::read_to_string(state.join("listen")) {
         v["listen"] = Value::String(addr.trim().to_string());
-        if let Ok(live) = crate::replicate::remote_status(addr.trim()) {
+        let live = AuthKey::load(&daemon::default_key_path(dir))
+            .and_then(|key| crate::replicate::remote_status(addr.trim(), &key));
+        if let Ok(live) = live {
             v["serving"] = Value::Bool(true);
             v["counters"] = live;
         }

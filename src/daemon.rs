@@ -11,6 +11,7 @@ use std::time::Duration;
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use tokio::sync::watch;
 
+use crate::auth::AuthKey;
 use crate::control;
 use crate::datastore::{Access, Datastore};
 use crate::error::{Error, IoContext, Result};
@@ -319,6 +320,14 @@ pub struct ServeOptions {
     pub listen: std::net::SocketAddr,
     /// Also mount the mirrored read-only view here.
     pub mount: Option<PathBuf>,
+    /// The pre-shared key file; default `REPLICA/.hbrfs/auth.key`, made
+    /// on first start.
+    pub auth_key: Option<PathBuf>,
+}
+
+/// Where a secondary keeps its key unless told otherwise.
+pub fn default_key_path(replica: &Path) -> PathBuf {
+    replica.join(crate::datastore::STATE_DIR).join("auth.key")
 }
 
 /// The secondary, started.
@@ -343,8 +352,18 @@ fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
         addr.to_string().as_bytes(),
     )?;
     let (stop, mut stopped) = watch::channel(false);
+    let key_path = opts
+        .auth_key
+        .clone()
+        .unwrap_or_else(|| default_key_path(&store.root));
+    let key = AuthKey::load_or_create(&key_path)?;
+    eprintln!(
+        "hbrfs: primaries must authenticate with the key in {} (copy it to the primary: --auth-key FILE)",
+        key_path.display()
+    );
     let server = rt.spawn(crate::replica::serve_on(
         store.clone(),
+        key,
         listener,
         async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -462,7 +481,9 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         replica,
         listen: "127.0.0.1:0".parse().expect("literal address"),
         mount: Some(replica_mnt.clone()),
+        auth_key: None,
     })?;
+    let key = AuthKey::load(&default_key_path(&dir.join("replica")))?;
     let listen = std::fs::read_to_string(dir.join("replica/.hbrfs/listen"))
         .at(dir.join("replica/.hbrfs/listen"))?;
     let mut primary = start_primary(&MountOptions {
@@ -476,6 +497,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
             addr: listen.trim().to_string(),
             rpo,
             level: 1,
+            key,
         }),
     })?;
     let mnt = primary.mountpoint.clone();

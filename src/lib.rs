@@ -12,6 +12,7 @@
 //! - [`datastore`]: the state folder: format, lock, and opening tracking and journal together.
 //! - [`daemon`]: the primary daemon: mount, control socket, cut timer, signals.
 //! - [`control`]: the daemon's control socket and the requests it answers.
+//! - [`auth`]: the pre-shared key and the per-request tokens peers authenticate with.
 //! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
 //! - [`replicate`]: the primary's replicator: cut, offer hashes, send wanted blocks, wait for the ack.
 //! - [`replica`]: the secondary: gRPC service, staging, atomic apply, content index.
@@ -20,6 +21,7 @@
 //! - [`ids`]: the newtypes for ids and units shared by the modules.
 //! - [`error`]: the error tree.
 
+pub mod auth;
 pub mod block;
 pub mod cli;
 pub mod control;

@@ -15,8 +15,29 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+/// A client that authenticates every request.
+type Client = ReplicationClient<InterceptedService<Channel, PresentKey>>;
+
+/// Connects to the secondary at `addr`, presenting `key`.
+async fn client(addr: &str, key: &AuthKey, timeout: Duration) -> Result<Client> {
+    let url = format!("http://{addr}");
+    let channel = Channel::from_shared(url.clone())
+        .map_err(|e| remote(&url, e))?
+        .connect_timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| remote(&format!("connecting to {url}"), e))?;
+    Ok(
+        ReplicationClient::with_interceptor(channel, PresentKey(key.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    )
+}
+
+use crate::auth::{AuthKey, PresentKey};
 use crate::block::{self, HashKey};
 use crate::datastore::Datastore;
 use crate::error::{Error, IoContext, Result};
@@ -44,6 +65,8 @@ pub struct ReplicateOptions {
     pub rpo: Duration,
     /// zstd level for blocks.
     pub level: i32,
+    /// The key the secondary expects.
+    pub key: AuthKey,
 }
 
 /// Counters for `hbrfs status`.
@@ -184,7 +207,7 @@ impl Replicator {
 
     /// Ships points every RPO until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut client: Option<(ReplicationClient<Channel>, u64)> = None;
+        let mut client: Option<(Client, u64)> = None;
         let mut backoff = Duration::from_millis(500);
         loop {
             let wait = if client.is_some() {
@@ -221,17 +244,8 @@ impl Replicator {
     }
 
     /// Says hello; returns the client and the replica's last applied epoch.
-    async fn connect(&self) -> Result<(ReplicationClient<Channel>, u64)> {
-        let url = format!("http://{}", self.opts.addr);
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|e| remote(&url, e))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| remote(&format!("connecting to {url}"), e))?;
-        let mut client = ReplicationClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+    async fn connect(&self) -> Result<(Client, u64)> {
+        let mut client = client(&self.opts.addr, &self.opts.key, Duration::from_secs(5)).await?;
         let hello = HelloRequest {
             protocol_version: PROTOCOL_VERSION,
             datastore_id: self.ds.format.id.clone(),
@@ -309,7 +323,7 @@ impl Replicator {
 
     /// One RPO tick: cut and ship if anything changed; returns the
     /// replica's epoch afterwards.
-    async fn tick(&self, client: &mut ReplicationClient<Channel>, applied: u64) -> Result<u64> {
+    async fn tick(&self, client: &mut Client, applied: u64) -> Result<u64> {
         let ds = self.ds.clone();
         let set = tokio::task::spawn_blocking(move || ds.tracker.begin_ship())
             .await
@@ -354,7 +368,7 @@ impl Replicator {
     /// Streams one point to the secondary and waits until it is applied.
     async fn ship(
         &self,
-        client: &mut ReplicationClient<Channel>,
+        client: &mut Client,
         set: &ShipSet,
         base: u64,
         point: &ShippedPoint,
@@ -543,23 +557,17 @@ impl Replicator {
 }
 
 /// Asks a running secondary for its counters (for `hbrfs status`).
-pub fn remote_status(addr: &str) -> Result<Value> {
+pub fn remote_status(addr: &str, key: &AuthKey) -> Result<Value> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .at("tokio runtime")?;
     rt.block_on(async {
-        let url = format!("http://{addr}");
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|e| remote(&url, e))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .map_err(|e| remote(&url, e))?;
-        let s = ReplicationClient::new(channel)
+        let s = client(addr, key, Duration::from_secs(2))
+            .await?
             .status(crate::proto::replication::StatusRequest {})
             .await
-            .map_err(|e| remote(&url, e.message()))?
+            .map_err(|e| remote(addr, e.message()))?
             .into_inner();
         Ok(json!({
             "last_applied_epoch": s.last_applied_epoch,

@@ -6,6 +6,9 @@ pub mod confine;
 pub mod session;
 pub mod store;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -207,11 +210,15 @@ impl Replication for ReplicaService {
 /// Serves `store` on `listener` until `shutdown` resolves.
 pub async fn serve_on(
     store: Arc<ReplicaStore>,
+    key: crate::auth::AuthKey,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .add_service(ReplicaService::new(store).into_server())
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ReplicaService::new(store).into_server(),
+            crate::auth::RequireKey(key),
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

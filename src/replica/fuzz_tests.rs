@@ -1,0 +1,1507 @@
+//! Hostile input at the secondary (DESIGN invariants 3 and 4): every
+//! message from the network is fed to the real [`Session`] (through the
+//! service's own `handle`) over a real [`ReplicaStore`] in a temp dir.
+//!
+//! Each fixture holds a replica at epoch 1 (applied through a session) with
+//! a symlink planted in it that points outside, and a legitimate epoch 2
+//! that the tests mutate. One `#[test]` per class of bad input, each naming
+//! the inputs it tries; then a proptest over random byte mutations of the
+//! encoded epoch. After any refused sequence the replica's files must be
+//! byte-identical to the last applied point, the applied epoch unchanged,
+//! no redo record left (a restart would apply the refused epoch), nothing
+//! written outside the root, and the store must still accept the next
+//! legitimate epoch.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use prost::Message;
+use tempfile::TempDir;
+
+use super::handle;
+use super::session::{MAX_BLOCKS, MAX_ENTRIES, MAX_FILE_SIZE, MAX_OFFERS, Session};
+use super::store::{Applied, Pair, ReplicaStore};
+use crate::block::{self, HashKey};
+use crate::proto::replication::{
+    Begin, Block, Blocks, Commit, FileState, NamespaceOp, Offer, Offers, OpKind, ShipMessage,
+    ship_message, ship_reply,
+};
+
+/// The pair's block size: the smallest allowed, so epochs stay tiny.
+const BS: u64 = 4096;
+/// The last block of `vms/a.img` is short.
+const A_SIZE: u64 = 3 * BS + 100;
+/// `c.img`, created by epoch 2, ends in a 10-byte block.
+const C_SIZE: u64 = BS + 10;
+
+// ---------------------------------------------------------------------------
+// Building messages.
+
+/// Deterministic, non-repeating bytes.
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The 16-byte random id a primary gives a point (fixed per epoch here).
+fn point_id(epoch: u64) -> Vec<u8> {
+    content(epoch ^ 0x1d, 16)
+}
+
+fn op(kind: OpKind, file_id: u64, path: &str, target: &str, arg: u64) -> NamespaceOp {
+    NamespaceOp {
+        kind: kind as i32,
+        file_id,
+        path: path.as_bytes().to_vec(),
+        target: target.as_bytes().to_vec(),
+        arg,
+    }
+}
+
+fn file(file_id: u64, path: &str, size: u64) -> FileState {
+    FileState {
+        file_id,
+        path: path.as_bytes().to_vec(),
+        size,
+    }
+}
+
+fn msg(body: ship_message::Body) -> ShipMessage {
+    ShipMessage { body: Some(body) }
+}
+
+fn begin(epoch: u64, base: u64, ops: Vec<NamespaceOp>, files: Vec<FileState>) -> ShipMessage {
+    msg(ship_message::Body::Begin(Begin {
+        epoch,
+        base_epoch: base,
+        ops,
+        files,
+        point: point_id(epoch),
+    }))
+}
+
+/// The offer a primary makes for `data` (a zero marker when all zero).
+fn offer(key: &HashKey, file_id: u64, block: u64, data: &[u8]) -> Offer {
+    let zero = block::is_zero(data);
+    Offer {
+        file_id,
+        block,
+        hash: if zero {
+            Vec::new()
+        } else {
+            key.hash(data).to_bytes().to_vec()
+        },
+        zero,
+        length: data.len() as u32,
+    }
+}
+
+fn offers(list: Vec<Offer>) -> ShipMessage {
+    msg(ship_message::Body::Offers(Offers { offers: list }))
+}
+
+fn zstd_block(file_id: u64, block: u64, frame: Vec<u8>) -> Block {
+    Block {
+        file_id,
+        block,
+        zstd: frame,
+    }
+}
+
+fn data_block(file_id: u64, block: u64, data: &[u8]) -> Block {
+    zstd_block(file_id, block, block::compress(data, 1).expect("zstd"))
+}
+
+fn blocks(list: Vec<Block>) -> ShipMessage {
+    msg(ship_message::Body::Blocks(Blocks { blocks: list }))
+}
+
+fn commit(epoch: u64) -> ShipMessage {
+    msg(ship_message::Body::Commit(Commit { epoch }))
+}
+
+fn begin_of(m: &mut ShipMessage) -> &mut Begin {
+    match &mut m.body {
+        Some(ship_message::Body::Begin(b)) => b,
+        other => panic!("not a Begin: {other:?}"),
+    }
+}
+
+fn offers_of(m: &mut ShipMessage) -> &mut Vec<Offer> {
+    match &mut m.body {
+        Some(ship_message::Body::Offers(o)) => &mut o.offers,
+        other => panic!("not Offers: {other:?}"),
+    }
+}
+
+fn blocks_of(m: &mut ShipMessage) -> &mut Vec<Block> {
+    match &mut m.body {
+        Some(ship_message::Body::Blocks(b)) => &mut b.blocks,
+        other => panic!("not Blocks: {other:?}"),
+    }
+}
+
+/// Epoch 1, as a primary ships it to an empty replica: `vms/a.img` (data,
+/// a zero block, data, a short last block) and `b.img` (two blocks).
+fn first_epoch(key: &HashKey) -> Vec<ShipMessage> {
+    let zero = vec![0u8; BS as usize];
+    let (a0, a2, a3) = (content(10, 4096), content(12, 4096), content(13, 100));
+    let (b0, b1) = (content(20, 4096), content(21, 4096));
+    vec![
+        begin(
+            1,
+            0,
+            vec![
+                op(OpKind::Mkdir, 0, "vms", "", 0),
+                op(OpKind::Create, 1, "vms/a.img", "", 0),
+                op(OpKind::Create, 2, "b.img", "", 0),
+            ],
+            vec![file(1, "vms/a.img", A_SIZE), file(2, "b.img", 2 * BS)],
+        ),
+        offers(vec![
+            offer(key, 1, 0, &a0),
+            offer(key, 1, 1, &zero),
+            offer(key, 1, 2, &a2),
+            offer(key, 1, 3, &a3),
+            offer(key, 2, 0, &b0),
+            offer(key, 2, 1, &b1),
+        ]),
+        blocks(vec![
+            data_block(1, 0, &a0),
+            data_block(1, 2, &a2),
+            data_block(1, 3, &a3),
+            data_block(2, 0, &b0),
+            data_block(2, 1, &b1),
+        ]),
+        commit(1),
+    ]
+}
+
+/// Index of each message in [`next_epoch`].
+const BEGIN: usize = 0;
+const OFFERS_A: usize = 1;
+const BLOCKS_A: usize = 2;
+const OFFERS_C: usize = 3;
+const BLOCKS_C: usize = 4;
+const COMMIT: usize = 5;
+
+/// A legitimate next epoch on top of `base`: creates `c.img` and rewrites
+/// two blocks of `vms/a.img` (and punches one), all with new content, so
+/// every data block is wanted. The tests mutate it.
+fn next_epoch(key: &HashKey, base: u64) -> Vec<ShipMessage> {
+    let epoch = base + 1;
+    let seed = epoch * 100;
+    let zero = vec![0u8; BS as usize];
+    let (a0, a3) = (content(seed, 4096), content(seed + 3, 100));
+    let (c0, c1) = (content(seed + 10, 4096), content(seed + 11, 10));
+    vec![
+        begin(
+            epoch,
+            base,
+            vec![op(OpKind::Create, 3, "c.img", "", 0)],
+            vec![file(1, "vms/a.img", A_SIZE), file(3, "c.img", C_SIZE)],
+        ),
+        offers(vec![
+            offer(key, 1, 0, &a0),
+            offer(key, 1, 2, &zero),
+            offer(key, 1, 3, &a3),
+        ]),
+        blocks(vec![data_block(1, 0, &a0), data_block(1, 3, &a3)]),
+        offers(vec![offer(key, 3, 0, &c0), offer(key, 3, 1, &c1)]),
+        blocks(vec![data_block(3, 0, &c0), data_block(3, 1, &c1)]),
+        commit(epoch),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// Driving a session as the service does.
+
+/// What one stream did.
+#[derive(Debug, Default)]
+struct Run {
+    /// The epoch acknowledged with `Applied`, if any.
+    applied: Option<u64>,
+    /// Why the stream was refused, if it was.
+    refused: Option<String>,
+    /// The `Wants` answers, in order.
+    wants: Vec<Vec<u32>>,
+    /// How many messages were handled (the refused one included).
+    handled: usize,
+}
+
+/// Feeds `msgs` to a new session the way `ReplicaService::ship` does: the
+/// first refusal ends the stream.
+fn drive(store: &ReplicaStore, msgs: impl IntoIterator<Item = ShipMessage>) -> Run {
+    let mut run = Run::default();
+    let mut session = match Session::new(store) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            run.refused = Some(e.0);
+            return run;
+        }
+    };
+    for m in msgs {
+        run.handled += 1;
+        match handle(&mut session, m) {
+            Ok(None) => {}
+            Ok(Some(reply)) => match reply.body {
+                Some(ship_reply::Body::Wants(w)) => run.wants.push(w.positions),
+                Some(ship_reply::Body::Applied(a)) => run.applied = Some(a.epoch),
+                None => panic!("the session sent an empty reply"),
+            },
+            Err(e) => {
+                run.refused = Some(e.0);
+                return run;
+            }
+        }
+    }
+    run
+}
+
+// ---------------------------------------------------------------------------
+// The replica's state.
+
+/// One entry of the replica tree (the state folder excluded).
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    Dir,
+    File(Vec<u8>),
+    Symlink(PathBuf),
+}
+
+type Tree = BTreeMap<PathBuf, Entry>;
+
+fn tree(root: &Path) -> Tree {
+    fn walk(root: &Path, dir: &Path, out: &mut Tree) {
+        for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+            let path = e.expect("read_dir entry").path();
+            let rel = path.strip_prefix(root).expect("below root").to_path_buf();
+            if rel == Path::new(crate::datastore::STATE_DIR) {
+                continue;
+            }
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            let entry = if meta.file_type().is_symlink() {
+                Entry::Symlink(fs::read_link(&path).expect("readlink"))
+            } else if meta.is_dir() {
+                walk(root, &path, out);
+                Entry::Dir
+            } else {
+                Entry::File(fs::read(&path).expect("read replica file"))
+            };
+            out.insert(rel, entry);
+        }
+    }
+    let mut out = Tree::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// The differences between two trees, one line each (empty when equal).
+fn tree_diff(want: &Tree, got: &Tree) -> Vec<String> {
+    let show = |e: Option<&Entry>| match e {
+        None => "absent".to_string(),
+        Some(Entry::Dir) => "folder".to_string(),
+        Some(Entry::File(d)) => format!("file of {} bytes", d.len()),
+        Some(Entry::Symlink(t)) => format!("symlink to {}", t.display()),
+    };
+    let mut paths: Vec<&PathBuf> = want.keys().chain(got.keys()).collect();
+    paths.sort();
+    paths.dedup();
+    paths
+        .into_iter()
+        .filter(|p| want.get(*p) != got.get(*p))
+        .map(|p| {
+            format!(
+                "{}: was {}, now {}",
+                p.display(),
+                show(want.get(p)),
+                show(got.get(p))
+            )
+        })
+        .collect()
+}
+
+/// A replica at epoch 1 with a symlink `escape` planted in it that leads
+/// to a folder outside the root.
+struct Fixture {
+    dir: TempDir,
+    root: PathBuf,
+    outside: PathBuf,
+    key: HashKey,
+    store: Option<ReplicaStore>,
+    /// The replica tree at the last applied point.
+    point: Tree,
+    /// That point's epoch.
+    applied: u64,
+    /// What the store said about it when it was applied.
+    applied_record: Applied,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::Builder::new()
+            .prefix("hbrfs-fuzz-")
+            .tempdir()
+            .expect("temp dir");
+        let root = dir.path().join("replica");
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir outside");
+        let key = HashKey::random().expect("random key");
+        let store = ReplicaStore::open(&root).expect("open replica");
+        store
+            .accept(Pair {
+                datastore_id: "primary-under-test".into(),
+                block_size: BS as u32,
+                key: key.clone(),
+            })
+            .expect("pair");
+        let run = drive(&store, first_epoch(&key));
+        assert_eq!(run.refused, None, "the legitimate epoch 1 was refused");
+        assert_eq!(run.applied, Some(1));
+        let root = store.root.clone();
+        std::os::unix::fs::symlink(&outside, root.join("escape")).expect("plant symlink");
+        let mut fx = Fixture {
+            dir,
+            root,
+            outside,
+            key,
+            store: Some(store),
+            point: Tree::new(),
+            applied: 1,
+            applied_record: Applied::default(),
+        };
+        fx.mark_applied(1);
+        fx
+    }
+
+    /// The replica as it is now is the point of `epoch`.
+    fn mark_applied(&mut self, epoch: u64) {
+        self.applied = epoch;
+        self.point = tree(&self.root);
+        self.applied_record = self.store().applied();
+        assert_eq!(self.applied_record.epoch, epoch);
+        assert_eq!(self.applied_record.point, point_id(epoch));
+    }
+
+    fn store(&self) -> &ReplicaStore {
+        self.store.as_ref().expect("store open")
+    }
+
+    fn drive(&self, msgs: impl IntoIterator<Item = ShipMessage>) -> Run {
+        drive(self.store(), msgs)
+    }
+
+    fn next_epoch(&self) -> Vec<ShipMessage> {
+        next_epoch(&self.key, self.applied)
+    }
+
+    /// Why the replica is not exactly at its last applied point, if it
+    /// is not.
+    fn off_point(&self) -> Option<String> {
+        let store = self.store();
+        let mut wrong = Vec::new();
+        if store.apply_pending() {
+            wrong.push(
+                "a redo record is left: a restart would apply the refused epoch (or fail)"
+                    .to_string(),
+            );
+        }
+        if store.applied() != self.applied_record {
+            wrong.push(format!(
+                "the applied record moved from {:?} to {:?}",
+                self.applied_record,
+                store.applied()
+            ));
+        }
+        wrong.extend(tree_diff(&self.point, &tree(&self.root)));
+        let mut leaked: Vec<_> = fs::read_dir(&self.outside)
+            .expect("read outside")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        leaked.extend(
+            fs::read_dir(self.dir.path())
+                .expect("read the fixture's folder")
+                .map(|e| e.expect("entry").path())
+                .filter(|p| !p.ends_with("replica") && !p.ends_with("outside")),
+        );
+        if !leaked.is_empty() {
+            wrong.push(format!("written outside the replica root: {leaked:?}"));
+        }
+        (!wrong.is_empty()).then(|| wrong.join("\n  "))
+    }
+
+    fn assert_at_point(&self, what: &str) {
+        if let Some(wrong) = self.off_point() {
+            panic!("{what}: the replica left its last applied point:\n  {wrong}");
+        }
+    }
+
+    /// Feeds `msgs`, which must be refused with a message containing every
+    /// one of `needles`; the replica must stay at its point, also across a
+    /// restart of the store.
+    fn assert_refused(&mut self, what: &str, msgs: Vec<ShipMessage>, needles: &[&str]) -> String {
+        let run = self.drive(msgs);
+        let Some(reason) = run.refused else {
+            panic!("{what}: accepted ({run:?})");
+        };
+        assert_eq!(run.applied, None, "{what}: refused ({reason}) yet applied");
+        for n in needles {
+            assert!(
+                reason.contains(n),
+                "{what}: refused with {reason:?}, which does not name {n:?}"
+            );
+        }
+        self.assert_at_point(&format!("{what} (refused: {reason})"));
+        self.reopen();
+        self.assert_at_point(&format!("{what}, after reopening the store"));
+        reason
+    }
+
+    /// Closes and opens the store again, as a restart of the secondary.
+    fn reopen(&mut self) {
+        drop(self.store.take());
+        self.store = Some(
+            ReplicaStore::open(&self.root)
+                .unwrap_or_else(|e| panic!("the replica does not open again: {e}")),
+        );
+    }
+
+    /// The store still takes the next legitimate epoch (a refusal closed
+    /// one stream, not the replica).
+    fn assert_accepts_next_epoch(&mut self) {
+        let msgs = self.next_epoch();
+        let run = self.drive(msgs.clone());
+        assert_eq!(
+            run.refused, None,
+            "the next legitimate epoch was refused after the bad input"
+        );
+        let epoch = self.applied + 1;
+        assert_eq!(run.applied, Some(epoch));
+        assert_applied_as_offered(self, &msgs, epoch);
+        self.mark_applied(epoch);
+    }
+}
+
+/// After an accepted epoch: the store is at `epoch`, nothing left to redo,
+/// nothing outside the root, every file of the epoch (with a path no other
+/// file shares) has its size, and every offered block holds content that
+/// hashes to its offer (zeros for a zero marker): a forged or corrupted
+/// message never yields content other than what was offered.
+fn assert_applied_as_offered(fx: &Fixture, msgs: &[ShipMessage], epoch: u64) {
+    let store = fx.store();
+    assert_eq!(store.applied().epoch, epoch, "applied epoch");
+    assert!(!store.apply_pending(), "redo record left after an apply");
+    assert!(
+        fs::read_dir(&fx.outside).expect("outside").next().is_none(),
+        "an accepted epoch wrote outside the root"
+    );
+    let begin = msgs
+        .iter()
+        .find_map(|m| match &m.body {
+            Some(ship_message::Body::Begin(b)) => Some(b),
+            _ => None,
+        })
+        .expect("an applied epoch has a Begin");
+    let mut uses: HashMap<&[u8], usize> = HashMap::new();
+    for f in &begin.files {
+        *uses.entry(&f.path).or_default() += 1;
+    }
+    let paths: HashMap<u64, PathBuf> = begin
+        .files
+        .iter()
+        .filter(|f| uses[f.path.as_slice()] == 1)
+        .map(|f| {
+            let p = fx.root.join(std::ffi::OsStr::new(
+                std::str::from_utf8(&f.path).unwrap_or("\u{fffd}"),
+            ));
+            let meta = fs::symlink_metadata(&p)
+                .unwrap_or_else(|e| panic!("applied file {}: {e}", p.display()));
+            assert!(meta.is_file(), "{} is not a regular file", p.display());
+            assert_eq!(meta.len(), f.size, "{}: size", p.display());
+            (f.file_id, p)
+        })
+        .collect();
+    for m in msgs {
+        let Some(ship_message::Body::Offers(o)) = &m.body else {
+            continue;
+        };
+        for o in &o.offers {
+            let Some(p) = paths.get(&o.file_id) else {
+                continue;
+            };
+            let mut data = vec![0u8; o.length as usize];
+            fs::File::open(p)
+                .and_then(|f| f.read_exact_at(&mut data, o.block * BS))
+                .unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+            if o.zero {
+                assert!(
+                    block::is_zero(&data),
+                    "{}: zero block {}",
+                    p.display(),
+                    o.block
+                );
+            } else {
+                assert_eq!(
+                    fx.key.hash(&data).to_bytes().as_slice(),
+                    o.hash.as_slice(),
+                    "{} block {}: content differs from what was offered",
+                    p.display(),
+                    o.block
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One test per class of bad input.
+
+#[test]
+fn the_legitimate_epochs_apply_and_the_fixture_is_sound() {
+    let mut fx = Fixture::new();
+    assert!(fx.root.join("vms/a.img").is_file() && fx.root.join("b.img").is_file());
+    let run = fx.drive(fx.next_epoch());
+    assert_eq!(
+        run.wants,
+        vec![vec![0, 2], vec![0, 1]],
+        "new content is wanted"
+    );
+    assert_eq!(run.applied, Some(2), "{run:?}");
+    assert_applied_as_offered(&fx, &fx.next_epoch(), 2);
+    fx.mark_applied(2);
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_a_session_before_any_primary_said_hello() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = ReplicaStore::open(&dir.path().join("r")).expect("open");
+    let run = drive(&store, first_epoch(&HashKey::random().expect("key")));
+    let reason = run.refused.expect("refused");
+    assert!(reason.contains("no primary has said hello"), "{reason}");
+    assert_eq!(store.applied(), Applied::default());
+}
+
+/// Every place a path travels: an operation's path, a rename's or link's
+/// target, a file's path at the cut.
+fn with_path(fx: &Fixture, place: &str, path: &str) -> Vec<ShipMessage> {
+    let mut m = fx.next_epoch();
+    let b = begin_of(&mut m[BEGIN]);
+    match place {
+        "op path" => b.ops.push(op(OpKind::Create, 9, path, "", 0)),
+        "mkdir path" => b.ops.push(op(OpKind::Mkdir, 0, path, "", 0)),
+        "rename target" => b.ops.push(op(OpKind::Rename, 2, "b.img", path, 0)),
+        "link target" => b.ops.push(op(OpKind::Link, 2, "b.img", path, 0)),
+        "file path" => b.files[1].path = path.as_bytes().to_vec(),
+        _ => unreachable!("{place}"),
+    }
+    m
+}
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+const PLACES: [&str; 5] = [
+    "op path",
+    "mkdir path",
+    "rename target",
+    "link target",
+    "file path",
+];
+
+/// Each path of `bad` (made for the fixture) in each place is refused
+/// with a message containing `needle`.
+fn refuse_paths(bad: &dyn Fn(&Fixture) -> Vec<String>, needle: &str) {
+    let mut fx = Fixture::new();
+    for path in bad(&fx) {
+        for place in PLACES {
+            let m = with_path(&fx, place, &path);
+            fx.assert_refused(&format!("{place} {path:?}"), m, &[needle]);
+        }
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_dotdot_paths_in_ops_targets_and_files() {
+    refuse_paths(
+        &|_| strings(&["../x.img", "vms/../../x.img", "..", "vms/..", "./c.img"]),
+        "not a relative path below the replica root",
+    );
+}
+
+#[test]
+fn refuses_absolute_paths() {
+    refuse_paths(
+        &|fx| {
+            let abs = fx.outside.join("x.img");
+            let abs = abs.to_str().expect("utf-8");
+            strings(&["/etc/hbrfs-fuzz-x", abs, "//x.img", "/"])
+        },
+        "not a relative path below the replica root",
+    );
+}
+
+#[test]
+fn refuses_paths_into_the_state_folder_hbrfs() {
+    refuse_paths(
+        &|_| {
+            strings(&[
+                ".hbrfs",
+                ".hbrfs/applied",
+                ".hbrfs/pair",
+                ".hbrfs/index/db",
+                ".hbrfs/staging/data",
+            ])
+        },
+        "state folder",
+    );
+}
+
+#[test]
+fn refuses_paths_with_nul_bytes_empty_paths_and_overlong_paths() {
+    let long = "a/".repeat(2100) + "x.img";
+    refuse_paths(
+        &|_| strings(&["c\0.img", "\0", "vms/\0/x", "", &long]),
+        "not a relative path below the replica root",
+    );
+}
+
+#[test]
+fn refuses_paths_through_a_symlink_planted_in_the_replica() {
+    refuse_paths(&|_| strings(&["escape/x.img", "escape/d/x.img"]), "symlink");
+}
+
+#[test]
+fn refuses_paths_through_a_symlink_made_earlier_in_the_same_epoch() {
+    let mut fx = Fixture::new();
+    let outside = fx.outside.to_str().expect("utf-8").to_string();
+    for (link_target, through) in [
+        (outside.as_str(), "newlink/x.img"),
+        ("..", "newlink/x.img"),
+        ("vms", "newlink/a.img"),
+    ] {
+        for place in PLACES {
+            let mut m = with_path(&fx, place, through);
+            begin_of(&mut m[BEGIN])
+                .ops
+                .insert(0, op(OpKind::Symlink, 0, "newlink", link_target, 0));
+            fx.assert_refused(
+                &format!("symlink newlink -> {link_target}, then {place} {through:?}"),
+                m,
+                &["symlink"],
+            );
+        }
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_file_paths_naming_a_symlink_or_a_folder() {
+    let mut fx = Fixture::new();
+    for path in ["escape", "vms", "vms/"] {
+        let mut m = fx.next_epoch();
+        begin_of(&mut m[BEGIN]).files[1].path = path.as_bytes().to_vec();
+        fx.assert_refused(
+            &format!("file path {path:?}"),
+            m,
+            &[path.trim_end_matches('/')],
+        );
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_namespace_operations_of_unknown_kind_0_and_99() {
+    let mut fx = Fixture::new();
+    for kind in [0, 99, -1] {
+        let mut m = fx.next_epoch();
+        let mut bad = op(OpKind::Create, 4, "d.img", "", 0);
+        bad.kind = kind;
+        begin_of(&mut m[BEGIN]).ops.push(bad);
+        fx.assert_refused(&format!("op kind {kind}"), m, &["kind"]);
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_namespace_operations_the_replica_cannot_apply_rmdir_nonempty_unlink_folder_mkdir_over_file()
+ {
+    let mut fx = Fixture::new();
+    for (what, bad) in [
+        (
+            "rmdir of a non-empty folder",
+            op(OpKind::Rmdir, 0, "vms", "", 0),
+        ),
+        ("unlink of a folder", op(OpKind::Unlink, 0, "vms", "", 0)),
+        ("mkdir over a file", op(OpKind::Mkdir, 0, "b.img/d", "", 0)),
+        (
+            "truncate of a planted symlink",
+            op(OpKind::Truncate, 2, "escape", "", 0),
+        ),
+    ] {
+        let mut m = fx.next_epoch();
+        begin_of(&mut m[BEGIN]).ops.push(bad);
+        fx.assert_refused(what, m, &[]);
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_huge_sizes_in_files_and_truncates_and_too_many_entries() {
+    let mut fx = Fixture::new();
+    for size in [u64::MAX, MAX_FILE_SIZE + 1, 1 << 63] {
+        let mut m = fx.next_epoch();
+        begin_of(&mut m[BEGIN]).files.push(file(5, "big.img", size));
+        fx.assert_refused(&format!("file size {size}"), m, &["beyond the limit"]);
+    }
+    // Under the limit, but beyond what the replica's file system holds
+    // (ext4: 16 TiB): refused, not a failed apply.
+    for size in [MAX_FILE_SIZE, 1 << 45] {
+        let mut m = fx.next_epoch();
+        begin_of(&mut m[BEGIN]).files.push(file(5, "big.img", size));
+        fx.assert_refused(&format!("file size {size}"), m, &[]);
+    }
+    for size in [u64::MAX, 1 << 63, MAX_FILE_SIZE + 1] {
+        let mut m = fx.next_epoch();
+        begin_of(&mut m[BEGIN])
+            .ops
+            .push(op(OpKind::Truncate, 2, "b.img", "", size));
+        fx.assert_refused(&format!("truncate to {size}"), m, &[]);
+    }
+    let mut m = fx.next_epoch();
+    let many = op(OpKind::Mkdir, 0, "", "", 0);
+    begin_of(&mut m[BEGIN]).ops = vec![many; MAX_ENTRIES + 1];
+    fx.assert_refused("MAX_ENTRIES + 1 operations", m, &["at most"]);
+    let mut m = fx.next_epoch();
+    begin_of(&mut m[BEGIN]).files = (0..=MAX_ENTRIES as u64)
+        .map(|i| file(10 + i, "", 0))
+        .collect();
+    fx.assert_refused("MAX_ENTRIES + 1 files", m, &["at most"]);
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_point_ids_of_wrong_length_0_15_17_bytes() {
+    let mut fx = Fixture::new();
+    for len in [0, 15, 17] {
+        let mut m = fx.next_epoch();
+        begin_of(&mut m[BEGIN]).point = vec![7; len];
+        fx.assert_refused(
+            &format!("{len}-byte point id"),
+            m,
+            &[&format!("point id of {len} bytes")],
+        );
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_files_listed_twice_and_a_second_begin() {
+    let mut fx = Fixture::new();
+    let mut m = fx.next_epoch();
+    let dup = begin_of(&mut m[BEGIN]).files[1].clone();
+    begin_of(&mut m[BEGIN]).files.push(dup);
+    fx.assert_refused("file 3 listed twice", m, &["listed twice"]);
+    let mut m = fx.next_epoch();
+    m.insert(1, m[BEGIN].clone());
+    fx.assert_refused("a second Begin", m, &["second Begin"]);
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_offers_beyond_the_file_size_and_for_files_not_in_the_epoch() {
+    let mut fx = Fixture::new();
+    let cases: [(&str, fn(&mut Offer), &str); 5] = [
+        (
+            "block 4 of a 4-block file",
+            |o| o.block = 4,
+            "beyond its size",
+        ),
+        ("block u64::MAX", |o| o.block = u64::MAX, "beyond its size"),
+        (
+            "block 2^52 (offset overflows)",
+            |o| o.block = 1 << 52,
+            "beyond its size",
+        ),
+        (
+            "file 2, not in this epoch",
+            |o| o.file_id = 2,
+            "not in the epoch",
+        ),
+        ("file 77, unknown", |o| o.file_id = 77, "not in the epoch"),
+    ];
+    for (what, change, needle) in cases {
+        let mut m = fx.next_epoch();
+        change(&mut offers_of(&mut m[OFFERS_A])[0]);
+        fx.assert_refused(what, m, &[needle]);
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_offers_with_wrong_lengths_short_long_zero_and_blocks_decoding_short() {
+    let mut fx = Fixture::new();
+    for (what, index, length) in [
+        ("full block offered as 100 bytes", 0, 100),
+        ("full block offered as 4097 bytes", 0, 4097),
+        ("full block offered as 0 bytes", 0, 0),
+        ("short last block offered as a full block", 2, 4096),
+        ("short last block offered as 99 bytes", 2, 99),
+        ("zero marker of the wrong length", 1, 4095),
+    ] {
+        let mut m = fx.next_epoch();
+        offers_of(&mut m[OFFERS_A])[index].length = length;
+        fx.assert_refused(what, m, &["has length"]);
+    }
+    // The frame decodes to fewer bytes than offered.
+    let mut m = fx.next_epoch();
+    blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &content(7, 4000));
+    fx.assert_refused(
+        "a block decoding to 4000 of 4096 bytes",
+        m,
+        &["does not match the hash"],
+    );
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_duplicate_offers_in_one_message_and_across_messages() {
+    let mut fx = Fixture::new();
+    let mut m = fx.next_epoch();
+    let again = offers_of(&mut m[OFFERS_A])[0].clone();
+    offers_of(&mut m[OFFERS_A]).push(again);
+    fx.assert_refused(
+        "block 0 offered twice in one message",
+        m,
+        &["offered twice"],
+    );
+    let mut m = fx.next_epoch();
+    let again = m[OFFERS_A].clone();
+    m.insert(BLOCKS_A + 1, again);
+    fx.assert_refused("the same Offers message twice", m, &["offered twice"]);
+    let mut m = fx.next_epoch();
+    let mut zero_again = offers_of(&mut m[OFFERS_A])[1].clone();
+    zero_again.zero = false;
+    zero_again.hash = fx.key.hash(&[1u8; 4096]).to_bytes().to_vec();
+    offers_of(&mut m[OFFERS_C]).push(zero_again);
+    fx.assert_refused("a zero block offered again as data", m, &["offered twice"]);
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_hashes_of_wrong_length_0_1_15_17_32_bytes() {
+    let mut fx = Fixture::new();
+    for len in [0, 1, 15, 17, 32] {
+        let mut m = fx.next_epoch();
+        offers_of(&mut m[OFFERS_A])[0].hash = vec![0xab; len];
+        fx.assert_refused(
+            &format!("{len}-byte hash"),
+            m,
+            &[&format!("{len}-byte hash")],
+        );
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_too_many_offers_or_blocks_in_one_message() {
+    let mut fx = Fixture::new();
+    let mut m = fx.next_epoch();
+    let o = offers_of(&mut m[OFFERS_A])[0].clone();
+    *offers_of(&mut m[OFFERS_A]) = vec![o; MAX_OFFERS + 1];
+    fx.assert_refused("MAX_OFFERS + 1 offers", m, &["offers in one message"]);
+    let mut m = fx.next_epoch();
+    let b = blocks_of(&mut m[BLOCKS_A])[0].clone();
+    *blocks_of(&mut m[BLOCKS_A]) = vec![b; MAX_BLOCKS + 1];
+    fx.assert_refused("MAX_BLOCKS + 1 blocks", m, &["blocks in one message"]);
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_blocks_not_asked_for_before_offers_twice_for_zero_and_held_blocks() {
+    let mut fx = Fixture::new();
+    let mut m = fx.next_epoch();
+    let b = blocks_of(&mut m[BLOCKS_C])[0].clone();
+    m.insert(OFFERS_A, blocks(vec![b]));
+    fx.assert_refused("a block before its offer", m, &["was not asked for"]);
+
+    let mut m = fx.next_epoch();
+    let b = blocks_of(&mut m[BLOCKS_A])[0].clone();
+    blocks_of(&mut m[BLOCKS_A]).push(b);
+    fx.assert_refused("the same block sent twice", m, &["was not asked for"]);
+
+    let mut m = fx.next_epoch();
+    blocks_of(&mut m[BLOCKS_A]).push(data_block(1, 2, &content(5, 4096)));
+    fx.assert_refused(
+        "data for a block offered as zero",
+        m,
+        &["was not asked for"],
+    );
+
+    let mut m = fx.next_epoch();
+    blocks_of(&mut m[BLOCKS_A]).push(data_block(1, 1, &content(5, 4096)));
+    fx.assert_refused("a block never offered", m, &["was not asked for"]);
+
+    // b.img's block 0 is held: offered under c.img it is answered "have";
+    // sending it anyway is refused.
+    let mut m = fx.next_epoch();
+    let held = content(20, 4096);
+    offers_of(&mut m[OFFERS_C])[0] = offer(&fx.key, 3, 0, &held);
+    blocks_of(&mut m[BLOCKS_C])[0] = data_block(3, 0, &held);
+    fx.assert_refused(
+        "a block answered \"have\" sent anyway",
+        m,
+        &["was not asked for"],
+    );
+
+    let mut m = fx.next_epoch();
+    m.insert(BEGIN + 1, blocks(vec![data_block(1, 0, &content(1, 4096))]));
+    m.remove(BEGIN);
+    fx.assert_refused("Blocks before Begin", m, &["was not asked for"]);
+    fx.assert_accepts_next_epoch();
+}
+
+/// A frame of `data` written by the streaming encoder, whose header does
+/// not state the content size.
+fn streamed_frame(data: &[u8]) -> Vec<u8> {
+    let mut e = zstd::stream::Encoder::new(Vec::new(), 1).expect("encoder");
+    e.write_all(data).expect("compress");
+    e.finish().expect("finish frame")
+}
+
+#[test]
+fn refuses_zstd_bombs_sized_or_streamed_or_concatenated_beyond_the_block() {
+    let mut fx = Fixture::new();
+    let huge = vec![0x5au8; 64 << 20];
+    let sized = block::compress(&huge, 1).expect("zstd");
+    let streamed = streamed_frame(&huge);
+    let one_more = block::compress(&content(30, 4097), 1).expect("zstd");
+    let concatenated = [
+        block::compress(&content(31, 4096), 1).expect("zstd"),
+        block::compress(&content(32, 4096), 1).expect("zstd"),
+    ]
+    .concat();
+    println!(
+        "bombs: 64 MiB in {} B (size in header), {} B (streamed, no size)",
+        sized.len(),
+        streamed.len()
+    );
+    for (what, frame) in [
+        ("64 MiB frame with its size in the header", sized),
+        ("64 MiB streamed frame without a size", streamed),
+        ("4097 bytes for a 4096-byte block", one_more),
+        ("two concatenated 4096-byte frames", concatenated),
+    ] {
+        let mut m = fx.next_epoch();
+        blocks_of(&mut m[BLOCKS_A])[0].zstd = frame;
+        let started = Instant::now();
+        fx.assert_refused(what, m, &["block 0 of file 1", "expands beyond 4096 bytes"]);
+        assert!(
+            started.elapsed().as_secs() < 5,
+            "{what}: took {:?} to refuse",
+            started.elapsed()
+        );
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_corrupted_zstd_garbage_truncated_bitflipped_and_empty_frames() {
+    let mut fx = Fixture::new();
+    let good = blocks_of(&mut fx.next_epoch()[BLOCKS_A])[0].zstd.clone();
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x10;
+    let mut bad_magic = good.clone();
+    bad_magic[0] ^= 0xff;
+    for (what, frame, needle) in [
+        ("garbage", b"not a zstd frame at all".to_vec(), "corrupt"),
+        ("empty frame", Vec::new(), "corrupt"),
+        ("truncated frame", good[..good.len() / 2].to_vec(), ""),
+        ("bad magic", bad_magic, "corrupt"),
+        ("bit flipped in the middle", flipped, ""),
+    ] {
+        let mut m = fx.next_epoch();
+        blocks_of(&mut m[BLOCKS_A])[0].zstd = frame;
+        fx.assert_refused(what, m, &["block 0 of file 1", needle]);
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_blocks_whose_content_does_not_match_the_offered_hash_forged_hashes() {
+    let mut fx = Fixture::new();
+    // The offer names content X; the block carries Y.
+    let mut m = fx.next_epoch();
+    blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &content(666, 4096));
+    fx.assert_refused(
+        "content other than offered",
+        m,
+        &["does not match the hash"],
+    );
+    // A hash made with another pair's key for the content sent.
+    let mut m = fx.next_epoch();
+    let other = HashKey::random().expect("key");
+    let data = content(667, 4096);
+    offers_of(&mut m[OFFERS_A])[0] = offer(&other, 1, 0, &data);
+    blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &data);
+    fx.assert_refused("hash under another key", m, &["does not match the hash"]);
+    // Zeros sent as data under a forged hash.
+    let mut m = fx.next_epoch();
+    blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &[0u8; 4096]);
+    fx.assert_refused("zeros under a data hash", m, &["does not match the hash"]);
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn a_hash_reference_to_content_changed_behind_the_index_is_asked_for_not_copied() {
+    let mut fx = Fixture::new();
+    // Someone rewrites b.img's block 0 behind hbrfs's back: the content
+    // index still points there for the old hash.
+    let b0 = content(20, 4096);
+    let b1 = content(21, 4096);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(fx.root.join("b.img"))
+        .and_then(|f| f.write_all_at(&[0xee; 4096], 0))
+        .expect("rewrite b.img");
+    fx.point = tree(&fx.root);
+    let mut m = fx.next_epoch();
+    offers_of(&mut m[OFFERS_C])[0] = offer(&fx.key, 3, 0, &b0);
+    blocks_of(&mut m[BLOCKS_C])[0] = data_block(3, 0, &b0);
+    // b.img's block 1 is intact: a reference to it is filled locally.
+    let mut extra = offer(&fx.key, 1, 1, &b1);
+    extra.block = 1;
+    offers_of(&mut m[OFFERS_A]).push(extra);
+    let run = fx.drive(m.clone());
+    assert_eq!(run.refused, None, "{run:?}");
+    assert_eq!(
+        run.wants,
+        vec![vec![0, 2], vec![0, 1]],
+        "the changed block must be asked for, the intact one answered \"have\""
+    );
+    assert_applied_as_offered(&fx, &m, 2);
+    assert_eq!(fs::read(fx.root.join("c.img")).expect("c.img")[..4096], b0);
+    let a = fs::read(fx.root.join("vms/a.img")).expect("a.img");
+    assert_eq!(a[4096..8192], b1, "the held block was copied wrongly");
+}
+
+#[test]
+fn refuses_replayed_and_out_of_order_epochs() {
+    let mut fx = Fixture::new();
+    for (what, epoch, base, needle) in [
+        ("epoch 1 replayed", 1, 0, "based on epoch 0"),
+        ("epoch 1 on base 1", 1, 1, "not newer"),
+        ("epoch 0 on base 1", 0, 1, "not newer"),
+        ("epoch 3 on base 2 (skips 2)", 3, 2, "based on epoch 2"),
+        ("epoch 2 on base 0", 2, 0, "based on epoch 0"),
+        ("epoch u64::MAX on base 7", u64::MAX, 7, "based on epoch 7"),
+    ] {
+        let mut m = fx.next_epoch();
+        let b = begin_of(&mut m[BEGIN]);
+        (b.epoch, b.base_epoch) = (epoch, base);
+        m[COMMIT] = commit(epoch);
+        fx.assert_refused(what, m, &[needle, "epoch 1"]);
+    }
+    fx.assert_refused(
+        "epoch 1 replayed verbatim",
+        first_epoch(&fx.key),
+        &["at epoch 1"],
+    );
+    let two = fx.next_epoch();
+    fx.assert_accepts_next_epoch();
+    fx.assert_refused("epoch 2 replayed after it applied", two, &["at epoch 2"]);
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_commit_before_begin_with_missing_blocks_or_for_another_epoch() {
+    let mut fx = Fixture::new();
+    fx.assert_refused(
+        "Commit before Begin",
+        vec![commit(2)],
+        &["Commit before Begin"],
+    );
+    let mut m = fx.next_epoch();
+    m.remove(BLOCKS_C);
+    fx.assert_refused(
+        "Commit with 2 blocks never sent",
+        m,
+        &["2 wanted blocks never sent"],
+    );
+    let mut m = fx.next_epoch();
+    blocks_of(&mut m[BLOCKS_A]).pop();
+    fx.assert_refused(
+        "Commit with 1 block never sent",
+        m,
+        &["1 wanted blocks never sent"],
+    );
+    let mut m = fx.next_epoch();
+    m[COMMIT] = commit(3);
+    fx.assert_refused(
+        "Commit for epoch 3 in epoch 2",
+        m,
+        &["Commit for epoch 3 inside epoch 2"],
+    );
+    let mut m = fx.next_epoch();
+    m.remove(BEGIN);
+    fx.assert_refused("Offers before Begin", m, &["Offers before Begin"]);
+    // A stream that ends without its Commit applies nothing.
+    let mut m = fx.next_epoch();
+    m.pop();
+    let run = fx.drive(m);
+    assert_eq!((run.applied, run.refused), (None, None));
+    fx.assert_at_point("a stream ended before its Commit");
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_messages_after_commit_and_keeps_the_applied_point() {
+    let mut fx = Fixture::new();
+    for extra in [
+        commit(fx.applied + 1),
+        begin(9, 8, Vec::new(), Vec::new()),
+        offers(Vec::new()),
+        blocks(Vec::new()),
+        ShipMessage { body: None },
+    ] {
+        let good = fx.next_epoch();
+        let epoch = fx.applied + 1;
+        let mut m = good.clone();
+        m.push(extra.clone());
+        let run = fx.drive(m);
+        assert_eq!(run.applied, Some(epoch), "{extra:?}: {run:?}");
+        let reason = run.refused.expect("a message after Commit is refused");
+        let needle = if extra.body.is_some() {
+            "message after Commit"
+        } else {
+            "empty ship message"
+        };
+        assert!(
+            reason.contains(needle),
+            "{extra:?}: refused with {reason:?}"
+        );
+        // The refusal came after the point was applied: it stays applied.
+        assert_applied_as_offered(&fx, &good, epoch);
+        fx.mark_applied(epoch);
+        fx.reopen();
+        fx.assert_at_point(&format!("{extra:?} after Commit, reopened"));
+    }
+    fx.assert_accepts_next_epoch();
+}
+
+#[test]
+fn refuses_empty_messages_and_empty_begins_and_ignores_empty_offers_and_blocks() {
+    let mut fx = Fixture::new();
+    fx.assert_refused(
+        "a message without a body",
+        vec![ShipMessage { body: None }],
+        &["empty ship message"],
+    );
+    let decoded = ShipMessage::decode(&[][..]).expect("empty bytes decode");
+    fx.assert_refused(
+        "zero bytes on the wire",
+        vec![decoded],
+        &["empty ship message"],
+    );
+    fx.assert_refused(
+        "an empty Begin",
+        vec![msg(ship_message::Body::Begin(Begin::default()))],
+        &["point id of 0 bytes"],
+    );
+    let mut m = fx.next_epoch();
+    m.insert(OFFERS_A, ShipMessage { body: None });
+    fx.assert_refused(
+        "an empty message inside an epoch",
+        m,
+        &["empty ship message"],
+    );
+    // Empty Offers and Blocks are harmless: nothing wanted, nothing staged.
+    let mut m = fx.next_epoch();
+    m.insert(OFFERS_A, offers(Vec::new()));
+    m.insert(OFFERS_A + 1, blocks(Vec::new()));
+    let run = fx.drive(m.clone());
+    assert_eq!(run.refused, None);
+    assert_eq!(run.applied, Some(2));
+    assert_eq!(run.wants[0], Vec::<u32>::new());
+    assert_applied_as_offered(&fx, &m, 2);
+}
+
+// ---------------------------------------------------------------------------
+// Random byte mutations of the encoded epoch.
+
+/// One change to the encoded stream. Positions are taken modulo the
+/// message count and length.
+#[derive(Clone, Debug)]
+enum Mutation {
+    FlipBit {
+        msg: usize,
+        at: usize,
+        bit: u8,
+    },
+    SetByte {
+        msg: usize,
+        at: usize,
+        value: u8,
+    },
+    Insert {
+        msg: usize,
+        at: usize,
+        bytes: Vec<u8>,
+    },
+    Remove {
+        msg: usize,
+        at: usize,
+        len: usize,
+    },
+    Truncate {
+        msg: usize,
+        at: usize,
+    },
+    /// Overwrite with 0xff: varints turn huge.
+    Saturate {
+        msg: usize,
+        at: usize,
+        len: usize,
+    },
+    /// A whole message of random bytes.
+    Replace {
+        msg: usize,
+        bytes: Vec<u8>,
+    },
+    Duplicate {
+        msg: usize,
+    },
+    Drop {
+        msg: usize,
+    },
+    Swap {
+        a: usize,
+        b: usize,
+    },
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    let i = any::<usize>;
+    prop_oneof![
+        4 => (i(), i(), 0u8..8).prop_map(|(msg, at, bit)| Mutation::FlipBit { msg, at, bit }),
+        3 => (i(), i(), any::<u8>()).prop_map(|(msg, at, value)| Mutation::SetByte { msg, at, value }),
+        1 => (i(), i(), prop::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(msg, at, bytes)| Mutation::Insert { msg, at, bytes }),
+        1 => (i(), i(), 1usize..16).prop_map(|(msg, at, len)| Mutation::Remove { msg, at, len }),
+        1 => (i(), i()).prop_map(|(msg, at)| Mutation::Truncate { msg, at }),
+        1 => (i(), i(), 1usize..10).prop_map(|(msg, at, len)| Mutation::Saturate { msg, at, len }),
+        1 => (i(), prop::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(msg, bytes)| Mutation::Replace { msg, bytes }),
+        1 => i().prop_map(|msg| Mutation::Duplicate { msg }),
+        1 => i().prop_map(|msg| Mutation::Drop { msg }),
+        1 => (i(), i()).prop_map(|(a, b)| Mutation::Swap { a, b }),
+    ]
+}
+
+fn mutate(wire: &mut Vec<Vec<u8>>, m: &Mutation) {
+    if wire.is_empty() {
+        return;
+    }
+    let n = wire.len();
+    let pos = |len: usize, at: usize| if len == 0 { 0 } else { at % len };
+    match m {
+        Mutation::FlipBit { msg, at, bit } => {
+            let w = &mut wire[msg % n];
+            if !w.is_empty() {
+                let p = pos(w.len(), *at);
+                w[p] ^= 1 << bit;
+            }
+        }
+        Mutation::SetByte { msg, at, value } => {
+            let w = &mut wire[msg % n];
+            if !w.is_empty() {
+                let p = pos(w.len(), *at);
+                w[p] = *value;
+            }
+        }
+        Mutation::Insert { msg, at, bytes } => {
+            let w = &mut wire[msg % n];
+            let p = pos(w.len() + 1, *at);
+            w.splice(p..p, bytes.iter().copied());
+        }
+        Mutation::Remove { msg, at, len } => {
+            let w = &mut wire[msg % n];
+            let p = pos(w.len(), *at);
+            let end = (p + len).min(w.len());
+            w.drain(p..end);
+        }
+        Mutation::Truncate { msg, at } => {
+            let w = &mut wire[msg % n];
+            let p = pos(w.len(), *at);
+            w.truncate(p);
+        }
+        Mutation::Saturate { msg, at, len } => {
+            let w = &mut wire[msg % n];
+            let p = pos(w.len(), *at);
+            let end = (p + len).min(w.len());
+            w[p..end].fill(0xff);
+        }
+        Mutation::Replace { msg, bytes } => wire[msg % n] = bytes.clone(),
+        Mutation::Duplicate { msg } => {
+            let w = wire[msg % n].clone();
+            wire.insert(msg % n, w);
+        }
+        Mutation::Drop { msg } => {
+            wire.remove(msg % n);
+        }
+        Mutation::Swap { a, b } => wire.swap(a % n, b % n),
+    }
+}
+
+/// Tallies of the fuzz run, printed at the end.
+#[derive(Default)]
+struct Tally {
+    cases: Cell<u64>,
+    messages: Cell<u64>,
+    undecodable: Cell<u64>,
+    applied: Cell<u64>,
+    unfinished: Cell<u64>,
+    refused: RefCell<BTreeMap<String, u64>>,
+}
+
+impl Tally {
+    fn add(c: &Cell<u64>, n: u64) {
+        c.set(c.get() + n);
+    }
+
+    /// A refusal's kind: its words without numbers or quoted paths.
+    fn reason(&self, reason: &str) {
+        let kind: String = reason
+            .split_whitespace()
+            .filter(|w| !w.chars().any(|c| c.is_ascii_digit() || c == '"'))
+            .take(7)
+            .collect::<Vec<_>>()
+            .join(" ");
+        *self.refused.borrow_mut().entry(kind).or_default() += 1;
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("HBRFS_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_nanos() as u64
+        })
+}
+
+#[test]
+fn random_byte_mutations_of_an_encoded_epoch_never_panic_and_never_leave_the_last_point() {
+    const CASES: u32 = 256;
+    let seed = seed();
+    println!("fuzz seed {seed} (HBRFS_FUZZ_SEED={seed} to repeat)");
+    let config = Config {
+        cases: CASES,
+        failure_persistence: None,
+        max_shrink_iters: 200,
+        ..Config::default()
+    };
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed.to_le_bytes().repeat(4));
+    let mut runner = TestRunner::new_with_rng(config, rng);
+    let fx = RefCell::new(Fixture::new());
+    let fresh = Cell::new(0u64);
+    let tally = Tally::default();
+    let started = Instant::now();
+    let result = runner.run(&prop::collection::vec(mutation(), 1..5), |mutations| {
+        let mut f = fx.borrow_mut();
+        let mut wire: Vec<Vec<u8>> = f.next_epoch().iter().map(|m| m.encode_to_vec()).collect();
+        for m in &mutations {
+            mutate(&mut wire, m);
+        }
+        Tally::add(&tally.cases, 1);
+        // The stream ends at the first message that does not decode
+        // (tonic fails the stream there); those before it are handled.
+        let mut msgs = Vec::new();
+        for w in &wire {
+            match ShipMessage::decode(w.as_slice()) {
+                Ok(m) => msgs.push(m),
+                Err(_) => {
+                    Tally::add(&tally.undecodable, 1);
+                    break;
+                }
+            }
+        }
+        let run = f.drive(msgs.clone());
+        Tally::add(&tally.messages, run.handled as u64);
+        if let Some(reason) = &run.refused {
+            tally.reason(reason);
+        }
+        match run.applied {
+            Some(epoch) => {
+                Tally::add(&tally.applied, 1);
+                assert_applied_as_offered(&f, &msgs[..run.handled], epoch);
+                // A new replica at epoch 1, so that the next case's
+                // epoch 2 is not refused for its base alone.
+                *f = Fixture::new();
+                fresh.set(fresh.get() + 1);
+            }
+            None => {
+                if run.refused.is_none() {
+                    Tally::add(&tally.unfinished, 1);
+                }
+                if let Some(wrong) = f.off_point() {
+                    prop_assert!(
+                        false,
+                        "refused ({:?}) yet the replica left its point:\n  {wrong}",
+                        run.refused
+                    );
+                }
+            }
+        }
+        Ok(())
+    });
+    println!(
+        "fuzz: {} executions ({} messages handled) in {:?}: {} applied (then a fresh replica, \
+         {} times), {} refused, {} ended early without a refusal, {} streams cut at an \
+         undecodable message",
+        tally.cases.get(),
+        tally.messages.get(),
+        started.elapsed(),
+        tally.applied.get(),
+        fresh.get(),
+        tally.refused.borrow().values().sum::<u64>(),
+        tally.unfinished.get(),
+        tally.undecodable.get(),
+    );
+    for (kind, n) in tally.refused.borrow().iter() {
+        println!("  refused {n:4}× {kind}");
+    }
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "the fuzz run took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        tally.cases.get() >= u64::from(CASES),
+        "only {} executions",
+        tally.cases.get()
+    );
+}
