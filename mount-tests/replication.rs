@@ -1521,3 +1521,50 @@ fn primary_without_the_key_is_refused_and_nothing_is_written() {
         "an unauthenticated primary wrote to the replica"
     );
 }
+
+/// `--max-rate` caps the replication bandwidth: while a large point ships,
+/// the wire rate seen in `status` stays within 10% of the cap (after the
+/// one-second burst the bucket allows).
+#[test]
+fn max_rate_caps_replication_bandwidth_within_ten_percent() {
+    const RATE: u64 = 2 * MIB;
+    let (sec, m) = pair(&["--max-rate", "2M"]);
+    // Incompressible data, so wire bytes are about the data's size.
+    let data: Vec<u8> = pattern(16 * MIB as usize, 7);
+    fs::write(m.mnt("big.img"), &data).unwrap();
+    sync_file(&m.mnt("big.img"));
+    let mut samples: Vec<(Instant, u64)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = primary_status(&m);
+        let shipping = !s["replication"]["shipping"].is_null();
+        if shipping {
+            samples.push((Instant::now(), repl_counter(&s, "wire_bytes")));
+        } else if samples.len() > 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ship did not end:\n{s:#}");
+        sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        primary_status(&m)["replication"]["max_rate_bytes_per_s"],
+        RATE
+    );
+    // Skip the first second (the bucket starts full).
+    let start = samples[0].0 + Duration::from_secs(1);
+    let steady: Vec<_> = samples.iter().filter(|(t, _)| *t >= start).collect();
+    let (first, last) = (steady.first().unwrap(), steady.last().unwrap());
+    let secs = last.0.duration_since(first.0).as_secs_f64();
+    assert!(secs > 3.0, "too short a window to judge: {secs} s");
+    let rate = (last.1 - first.1) as f64 / secs;
+    println!(
+        "max-rate 2 MiB/s: measured {:.2} MiB/s over {secs:.1} s",
+        rate / MIB as f64
+    );
+    assert!(
+        (rate - RATE as f64).abs() <= 0.1 * RATE as f64,
+        "rate {rate} vs cap {RATE}"
+    );
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_same_bytes(&m.mnt("big.img"), &sec.rep("big.img"));
+}

@@ -53,6 +53,9 @@ enum Command {
         /// zstd level for shipped blocks (see PERF-NOTES: 1 gives 2.7x at ~500 MB/s per core).
         #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
         zstd_level: i32,
+        /// Cap on replication bandwidth in bytes per second (e.g. 50M).
+        #[arg(long, value_parser = parse_rate, value_name = "BYTES_PER_S")]
+        max_rate: Option<u64>,
         /// The secondary's pre-shared key (a copy of its REPLICA/.hbrfs/auth.key).
         #[arg(long, value_name = "FILE")]
         auth_key: Option<PathBuf>,
@@ -147,6 +150,23 @@ fn parse_block_size(s: &str) -> std::result::Result<BlockSize, String> {
         .ok_or_else(|| format!("{s}: block size must be a power of two from 4K to 1M"))
 }
 
+fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate (e.g. 50M)"))?;
+    if n <= 0.0 {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
 fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -194,6 +214,7 @@ fn run(cli: Cli) -> Result<()> {
             replicate_to,
             rpo,
             zstd_level,
+            max_rate,
             auth_key,
         } => {
             let replicate = match (replicate_to, auth_key) {
@@ -202,6 +223,7 @@ fn run(cli: Cli) -> Result<()> {
                     rpo,
                     level: zstd_level,
                     key: AuthKey::load(&key)?,
+                    max_rate,
                 }),
                 (Some(_), None) => {
                     return Err(Error::Usage(
@@ -559,6 +581,9 @@ mod tests {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_rate("50M").unwrap(), 50 << 20);
+        assert_eq!(parse_rate("1.5KB/s").unwrap(), 1536);
+        assert!(parse_rate("fast").is_err());
     }
 
     #[test]

@@ -498,6 +498,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
             rpo,
             level: 1,
             key,
+            max_rate: None,
         }),
     })?;
     let mnt = primary.mountpoint.clone();

@@ -17,6 +17,7 @@
 //! - [`replicate`]: the primary's replicator: cut, offer hashes, send wanted blocks, wait for the ack.
 //! - [`replica`]: the secondary: gRPC service, staging, atomic apply, content index.
 //! - [`cli`]: clap commands; `main.rs` only calls [`cli::main`].
+//! - [`throttle`]: the token bucket behind `--max-rate`.
 //! - [`sys`]: every raw syscall, each behind a helper that returns `io::Result`.
 //! - [`ids`]: the newtypes for ids and units shared by the modules.
 //! - [`error`]: the error tree.
@@ -32,6 +33,7 @@ pub mod fs;
 pub mod ids;
 pub mod journal;
 pub mod sys;
+pub mod throttle;
 pub mod tracking;
 
 pub mod replica;

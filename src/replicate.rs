@@ -49,6 +49,7 @@ use crate::proto::replication::{
     ship_message, ship_reply,
 };
 use crate::replica::{MAX_MESSAGE, PROTOCOL_VERSION};
+use crate::throttle::Throttle;
 use crate::tracking::{ShipSet, TrackedFile, now_ns};
 
 /// Blocks read, hashed and offered per round trip.
@@ -67,6 +68,8 @@ pub struct ReplicateOptions {
     pub level: i32,
     /// The key the secondary expects.
     pub key: AuthKey,
+    /// Cap on replication bandwidth, bytes per second.
+    pub max_rate: Option<u64>,
 }
 
 /// Counters for `hbrfs status`.
@@ -85,6 +88,15 @@ pub struct ReplStats {
     compressed_bytes_sent: AtomicU64,
     wire_bytes: AtomicU64,
     last_error: Mutex<String>,
+    /// `--max-rate`, 0 for none.
+    max_rate: AtomicU64,
+    /// The ship in progress: blocks to offer, blocks offered so far, when
+    /// it started (0 when none), and whether it is a full baseline.
+    ship_total: AtomicU64,
+    ship_done: AtomicU64,
+    ship_started_ns: AtomicU64,
+    ship_wire_start: AtomicU64,
+    baseline: AtomicBool,
 }
 
 impl ReplStats {
@@ -110,7 +122,32 @@ impl ReplStats {
             "compressed_bytes_sent": l(&self.compressed_bytes_sent),
             "compression_ratio": ratio(l(&self.raw_bytes_sent), l(&self.compressed_bytes_sent)),
             "wire_bytes": l(&self.wire_bytes),
+            "max_rate_bytes_per_s": match l(&self.max_rate) { 0 => Value::Null, r => json!(r) },
+            "shipping": self.progress(),
             "last_error": self.last_error.lock().expect("error lock").clone(),
+        })
+    }
+
+    /// The ship in progress: blocks done of total, wire rate, and an
+    /// estimate of the time left; null when nothing ships.
+    fn progress(&self) -> Value {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let started = l(&self.ship_started_ns);
+        if started == 0 {
+            return Value::Null;
+        }
+        let secs = now_ns().saturating_sub(started) as f64 / 1e9;
+        let (done, total) = (l(&self.ship_done), l(&self.ship_total));
+        let rate =
+            l(&self.wire_bytes).saturating_sub(l(&self.ship_wire_start)) as f64 / secs.max(1e-3);
+        let eta = (done > 0).then(|| secs * (total.saturating_sub(done)) as f64 / done as f64);
+        json!({
+            "baseline": self.baseline.load(Ordering::Relaxed),
+            "blocks_done": done,
+            "blocks_total": total,
+            "seconds": secs,
+            "wire_bytes_per_s": rate,
+            "eta_s": eta,
         })
     }
 
@@ -186,6 +223,8 @@ pub struct Replicator {
     key: HashKey,
     /// Counters, shared with the control socket.
     pub stats: Arc<ReplStats>,
+    /// The `--max-rate` bucket; no `.await` happens under the lock.
+    throttle: Option<Mutex<Throttle>>,
 }
 
 impl Replicator {
@@ -193,11 +232,15 @@ impl Replicator {
     pub fn new(ds: Arc<Datastore>, opts: ReplicateOptions) -> Result<Replicator> {
         let key = pair_key(&ds)?;
         let stats = Arc::new(ReplStats::default());
+        stats
+            .max_rate
+            .store(opts.max_rate.unwrap_or(0), Ordering::Relaxed);
         let shipped = ds.journal.last_shipped()?;
         stats
             .last_applied
             .store(shipped.map_or(0, |p| p.epoch.0), Ordering::Relaxed);
         Ok(Replicator {
+            throttle: opts.max_rate.map(|r| Mutex::new(Throttle::new(r))),
             ds,
             opts,
             key,
@@ -382,11 +425,14 @@ impl Replicator {
         let send = |body: ship_message::Body| {
             let tx = tx.clone();
             let stats = self.stats.clone();
+            let msg = ShipMessage { body: Some(body) };
+            let len = prost::Message::encoded_len(&msg) as u64;
+            let wait = self.throttle.as_ref().map_or(Duration::ZERO, |t| {
+                t.lock().expect("throttle lock").take(len)
+            });
             async move {
-                let msg = ShipMessage { body: Some(body) };
-                stats
-                    .wire_bytes
-                    .fetch_add(prost::Message::encoded_len(&msg) as u64, Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+                stats.wire_bytes.fetch_add(len, Ordering::Relaxed);
                 tx.send(msg)
                     .await
                     .map_err(|_| remote("ship", "stream closed by the secondary"))
@@ -426,9 +472,67 @@ impl Replicator {
             point: point.id.to_vec(),
         }))
         .await?;
-        for file in &set.files {
-            let blocks = file.closed_blocks();
+        let files = set.files.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .map(|f| {
+                    let blocks = f.closed_blocks();
+                    (f, blocks)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| remote("listing blocks", e))?;
+        let stats = &self.stats;
+        stats.ship_total.store(
+            work.iter().map(|(_, b)| b.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
+        stats.ship_done.store(0, Ordering::Relaxed);
+        stats
+            .ship_wire_start
+            .store(stats.wire_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        stats.baseline.store(base == 0, Ordering::Relaxed);
+        stats.ship_started_ns.store(now_ns(), Ordering::Relaxed);
+        let result = self.ship_blocks(&work, &send, &mut replies).await;
+        stats.ship_started_ns.store(0, Ordering::Relaxed);
+        result?;
+        send(ship_message::Body::Commit(Commit { epoch: set.end.0 })).await?;
+        drop(tx);
+        match replies
+            .message()
+            .await
+            .map_err(|s| remote("secondary", s.message()))?
+        {
+            Some(r) => match r.body {
+                Some(ship_reply::Body::Applied(a)) if a.epoch == set.end.0 => Ok(()),
+                other => Err(remote(
+                    "secondary",
+                    format!("answered commit with {other:?}"),
+                )),
+            },
+            None => Err(remote(
+                "secondary",
+                "closed the stream before acknowledging",
+            )),
+        }
+    }
+
+    /// Offers every block of `work` chunk by chunk and sends what is wanted.
+    async fn ship_blocks<F, Fut>(
+        &self,
+        work: &[(Arc<TrackedFile>, Vec<u64>)],
+        send: &F,
+        replies: &mut tonic::Streaming<crate::proto::replication::ShipReply>,
+    ) -> Result<()>
+    where
+        F: Fn(ship_message::Body) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        for (file, blocks) in work {
             for chunk in blocks.chunks(OFFER_CHUNK) {
+                let count = chunk.len() as u64;
                 let (f, chunk, key) = (file.clone(), chunk.to_vec(), self.key.clone());
                 let read = tokio::task::spawn_blocking(move || read_and_hash(&f, &chunk, &key))
                     .await
@@ -456,28 +560,11 @@ impl Replicator {
                     },
                     None => return Err(remote("secondary", "closed the stream")),
                 };
-                self.send_wanted(read, wants.positions, &send).await?;
+                self.send_wanted(read, wants.positions, send).await?;
+                self.stats.ship_done.fetch_add(count, Ordering::Relaxed);
             }
         }
-        send(ship_message::Body::Commit(Commit { epoch: set.end.0 })).await?;
-        drop(tx);
-        match replies
-            .message()
-            .await
-            .map_err(|s| remote("secondary", s.message()))?
-        {
-            Some(r) => match r.body {
-                Some(ship_reply::Body::Applied(a)) if a.epoch == set.end.0 => Ok(()),
-                other => Err(remote(
-                    "secondary",
-                    format!("answered commit with {other:?}"),
-                )),
-            },
-            None => Err(remote(
-                "secondary",
-                "closed the stream before acknowledging",
-            )),
-        }
+        Ok(())
     }
 
     /// Compresses the wanted blocks of a chunk and sends them.
