@@ -95,6 +95,10 @@ enum Command {
     Status {
         #[command(flatten)]
         target: Target,
+        /// Keep watching: a progress bar while a point (or the baseline)
+        /// ships, a line when it is applied. Ctrl-C ends it.
+        #[arg(long)]
+        watch: bool,
     },
     /// Inspect the change journal (through the running daemon, or offline).
     Journal {
@@ -260,9 +264,13 @@ fn run(cli: Cli) -> Result<()> {
             mountpoint,
         } => daemon::run_mount_replica(&replica, &mountpoint),
         Command::Up { dir, rpo } => daemon::run_up(&dir, rpo),
-        Command::Status { target } => {
+        Command::Status { target, watch } => {
             let dir = resolve_datastore(&target.datastore)?;
-            let value = if StatePaths::of(&dir).format().exists() {
+            let primary = StatePaths::of(&dir).format().exists();
+            if watch && primary {
+                return watch_primary(&dir);
+            }
+            let value = if primary {
                 query(&dir, &Request::Status)?
             } else {
                 secondary_status(&dir)?
@@ -481,6 +489,69 @@ fn print_fields(indent: &str, v: &Value) {
     }
 }
 
+/// Follows a primary's replication: a progress bar per point shipped.
+fn watch_primary(dir: &Path) -> Result<()> {
+    let style =
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} blocks  {msg}")
+            .expect("literal template")
+            .progress_chars("=> ");
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut last_applied = None;
+    let mut last_error = String::new();
+    loop {
+        let v = query(dir, &Request::Status)?;
+        let r = &v["replication"];
+        if r.is_null() {
+            return Err(Error::Usage(format!(
+                "{}: this datastore does not replicate",
+                dir.display()
+            )));
+        }
+        let applied = r["last_applied_epoch"].as_u64();
+        let p = &r["shipping"];
+        if p.is_null() {
+            if let Some(b) = bar.take() {
+                b.finish();
+            }
+            if applied != last_applied {
+                let age = r["replica_age_ms"]
+                    .as_u64()
+                    .map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+                println!(
+                    "point {} applied at the secondary (replica age {age})",
+                    applied.unwrap_or(0)
+                );
+            }
+        } else {
+            let total = p["blocks_total"].as_u64().unwrap_or(0);
+            let b = bar.get_or_insert_with(|| {
+                let b = indicatif::ProgressBar::new(total).with_style(style.clone());
+                let what = if p["baseline"].as_bool() == Some(true) {
+                    "baseline"
+                } else {
+                    "point"
+                };
+                b.set_prefix(what);
+                b
+            });
+            b.set_length(total);
+            b.set_position(p["blocks_done"].as_u64().unwrap_or(0));
+            let rate = p["wire_bytes_per_s"].as_f64().unwrap_or(0.0) as u64;
+            let eta = p["eta_s"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.0} s"));
+            b.set_message(format!("{}/s  ETA {eta}", bytes(rate)));
+        }
+        last_applied = applied;
+        let error = r["last_error"].as_str().unwrap_or("").to_string();
+        if r["connected"] == Value::Bool(false) && !error.is_empty() && error != last_error {
+            eprintln!("not connected: {error}");
+        }
+        last_error = error;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// A secondary's status: its applied point, and its counters when serving.
 fn secondary_status(dir: &Path) -> Result<Value> {
     let state = dir.join(crate::datastore::STATE_DIR);
@@ -499,6 +570,7 @@ fn secondary_status(dir: &Path) -> Result<Value> {
     let mut v = serde_json::json!({
         "role": "secondary",
         "replica": dir.display().to_string(),
+        "consistent_point": if epoch == 0 { "none yet: the first point (the baseline) has not been applied" } else { "yes" },
         "last_applied_epoch": epoch,
         "applied_at_ns": at,
         "serving": false,
