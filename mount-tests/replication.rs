@@ -29,7 +29,7 @@ use crate::harness::{
     pattern, read, run, sync_file, temp_dir, write_ranges,
 };
 
-const MIB: u64 = 1024 * 1024;
+pub(crate) const MIB: u64 = 1024 * 1024;
 
 /// How often status is polled.
 const POLL: Duration = Duration::from_millis(50);
@@ -39,7 +39,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a point may take to reach the secondary in these tests (the
 /// RPO is 1 s; applies fsync, and two tests share two cores).
-const APPLY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const APPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------
 // The secondary as a real process.
@@ -266,27 +266,33 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 }
 
 /// A secondary and a primary replicating to it every second.
-fn pair(extra: &[&str]) -> (Secondary, Mount) {
+pub(crate) fn pair(extra: &[&str]) -> (Secondary, Mount) {
     let sec = Secondary::start();
+    let m = primary_for(&sec, &sec.addr, extra);
+    (sec, m)
+}
+
+/// A primary on a fresh datastore replicating every second to `sec`,
+/// reached at `addr` (its own address, or a proxy's in front of it).
+pub(crate) fn primary_for(sec: &Secondary, addr: &str, extra: &[&str]) -> Mount {
     let key = sec.key_path();
     let mut args = vec![
         "--replicate-to",
-        &sec.addr,
+        addr,
         "--rpo",
         "1s",
         "--auth-key",
         path_str(&key),
     ];
     args.extend_from_slice(extra);
-    let m = Mount::start(&args);
-    (sec, m)
+    Mount::start(&args)
 }
 
 // ---------------------------------------------------------------------------
 // Status.
 
 /// `hbrfs status -d DIR --json`, parsed.
-fn status_json(dir: &Path) -> Value {
+pub(crate) fn status_json(dir: &Path) -> Value {
     let out = Command::new(hbrfs())
         .args(["status", "-d", path_str(dir), "--json"])
         .stdin(Stdio::null())
@@ -308,7 +314,7 @@ fn status_json(dir: &Path) -> Value {
 }
 
 /// The primary's status; asserts it is one and replicates.
-fn primary_status(m: &Mount) -> Value {
+pub(crate) fn primary_status(m: &Mount) -> Value {
     let s = status_json(&m.backing);
     assert_eq!(s["role"], "primary", "primary status: {s}");
     assert!(
@@ -319,8 +325,27 @@ fn primary_status(m: &Mount) -> Value {
 }
 
 /// One of the primary's replication counters.
-fn repl_counter(s: &Value, name: &str) -> u64 {
+pub(crate) fn repl_counter(s: &Value, name: &str) -> u64 {
     json_u64(&s["replication"][name])
+}
+
+/// Polls the primary's `replication.last_error` until it contains
+/// `needle`, and returns it; panics with its status and log after `timeout`.
+pub(crate) fn wait_last_error(m: &Mount, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = primary_status(m);
+        let e = s["replication"]["last_error"].as_str().unwrap_or("");
+        if e.contains(needle) {
+            return e.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replication error naming {needle:?} within {timeout:?}:\n{s:#}\n--- log ---\n{}",
+            m.log()
+        );
+        sleep(POLL);
+    }
 }
 
 /// What [`wait_applied`] waits for.
@@ -378,7 +403,7 @@ pub fn wait_applied(m: &Mount, sec: &Secondary, until: Until, timeout: Duration)
 // Comparing the two sides.
 
 /// `sha256sum FILE`, as a real client reads it.
-fn sha256(p: &Path) -> String {
+pub(crate) fn sha256(p: &Path) -> String {
     let out = run(Command::new("sha256sum").arg(p));
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
@@ -388,7 +413,7 @@ fn sha256(p: &Path) -> String {
 }
 
 /// `qemu-img compare -f FMT -F FMT a b` must say identical (exit 0).
-fn qemu_img_compare(format: &str, a: &Path, b: &Path) {
+pub(crate) fn qemu_img_compare(format: &str, a: &Path, b: &Path) {
     let out = run(Command::new("qemu-img")
         .args(["compare", "-f", format, "-F", format])
         .arg(a)
@@ -487,7 +512,7 @@ fn read_full(f: &mut File, buf: &mut [u8], p: &Path) -> usize {
 
 /// The replica folder equals the primary's backing folder: same entries,
 /// same types, sizes, link targets and bytes.
-fn assert_trees_identical(m: &Mount, sec: &Secondary) {
+pub(crate) fn assert_trees_identical(m: &Mount, sec: &Secondary) {
     let primary = tree(&m.backing);
     let replica = tree(&sec.replica);
     assert_eq!(
@@ -924,10 +949,10 @@ fn observe_one_point(sec: &Secondary) -> (u64, u64, u64) {
 // 3. kill -9 of the secondary.
 
 /// xorshift64*, seeded from the clock (or HBRFS_TEST_SEED), printed.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn from_time_or_env() -> Rng {
+    pub(crate) fn from_time_or_env() -> Rng {
         let seed = std::env::var("HBRFS_TEST_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -942,14 +967,14 @@ impl Rng {
         Rng(seed)
     }
 
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -1435,23 +1460,7 @@ fn primary_restored_from_an_older_copy_is_refused_as_a_diverged_history() {
     m.restart();
     write_ranges(&m.mnt("disk.img"), &[(20 * BLOCK, BLOCK)], BLOCK);
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let error = loop {
-        let s = primary_status(&m);
-        let e = s["replication"]["last_error"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        if e.contains("diverged") {
-            break e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no divergence reported:\n{s:#}\n{}",
-            m.log()
-        );
-        sleep(POLL);
-    };
+    let error = wait_last_error(&m, "diverged", Duration::from_secs(30));
     assert!(
         error.contains(&format!("epoch {newer}")),
         "names the secondary's point: {error}"
@@ -1498,19 +1507,7 @@ fn primary_without_the_key_is_refused_and_nothing_is_written() {
         path_str(&wrong_key),
     ]);
     write_ranges(&m.mnt("disk.img"), &[(0, BLOCK)], BLOCK);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = primary_status(&m);
-        let e = s["replication"]["last_error"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        if e.contains("wrong key") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no refusal:\n{s:#}\n{}", m.log());
-        sleep(POLL);
-    }
+    wait_last_error(&m, "wrong key", Duration::from_secs(30));
     assert_eq!(sec.applied_epoch(), 0);
     assert!(
         !sec.replica.join(".hbrfs/pair").exists(),
@@ -1567,4 +1564,58 @@ fn max_rate_caps_replication_bandwidth_within_ten_percent() {
     );
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
     assert_same_bytes(&m.mnt("big.img"), &sec.rep("big.img"));
+}
+
+/// Seeding: a replica folder that already holds a copy of an image (made
+/// by hand before replication started) is indexed when the pair is made,
+/// so only the blocks that differ travel; the rest are hash references the
+/// secondary verifies.
+#[test]
+fn seeded_replica_receives_only_the_blocks_that_differ() {
+    const SIZE: u64 = 64 * MIB;
+    let dir = temp_dir();
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let image = pattern(SIZE as usize, 11);
+    fs::write(backing.join("disk.img"), &image).unwrap();
+
+    let sec = Secondary::start();
+    fs::write(sec.rep("disk.img"), &image).unwrap();
+    // 1% of the blocks change after the copy was taken.
+    let changed: Vec<(u64, u64)> = (0..SIZE / BLOCK)
+        .step_by(100)
+        .map(|b| (b * BLOCK + 17, 100))
+        .collect();
+    let key = sec.key_path();
+    let m = Mount::start_on(
+        &backing,
+        &mnt,
+        &[
+            "--replicate-to",
+            &sec.addr,
+            "--rpo",
+            "1s",
+            "--auth-key",
+            path_str(&key),
+        ],
+    );
+    write_ranges(&m.mnt("disk.img"), &changed, BLOCK);
+    let s = wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_same_bytes(&m.mnt("disk.img"), &sec.rep("disk.img"));
+    let wire = repl_counter(&s, "wire_bytes");
+    let sent = repl_counter(&s, "blocks_sent");
+    println!(
+        "seeding: {} of {} blocks sent, {wire} wire bytes for a {SIZE}-byte image ({:.2}%)",
+        sent,
+        SIZE / BLOCK,
+        100.0 * wire as f64 / SIZE as f64
+    );
+    assert!(
+        sent <= changed.len() as u64,
+        "sent {sent} blocks, only {} differ",
+        changed.len()
+    );
+    assert!(wire < SIZE / 20, "{wire} wire bytes: the seed was not used");
+    assert!(sec.log().contains("seeding: indexed"), "{}", sec.log());
 }

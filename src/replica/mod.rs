@@ -115,8 +115,11 @@ impl Replication for ReplicaService {
             block_size: hello.block_size,
             key,
         };
-        self.store
-            .accept(pair)
+        // Pairing may index a seeded replica folder: disk work, off the runtime.
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.accept(pair))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(Status::failed_precondition)?;
         let applied = self.store.applied();
         Ok(Response::new(HelloReply {

@@ -54,6 +54,33 @@ pub struct ReplicaStats {
     pub blocks_sent: AtomicU64,
 }
 
+/// File ids from here up name files found in the replica folder when it
+/// was paired (seeding); the primary's ids are far below.
+pub const SEED_IDS: u64 = 1 << 62;
+
+/// Relative paths of the regular files below `dir` (not the state folder).
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<Vec<u8>>) -> Result<()> {
+    for entry in fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        if dir == root && path.file_name() == Some(std::ffi::OsStr::new(STATE_DIR)) {
+            continue;
+        }
+        let meta = fs::symlink_metadata(&path).at(&path)?;
+        if meta.is_dir() {
+            collect_files(root, &path, out)?;
+        } else if meta.is_file() {
+            out.push(
+                path.strip_prefix(root)
+                    .unwrap_or(&path)
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The last point applied: a primary checks it against its history.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -286,9 +313,23 @@ impl ReplicaStore {
                     offered.block_size,
                     hex(offered.key.as_bytes())
                 );
-                write_durably(&self.pair_path(), text.as_bytes()).map_err(|e| e.to_string())?;
+                let (key, bs) = (offered.key.clone(), u64::from(offered.block_size));
                 *pair = Some(offered);
-                Ok(())
+                drop(pair);
+                // Content already here (a copy made by hand, a restore) is
+                // indexed before the first point, so it does not travel.
+                match self.index_existing(&key, bs) {
+                    Ok((files, blocks)) if files > 0 => {
+                        log::info!(
+                            "seeding: indexed {blocks} blocks of {files} files already in the replica folder"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!(
+                        "seeding: indexing the replica folder failed ({e}); everything will be sent"
+                    ),
+                }
+                write_durably(&self.pair_path(), text.as_bytes()).map_err(|e| e.to_string())
             }
         }
     }
@@ -568,6 +609,49 @@ impl ReplicaStore {
             }
         }
         Ok(())
+    }
+
+    /// Indexes every non-zero block of the regular files under the root,
+    /// under ids of their own (above [`SEED_IDS`]); returns (files, blocks).
+    fn index_existing(&self, key: &HashKey, block_size: u64) -> Result<(u64, u64)> {
+        let mut files = Vec::new();
+        collect_files(&self.root, &self.root, &mut files)?;
+        let mut blocks = 0;
+        let mut buf = vec![0u8; block_size as usize];
+        for (n, rel) in files.iter().enumerate() {
+            let id = SEED_IDS + n as u64;
+            let path = self.root.join(std::ffi::OsStr::from_bytes(rel));
+            let file = File::open(&path).at(&path)?;
+            self.sled(self.files.insert(id.to_be_bytes(), rel.as_slice()))?;
+            for block in 0.. {
+                let mut len = 0;
+                while len < buf.len() {
+                    match file
+                        .read_at(&mut buf[len..], block * block_size + len as u64)
+                        .at(&path)?
+                    {
+                        0 => break,
+                        got => len += got,
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                let data = &buf[..len];
+                if !crate::block::is_zero(data) {
+                    let mut loc = [0u8; 16];
+                    loc[..8].copy_from_slice(&id.to_be_bytes());
+                    loc[8..].copy_from_slice(&block.to_be_bytes());
+                    self.sled(self.index.insert(key.hash(data).to_bytes(), &loc))?;
+                    blocks += 1;
+                }
+                if len < buf.len() {
+                    break;
+                }
+            }
+        }
+        self.sled(self.db.flush())?;
+        Ok((files.len() as u64, blocks))
     }
 
     /// Keeps the index's file paths right after a rename of `from`.
