@@ -1619,3 +1619,58 @@ fn seeded_replica_receives_only_the_blocks_that_differ() {
     assert!(wire < SIZE / 20, "{wire} wire bytes: the seed was not used");
     assert!(sec.log().contains("seeding: indexed"), "{}", sec.log());
 }
+
+/// `hbrfs verify` compares primary and replica by block hashes: with
+/// writes going on it reports nothing (dirty blocks are not differences);
+/// after a byte of a replica file is flipped behind hbrfs's back it names
+/// exactly that block and exits non-zero; `--repair` ships it again.
+#[test]
+fn verify_finds_exactly_a_flipped_replica_byte_and_repair_fixes_it() {
+    let (sec, m) = pair(&[]);
+    write_ranges(&m.mnt("disk.img"), &[(0, 32 * BLOCK)], BLOCK);
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", "--json", "-d", path_str(&m.backing)];
+        args.extend_from_slice(extra);
+        let out = Command::new(hbrfs())
+            .args(&args)
+            .output()
+            .expect("run hbrfs verify");
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("verify printed no JSON ({e}): {out:?}"));
+        (out.status.success(), v)
+    };
+    // Writes in flight (dirty, not yet shipped) are no difference.
+    write_ranges(&m.mnt("disk.img"), &[(40 * BLOCK, BLOCK)], BLOCK);
+    let (ok, v) = verify(&[]);
+    assert!(ok, "a clean pair failed verify: {v:#}");
+    assert_eq!(v["differences"], Value::Array(vec![]), "{v:#}");
+    assert!(json_u64(&v["blocks_checked"]) >= 32, "{v:#}");
+
+    // Flip one byte of block 7 in the replica file itself.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(sec.rep("disk.img"))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, 7 * BLOCK + 123).unwrap();
+    f.write_all_at(&[byte[0] ^ 0xff], 7 * BLOCK + 123).unwrap();
+    f.sync_all().unwrap();
+    let (ok, v) = verify(&[]);
+    assert!(!ok, "verify passed with a flipped byte: {v:#}");
+    let diffs = v["differences"].as_array().unwrap();
+    assert_eq!(diffs.len(), 1, "{v:#}");
+    assert_eq!(diffs[0]["path"], "disk.img");
+    assert_eq!(
+        diffs[0]["ranges"],
+        serde_json::json!([{"first_block": 7, "blocks": 1}])
+    );
+
+    let (ok, v) = verify(&["--repair"]);
+    assert!(!ok && v["repaired"] == Value::Bool(true), "{v:#}");
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_same_bytes(&m.mnt("disk.img"), &sec.rep("disk.img"));
+    let (ok, v) = verify(&[]);
+    assert!(ok, "still differs after repair: {v:#}");
+}

@@ -100,6 +100,15 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Compare primary and replica by block hashes at the last applied point;
+    /// exits non-zero when they differ.
+    Verify {
+        #[command(flatten)]
+        target: Target,
+        /// Mark the differing blocks so the next point ships them.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Inspect the change journal (through the running daemon, or offline).
     Journal {
         #[command(flatten)]
@@ -277,6 +286,24 @@ fn run(cli: Cli) -> Result<()> {
             };
             print(&Request::Status, &value, target.json);
             Ok(())
+        }
+        Command::Verify { target, repair } => {
+            let backing = resolve_datastore(&target.datastore)?;
+            let req = Request::Verify { repair };
+            let v = query(&backing, &req)?;
+            print(&req, &v, target.json);
+            let diffs = v["differences"].as_array().map_or(0, Vec::len);
+            if diffs == 0 {
+                return Ok(());
+            }
+            let what = if repair {
+                "; they are marked and ship with the next point"
+            } else {
+                ""
+            };
+            Err(Error::Usage(format!(
+                "verify: {diffs} file(s) differ from the replica{what}"
+            )))
         }
         Command::Journal { target, what } => {
             let backing = resolve_datastore(&target.datastore)?;
@@ -456,6 +483,25 @@ fn print(req: &Request, v: &Value, json: bool) {
                 ]
             },
         ),
+        Request::Verify { .. } => {
+            println!(
+                "epoch {}: {} blocks compared, {} dirty (they ship with the next point)",
+                s(v, "epoch"),
+                s(v, "blocks_checked"),
+                s(v, "blocks_dirty_skipped")
+            );
+            let mut rows = vec![vec![
+                "PATH".to_string(),
+                "FIRST BLOCK".into(),
+                "BLOCKS".into(),
+            ]];
+            for d in v["differences"].as_array().into_iter().flatten() {
+                for r in d["ranges"].as_array().into_iter().flatten() {
+                    rows.push(vec![s(d, "path"), s(r, "first_block"), s(r, "blocks")]);
+                }
+            }
+            rows
+        }
         Request::Stats | Request::Cut | Request::Status => {
             print_fields("", v);
             return;

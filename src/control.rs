@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::datastore::Datastore;
 use crate::error::{Error, IoContext, Result};
 use crate::journal::{epoch_state_name, op_name};
-use crate::replicate::ReplStats;
+use crate::replicate::{ReplStats, Replicator};
 use crate::tracking::CutOutcome;
 
 /// What a client can ask.
@@ -40,6 +40,11 @@ pub enum Request {
     Cut,
     /// Tracking totals and replication state.
     Status,
+    /// Compare primary and replica by block hashes.
+    Verify {
+        /// Mark differing blocks so the next point ships them.
+        repair: bool,
+    },
 }
 
 /// What the control socket answers from: the datastore and, when the
@@ -48,8 +53,18 @@ pub enum Request {
 pub struct Context {
     /// The open datastore.
     pub ds: Arc<Datastore>,
-    /// The replicator's counters, when replicating.
-    pub replication: Option<Arc<ReplStats>>,
+    /// The replicator, when replicating.
+    pub replication: Option<Replication>,
+}
+
+/// The running replicator and the runtime it runs on, for the requests
+/// that need it (status counters, verify).
+#[derive(Debug, Clone)]
+pub struct Replication {
+    /// The replicator.
+    pub replicator: Arc<Replicator>,
+    /// Its runtime, to run `verify` from the control thread.
+    pub runtime: tokio::runtime::Handle,
 }
 
 fn lossy(bytes: &[u8]) -> String {
@@ -167,6 +182,10 @@ fn answer_with(
                 .collect();
             Ok(json!({ "ops": ops }))
         }
+        Request::Verify { .. } => Err(Error::Usage(format!(
+            "{}: verify needs the running daemon that replicates this datastore",
+            ds.root.display()
+        ))),
         Request::Status => {
             let mut v = answer_with(ds, repl, &Request::Stats, daemon_running)?;
             v["role"] = json!("primary");
@@ -251,7 +270,21 @@ fn handle(ctx: &Context, stream: UnixStream) {
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match answer_with(&ctx.ds, ctx.replication.as_deref(), &req, true) {
+            Ok(Request::Verify { repair }) => match &ctx.replication {
+                Some(r) => match r.runtime.block_on(r.replicator.verify(repair)) {
+                    Ok(v) => json!({ "ok": v }),
+                    Err(e) => json!({ "error": e.to_string() }),
+                },
+                None => {
+                    json!({ "error": "this datastore does not replicate: nothing to verify against" })
+                }
+            },
+            Ok(req) => match answer_with(
+                &ctx.ds,
+                ctx.replication.as_ref().map(|r| &*r.replicator.stats),
+                &req,
+                true,
+            ) {
                 Ok(v) => json!({ "ok": v }),
                 Err(e) => json!({ "error": e.to_string() }),
             },

@@ -235,8 +235,11 @@ fn start_primary(opts: &MountOptions) -> Result<Primary> {
     let mut stats = None;
     if let Some(r) = &opts.replicate {
         let replicator = Arc::new(Replicator::new(ds.clone(), r.clone())?);
-        stats = Some(replicator.stats.clone());
         let rt = runtime()?;
+        stats = Some(control::Replication {
+            replicator: replicator.clone(),
+            runtime: rt.handle().clone(),
+        });
         let (stop, stopped) = watch::channel(false);
         let task = rt.spawn(replicator.run(stopped));
         log::info!("replicating to {} every {:?}", r.addr, r.rpo);

@@ -46,7 +46,7 @@ use crate::journal::ShippedPoint;
 use crate::proto::replication::replication_client::ReplicationClient;
 use crate::proto::replication::{
     Begin, Block, Blocks, Commit, FileState, HelloRequest, NamespaceOp, Offer, Offers, ShipMessage,
-    ship_message, ship_reply,
+    VerifyFile, VerifyRequest, ship_message, ship_reply,
 };
 use crate::replica::{MAX_MESSAGE, PROTOCOL_VERSION};
 use crate::throttle::Throttle;
@@ -225,6 +225,9 @@ pub struct Replicator {
     pub stats: Arc<ReplStats>,
     /// The `--max-rate` bucket; no `.await` happens under the lock.
     throttle: Option<Mutex<Throttle>>,
+    /// Held by a tick and by `verify`, so verify never runs while a point
+    /// is shipping or applying.
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl Replicator {
@@ -241,6 +244,7 @@ impl Replicator {
             .store(shipped.map_or(0, |p| p.epoch.0), Ordering::Relaxed);
         Ok(Replicator {
             throttle: opts.max_rate.map(|r| Mutex::new(Throttle::new(r))),
+            turn: tokio::sync::Mutex::new(()),
             ds,
             opts,
             key,
@@ -279,7 +283,10 @@ impl Replicator {
                 }
             }
             let (mut c, applied) = client.take().expect("connected above");
-            match self.tick(&mut c, applied).await {
+            let turn = self.turn.lock().await;
+            let ticked = self.tick(&mut c, applied).await;
+            drop(turn);
+            match ticked {
                 Ok(applied) => client = Some((c, applied)),
                 Err(e) => self.stats.fail(&e),
             }
@@ -315,6 +322,118 @@ impl Replicator {
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.last_applied.store(applied, Ordering::Relaxed);
         Ok((client, applied))
+    }
+
+    /// `hbrfs verify`: compares every clean block (dirty ones ship with the
+    /// next point anyway, so they are no difference) with the replica at
+    /// the last shipped point, by keyed hash; with `repair`, marks the
+    /// differing blocks so the next point ships them.
+    pub async fn verify(&self, repair: bool) -> Result<Value> {
+        const CHUNK: usize = 16_384;
+        let _turn = self.turn.lock().await;
+        let mut c = client(&self.opts.addr, &self.opts.key, Duration::from_secs(5)).await?;
+        let applied = c
+            .status(crate::proto::replication::StatusRequest {})
+            .await
+            .map_err(|s| remote("secondary", s.message()))?
+            .into_inner()
+            .last_applied_epoch;
+        let shipped = self.ds.journal.last_shipped()?.map_or(0, |p| p.epoch.0);
+        if applied != shipped || applied == 0 {
+            return Err(Error::Remote(format!(
+                "the secondary is at epoch {applied} and the last point shipped is {shipped}: \
+                 verify once a point has been applied"
+            )));
+        }
+        let (mut checked, mut skipped) = (0u64, 0u64);
+        let mut differences = Vec::new();
+        for file in self
+            .ds
+            .tracker
+            .all_files()
+            .into_iter()
+            .filter(|f| !f.is_gone())
+        {
+            let blocks: Vec<u64> =
+                (0..file.size().div_ceil(self.ds.format.block_size.bytes())).collect();
+            let mut differing = Vec::new();
+            let mut path = Vec::new();
+            let mut size_differs = None;
+            for chunk in blocks.chunks(CHUNK) {
+                let count = chunk.len();
+                let (f, chunk, key) = (file.clone(), chunk.to_vec(), self.key.clone());
+                let vf = tokio::task::spawn_blocking(move || -> Result<VerifyFile> {
+                    let mut vf = VerifyFile {
+                        file_id: f.id.0,
+                        size: f.size(),
+                        idle: !f.has_pending(),
+                        ..Default::default()
+                    };
+                    for b in chunk {
+                        if let Some(data) = f.read_clean(b)? {
+                            vf.blocks.push(b);
+                            vf.hashes.push(key.hash(&data).to_bytes().to_vec());
+                        }
+                    }
+                    Ok(vf)
+                })
+                .await
+                .map_err(|e| remote("reading blocks", e))??;
+                checked += vf.blocks.len() as u64;
+                skipped += (count - vf.blocks.len()) as u64;
+                if vf.blocks.is_empty() {
+                    continue;
+                }
+                let reply = c
+                    .verify(VerifyRequest {
+                        epoch: applied,
+                        files: vec![vf],
+                    })
+                    .await
+                    .map_err(|s| remote("secondary", s.message()))?
+                    .into_inner();
+                for r in reply.files {
+                    path = r.path;
+                    differing.extend(r.differing);
+                    if r.size_differs {
+                        size_differs = Some(r.size);
+                    }
+                }
+            }
+            if differing.is_empty() && size_differs.is_none() {
+                continue;
+            }
+            if repair {
+                self.ds.tracker.mark_for_repair(&file, &differing)?;
+            }
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for b in &differing {
+                match ranges.last_mut() {
+                    Some((first, n)) if *first + *n == *b => *n += 1,
+                    _ => ranges.push((*b, 1)),
+                }
+            }
+            let shown = if path.is_empty() {
+                file.at_cut().0
+            } else {
+                path
+            };
+            differences.push(json!({
+                "path": String::from_utf8_lossy(&shown),
+                "file_id": file.id.0,
+                "blocks": differing.len(),
+                "replica_size": size_differs,
+                "size": file.size(),
+                "ranges": ranges.iter().map(|(f, n)| json!({"first_block": f, "blocks": n})).collect::<Vec<_>>(),
+            }));
+        }
+        Ok(json!({
+            "epoch": applied,
+            "blocks_checked": checked,
+            "blocks_dirty_skipped": skipped,
+            "differences": differences,
+            "repaired": repair && !differences.is_empty(),
+        }))
     }
 
     /// Compares the secondary's last applied point with this primary's

@@ -21,8 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::block::HashKey;
 use crate::proto::replication::replication_server::{Replication, ReplicationServer};
 use crate::proto::replication::{
-    HelloReply, HelloRequest, ShipMessage, ShipReply, StatusReply, StatusRequest, ship_message,
-    ship_reply,
+    HelloReply, HelloRequest, ShipMessage, ShipReply, StatusReply, StatusRequest, VerifyReply,
+    VerifyRequest, ship_message, ship_reply,
 };
 use session::{Refused, Session};
 use store::{Pair, ReplicaStore};
@@ -190,6 +190,19 @@ impl Replication for ReplicaService {
         Ok(Response::new(
             Box::pin(ReceiverStream::new(rx)) as ReplyStream
         ))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyReply>, Status> {
+        let store = self.store.clone();
+        let req = request.into_inner();
+        tokio::task::spawn_blocking(move || store.verify(&req))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(Response::new)
+            .map_err(Status::failed_precondition)
     }
 
     async fn status(

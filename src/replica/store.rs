@@ -28,7 +28,7 @@ use crate::block::{BlockHash, HashKey};
 use crate::datastore::STATE_DIR;
 use crate::error::{Error, IoContext, Result};
 use crate::proto::replica::StagedEpoch;
-use crate::proto::replication::{NamespaceOp, OpKind};
+use crate::proto::replication::{NamespaceOp, OpKind, VerifyReply, VerifyRequest, VerifyResult};
 use crate::sys;
 use crate::tracking::now_ns;
 
@@ -652,6 +652,80 @@ impl ReplicaStore {
         }
         self.sled(self.db.flush())?;
         Ok((files.len() as u64, blocks))
+    }
+
+    /// Checks the primary's block hashes against the replica at its applied
+    /// point (`hbrfs verify`); applies wait while it reads.
+    pub fn verify(&self, req: &VerifyRequest) -> std::result::Result<VerifyReply, String> {
+        let _view = self.view.read().expect("view lock");
+        let applied = self.applied().epoch;
+        if req.epoch != applied {
+            return Err(format!(
+                "the replica is at epoch {applied}, not {}: verify again once it caught up",
+                req.epoch
+            ));
+        }
+        let pair = self
+            .pair()
+            .ok_or("no primary has said hello to this replica yet")?;
+        let bs = u64::from(pair.block_size);
+        if req.files.len() > 1 << 20 {
+            return Err(format!("{} files in one request", req.files.len()));
+        }
+        let mut files = Vec::new();
+        for f in &req.files {
+            if f.blocks.len() != f.hashes.len() || f.blocks.len() > 1 << 20 {
+                return Err(format!(
+                    "file {}: {} blocks but {} hashes",
+                    f.file_id,
+                    f.blocks.len(),
+                    f.hashes.len()
+                ));
+            }
+            let rel = self
+                .file_path(f.file_id)
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+            let file = confine::resolve(&self.root, &rel).ok().and_then(|p| {
+                OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(p)
+                    .ok()
+            });
+            let size = file
+                .as_ref()
+                .and_then(|f| f.metadata().ok())
+                .map_or(0, |m| m.len());
+            let mut differing = Vec::new();
+            for (&block, hash) in f.blocks.iter().zip(&f.hashes) {
+                let start = block.saturating_mul(bs);
+                let len = f.size.saturating_sub(start).min(bs) as usize;
+                if !f.idle && start + len as u64 > size {
+                    // Past the replica's end while a size change waits to ship.
+                    continue;
+                }
+                let mut buf = vec![0u8; len];
+                let same = file.as_ref().is_some_and(|file| {
+                    file.read_exact_at(&mut buf, start).is_ok()
+                        && pair.key.hash(&buf).to_bytes()[..] == hash[..]
+                });
+                if !same {
+                    differing.push(block);
+                }
+            }
+            files.push(VerifyResult {
+                file_id: f.file_id,
+                path: rel,
+                size_differs: f.idle && size != f.size,
+                size,
+                differing,
+            });
+        }
+        Ok(VerifyReply {
+            epoch: applied,
+            files,
+        })
     }
 
     /// Keeps the index's file paths right after a rename of `from`.

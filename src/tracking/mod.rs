@@ -150,6 +150,42 @@ impl TrackedFile {
         Ok(data)
     }
 
+    /// The content of `block` now, if it is clean (so it must equal the
+    /// replica's at the last shipped point); `None` when it is dirty, also
+    /// when it turned dirty while being read.
+    pub fn read_clean(&self, block: u64) -> Result<Option<Vec<u8>>> {
+        if self.is_dirty(block) {
+            return Ok(None);
+        }
+        let mut data = self.read_current(block)?;
+        let size = self.size.load(Ordering::Relaxed);
+        data.truncate(
+            size.saturating_sub(block * self.block_size.bytes())
+                .min(data.len() as u64) as usize,
+        );
+        Ok((!self.is_dirty(block)).then_some(data))
+    }
+
+    fn is_dirty(&self, block: u64) -> bool {
+        self.bitmap.is_set(Slot::Active, block) || self.bitmap.is_set(Slot::Closed, block)
+    }
+
+    /// Whether anything of this file waits to ship (written since the last
+    /// cut, or in a closed set).
+    pub fn has_pending(&self) -> bool {
+        self.touched.load(Ordering::Relaxed) || self.closed_nonempty.load(Ordering::Relaxed)
+    }
+
+    /// Current size.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Whether its last name was unlinked.
+    pub fn is_gone(&self) -> bool {
+        self.gone_epoch.load(Ordering::Relaxed) != 0
+    }
+
     /// Notes that the file now ends at least at `end` (after a write).
     pub fn extended_to(&self, end: u64) {
         self.size.fetch_max(end, Ordering::Relaxed);
@@ -469,6 +505,17 @@ impl Tracker {
         if let Err(e) = std::fs::remove_file(&path) {
             log::warn!("removing bitmap {}: {e}", path.display());
         }
+    }
+
+    /// Marks blocks dirty again so the next point ships them (`hbrfs verify
+    /// --repair`): their content does not change, only the replica's is
+    /// wrong.
+    pub fn mark_for_repair(&self, file: &TrackedFile, blocks: &[u64]) -> Result<()> {
+        let _gate = self.gate();
+        for &b in blocks {
+            file.mark_blocks(b..b + 1, 0)?;
+        }
+        Ok(())
     }
 
     /// Marks every block of every file dirty: the secondary holds nothing
