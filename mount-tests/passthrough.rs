@@ -506,3 +506,45 @@ fn outside_umount_makes_daemon_exit_0() {
     assert!(!m.is_mounted());
     assert!(m.back(".hbrfs/clean").exists(), "no clean marker");
 }
+
+/// SEEK_DATA/SEEK_HOLE never hide data a writer already wrote: while a
+/// file is open for buffered writing the kernel may still hold the pages
+/// (the writeback cache is not flushed before the question), so the answer
+/// must not claim a hole where fresh data lies. After close the answer is
+/// exact again.
+#[test]
+fn seek_data_never_hides_unflushed_writes() {
+    let m = Mount::start(&[]);
+    let p = m.mnt("fresh.img");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    f.write_all_at(&pattern(65536, 3), 262_144).unwrap();
+    let seek = |fd: &File, off: i64, whence: i32| {
+        // SAFETY: plain lseek on an open descriptor.
+        unsafe { libc::lseek(fd.as_raw_fd(), off, whence) }
+    };
+    let data = seek(&f, 0, libc::SEEK_DATA);
+    assert!(
+        (0..=262_144).contains(&data),
+        "SEEK_DATA skipped fresh data: {data}"
+    );
+    let hole = seek(&f, data, libc::SEEK_HOLE);
+    assert!(
+        hole >= 262_144 + 65_536,
+        "SEEK_HOLE inside fresh data: {hole}"
+    );
+    drop(f);
+    let f = File::open(&p).unwrap();
+    assert_eq!(seek(&f, 0, libc::SEEK_DATA), 262_144, "exact after close");
+    assert_eq!(
+        seek(&f, 262_144, libc::SEEK_HOLE),
+        262_144 + 65_536,
+        "exact after close"
+    );
+}

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use fuser::{FileHandle, FileType, INodeNo};
 
-use super::inodes::Inode;
+use super::inodes::{CachedWriter, Inode};
 
 /// An open regular file.
 #[derive(Debug)]
@@ -18,6 +18,8 @@ pub struct OpenFile {
     pub file: File,
     /// The node it belongs to (keeps its tracking state alive).
     pub inode: Arc<Inode>,
+    /// Set when writes through this handle go through the kernel's cache.
+    pub _cached_writer: Option<CachedWriter>,
 }
 
 /// One directory entry as listed at `opendir`.

@@ -29,6 +29,10 @@ pub struct Inode {
     pub tracked: Option<Arc<TrackedFile>>,
     /// Kernel references (lookups minus forgets).
     lookups: AtomicU64,
+    /// Open handles through which the kernel may cache written pages (the
+    /// writeback cache): while any exist, the backing file may lack data
+    /// the kernel already acknowledged.
+    cached_writers: AtomicU64,
 }
 
 impl Inode {
@@ -45,6 +49,31 @@ impl Inode {
     /// Whether the node is a directory.
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
+    }
+
+    /// Whether the kernel may hold written pages of this file that the
+    /// backing file has not seen.
+    pub fn has_cached_writers(&self) -> bool {
+        self.cached_writers.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Counts an open handle as a cached writer of its node for as long as it
+/// lives.
+#[derive(Debug)]
+pub struct CachedWriter(Arc<Inode>);
+
+impl CachedWriter {
+    /// Starts counting.
+    pub fn new(inode: Arc<Inode>) -> CachedWriter {
+        inode.cached_writers.fetch_add(1, Ordering::Relaxed);
+        CachedWriter(inode)
+    }
+}
+
+impl Drop for CachedWriter {
+    fn drop(&mut self) {
+        self.0.cached_writers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -73,6 +102,7 @@ impl InodeTable {
             kind: libc::S_IFDIR,
             tracked: None,
             lookups: AtomicU64::new(1),
+            cached_writers: AtomicU64::new(0),
         });
         let mut tables = Tables {
             next: INodeNo::ROOT.0 + 1,
@@ -118,6 +148,7 @@ impl InodeTable {
             kind,
             tracked: tracked(),
             lookups: AtomicU64::new(1),
+            cached_writers: AtomicU64::new(0),
         });
         t.by_key.insert(key, ino);
         t.by_ino.insert(ino, node.clone());

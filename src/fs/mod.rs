@@ -334,6 +334,41 @@ impl Passthrough {
         f
     }
 
+    /// For a handle opened with `flags`: counts it as a cached writer when
+    /// its writes go through the kernel's writeback cache.
+    fn cached_writer(&self, node: &Arc<Inode>, flags: i32) -> Option<inodes::CachedWriter> {
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        (self.writeback && writes && flags & libc::O_DIRECT == 0)
+            .then(|| inodes::CachedWriter::new(node.clone()))
+    }
+
+    /// SEEK_DATA/SEEK_HOLE. While the kernel may cache written pages the
+    /// backing file has not seen yet (it does not flush them before asking),
+    /// the answer is "no holes": always safe for a reader, at the cost of
+    /// hole detection while the image is open for buffered writing.
+    fn op_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> Res<i64> {
+        let h = self.open_file(fh)?;
+        let Handle::File(f) = &*h else {
+            return Err(Errno::EISDIR);
+        };
+        if !f.inode.has_cached_writers()
+            || !(whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE)
+        {
+            return sys::lseek(f.file.as_fd(), offset, whence).map_err(io_errno);
+        }
+        if offset < 0 {
+            return Err(Errno::EINVAL);
+        }
+        let size = sys::statat(f.file.as_fd(), OsStr::new(""))
+            .map_err(io_errno)?
+            .st_size;
+        Ok(if whence == libc::SEEK_DATA {
+            offset
+        } else {
+            offset.max(size)
+        })
+    }
+
     fn fopen_flags(&self, flags: i32) -> FopenFlags {
         if flags & libc::O_DIRECT != 0 || self.view.is_some() {
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
@@ -385,6 +420,7 @@ impl Passthrough {
         self.record(OpKind::Create, id, &path, b"", 0);
         let fh = self.handles.insert(Handle::File(OpenFile {
             file,
+            _cached_writer: self.cached_writer(&node, flags),
             inode: node.clone(),
         }));
         Ok((attr(node.ino, &st), fh, self.fopen_flags(flags)))
@@ -395,6 +431,7 @@ impl Passthrough {
         let fd = sys::reopen(node.fd(), self.backing_flags(flags)).map_err(io_errno)?;
         let fh = self.handles.insert(Handle::File(OpenFile {
             file: File::from(fd),
+            _cached_writer: self.cached_writer(&node, flags),
             inode: node,
         }));
         Ok((fh, self.fopen_flags(flags)))
@@ -1227,11 +1264,7 @@ impl Filesystem for Passthrough {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let res = self.open_file(fh).and_then(|h| match &*h {
-            Handle::File(f) => sys::lseek(f.file.as_fd(), offset, whence).map_err(io_errno),
-            Handle::Dir(_) => Err(Errno::EISDIR),
-        });
-        match res {
+        match self.op_lseek(fh, offset, whence) {
             Ok(off) => reply.offset(off),
             Err(e) => reply.error(e),
         }
