@@ -20,6 +20,9 @@ pub struct OpenFile {
     pub inode: Arc<Inode>,
     /// Set when writes through this handle go through the kernel's cache.
     pub _cached_writer: Option<CachedWriter>,
+    /// The backing file is open with `O_DIRECT` (the caller asked for it):
+    /// IO goes through an aligned buffer.
+    pub direct: bool,
 }
 
 /// One directory entry as listed at `opendir`.

@@ -11,6 +11,7 @@
 //! POSIX/flock locks are left to the kernel (local locks; a datastore has
 //! one host).
 
+mod aligned;
 pub mod handles;
 pub mod inodes;
 
@@ -60,6 +61,20 @@ fn state_errno(e: Error) -> Errno {
             Errno::EIO
         }
     }
+}
+
+/// Reads up to `buf.len()` bytes at `offset`, fewer only at the end.
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> Res<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_errno(e)),
+        }
+    }
+    Ok(done)
 }
 
 fn display(name: &OsStr) -> String {
@@ -418,8 +433,17 @@ impl Passthrough {
             .inodes
             .lookup(path_fd, (st.st_dev, st.st_ino), libc::S_IFREG, || tracked);
         self.record(OpKind::Create, id, &path, b"", 0);
+        let (file, direct) = if flags & libc::O_DIRECT != 0 {
+            match sys::reopen(file.as_fd(), self.backing_flags(flags) | libc::O_DIRECT) {
+                Ok(fd) => (File::from(fd), true),
+                Err(_) => (file, false),
+            }
+        } else {
+            (file, false)
+        };
         let fh = self.handles.insert(Handle::File(OpenFile {
             file,
+            direct,
             _cached_writer: self.cached_writer(&node, flags),
             inode: node.clone(),
         }));
@@ -428,9 +452,20 @@ impl Passthrough {
 
     fn op_open(&self, ino: INodeNo, flags: i32) -> Res<(FileHandle, FopenFlags)> {
         let node = self.inode(ino)?;
-        let fd = sys::reopen(node.fd(), self.backing_flags(flags)).map_err(io_errno)?;
+        // The caller's O_DIRECT reaches the backing file, so a cache=none
+        // image is not cached twice in host memory; a backing file system
+        // that refuses O_DIRECT gets buffered IO instead.
+        let direct_fd = (flags & libc::O_DIRECT != 0)
+            .then(|| sys::reopen(node.fd(), self.backing_flags(flags) | libc::O_DIRECT).ok())
+            .flatten();
+        let direct = direct_fd.is_some();
+        let fd = match direct_fd {
+            Some(fd) => fd,
+            None => sys::reopen(node.fd(), self.backing_flags(flags)).map_err(io_errno)?,
+        };
         let fh = self.handles.insert(Handle::File(OpenFile {
             file: File::from(fd),
+            direct,
             _cached_writer: self.cached_writer(&node, flags),
             inode: node,
         }));
@@ -443,17 +478,15 @@ impl Passthrough {
         let Handle::File(f) = &*h else {
             return Err(Errno::EBADF);
         };
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match f.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_errno(e)),
-            }
+        if f.direct {
+            return aligned::with_buffer(size as usize, |buf| {
+                let n = read_full(&f.file, buf, offset)?;
+                Ok(buf[..n].to_vec())
+            });
         }
-        buf.truncate(done);
+        let mut buf = vec![0u8; size as usize];
+        let n = read_full(&f.file, &mut buf, offset)?;
+        buf.truncate(n);
         Ok(buf)
     }
 
@@ -467,7 +500,14 @@ impl Passthrough {
             t.mark(offset, data.len() as u64, data.len() as u64)
                 .map_err(state_errno)?;
         }
-        f.file.write_all_at(data, offset).map_err(io_errno)?;
+        if f.direct {
+            aligned::with_buffer(data.len(), |buf| {
+                buf.copy_from_slice(data);
+                f.file.write_all_at(buf, offset).map_err(io_errno)
+            })?;
+        } else {
+            f.file.write_all_at(data, offset).map_err(io_errno)?;
+        }
         if let Some(t) = &f.inode.tracked {
             t.extended_to(offset + data.len() as u64);
         }
