@@ -5,11 +5,12 @@
 //! Each callback calls a helper returning `Result<_, Errno>` and ends in one
 //! `match` that replies, so no callback can panic on an IO error.
 //!
-//! Decisions: the backing file is opened without `O_DIRECT` even when the
-//! guest asks for it (buffers from the kernel are not aligned for it; the
-//! mount itself still bypasses the page cache with `FOPEN_DIRECT_IO`), and
-//! POSIX/flock locks are left to the kernel (local locks; a datastore has
-//! one host).
+//! Decisions: a caller's `O_DIRECT` reaches the backing file (through an
+//! aligned buffer, `aligned`), and such opens get `FOPEN_DIRECT_IO` with
+//! parallel direct writes; buffered opens use the kernel's writeback cache,
+//! and while one is open SEEK_DATA/SEEK_HOLE answer "no holes" (the kernel
+//! does not flush before asking). POSIX/flock locks are left to the kernel
+//! (local locks; a datastore has one host).
 
 mod aligned;
 pub mod handles;
