@@ -8,4 +8,5 @@ mod harness;
 mod passthrough;
 mod posix;
 mod replication;
+mod resilience;
 mod tracking;

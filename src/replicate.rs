@@ -257,6 +257,7 @@ impl Replicator {
         let mut client: Option<(Client, u64)> = None;
         let mut backoff = Duration::from_millis(500);
         loop {
+            // A (re)connect is followed by a tick at once, in the same turn.
             let wait = if client.is_some() {
                 self.opts.rpo
             } else {
@@ -277,7 +278,7 @@ impl Replicator {
                     }
                     Err(e) => {
                         self.stats.fail(&e);
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 }
@@ -307,7 +308,7 @@ impl Replicator {
             .await
             .map_err(|s| {
                 remote(
-                    &format!("secondary {} refused", self.opts.addr),
+                    &format!("hello to secondary {}", self.opts.addr),
                     s.message(),
                 )
             })?

@@ -24,6 +24,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use prost::Message;
 use tempfile::TempDir;
+use xxhash_rust::xxh3::xxh3_64;
 
 use super::handle;
 use super::session::{MAX_BLOCKS, MAX_ENTRIES, MAX_FILE_SIZE, MAX_OFFERS, Session};
@@ -44,16 +45,12 @@ const C_SIZE: u64 = BS + 10;
 // ---------------------------------------------------------------------------
 // Building messages.
 
-/// Deterministic, non-repeating bytes.
+/// Deterministic, non-repeating bytes: xxh3 of the seed and the offset.
 fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
+    (0..len as u64)
+        .step_by(8)
+        .flat_map(|at| xxh3_64(&[seed.to_le_bytes(), at.to_le_bytes()].concat()).to_le_bytes())
+        .take(len)
         .collect()
 }
 
@@ -134,6 +131,16 @@ fn commit(epoch: u64) -> ShipMessage {
     msg(ship_message::Body::Commit(Commit { epoch }))
 }
 
+/// Sends the first element of a list again at its end.
+fn push_first_again<T: Clone>(list: &mut Vec<T>) {
+    list.push(list[0].clone());
+}
+
+/// Makes a list `n` copies of its first element.
+fn repeat_first<T: Clone>(list: &mut Vec<T>, n: usize) {
+    *list = vec![list[0].clone(); n];
+}
+
 fn begin_of(m: &mut ShipMessage) -> &mut Begin {
     match &mut m.body {
         Some(ship_message::Body::Begin(b)) => b,
@@ -191,13 +198,19 @@ fn first_epoch(key: &HashKey) -> Vec<ShipMessage> {
     ]
 }
 
-/// Index of each message in [`next_epoch`].
+// Where each message stands in [`next_epoch`].
+/// `Begin`: creates `c.img`; files `vms/a.img` (id 1) and `c.img` (id 3).
 const BEGIN: usize = 0;
-const OFFERS_A: usize = 1;
-const BLOCKS_A: usize = 2;
-const OFFERS_C: usize = 3;
-const BLOCKS_C: usize = 4;
-const COMMIT: usize = 5;
+/// Offers for `vms/a.img`: data, a zero block, the short last block.
+const OFFERS_A: usize = BEGIN + 1;
+/// The two data blocks of `vms/a.img`.
+const BLOCKS_A: usize = OFFERS_A + 1;
+/// Offers for `c.img`: a full block and a 10-byte one.
+const OFFERS_C: usize = BLOCKS_A + 1;
+/// The two blocks of `c.img`.
+const BLOCKS_C: usize = OFFERS_C + 1;
+/// `Commit`.
+const COMMIT: usize = BLOCKS_C + 1;
 
 /// A legitimate next epoch on top of `base`: creates `c.img` and rewrites
 /// two blocks of `vms/a.img` (and punches one), all with new content, so
@@ -246,7 +259,24 @@ struct Run {
 /// Feeds `msgs` to a new session the way `ReplicaService::ship` does: the
 /// first refusal ends the stream.
 fn drive(store: &ReplicaStore, msgs: impl IntoIterator<Item = ShipMessage>) -> Run {
+    drive_with(store, msgs, false)
+}
+
+/// Like [`drive`], but as an honest primary: of each Blocks message only
+/// the blocks the secondary wanted are sent (content staged by an earlier,
+/// broken stream is not wanted again).
+fn drive_honest(store: &ReplicaStore, msgs: impl IntoIterator<Item = ShipMessage>) -> Run {
+    drive_with(store, msgs, true)
+}
+
+fn drive_with(
+    store: &ReplicaStore,
+    msgs: impl IntoIterator<Item = ShipMessage>,
+    honest: bool,
+) -> Run {
     let mut run = Run::default();
+    let mut offered: Vec<(u64, u64)> = Vec::new();
+    let mut wanted: std::collections::HashSet<(u64, u64)> = std::collections::HashSet::new();
     let mut session = match Session::new(store) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -254,12 +284,28 @@ fn drive(store: &ReplicaStore, msgs: impl IntoIterator<Item = ShipMessage>) -> R
             return run;
         }
     };
-    for m in msgs {
+    for mut m in msgs {
         run.handled += 1;
+        match &mut m.body {
+            Some(ship_message::Body::Offers(o)) => {
+                offered = o.offers.iter().map(|o| (o.file_id, o.block)).collect();
+            }
+            Some(ship_message::Body::Blocks(b)) if honest => {
+                b.blocks.retain(|b| wanted.contains(&(b.file_id, b.block)));
+            }
+            _ => {}
+        }
         match handle(&mut session, m) {
             Ok(None) => {}
             Ok(Some(reply)) => match reply.body {
-                Some(ship_reply::Body::Wants(w)) => run.wants.push(w.positions),
+                Some(ship_reply::Body::Wants(w)) => {
+                    wanted.extend(
+                        w.positions
+                            .iter()
+                            .filter_map(|p| offered.get(*p as usize).copied()),
+                    );
+                    run.wants.push(w.positions)
+                }
                 Some(ship_reply::Body::Applied(a)) => run.applied = Some(a.epoch),
                 None => panic!("the session sent an empty reply"),
             },
@@ -505,6 +551,19 @@ impl Fixture {
         }
     }
 
+    /// [`Fixture::assert_refused`] for the next legitimate epoch after
+    /// `change` (which gets the pair's key).
+    fn refuse_changed(
+        &mut self,
+        what: &str,
+        needles: &[&str],
+        change: impl FnOnce(&mut Vec<ShipMessage>, &HashKey),
+    ) {
+        let mut m = self.next_epoch();
+        change(&mut m, &self.key);
+        self.assert_refused(what, m, needles);
+    }
+
     /// Closes and opens the store again, as a restart of the secondary.
     fn reopen(&mut self) {
         drop(self.store.take());
@@ -532,7 +591,7 @@ impl Fixture {
     /// one stream, not the replica).
     fn assert_accepts_next_epoch(&mut self) {
         let msgs = self.next_epoch();
-        let run = self.drive(msgs.clone());
+        let run = drive_honest(self.store(), msgs.clone());
         assert_eq!(
             run.refused, None,
             "the next legitimate epoch was refused after the bad input"
@@ -764,12 +823,12 @@ fn refuses_paths_through_a_symlink_made_earlier_in_the_same_epoch() {
 fn refuses_file_paths_naming_a_symlink_or_a_folder() {
     let mut fx = Fixture::new();
     for path in ["escape", "vms", "vms/"] {
-        let mut m = fx.next_epoch();
-        begin_of(&mut m[BEGIN]).files[1].path = path.as_bytes().to_vec();
-        fx.assert_refused(
+        fx.refuse_changed(
             &format!("file path {path:?}"),
-            m,
             &[path.trim_end_matches('/')],
+            |m, _| {
+                begin_of(&mut m[BEGIN]).files[1].path = path.as_bytes().to_vec();
+            },
         );
     }
     fx.finish();
@@ -779,11 +838,11 @@ fn refuses_file_paths_naming_a_symlink_or_a_folder() {
 fn refuses_namespace_operations_of_unknown_kind_0_and_99() {
     let mut fx = Fixture::new();
     for kind in [0, 99, -1] {
-        let mut m = fx.next_epoch();
-        let mut bad = op(OpKind::Create, 4, "d.img", "", 0);
-        bad.kind = kind;
-        begin_of(&mut m[BEGIN]).ops.push(bad);
-        fx.assert_refused(&format!("op kind {kind}"), m, &["kind"]);
+        fx.refuse_changed(&format!("op kind {kind}"), &["kind"], |m, _| {
+            let mut bad = op(OpKind::Create, 4, "d.img", "", 0);
+            bad.kind = kind;
+            begin_of(&mut m[BEGIN]).ops.push(bad);
+        });
     }
     fx.finish();
 }
@@ -804,9 +863,9 @@ fn refuses_namespace_operations_the_replica_cannot_apply_rmdir_nonempty_unlink_f
             op(OpKind::Truncate, 2, "escape", "", 0),
         ),
     ] {
-        let mut m = fx.next_epoch();
-        begin_of(&mut m[BEGIN]).ops.push(bad);
-        fx.assert_refused(what, m, &[]);
+        fx.refuse_changed(what, &[], |m, _| {
+            begin_of(&mut m[BEGIN]).ops.push(bad);
+        });
     }
     fx.finish();
 }
@@ -815,68 +874,57 @@ fn refuses_namespace_operations_the_replica_cannot_apply_rmdir_nonempty_unlink_f
 fn refuses_huge_sizes_in_files_and_truncates_and_too_many_entries() {
     let mut fx = Fixture::new();
     for size in [u64::MAX, MAX_FILE_SIZE + 1, 1 << 63] {
-        let mut m = fx.next_epoch();
-        begin_of(&mut m[BEGIN]).files.push(file(5, "big.img", size));
-        fx.assert_refused(&format!("file size {size}"), m, &["beyond the limit"]);
-    }
-    // Under the limit, but beyond what the replica's file system holds
-    // (ext4: 16 TiB): refused, not a failed apply.
-    for size in [MAX_FILE_SIZE, 1 << 45] {
-        let mut m = fx.next_epoch();
-        begin_of(&mut m[BEGIN]).files.push(file(5, "big.img", size));
-        fx.assert_refused(&format!("file size {size}"), m, &[]);
-    }
-    for size in [u64::MAX, 1 << 63, MAX_FILE_SIZE + 1] {
-        let mut m = fx.next_epoch();
-        begin_of(&mut m[BEGIN])
-            .ops
-            .push(op(OpKind::Truncate, 2, "b.img", "", size));
-        fx.assert_refused(&format!("truncate to {size}"), m, &[]);
-    }
-    let mut m = fx.next_epoch();
-    let many = op(OpKind::Mkdir, 0, "", "", 0);
-    begin_of(&mut m[BEGIN]).ops = vec![many; MAX_ENTRIES + 1];
-    fx.assert_refused("MAX_ENTRIES + 1 operations", m, &["at most"]);
-    let mut m = fx.next_epoch();
-    begin_of(&mut m[BEGIN]).files = (0..=MAX_ENTRIES as u64)
-        .map(|i| file(10 + i, "", 0))
-        .collect();
-    fx.assert_refused("MAX_ENTRIES + 1 files", m, &["at most"]);
-    fx.finish();
-}
-
-#[test]
-fn refuses_point_ids_of_wrong_length_0_15_17_bytes() {
-    let mut fx = Fixture::new();
-    for len in [0, 15, 17] {
-        let mut m = fx.next_epoch();
-        begin_of(&mut m[BEGIN]).point = vec![7; len];
-        fx.assert_refused(
-            &format!("{len}-byte point id"),
-            m,
-            &[&format!("point id of {len} bytes")],
+        fx.refuse_changed(
+            &format!("file size {size}"),
+            &["beyond the limit"],
+            |m, _| {
+                begin_of(&mut m[BEGIN]).files.push(file(5, "big.img", size));
+            },
         );
     }
+    // Beyond what the replica's file system holds (ext4: 16 TiB): refused,
+    // not a failed apply.
+    let size = 1u64 << 45;
+    fx.refuse_changed(&format!("file size {size}"), &[], |m, _| {
+        begin_of(&mut m[BEGIN]).files.push(file(5, "big.img", size));
+    });
+    for size in [u64::MAX, 1 << 63, MAX_FILE_SIZE + 1] {
+        fx.refuse_changed(&format!("truncate to {size}"), &[], |m, _| {
+            begin_of(&mut m[BEGIN])
+                .ops
+                .push(op(OpKind::Truncate, 2, "b.img", "", size));
+        });
+    }
+    fx.refuse_changed("MAX_ENTRIES + 1 operations", &["at most"], |m, _| {
+        let many = op(OpKind::Mkdir, 0, "", "", 0);
+        begin_of(&mut m[BEGIN]).ops = vec![many; MAX_ENTRIES + 1];
+    });
+    fx.refuse_changed("MAX_ENTRIES + 1 files", &["at most"], |m, _| {
+        begin_of(&mut m[BEGIN]).files = (0..=MAX_ENTRIES as u64)
+            .map(|i| file(10 + i, "", 0))
+            .collect();
+    });
     fx.finish();
 }
 
 #[test]
 fn refuses_files_listed_twice_and_a_second_begin() {
     let mut fx = Fixture::new();
-    let mut m = fx.next_epoch();
-    let dup = begin_of(&mut m[BEGIN]).files[1].clone();
-    begin_of(&mut m[BEGIN]).files.push(dup);
-    fx.assert_refused("file 3 listed twice", m, &["listed twice"]);
-    let mut m = fx.next_epoch();
-    m.insert(1, m[BEGIN].clone());
-    fx.assert_refused("a second Begin", m, &["second Begin"]);
+    fx.refuse_changed("file 3 listed twice", &["listed twice"], |m, _| {
+        let dup = begin_of(&mut m[BEGIN]).files[1].clone();
+        begin_of(&mut m[BEGIN]).files.push(dup);
+    });
+    fx.refuse_changed("a second Begin", &["second Begin"], |m, _| {
+        m.insert(1, m[BEGIN].clone());
+    });
     fx.finish();
 }
 
 #[test]
 fn refuses_offers_beyond_the_file_size_and_for_files_not_in_the_epoch() {
     let mut fx = Fixture::new();
-    let cases: [(&str, fn(&mut Offer), &str); 5] = [
+    type Change = fn(&mut Offer);
+    let cases: [(&str, Change, &str); 5] = [
         (
             "block 4 of a 4-block file",
             |o| o.block = 4,
@@ -896,9 +944,9 @@ fn refuses_offers_beyond_the_file_size_and_for_files_not_in_the_epoch() {
         ("file 77, unknown", |o| o.file_id = 77, "not in the epoch"),
     ];
     for (what, change, needle) in cases {
-        let mut m = fx.next_epoch();
-        change(&mut offers_of(&mut m[OFFERS_A])[0]);
-        fx.assert_refused(what, m, &[needle]);
+        fx.refuse_changed(what, &[needle], |m, _| {
+            change(&mut offers_of(&mut m[OFFERS_A])[0]);
+        });
     }
     fx.finish();
 }
@@ -914,17 +962,17 @@ fn refuses_offers_with_wrong_lengths_short_long_zero_and_blocks_decoding_short()
         ("short last block offered as 99 bytes", 2, 99),
         ("zero marker of the wrong length", 1, 4095),
     ] {
-        let mut m = fx.next_epoch();
-        offers_of(&mut m[OFFERS_A])[index].length = length;
-        fx.assert_refused(what, m, &["has length"]);
+        fx.refuse_changed(what, &["has length"], |m, _| {
+            offers_of(&mut m[OFFERS_A])[index].length = length;
+        });
     }
     // The frame decodes to fewer bytes than offered.
-    let mut m = fx.next_epoch();
-    blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &content(7, 4000));
-    fx.assert_refused(
+    fx.refuse_changed(
         "a block decoding to 4000 of 4096 bytes",
-        m,
         &["does not match the hash"],
+        |m, _| {
+            blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &content(7, 4000));
+        },
     );
     fx.finish();
 }
@@ -932,38 +980,47 @@ fn refuses_offers_with_wrong_lengths_short_long_zero_and_blocks_decoding_short()
 #[test]
 fn refuses_duplicate_offers_in_one_message_and_across_messages() {
     let mut fx = Fixture::new();
-    let mut m = fx.next_epoch();
-    let again = offers_of(&mut m[OFFERS_A])[0].clone();
-    offers_of(&mut m[OFFERS_A]).push(again);
-    fx.assert_refused(
+    fx.refuse_changed(
         "block 0 offered twice in one message",
-        m,
         &["offered twice"],
+        |m, _| push_first_again(offers_of(&mut m[OFFERS_A])),
     );
-    let mut m = fx.next_epoch();
-    let again = m[OFFERS_A].clone();
-    m.insert(BLOCKS_A + 1, again);
-    fx.assert_refused("the same Offers message twice", m, &["offered twice"]);
-    let mut m = fx.next_epoch();
-    let mut zero_again = offers_of(&mut m[OFFERS_A])[1].clone();
-    zero_again.zero = false;
-    zero_again.hash = fx.key.hash(&[1u8; 4096]).to_bytes().to_vec();
-    offers_of(&mut m[OFFERS_C]).push(zero_again);
-    fx.assert_refused("a zero block offered again as data", m, &["offered twice"]);
+    fx.refuse_changed(
+        "the same Offers message twice",
+        &["offered twice"],
+        |m, _| m.insert(BLOCKS_A + 1, m[OFFERS_A].clone()),
+    );
+    fx.refuse_changed(
+        "a zero block offered again as data",
+        &["offered twice"],
+        |m, key| {
+            let mut zero_again = offers_of(&mut m[OFFERS_A])[1].clone();
+            zero_again.zero = false;
+            zero_again.hash = key.hash(&[1u8; 4096]).to_bytes().to_vec();
+            offers_of(&mut m[OFFERS_C]).push(zero_again);
+        },
+    );
     fx.finish();
 }
 
 #[test]
-fn refuses_hashes_of_wrong_length_0_1_15_17_32_bytes() {
+fn refuses_hashes_of_0_1_15_17_32_bytes_and_point_ids_of_0_15_17_bytes() {
     let mut fx = Fixture::new();
-    for len in [0, 1, 15, 17, 32] {
-        let mut m = fx.next_epoch();
-        offers_of(&mut m[OFFERS_A])[0].hash = vec![0xab; len];
-        fx.assert_refused(
-            &format!("{len}-byte hash"),
-            m,
-            &[&format!("{len}-byte hash")],
-        );
+    let hashes = [0, 1, 15, 17, 32].map(|len| (len, true));
+    let points = [0, 15, 17].map(|len| (len, false));
+    for (len, is_hash) in hashes.into_iter().chain(points) {
+        let needle = if is_hash {
+            format!("{len}-byte hash")
+        } else {
+            format!("point id of {len} bytes")
+        };
+        fx.refuse_changed(&needle, &[&needle], |m, _| {
+            if is_hash {
+                offers_of(&mut m[OFFERS_A])[0].hash = vec![0xab; len];
+            } else {
+                begin_of(&mut m[BEGIN]).point = vec![7; len];
+            }
+        });
     }
     fx.finish();
 }
@@ -971,58 +1028,65 @@ fn refuses_hashes_of_wrong_length_0_1_15_17_32_bytes() {
 #[test]
 fn refuses_too_many_offers_or_blocks_in_one_message() {
     let mut fx = Fixture::new();
-    let mut m = fx.next_epoch();
-    let o = offers_of(&mut m[OFFERS_A])[0].clone();
-    *offers_of(&mut m[OFFERS_A]) = vec![o; MAX_OFFERS + 1];
-    fx.assert_refused("MAX_OFFERS + 1 offers", m, &["offers in one message"]);
-    let mut m = fx.next_epoch();
-    let b = blocks_of(&mut m[BLOCKS_A])[0].clone();
-    *blocks_of(&mut m[BLOCKS_A]) = vec![b; MAX_BLOCKS + 1];
-    fx.assert_refused("MAX_BLOCKS + 1 blocks", m, &["blocks in one message"]);
+    fx.refuse_changed(
+        "MAX_OFFERS + 1 offers",
+        &["offers in one message"],
+        |m, _| repeat_first(offers_of(&mut m[OFFERS_A]), MAX_OFFERS + 1),
+    );
+    fx.refuse_changed(
+        "MAX_BLOCKS + 1 blocks",
+        &["blocks in one message"],
+        |m, _| repeat_first(blocks_of(&mut m[BLOCKS_A]), MAX_BLOCKS + 1),
+    );
     fx.finish();
 }
 
 #[test]
 fn refuses_blocks_not_asked_for_before_offers_twice_for_zero_and_held_blocks() {
     let mut fx = Fixture::new();
-    let mut m = fx.next_epoch();
-    let b = blocks_of(&mut m[BLOCKS_C])[0].clone();
-    m.insert(OFFERS_A, blocks(vec![b]));
-    fx.assert_refused("a block before its offer", m, &["was not asked for"]);
-
-    let mut m = fx.next_epoch();
-    let b = blocks_of(&mut m[BLOCKS_A])[0].clone();
-    blocks_of(&mut m[BLOCKS_A]).push(b);
-    fx.assert_refused("the same block sent twice", m, &["was not asked for"]);
-
-    let mut m = fx.next_epoch();
-    blocks_of(&mut m[BLOCKS_A]).push(data_block(1, 2, &content(5, 4096)));
-    fx.assert_refused(
-        "data for a block offered as zero",
-        m,
+    fx.refuse_changed(
+        "a block before its offer",
         &["was not asked for"],
+        |m, _| {
+            let b = blocks_of(&mut m[BLOCKS_C])[0].clone();
+            m.insert(OFFERS_A, blocks(vec![b]));
+        },
     );
 
-    let mut m = fx.next_epoch();
-    blocks_of(&mut m[BLOCKS_A]).push(data_block(1, 1, &content(5, 4096)));
-    fx.assert_refused("a block never offered", m, &["was not asked for"]);
+    fx.refuse_changed(
+        "the same block sent twice",
+        &["was not asked for"],
+        |m, _| push_first_again(blocks_of(&mut m[BLOCKS_A])),
+    );
+
+    fx.refuse_changed(
+        "data for a block offered as zero",
+        &["was not asked for"],
+        |m, _| {
+            blocks_of(&mut m[BLOCKS_A]).push(data_block(1, 2, &content(5, 4096)));
+        },
+    );
+
+    fx.refuse_changed("a block never offered", &["was not asked for"], |m, _| {
+        blocks_of(&mut m[BLOCKS_A]).push(data_block(1, 1, &content(5, 4096)));
+    });
 
     // b.img's block 0 is held: offered under c.img it is answered "have";
     // sending it anyway is refused.
-    let mut m = fx.next_epoch();
-    let held = content(20, 4096);
-    offers_of(&mut m[OFFERS_C])[0] = offer(&fx.key, 3, 0, &held);
-    blocks_of(&mut m[BLOCKS_C])[0] = data_block(3, 0, &held);
-    fx.assert_refused(
+    fx.refuse_changed(
         "a block answered \"have\" sent anyway",
-        m,
         &["was not asked for"],
+        |m, key| {
+            let held = content(20, 4096);
+            offers_of(&mut m[OFFERS_C])[0] = offer(key, 3, 0, &held);
+            blocks_of(&mut m[BLOCKS_C])[0] = data_block(3, 0, &held);
+        },
     );
 
-    let mut m = fx.next_epoch();
-    m.insert(BEGIN + 1, blocks(vec![data_block(1, 0, &content(1, 4096))]));
-    m.remove(BEGIN);
-    fx.assert_refused("Blocks before Begin", m, &["was not asked for"]);
+    fx.refuse_changed("Blocks before Begin", &["was not asked for"], |m, _| {
+        m.insert(BEGIN + 1, blocks(vec![data_block(1, 0, &content(1, 4096))]));
+        m.remove(BEGIN);
+    });
     fx.finish();
 }
 
@@ -1057,10 +1121,12 @@ fn refuses_zstd_bombs_sized_or_streamed_or_concatenated_beyond_the_block() {
         ("4097 bytes for a 4096-byte block", one_more),
         ("two concatenated 4096-byte frames", concatenated),
     ] {
-        let mut m = fx.next_epoch();
-        blocks_of(&mut m[BLOCKS_A])[0].zstd = frame;
         let started = Instant::now();
-        fx.assert_refused(what, m, &["block 0 of file 1", "expands beyond 4096 bytes"]);
+        fx.refuse_changed(
+            what,
+            &["block 0 of file 1", "expands beyond 4096 bytes"],
+            |m, _| blocks_of(&mut m[BLOCKS_A])[0].zstd = frame,
+        );
         assert!(
             started.elapsed().as_secs() < 5,
             "{what}: took {:?} to refuse",
@@ -1086,9 +1152,9 @@ fn refuses_corrupted_zstd_garbage_truncated_bitflipped_and_empty_frames() {
         ("bad magic", bad_magic, "corrupt"),
         ("bit flipped in the middle", flipped, ""),
     ] {
-        let mut m = fx.next_epoch();
-        blocks_of(&mut m[BLOCKS_A])[0].zstd = frame;
-        fx.assert_refused(what, m, &["block 0 of file 1", needle]);
+        fx.refuse_changed(what, &["block 0 of file 1", needle], |m, _| {
+            blocks_of(&mut m[BLOCKS_A])[0].zstd = frame;
+        });
     }
     fx.finish();
 }
@@ -1097,24 +1163,32 @@ fn refuses_corrupted_zstd_garbage_truncated_bitflipped_and_empty_frames() {
 fn refuses_blocks_whose_content_does_not_match_the_offered_hash_forged_hashes() {
     let mut fx = Fixture::new();
     // The offer names content X; the block carries Y.
-    let mut m = fx.next_epoch();
-    blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &content(666, 4096));
-    fx.assert_refused(
+    fx.refuse_changed(
         "content other than offered",
-        m,
         &["does not match the hash"],
+        |m, _| {
+            blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &content(666, 4096));
+        },
     );
     // A hash made with another pair's key for the content sent.
-    let mut m = fx.next_epoch();
-    let other = HashKey::random().expect("key");
-    let data = content(667, 4096);
-    offers_of(&mut m[OFFERS_A])[0] = offer(&other, 1, 0, &data);
-    blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &data);
-    fx.assert_refused("hash under another key", m, &["does not match the hash"]);
+    fx.refuse_changed(
+        "hash under another key",
+        &["does not match the hash"],
+        |m, _| {
+            let other = HashKey::random().expect("key");
+            let data = content(667, 4096);
+            offers_of(&mut m[OFFERS_A])[0] = offer(&other, 1, 0, &data);
+            blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &data);
+        },
+    );
     // Zeros sent as data under a forged hash.
-    let mut m = fx.next_epoch();
-    blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &[0u8; 4096]);
-    fx.assert_refused("zeros under a data hash", m, &["does not match the hash"]);
+    fx.refuse_changed(
+        "zeros under a data hash",
+        &["does not match the hash"],
+        |m, _| {
+            blocks_of(&mut m[BLOCKS_A])[0] = data_block(1, 0, &[0u8; 4096]);
+        },
+    );
     fx.finish();
 }
 
@@ -1162,11 +1236,11 @@ fn refuses_replayed_and_out_of_order_epochs() {
         ("epoch 2 on base 0", 2, 0, "based on epoch 0"),
         ("epoch u64::MAX on base 7", u64::MAX, 7, "based on epoch 7"),
     ] {
-        let mut m = fx.next_epoch();
-        let b = begin_of(&mut m[BEGIN]);
-        (b.epoch, b.base_epoch) = (epoch, base);
-        m[COMMIT] = commit(epoch);
-        fx.assert_refused(what, m, &[needle, "epoch 1"]);
+        fx.refuse_changed(what, &[needle, "epoch 1"], |m, _| {
+            let b = begin_of(&mut m[BEGIN]);
+            (b.epoch, b.base_epoch) = (epoch, base);
+            m[COMMIT] = commit(epoch);
+        });
     }
     fx.assert_refused(
         "epoch 1 replayed verbatim",
@@ -1187,30 +1261,30 @@ fn refuses_commit_before_begin_with_missing_blocks_or_for_another_epoch() {
         vec![commit(2)],
         &["Commit before Begin"],
     );
-    let mut m = fx.next_epoch();
-    m.remove(BLOCKS_C);
-    fx.assert_refused(
+    fx.refuse_changed(
         "Commit with 2 blocks never sent",
-        m,
         &["2 wanted blocks never sent"],
+        |m, _| {
+            m.remove(BLOCKS_C);
+        },
     );
-    let mut m = fx.next_epoch();
-    blocks_of(&mut m[BLOCKS_A]).pop();
-    fx.assert_refused(
+    fx.refuse_changed(
         "Commit with 1 block never sent",
-        m,
         &["1 wanted blocks never sent"],
+        |m, _| {
+            blocks_of(&mut m[BLOCKS_A]).pop();
+        },
     );
-    let mut m = fx.next_epoch();
-    m[COMMIT] = commit(3);
-    fx.assert_refused(
+    fx.refuse_changed(
         "Commit for epoch 3 in epoch 2",
-        m,
         &["Commit for epoch 3 inside epoch 2"],
+        |m, _| {
+            m[COMMIT] = commit(3);
+        },
     );
-    let mut m = fx.next_epoch();
-    m.remove(BEGIN);
-    fx.assert_refused("Offers before Begin", m, &["Offers before Begin"]);
+    fx.refuse_changed("Offers before Begin", &["Offers before Begin"], |m, _| {
+        m.remove(BEGIN);
+    });
     // A stream that ends without its Commit applies nothing.
     let mut m = fx.next_epoch();
     m.pop();
@@ -1447,16 +1521,14 @@ impl Tally {
     }
 }
 
+/// `HBRFS_FUZZ_SEED`, or a fresh random seed.
 fn seed() -> u64 {
-    std::env::var("HBRFS_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock after 1970")
-                .as_nanos() as u64
-        })
+    match std::env::var("HBRFS_FUZZ_SEED") {
+        Ok(s) => s.parse().expect("HBRFS_FUZZ_SEED is a number"),
+        Err(_) => {
+            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)
+        }
+    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! received path confined (`confine`).
 
 pub mod confine;
+pub mod preflight;
 pub mod session;
 pub mod store;
 

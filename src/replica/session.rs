@@ -10,7 +10,6 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use super::confine;
 use super::store::ReplicaStore;
 use crate::block::{self, BlockHash, HashKey};
 use crate::proto::replica::{StagedBlock, StagedEpoch};
@@ -22,8 +21,9 @@ pub const MAX_OFFERS: usize = 65_536;
 pub const MAX_BLOCKS: usize = 4_096;
 /// Most namespace operations or files in one epoch.
 pub const MAX_ENTRIES: usize = 1 << 20;
-/// Largest file size accepted (16 EiB would overflow offsets).
-pub const MAX_FILE_SIZE: u64 = 1 << 50;
+/// Largest file size accepted: ext4's limit with 4 KiB blocks (16 TiB
+/// less a block).
+pub const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;
 
 /// Why a stream was refused.
 #[derive(Debug, thiserror::Error)]
@@ -123,20 +123,8 @@ impl<'a> Session<'a> {
                 begin.files.len()
             ));
         }
-        for op in &begin.ops {
-            confine::join(&self.store.root, &op.path).map_err(|e| Refused(e.to_string()))?;
-            if !op.target.is_empty() && op.kind() != crate::proto::replication::OpKind::Symlink {
-                confine::join(&self.store.root, &op.target).map_err(|e| Refused(e.to_string()))?;
-            }
-        }
+        super::preflight::check(&self.store.root, &begin).map_err(Refused)?;
         for f in &begin.files {
-            confine::join(&self.store.root, &f.path).map_err(|e| Refused(e.to_string()))?;
-            if f.size > MAX_FILE_SIZE {
-                return refuse(format!(
-                    "file {} size {} is beyond the limit",
-                    f.file_id, f.size
-                ));
-            }
             if self.sizes.insert(f.file_id, f.size).is_some() {
                 return refuse(format!("file {} listed twice", f.file_id));
             }

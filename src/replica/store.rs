@@ -433,8 +433,13 @@ impl ReplicaStore {
     fn apply_staged(&self, staged: &StagedEpoch, epoch: u64, ops_done: usize) -> Result<()> {
         let _view = self.view.write().expect("view lock");
         let begin = staged.begin.clone().unwrap_or_default();
+        // Preflight refused every point it could tell would fail; what an
+        // earlier operation of the same point makes impossible is logged
+        // and skipped, so that a bad point can never wedge the replica.
         for (i, op) in begin.ops.iter().enumerate().skip(ops_done) {
-            self.apply_op(op)?;
+            if let Err(e) = self.apply_op(op) {
+                log::error!("epoch {epoch}: operation {i} could not be applied, skipped: {e}");
+            }
             write_durably(&self.redo_path(), format!("{epoch} {}\n", i + 1).as_bytes())?;
         }
         let bs = u64::from(self.pair().map_or(0, |p| p.block_size));
@@ -442,13 +447,26 @@ impl ReplicaStore {
         let data = File::open(&data_path).at(&data_path)?;
         let mut open = std::collections::HashMap::new();
         for f in &begin.files {
-            let path = confine::resolve(&self.root, &f.path)
-                .map_err(|e| bad(&self.root, e.to_string()))?;
-            if let Some(parent) = path.parent() {
-                make_dirs(parent)?;
-            }
-            let file = open_for_write(&path)?;
-            file.set_len(f.size).at(&path)?;
+            let opened = confine::resolve(&self.root, &f.path)
+                .map_err(|e| bad(&self.root, e.to_string()))
+                .and_then(|path| {
+                    if let Some(parent) = path.parent() {
+                        make_dirs(parent)?;
+                    }
+                    let file = open_for_write(&path)?;
+                    file.set_len(f.size).at(&path)?;
+                    Ok((file, path))
+                });
+            let (file, path) = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    log::error!(
+                        "epoch {epoch}: file {} could not be written, skipped: {e}",
+                        f.file_id
+                    );
+                    continue;
+                }
+            };
             self.sled(
                 self.files
                     .insert(f.file_id.to_be_bytes(), f.path.as_slice()),
@@ -458,10 +476,7 @@ impl ReplicaStore {
         let mut buf = Vec::new();
         for b in &staged.blocks {
             let Some((file, path)) = open.get(&b.file_id) else {
-                return Err(bad(
-                    &data_path,
-                    format!("staged block of unknown file {}", b.file_id),
-                ));
+                continue; // its file was skipped above (logged there)
             };
             let at = b.block * bs;
             if b.zero {
