@@ -492,6 +492,11 @@ impl Replicator {
             .await
             .map_err(|e| remote("cut", e))??;
         let Some(set) = set else {
+            // Nothing changed since the last point: the replica equals the
+            // primary now, so its age is zero (not the time since a cut).
+            self.stats
+                .last_applied_cut_ns
+                .store(now_ns(), Ordering::Relaxed);
             return Ok(applied);
         };
         let point = ShippedPoint {

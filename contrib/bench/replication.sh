@@ -813,8 +813,9 @@ def report(res, roles):
         if ch["caught_up"] and ch["catchup_s"]:
             sp = rs["wall_s"] / ch["catchup_s"]
             ok = sp >= 20 and ch["wire_bytes"] < rs["sent"]
-            p(f"| >= 20x faster than rsync at {lowest}% change, fewer bytes | {sp:.1f}x, "
-              f"{fb(ch['wire_bytes'])} vs {fb(rs['sent'])} | {'yes' if ok else 'no'} |")
+            ship = f", {rs['wall_s'] / ch['ship_s']:.1f}x on ship time" if ch["ship_s"] else ""
+            p(f"| >= 20x faster than rsync at {lowest}% change, fewer bytes | {sp:.1f}x on catch-up{ship}; "
+              f"{fb(ch['wire_bytes'])} vs {fb(rs['sent'])} sent | {'yes' if ok else 'no'} |")
     hundred = [r for r in rates if r.lower().startswith("100m")]
     if hundred:
         f = load(os.path.join(res, f"fio-{hundred[0]}.json"))
