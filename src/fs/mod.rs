@@ -434,6 +434,13 @@ impl Passthrough {
             .inodes
             .lookup(path_fd, (st.st_dev, st.st_ino), libc::S_IFREG, || tracked);
         self.record(OpKind::Create, id, &path, b"", 0);
+        if let Some(ds) = &self.ds {
+            // The new file's id must be on disk before its first write is
+            // acknowledged: a crash must not leave marked blocks of a file
+            // the journal does not know (the next mount would find it, but
+            // `hbrfs journal` before that would not show its changes).
+            ds.journal.flush().map_err(state_errno)?;
+        }
         let (file, direct) = if flags & libc::O_DIRECT != 0 {
             match sys::reopen(file.as_fd(), self.backing_flags(flags) | libc::O_DIRECT) {
                 Ok(fd) => (File::from(fd), true),
