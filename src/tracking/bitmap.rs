@@ -213,7 +213,11 @@ impl Bitmap {
 
     /// Sets `blocks` in `slot`; returns how many bits went from 0 to 1.
     fn set_range(&self, slot: Slot, blocks: Range<u64>) -> u64 {
-        let map = self.map.read().expect("bitmap lock");
+        Self::set_range_in(&self.map.read().expect("bitmap lock"), slot, blocks)
+    }
+
+    /// [`Self::set_range`] on a mapping the caller holds.
+    fn set_range_in(map: &MmapMut, slot: Slot, blocks: Range<u64>) -> u64 {
         let mut newly = 0;
         let mut block = blocks.start;
         while block < blocks.end {
@@ -236,15 +240,22 @@ impl Bitmap {
     /// Marks `blocks` dirty in the open epoch and counts `bytes` written.
     /// Called before the data reaches the backing file.
     pub fn mark(&self, blocks: Range<u64>, bytes: u64, now_ns: u64) -> Result<()> {
-        self.ensure_capacity(blocks.end)?;
-        let newly = self.set_range(Slot::Active, blocks);
-        let map = self.map.read().expect("bitmap lock");
-        word_at(&map, OFF_BYTES_WRITTEN).fetch_add(bytes, Ordering::Relaxed);
-        if newly > 0 {
-            word_at(&map, OFF_BLOCKS_DIRTIED).fetch_add(newly, Ordering::Relaxed);
+        // One shared lock per write on the hot path; growth is the rare case.
+        loop {
+            {
+                let map = self.map.read().expect("bitmap lock");
+                if blocks.end <= capacity_of(&map) {
+                    let newly = Self::set_range_in(&map, Slot::Active, blocks);
+                    word_at(&map, OFF_BYTES_WRITTEN).fetch_add(bytes, Ordering::Relaxed);
+                    if newly > 0 {
+                        word_at(&map, OFF_BLOCKS_DIRTIED).fetch_add(newly, Ordering::Relaxed);
+                    }
+                    word_at(&map, OFF_LAST_WRITE).fetch_max(now_ns, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+            self.ensure_capacity(blocks.end)?;
         }
-        word_at(&map, OFF_LAST_WRITE).fetch_max(now_ns, Ordering::Relaxed);
-        Ok(())
     }
 
     /// The header counters.
