@@ -16,6 +16,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::ids::{BlockSize, FileId};
 use crate::journal::Journal;
 use crate::proto::journal::{FileRecord, OpKind, OpRecord};
+use crate::replica::store::write_durably;
 use crate::sys;
 use crate::tracking::{FileSource, TrackedFile, Tracker, now_ns};
 
@@ -503,15 +504,6 @@ fn take_lock(paths: &StatePaths) -> Result<File> {
     lock.set_len(0).at(&path)?;
     writeln!(lock, "{}", std::process::id()).at(&path)?;
     Ok(lock)
-}
-
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).at(&tmp)?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).at(&tmp)?;
-    fs::rename(&tmp, path).at(path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
 /// Opens the journal; when it cannot be opened by the daemon, moves it and

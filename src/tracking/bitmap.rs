@@ -229,8 +229,8 @@ impl Bitmap {
             } else {
                 ((1u64 << (last - first)) - 1) << first
             };
-            let old = word_at(&map, Self::word_offset(&map, group, slot))
-                .fetch_or(mask, Ordering::Relaxed);
+            let old =
+                word_at(map, Self::word_offset(map, group, slot)).fetch_or(mask, Ordering::Relaxed);
             newly += u64::from((mask & !old).count_ones());
             block = group * 64 + last;
         }
