@@ -402,6 +402,34 @@ pub fn wait_applied(m: &Mount, sec: &Secondary, until: Until, timeout: Duration)
 // ---------------------------------------------------------------------------
 // Comparing the two sides.
 
+/// The primary's image, the replica's file and the mirror's view of it
+/// are identical (qemu-img compare, sizes, sha256); returns the hash.
+fn assert_three_sides_identical(
+    m: &Mount,
+    sec: &Secondary,
+    name: &str,
+    format: &str,
+    when: &str,
+) -> String {
+    qemu_img_compare(format, &m.mnt(name), &sec.rep(name));
+    assert_mirror_size(&m.back(name), &sec.mir(name));
+    qemu_img_compare(format, &m.mnt(name), &sec.mir(name));
+    let (p, r, mir) = (
+        sha256(&m.back(name)),
+        sha256(&sec.rep(name)),
+        sha256(&sec.mir(name)),
+    );
+    assert_eq!(
+        p, r,
+        "{name}: replica hash differs from the primary's{when}"
+    );
+    assert_eq!(
+        p, mir,
+        "{name}: mirror hash differs from the primary's{when}"
+    );
+    p
+}
+
 /// `sha256sum FILE`, as a real client reads it.
 pub(crate) fn sha256(p: &Path) -> String {
     let out = run(Command::new("sha256sum").arg(p));
@@ -788,16 +816,7 @@ fn qemu_io_patterns_in_raw_and_qcow2_replicate_identically_and_mirror_shows_them
     );
     let mut hashes1 = BTreeMap::new();
     for (name, format, _) in images {
-        qemu_img_compare(format, &m.mnt(name), &sec.rep(name));
-        assert_mirror_size(&m.back(name), &sec.mir(name));
-        qemu_img_compare(format, &m.mnt(name), &sec.mir(name));
-        let (p, r, mir) = (
-            sha256(&m.back(name)),
-            sha256(&sec.rep(name)),
-            sha256(&sec.mir(name)),
-        );
-        assert_eq!(p, r, "{name}: replica hash differs from the primary's");
-        assert_eq!(p, mir, "{name}: mirror hash differs from the primary's");
+        let p = assert_three_sides_identical(&m, &sec, name, format, "");
         // qcow2 zeroed the cluster at 3 MiB after writing it.
         let kept: Vec<(u64, u64, u8)> = round1
             .iter()
@@ -825,17 +844,8 @@ fn qemu_io_patterns_in_raw_and_qcow2_replicate_identically_and_mirror_shows_them
         "round 2 shipped no new point ({epoch1} → {epoch2})"
     );
     for (name, format, _) in images {
-        qemu_img_compare(format, &m.mnt(name), &sec.rep(name));
-        assert_mirror_size(&m.back(name), &sec.mir(name));
-        qemu_img_compare(format, &m.mnt(name), &sec.mir(name));
-        let (p, r, mir) = (
-            sha256(&m.back(name)),
-            sha256(&sec.rep(name)),
-            sha256(&sec.mir(name)),
-        );
+        let p = assert_three_sides_identical(&m, &sec, name, format, " after round 2");
         assert_ne!(p, hashes1[name], "{name}: round 2 changed nothing?");
-        assert_eq!(p, r, "{name}: replica hash differs after round 2");
-        assert_eq!(p, mir, "{name}: mirror hash differs after round 2");
         qemu_io_verify(format, &reads(&round2), &sec.mir(name));
         assert_erofs(&sec.mir(name));
     }
