@@ -3,8 +3,11 @@
 //! serve`) as in `replication.rs`, whose helpers these tests use:
 //!
 //! - a TCP proxy between the two cuts every connection every 2-3 s while
-//!   fio writes: the replica only moves forward, points keep landing
-//!   between cuts, and it converges to identical once the cutting stops;
+//!   fio writes, after a backlog larger than any window between cuts was
+//!   written while the secondary was unreachable: the backlog lands while
+//!   the cuts go on (streams resume what broken ones staged), the replica
+//!   only moves forward, points keep landing between cuts, and it
+//!   converges to identical once the cutting stops;
 //! - the primary is killed with SIGKILL at random moments during fio: each
 //!   restart resumes from the bitmaps (the log says so and how many blocks
 //!   it rechecks), never a full resync, and the replica converges;
@@ -214,11 +217,38 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
 // ---------------------------------------------------------------------------
 // 3. Disconnect and reconnect.
 
+/// Writes `size` bytes of incompressible data sequentially from the start
+/// of `file` with O_DIRECT (fio, unthrottled).
+fn write_backlog(file: &Path, size: u64) {
+    let out = Command::new("fio")
+        .args(["--name=backlog", "--rw=write", "--bs=1m", "--direct=1"])
+        .args(["--ioengine=libaio", "--iodepth=4", "--refill_buffers"])
+        .args(["--fallocate=none", "--randrepeat=0"])
+        .arg(format!("--size={size}"))
+        .arg(format!("--filename={}", file.display()))
+        .output()
+        .expect("run fio");
+    assert!(
+        out.status.success(),
+        "fio backlog: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The secondary's resumed-blocks counter (blocks a broken stream staged
+/// that a later stream used instead of asking again).
+fn blocks_resumed(sec: &Secondary) -> u64 {
+    json_u64(&sec.status()["counters"]["blocks_resumed"])
+}
+
 #[test]
-fn proxy_cutting_every_2_to_3_s_during_fio_replica_only_moves_forward_and_converges() {
+fn proxy_cutting_every_2_to_3_s_resumes_a_backlog_larger_than_any_window_and_converges() {
     const IMAGE: u64 = 1024 * MIB;
-    const RATE_MIB: u64 = 30;
-    const RUNTIME_S: u64 = 20;
+    // Written while the secondary is unreachable: incompressible, so
+    // shipping it takes several times the longest window between cuts.
+    const BACKLOG: u64 = 256 * MIB;
+    const RATE_MIB: u64 = 10;
+    const RUNTIME_S: u64 = 40;
     const REFUSE: Duration = Duration::from_secs(1);
     let sec = Secondary::start();
     let proxy = CuttingProxy::start(&sec.addr);
@@ -229,12 +259,24 @@ fn proxy_cutting_every_2_to_3_s_during_fio_replica_only_moves_forward_and_conver
     let base = wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
     let wire_before = repl_counter(&base, "wire_bytes");
 
+    // The secondary becomes unreachable; the primary keeps taking writes.
+    proxy.cut(Duration::from_secs(3600));
+    let disconnected_at = sec.applied_epoch();
+    write_backlog(&m.mnt("disk.img"), BACKLOG);
+    sync_file(&m.mnt("disk.img"));
+    assert_eq!(
+        sec.applied_epoch(),
+        disconnected_at,
+        "shipped through a cut proxy"
+    );
+
+    // Reachable again, but cut every 2-3 s while fio keeps writing.
+    proxy.cut(Duration::ZERO);
     let mut fio = Fio::start(&m.mnt("disk.img"), IMAGE, RATE_MIB, RUNTIME_S);
     let started = Instant::now();
-    let first = sec.applied_epoch();
     // What happened when: cuts, and each new point the replica applied.
     let mut timeline: Vec<(Duration, Event)> = Vec::new();
-    let mut last = first;
+    let mut last = disconnected_at;
     let mut last_cut = started;
     let mut next_cut = started + Duration::from_millis(2000 + rng.below(1000));
     while fio.running() {
@@ -266,7 +308,8 @@ fn proxy_cutting_every_2_to_3_s_during_fio_replica_only_moves_forward_and_conver
         sleep(Duration::from_millis(100));
     }
     let run_time = started.elapsed();
-    let written = fio.finish();
+    let written = BACKLOG + fio.finish();
+    let resumed = blocks_resumed(&sec);
     // The cutting stops with fio; the replica must then converge.
     sync_file(&m.mnt("disk.img"));
     let fin = wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
@@ -281,8 +324,12 @@ fn proxy_cutting_every_2_to_3_s_during_fio_replica_only_moves_forward_and_conver
         .filter(|(_, e)| matches!(e, Event::Cut(_)))
         .count();
     let points = timeline.len() - cuts;
-    // Intervals from one cut to the next (or to fio's end) in which a
-    // point landed.
+    // Cuts before the first point landed (the backlog's), and the
+    // intervals after it in which a point landed.
+    let backlog_cuts = timeline
+        .iter()
+        .take_while(|(_, e)| matches!(e, Event::Cut(_)))
+        .count();
     let mut landed = vec![false; cuts + 1];
     let mut interval = 0;
     for (_, e) in &timeline {
@@ -291,7 +338,8 @@ fn proxy_cutting_every_2_to_3_s_during_fio_replica_only_moves_forward_and_conver
             Event::Applied(_) => landed[interval] = true,
         }
     }
-    let progressed = landed[1..].iter().filter(|l| **l).count();
+    let later = &landed[(backlog_cuts + 1).min(cuts)..cuts.max(backlog_cuts + 1).min(cuts + 1)];
+    let progressed = later.iter().filter(|l| **l).count();
     let shown: Vec<String> = timeline
         .iter()
         .map(|(t, e)| match e {
@@ -306,17 +354,20 @@ fn proxy_cutting_every_2_to_3_s_during_fio_replica_only_moves_forward_and_conver
     let log = m.log();
     let failures: Vec<&str> = log.lines().filter(|l| l.contains("replication:")).collect();
     println!(
-        "disconnects: {cuts} cuts (each followed by {REFUSE:?} of refused connections) in \
-         {:.1} s of fio at {RATE_MIB} MiB/s; {} connections carried, {} refused; {} failed \
-         ships or connects; {points} points applied during the run (epoch {first} → {last}), \
-         one or more in {progressed} of the {cuts} intervals after a cut; converged {:.1} s \
-         after the last cut, at epoch {final_epoch}; wire {:.1} MiB for {:.1} MiB written by \
-         fio into a {} MiB image ({:.2} of the bytes written, {:.2} of a full copy)\n  \
-         timeline: {}",
+        "disconnects: a {} MiB backlog written while unreachable, then {cuts} cuts (each \
+         followed by {REFUSE:?} of refused connections) in {:.1} s of fio at {RATE_MIB} MiB/s; \
+         {} connections carried, {} refused; {} failed ships or connects; the backlog point \
+         landed after {backlog_cuts} cuts, resuming {resumed} blocks staged by broken streams; \
+         {points} points applied during the run (epoch {disconnected_at} → {last}), one or more \
+         in {progressed} of the {} intervals after that; converged {:.1} s after the last cut, \
+         at epoch {final_epoch}; wire {:.1} MiB for {:.1} MiB written into a {} MiB image \
+         ({:.2} of the bytes written, {:.2} of a full copy)\n  timeline: {}",
+        BACKLOG / MIB,
         run_time.as_secs_f64(),
         proxy.state.connections.load(Ordering::Relaxed),
         proxy.state.refused.load(Ordering::Relaxed),
         failures.len(),
+        later.len(),
         converged.as_secs_f64(),
         wire as f64 / MIB as f64,
         written as f64 / MIB as f64,
@@ -325,17 +376,44 @@ fn proxy_cutting_every_2_to_3_s_during_fio_replica_only_moves_forward_and_conver
         wire as f64 / IMAGE as f64,
         shown.join(", "),
     );
-    assert!(cuts >= 5, "only {cuts} cuts in the run");
-    // Not asserted yet: that points keep landing *between* cuts. Each
-    // attempt restarts the point from its first block, so when cuts come
-    // faster than a point ships and applies, points land only once the
-    // cutting stops (reported above; resumable staging is open work).
-    // Reconnects ship what changed, never the image again: with one
-    // resend of each point lost to a cut, the wire stays under twice
-    // what fio wrote (zstd halves it), and under a full copy.
+    assert!(cuts >= 8, "only {cuts} cuts in the run");
+    // The backlog cannot ship within one window: it lands while the cuts
+    // go on only because each stream resumes what the broken ones staged.
     assert!(
-        wire < 2 * written && wire < IMAGE,
-        "{wire} bytes on the wire for {written} bytes written into a {IMAGE}-byte image"
+        backlog_cuts >= 1 && points >= 1,
+        "the backlog did not need a reconnect, or never landed during the cuts"
+    );
+    assert!(resumed > 0, "no stream resumed what a broken one staged");
+    // No reconnect starts a point over: between two cuts that found the
+    // same point shipping, it went on from about where it was (less the
+    // blocks still in flight at the cut: a couple of 256-block chunks).
+    let in_flight: Vec<(u64, u64)> = timeline
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Cut(Some(at)) => Some(*at),
+            _ => None,
+        })
+        .collect();
+    for w in in_flight.windows(2) {
+        let ((before, total), (after, same)) = (w[0], w[1]);
+        assert!(
+            total != same || after + 512 >= before,
+            "a reconnect started the point over: block {before} of {total} at one cut, \
+             {after} at the next"
+        );
+    }
+    // After it, points keep landing between cuts.
+    assert!(
+        points >= 3,
+        "after the backlog, only {} points landed while the cuts went on",
+        points - 1
+    );
+    // Reconnects ship what changed, never the image again and never a
+    // staged block twice: the wire stays under what was written (fio's
+    // half is half-compressible) plus a tenth for resends in flight.
+    assert!(
+        wire < written + written / 10,
+        "{wire} bytes on the wire for {written} bytes written"
     );
 }
 

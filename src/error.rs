@@ -44,9 +44,14 @@ pub enum Error {
         #[source]
         source: prost::DecodeError,
     },
-    /// The other side of a replication pair failed or refused.
+    /// The other side of a replication pair failed, or could not be
+    /// reached.
     #[error("{0}")]
     Remote(String),
+    /// The secondary refused what was shipped: sending the same again
+    /// would be refused again.
+    #[error("refused by the secondary: {0}")]
+    Refused(String),
     /// The user asked for something that cannot be done as asked.
     #[error("{0}")]
     Usage(String),

@@ -46,7 +46,7 @@ use crate::journal::ShippedPoint;
 use crate::proto::replication::replication_client::ReplicationClient;
 use crate::proto::replication::{
     Begin, Block, Blocks, Commit, FileState, HelloRequest, NamespaceOp, Offer, Offers, ShipMessage,
-    VerifyFile, VerifyRequest, ship_message, ship_reply,
+    ShipReply, VerifyFile, VerifyRequest, ship_message, ship_reply,
 };
 use crate::replica::{MAX_MESSAGE, PROTOCOL_VERSION};
 use crate::throttle::Throttle;
@@ -54,6 +54,8 @@ use crate::tracking::{ShipSet, TrackedFile, now_ns};
 
 /// Blocks read, hashed and offered per round trip.
 const OFFER_CHUNK: usize = 256;
+/// Chunks read and hashed ahead of the one being offered.
+const READ_AHEAD: usize = 2;
 /// Compressed bytes per Blocks message (well under the message limit).
 const BLOCKS_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -166,6 +168,16 @@ fn remote(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Remote(format!("{what}: {e}"))
 }
 
+/// An error status from the secondary during a ship: a refusal of the
+/// point (invalid argument) or a failure.
+fn ship_status(s: tonic::Status) -> Error {
+    if s.code() == tonic::Code::InvalidArgument {
+        Error::Refused(s.message().to_string())
+    } else {
+        remote("secondary", s.message())
+    }
+}
+
 /// The pair's hash key, made once and kept in the state folder.
 fn pair_key(ds: &Datastore) -> Result<HashKey> {
     let path = ds.paths.dir.join("pair.key");
@@ -215,6 +227,20 @@ fn read_and_hash(file: &TrackedFile, blocks: &[u64], key: &HashKey) -> Result<Ve
         .collect()
 }
 
+/// `work` without its first `n` blocks (in order: files, then blocks).
+fn skip_blocks(
+    work: Vec<(Arc<TrackedFile>, Vec<u64>)>,
+    mut n: usize,
+) -> Vec<(Arc<TrackedFile>, Vec<u64>)> {
+    work.into_iter()
+        .filter_map(|(file, blocks)| {
+            let skip = n.min(blocks.len());
+            n -= skip;
+            (skip < blocks.len()).then(|| (file, blocks[skip..].to_vec()))
+        })
+        .collect()
+}
+
 /// The primary's replicator.
 #[derive(Debug)]
 pub struct Replicator {
@@ -228,6 +254,17 @@ pub struct Replicator {
     /// Held by a tick and by `verify`, so verify never runs while a point
     /// is shipping or applying.
     turn: tokio::sync::Mutex<()>,
+    /// A point whose stream broke, kept (with its pre-images) to ship
+    /// again unchanged, so the secondary can resume it.
+    held: Mutex<Option<Held>>,
+}
+
+/// A cut point being shipped, and the replica epoch it is based on.
+#[derive(Debug)]
+struct Held {
+    set: Arc<ShipSet>,
+    point: ShippedPoint,
+    base: u64,
 }
 
 impl Replicator {
@@ -245,6 +282,7 @@ impl Replicator {
         Ok(Replicator {
             throttle: opts.max_rate.map(|r| Mutex::new(Throttle::new(r))),
             turn: tokio::sync::Mutex::new(()),
+            held: Mutex::new(None),
             ds,
             opts,
             key,
@@ -255,7 +293,7 @@ impl Replicator {
     /// Ships points every RPO until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut client: Option<(Client, u64)> = None;
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Duration::from_millis(250);
         loop {
             // A (re)connect is followed by a tick at once, in the same turn.
             let wait = if client.is_some() {
@@ -273,7 +311,7 @@ impl Replicator {
             if client.is_none() {
                 match self.connect().await {
                     Ok(c) => {
-                        backoff = Duration::from_millis(500);
+                        backoff = Duration::from_millis(250);
                         client = Some(c);
                     }
                     Err(e) => {
@@ -484,14 +522,53 @@ impl Replicator {
         )))
     }
 
+    /// The point to ship now: the held one again if the replica is still
+    /// at its base, else a new cut; `None` when nothing changed.
+    async fn next_point(&self, applied: u64) -> Result<Option<Held>> {
+        let held = self.held.lock().expect("held lock").take();
+        if let Some(h) = held {
+            if h.base == applied {
+                return Ok(Some(h));
+            }
+            let ds = self.ds.clone();
+            if applied == h.point.epoch.0 {
+                // Applied before the acknowledgement was lost (the hello
+                // found it): done, nothing to resend.
+                log::info!("epoch {applied} was applied before its stream broke");
+                tokio::task::spawn_blocking(move || ds.tracker.finish_ship(&h.set, &h.point))
+                    .await
+                    .map_err(|e| remote("finishing ship", e))??;
+            } else {
+                self.ds.tracker.abort_ship(&h.set);
+            }
+        }
+        let ds = self.ds.clone();
+        let Some(set) = tokio::task::spawn_blocking(move || ds.tracker.begin_ship())
+            .await
+            .map_err(|e| remote("cut", e))??
+        else {
+            return Ok(None);
+        };
+        let point = ShippedPoint {
+            epoch: set.end,
+            id: crate::sys::random_bytes().at("/dev/urandom")?,
+        };
+        let held = Held {
+            set: Arc::new(set),
+            point,
+            base: applied,
+        };
+        if let Err(e) = self.ds.journal.set_pending_point(&held.point) {
+            self.ds.tracker.abort_ship(&held.set);
+            return Err(e);
+        }
+        Ok(Some(held))
+    }
+
     /// One RPO tick: cut and ship if anything changed; returns the
     /// replica's epoch afterwards.
     async fn tick(&self, client: &mut Client, applied: u64) -> Result<u64> {
-        let ds = self.ds.clone();
-        let set = tokio::task::spawn_blocking(move || ds.tracker.begin_ship())
-            .await
-            .map_err(|e| remote("cut", e))??;
-        let Some(set) = set else {
+        let Some(held) = self.next_point(applied).await? else {
             // Nothing changed since the last point: the replica equals the
             // primary now, so its age is zero (not the time since a cut).
             self.stats
@@ -499,18 +576,8 @@ impl Replicator {
                 .store(now_ns(), Ordering::Relaxed);
             return Ok(applied);
         };
-        let point = ShippedPoint {
-            epoch: set.end,
-            id: crate::sys::random_bytes().at("/dev/urandom")?,
-        };
-        let result = match self.ds.journal.set_pending_point(&point) {
-            Ok(()) => self.ship(client, &set, applied, &point).await,
-            Err(e) => Err(e),
-        };
-        let set = Arc::new(set);
-        let ds = self.ds.clone();
-        let done = set.clone();
-        match result {
+        let (set, point) = (held.set.clone(), held.point);
+        match self.ship(client, &set, applied, &point).await {
             Ok(()) => {
                 // The secondary holds the point: say so before the blocks
                 // turn clean, so status never shows clean blocks and an
@@ -521,13 +588,23 @@ impl Replicator {
                     .store(set.end.0.max(applied), Ordering::Relaxed);
                 self.stats.last_applied_cut_ns.store(cut, Ordering::Relaxed);
                 self.stats.epochs_shipped.fetch_add(1, Ordering::Relaxed);
+                let ds = self.ds.clone();
+                let done = set.clone();
                 tokio::task::spawn_blocking(move || ds.tracker.finish_ship(&done, &point))
                     .await
                     .map_err(|e| remote("finishing ship", e))??;
                 Ok(set.end.0.max(applied))
             }
-            Err(e) => {
+            Err(e @ Error::Refused(_)) => {
+                // Sending it again would be refused again: fold it into
+                // the next cut.
                 self.ds.tracker.abort_ship(&set);
+                Err(e)
+            }
+            Err(e) => {
+                // The connection broke: the same point ships again on
+                // reconnect, from where the secondary says it stopped.
+                *self.held.lock().expect("held lock") = Some(held);
                 Err(e)
             }
         }
@@ -545,7 +622,7 @@ impl Replicator {
         let mut replies = client
             .ship(ReceiverStream::new(rx))
             .await
-            .map_err(|s| remote("starting ship", s.message()))?
+            .map_err(ship_status)?
             .into_inner();
         let send = |body: ship_message::Body| {
             let tx = tx.clone();
@@ -597,6 +674,24 @@ impl Replicator {
             point: point.id.to_vec(),
         }))
         .await?;
+        let offers_done = match replies.message().await.map_err(ship_status)? {
+            Some(ShipReply {
+                body: Some(ship_reply::Body::Resumed(r)),
+            }) => r.offers_done,
+            other => {
+                return Err(remote(
+                    "secondary",
+                    format!("answered Begin with {other:?}"),
+                ));
+            }
+        };
+        if offers_done > 0 {
+            log::info!(
+                "epoch {}: the secondary holds the first {offers_done} offers from a broken stream; \
+                 resuming after them",
+                set.end
+            );
+        }
         let files = set.files.clone();
         let work = tokio::task::spawn_blocking(move || {
             files
@@ -609,12 +704,17 @@ impl Replicator {
         })
         .await
         .map_err(|e| remote("listing blocks", e))?;
+        let total: u64 = work.iter().map(|(_, b)| b.len() as u64).sum();
+        if offers_done > total {
+            return Err(remote(
+                "secondary",
+                format!("claims {offers_done} offers of a point of {total} blocks"),
+            ));
+        }
+        let work = skip_blocks(work, offers_done as usize);
         let stats = &self.stats;
-        stats.ship_total.store(
-            work.iter().map(|(_, b)| b.len() as u64).sum(),
-            Ordering::Relaxed,
-        );
-        stats.ship_done.store(0, Ordering::Relaxed);
+        stats.ship_total.store(total, Ordering::Relaxed);
+        stats.ship_done.store(offers_done, Ordering::Relaxed);
         stats
             .ship_wire_start
             .store(stats.wire_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -625,11 +725,7 @@ impl Replicator {
         result?;
         send(ship_message::Body::Commit(Commit { epoch: set.end.0 })).await?;
         drop(tx);
-        match replies
-            .message()
-            .await
-            .map_err(|s| remote("secondary", s.message()))?
-        {
+        match replies.message().await.map_err(ship_status)? {
             Some(r) => match r.body {
                 Some(ship_reply::Body::Applied(a)) if a.epoch == set.end.0 => Ok(()),
                 other => Err(remote(
@@ -655,40 +751,70 @@ impl Replicator {
         F: Fn(ship_message::Body) -> Fut,
         Fut: std::future::Future<Output = Result<()>>,
     {
-        for (file, blocks) in work {
-            for chunk in blocks.chunks(OFFER_CHUNK) {
-                let count = chunk.len() as u64;
-                let (f, chunk, key) = (file.clone(), chunk.to_vec(), self.key.clone());
-                let read = tokio::task::spawn_blocking(move || read_and_hash(&f, &chunk, &key))
-                    .await
-                    .map_err(|e| remote("reading blocks", e))??;
-                let offers: Vec<Offer> = read.iter().map(|r| r.offer.clone()).collect();
-                let zeros = offers.iter().filter(|o| o.zero).count() as u64;
-                self.stats
-                    .blocks_offered
-                    .fetch_add(offers.len() as u64, Ordering::Relaxed);
-                self.stats.blocks_zero.fetch_add(zeros, Ordering::Relaxed);
-                send(ship_message::Body::Offers(Offers { offers })).await?;
-                let wants = match replies
-                    .message()
-                    .await
-                    .map_err(|s| remote("secondary", s.message()))?
-                {
-                    Some(r) => match r.body {
-                        Some(ship_reply::Body::Wants(w)) => w,
-                        _ => {
-                            return Err(remote(
-                                "secondary",
-                                "answered offers with something else than wants",
-                            ));
-                        }
-                    },
-                    None => return Err(remote("secondary", "closed the stream")),
-                };
-                self.send_wanted(read, wants.positions, send).await?;
-                self.stats.ship_done.fetch_add(count, Ordering::Relaxed);
+        // Chunks are read and hashed ahead on a blocking thread while the
+        // previous one is answered, compressed and sent.
+        let (chunk_tx, mut chunks) = mpsc::channel::<Result<Vec<ReadBlock>>>(READ_AHEAD);
+        let (work, key) = (work.to_vec(), self.key.clone());
+        let reader = tokio::task::spawn_blocking(move || {
+            for (file, blocks) in work {
+                for chunk in blocks.chunks(OFFER_CHUNK) {
+                    let read = read_and_hash(&file, chunk, &key);
+                    let failed = read.is_err();
+                    if chunk_tx.blocking_send(read).is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut result = Ok(());
+        while let Some(read) = chunks.recv().await {
+            result = match read {
+                Ok(read) => self.offer_chunk(read, send, replies).await,
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                break;
             }
         }
+        // The reader stops at its next chunk once nobody receives.
+        drop(chunks);
+        reader.await.map_err(|e| remote("reading blocks", e))?;
+        result
+    }
+
+    /// Offers one chunk of read blocks and sends what the secondary wants.
+    async fn offer_chunk<F, Fut>(
+        &self,
+        read: Vec<ReadBlock>,
+        send: &F,
+        replies: &mut tonic::Streaming<crate::proto::replication::ShipReply>,
+    ) -> Result<()>
+    where
+        F: Fn(ship_message::Body) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let count = read.len() as u64;
+        let offers: Vec<Offer> = read.iter().map(|r| r.offer.clone()).collect();
+        let zeros = offers.iter().filter(|o| o.zero).count() as u64;
+        self.stats
+            .blocks_offered
+            .fetch_add(offers.len() as u64, Ordering::Relaxed);
+        self.stats.blocks_zero.fetch_add(zeros, Ordering::Relaxed);
+        send(ship_message::Body::Offers(Offers { offers })).await?;
+        let wants = match replies.message().await.map_err(ship_status)? {
+            Some(r) => match r.body {
+                Some(ship_reply::Body::Wants(w)) => w,
+                _ => {
+                    return Err(remote(
+                        "secondary",
+                        "answered offers with something else than wants",
+                    ));
+                }
+            },
+            None => return Err(remote("secondary", "closed the stream")),
+        };
+        self.send_wanted(read, wants.positions, send).await?;
+        self.stats.ship_done.fetch_add(count, Ordering::Relaxed);
         Ok(())
     }
 
@@ -718,27 +844,39 @@ impl Replicator {
                 })?;
             wanted.push(block);
         }
+        // Compression is the costly step: the wanted blocks are split
+        // across the cores.
         let level = self.opts.level;
-        let compressed = tokio::task::spawn_blocking(move || {
-            wanted
-                .into_iter()
-                .map(|b| {
-                    block::compress(&b.data, level).map(|z| {
-                        (
-                            Block {
-                                file_id: b.offer.file_id,
-                                block: b.offer.block,
-                                zstd: z,
-                            },
-                            b.data.len(),
-                        )
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_task = wanted.len().div_ceil(cores).max(1);
+        let mut tasks = Vec::new();
+        while !wanted.is_empty() {
+            let part: Vec<ReadBlock> = wanted.drain(..per_task.min(wanted.len())).collect();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                part.into_iter()
+                    .map(|b| {
+                        block::compress(&b.data, level).map(|z| {
+                            (
+                                Block {
+                                    file_id: b.offer.file_id,
+                                    block: b.offer.block,
+                                    zstd: z,
+                                },
+                                b.data.len(),
+                            )
+                        })
                     })
-                })
-                .collect::<std::io::Result<Vec<_>>>()
-        })
-        .await
-        .map_err(|e| remote("compressing", e))?
-        .at("zstd")?;
+                    .collect::<std::io::Result<Vec<_>>>()
+            }));
+        }
+        let mut compressed = Vec::new();
+        for task in tasks {
+            compressed.extend(
+                task.await
+                    .map_err(|e| remote("compressing", e))?
+                    .at("zstd")?,
+            );
+        }
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         for (block, raw) in compressed {
@@ -787,6 +925,7 @@ pub fn remote_status(addr: &str, key: &AuthKey) -> Result<Value> {
             "bytes_received": s.bytes_received,
             "blocks_have": s.blocks_have,
             "blocks_sent": s.blocks_sent,
+            "blocks_resumed": s.blocks_resumed,
         }))
     })
 }

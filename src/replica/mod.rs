@@ -29,7 +29,7 @@ use session::{Refused, Session};
 use store::{Pair, ReplicaStore};
 
 /// The protocol version this build speaks; Hello refuses any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest gRPC message either side accepts.
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
@@ -70,10 +70,9 @@ fn handle(
         .as_mut()
         .ok_or_else(|| Refused("message after Commit".into()))?;
     Ok(match body {
-        ship_message::Body::Begin(b) => {
-            s.begin(b)?;
-            None
-        }
+        ship_message::Body::Begin(b) => Some(ShipReply {
+            body: Some(ship_reply::Body::Resumed(s.begin(b)?)),
+        }),
         ship_message::Body::Offers(o) => Some(ShipReply {
             body: Some(ship_reply::Body::Wants(s.offers(o)?)),
         }),
@@ -220,6 +219,7 @@ impl Replication for ReplicaService {
             bytes_received: stats.bytes_received.load(Ordering::Relaxed),
             blocks_have: stats.blocks_have.load(Ordering::Relaxed),
             blocks_sent: stats.blocks_sent.load(Ordering::Relaxed),
+            blocks_resumed: stats.blocks_resumed.load(Ordering::Relaxed),
         }))
     }
 }

@@ -3,6 +3,22 @@
 //! complete epoch to the store. Anything malformed ends the stream with a
 //! message naming what is wrong; nothing reaches the replica before the
 //! commit, so the replica stays at its last consistent point.
+//!
+//! Resuming: a stream that breaks before its commit leaves what it staged
+//! behind (`Carried`), so a reconnect loop always moves forward even when
+//! the connection breaks faster than a whole point ships:
+//! - the point itself, up to the last offer whose blocks all arrived: a
+//!   stream of the same point (same point id: the primary retries a point
+//!   unchanged) starts there, and Begin's answer says where;
+//! - its content by hash: a stream of another point (the primary folded
+//!   the old one into a newer cut) fills offers of the same content from it
+//!   instead of asking again. Like the content index these are hints, each
+//!   re-read and re-hashed before use.
+//!
+//! The staging data file only grows while content is carried; once it is
+//! larger than the files of a new point (mostly content rewritten since),
+//! it is started afresh, so staging never needs more than twice the size
+//! of the point's files.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -13,7 +29,7 @@ use std::sync::atomic::Ordering;
 use super::store::ReplicaStore;
 use crate::block::{self, BlockHash, HashKey};
 use crate::proto::replica::{StagedBlock, StagedEpoch};
-use crate::proto::replication::{Applied, Begin, Blocks, Commit, Offers, Wants};
+use crate::proto::replication::{Applied, Begin, Blocks, Commit, Offers, Resumed, Wants};
 
 /// Most offers in one message.
 pub const MAX_OFFERS: usize = 65_536;
@@ -37,6 +53,25 @@ fn refuse<T>(msg: impl Into<String>) -> Result<T, Refused> {
 /// Blocks awaiting data: (file id, block) → (hash, length).
 type Pending = HashMap<(u64, u64), (BlockHash, u32)>;
 
+/// Content in the staging data file by hash: (offset, length).
+type Content = HashMap<BlockHash, (u64, u32)>;
+
+/// A point a broken stream staged in part.
+#[derive(Debug)]
+struct PartialPoint {
+    point: Vec<u8>,
+    epoch: u64,
+    /// One per offer, in order: every offer up to here is complete.
+    blocks: Vec<StagedBlock>,
+}
+
+/// What streams that broke before their commit staged, for the next one.
+#[derive(Debug, Default)]
+pub struct Carried {
+    content: Content,
+    point: Option<PartialPoint>,
+}
+
 /// The state of one epoch being received.
 #[derive(Debug)]
 pub struct Session<'a> {
@@ -53,7 +88,17 @@ pub struct Session<'a> {
     pending: Pending,
     /// Content staged in this epoch by hash, so a repeated block is
     /// staged once.
-    staged: HashMap<BlockHash, (u64, u32)>,
+    staged: Content,
+    /// Content staged by earlier streams that broke, not yet used here.
+    carried: Content,
+    /// The point an earlier stream broke in, until Begin says whether
+    /// this stream ships the same one.
+    partial: Option<PartialPoint>,
+    /// How many of `blocks` are complete: every offer before them has
+    /// its block (a wanted one arrived).
+    complete: usize,
+    /// Set once the epoch is applied: nothing is left to carry.
+    committed: bool,
 }
 
 impl<'a> Session<'a> {
@@ -67,14 +112,27 @@ impl<'a> Session<'a> {
                 "an earlier apply failed and must be finished first: restart the secondary",
             );
         }
+        let Carried {
+            content: carried,
+            point: partial,
+        } = store.take_carried().unwrap_or_default();
         let data_path = store.staging_dir().join("data");
+        let staging_error =
+            |e: std::io::Error| Refused(format!("staging {}: {e}", data_path.display()));
         let data = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(carried.is_empty() && partial.is_none())
             .open(&data_path)
-            .map_err(|e| Refused(format!("staging {}: {e}", data_path.display())))?;
+            .map_err(staging_error)?;
+        let data_len = data.metadata().map_err(staging_error)?.len();
+        if !carried.is_empty() {
+            log::info!(
+                "resuming: {} blocks ({data_len} bytes) staged by streams that broke are kept",
+                carried.len()
+            );
+        }
         Ok(Session {
             store,
             key: pair.key,
@@ -83,16 +141,22 @@ impl<'a> Session<'a> {
             sizes: HashMap::new(),
             data_path,
             data,
-            data_len: 0,
+            data_len,
             blocks: Vec::new(),
             offered: HashSet::new(),
             pending: HashMap::new(),
             staged: HashMap::new(),
+            carried,
+            partial,
+            complete: 0,
+            committed: false,
         })
     }
 
-    /// The start of an epoch: operations and file states.
-    pub fn begin(&mut self, begin: Begin) -> Result<(), Refused> {
+    /// The start of an epoch: operations and file states. The answer says
+    /// how many of its offers an earlier, broken stream of the same point
+    /// left complete.
+    pub fn begin(&mut self, begin: Begin) -> Result<Resumed, Refused> {
         if self.begin.is_some() {
             return refuse("a second Begin in one stream");
         }
@@ -129,8 +193,54 @@ impl<'a> Session<'a> {
                 return refuse(format!("file {} listed twice", f.file_id));
             }
         }
+        let partial = self.partial.take();
+        if let Some(p) = partial.filter(|p| p.point == begin.point && p.epoch == begin.epoch) {
+            log::info!(
+                "epoch {}: resuming after {} offers a broken stream left complete",
+                begin.epoch,
+                p.blocks.len()
+            );
+            self.offered = p.blocks.iter().map(|b| (b.file_id, b.block)).collect();
+            self.blocks = p.blocks;
+            self.complete = self.blocks.len();
+            self.store
+                .stats
+                .blocks_resumed
+                .fetch_add(self.complete as u64, Ordering::Relaxed);
+            let offers_done = self.complete as u64;
+            self.begin = Some(begin);
+            return Ok(Resumed { offers_done });
+        }
+        let point_bytes = self.sizes.values().fold(0u64, |a, s| a.saturating_add(*s));
+        if self.data_len > point_bytes {
+            log::info!(
+                "staging afresh: {} bytes carried from broken streams exceed the {point_bytes} bytes \
+                 of this point's files",
+                self.data_len
+            );
+            self.carried.clear();
+            self.data
+                .set_len(0)
+                .map_err(|e| Refused(format!("staging {}: {e}", self.data_path.display())))?;
+            self.data_len = 0;
+        }
         self.begin = Some(begin);
-        Ok(())
+        Ok(Resumed { offers_done: 0 })
+    }
+
+    /// Content for `hash` that an earlier, broken stream staged, checked
+    /// again; its place in the data file.
+    fn resume(&mut self, hash: BlockHash, length: u32) -> Option<(u64, u32)> {
+        let (offset, len) = self.carried.remove(&hash)?;
+        let mut buf = vec![0u8; len as usize];
+        if len != length
+            || self.data.read_exact_at(&mut buf, offset).is_err()
+            || self.key.hash(&buf) != hash
+        {
+            return None;
+        }
+        self.staged.insert(hash, (offset, len));
+        Some((offset, len))
     }
 
     fn append(&mut self, data: &[u8]) -> Result<u64, Refused> {
@@ -226,19 +336,27 @@ impl<'a> Session<'a> {
                     o.hash.len()
                 ));
             };
-            if let Some(&(offset, length)) = self.staged.get(&hash) {
-                if length == o.length {
-                    self.blocks.push(StagedBlock {
-                        file_id: o.file_id,
-                        block: o.block,
-                        zero: false,
-                        offset,
-                        length,
-                        hash: o.hash,
-                    });
-                    self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
+            let staged = match self.staged.get(&hash) {
+                Some(&(offset, length)) if length == o.length => Some((offset, length)),
+                Some(_) => None,
+                None => self.resume(hash, o.length).inspect(|_| {
+                    self.store
+                        .stats
+                        .blocks_resumed
+                        .fetch_add(1, Ordering::Relaxed);
+                }),
+            };
+            if let Some((offset, length)) = staged {
+                self.blocks.push(StagedBlock {
+                    file_id: o.file_id,
+                    block: o.block,
+                    zero: false,
+                    offset,
+                    length,
+                    hash: o.hash,
+                });
+                self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
             let held = self
                 .store
@@ -255,6 +373,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
+        self.note_complete();
         Ok(Wants { positions: wants })
     }
 
@@ -289,12 +408,21 @@ impl<'a> Session<'a> {
             self.store.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
             self.stage(b.file_id, b.block, hash, &data)?;
         }
+        self.note_complete();
         Ok(())
     }
 
+    /// Every offer so far has its block: a stream of this point that
+    /// breaks from here resumes here.
+    fn note_complete(&mut self) {
+        if self.pending.is_empty() {
+            self.complete = self.blocks.len();
+        }
+    }
+
     /// The end of the epoch: applies it atomically.
-    pub fn commit(self, commit: Commit) -> Result<Applied, Refused> {
-        let Some(begin) = self.begin else {
+    pub fn commit(mut self, commit: Commit) -> Result<Applied, Refused> {
+        let Some(begin) = self.begin.take() else {
             return refuse("Commit before Begin");
         };
         if commit.epoch != begin.epoch {
@@ -315,11 +443,40 @@ impl<'a> Session<'a> {
         let epoch = begin.epoch;
         let staged = StagedEpoch {
             begin: Some(begin),
-            blocks: self.blocks,
+            blocks: std::mem::take(&mut self.blocks),
         };
+        // From here the staging belongs to the apply (or its redo record).
+        self.committed = true;
         self.store
             .commit(&staged, epoch)
             .map_err(|e| Refused(format!("applying epoch {epoch}: {e}")))?;
         Ok(Applied { epoch })
+    }
+}
+
+impl Drop for Session<'_> {
+    /// A stream that ends without its commit leaves its staged content to
+    /// the next one.
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        let mut content = std::mem::take(&mut self.carried);
+        content.extend(self.staged.drain());
+        let point = match self.begin.take() {
+            Some(b) => {
+                self.blocks.truncate(self.complete);
+                Some(PartialPoint {
+                    point: b.point,
+                    epoch: b.epoch,
+                    blocks: std::mem::take(&mut self.blocks),
+                })
+            }
+            // Refused before its Begin was taken: the earlier one stays.
+            None => self.partial.take(),
+        };
+        if !content.is_empty() || point.is_some() {
+            self.store.keep_carried(Carried { content, point });
+        }
     }
 }

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use prost::Message;
 
 use super::confine;
+use super::session::Carried;
 use crate::block::{BlockHash, HashKey};
 use crate::datastore::STATE_DIR;
 use crate::error::{Error, IoContext, Result};
@@ -52,6 +53,9 @@ pub struct ReplicaStats {
     pub blocks_have: AtomicU64,
     /// Blocks the primary had to send.
     pub blocks_sent: AtomicU64,
+    /// Blocks filled from content staged by a stream that broke before
+    /// its commit (a reconnect resuming, not resending).
+    pub blocks_resumed: AtomicU64,
 }
 
 /// File ids from here up name files found in the replica folder when it
@@ -106,6 +110,9 @@ pub struct ReplicaStore {
     pair: Mutex<Option<Pair>>,
     /// The last applied point.
     applied: Mutex<Applied>,
+    /// Content staged by streams that broke before their commit, handed
+    /// to the next stream (see `session`); `None` when staging is empty.
+    carried: Mutex<Option<Carried>>,
     /// Held exclusively while an epoch applies, shared by the mirror's
     /// reads, so the mirror never shows a half-applied point.
     pub view: Arc<RwLock<()>>,
@@ -192,6 +199,7 @@ impl ReplicaStore {
             db,
             pair: Mutex::new(None),
             applied: Mutex::new(Applied::default()),
+            carried: Mutex::new(None),
             view: Arc::new(RwLock::new(())),
             stats: ReplicaStats::default(),
             root,
@@ -218,6 +226,17 @@ impl ReplicaStore {
     /// Whether an interrupted apply is waiting to be finished.
     pub fn apply_pending(&self) -> bool {
         self.redo_path().exists()
+    }
+
+    /// Takes what broken streams staged, for the stream starting now.
+    pub fn take_carried(&self) -> Option<Carried> {
+        self.carried.lock().expect("carried lock").take()
+    }
+
+    /// Keeps what a broken stream staged (and what it did not use of the
+    /// earlier ones) for the next stream.
+    pub fn keep_carried(&self, carried: Carried) {
+        *self.carried.lock().expect("carried lock") = Some(carried);
     }
 
     /// Where an epoch is staged.
@@ -425,6 +444,7 @@ impl ReplicaStore {
     }
 
     fn clear_staging(&self) -> Result<()> {
+        *self.carried.lock().expect("carried lock") = None;
         let dir = self.staging_dir();
         fs::remove_dir_all(&dir).at(&dir)?;
         fs::create_dir_all(&dir).at(&dir)
