@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): makes sure what the mount tests drive
 # is installed — the FUSE helpers, fio, qemu-img/qemu-io, util-linux's
-# fallocate, the pjdfstest suite — then runs every test. Needs root and
+# fallocate, openssl (a TLS client without the pair's certificate), the
+# pjdfstest suite — then runs every test. Needs root and
 # /dev/fuse: the tests mount real file systems.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ command -v fusermount3 >/dev/null || missing+=(fuse3)
 command -v fio >/dev/null || missing+=(fio)
 command -v qemu-io >/dev/null || missing+=(qemu-utils)
 command -v fallocate >/dev/null || missing+=(util-linux)
+command -v openssl >/dev/null || missing+=(openssl)
 if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

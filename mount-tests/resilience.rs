@@ -14,7 +14,7 @@
 //! - a second primary datastore is refused by a paired secondary with a
 //!   message naming both datastores, while the first keeps replicating.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{BLOCK, Mount, create_sparse, json_u64, sync_file, write_ranges};
+use crate::harness::{BLOCK, Mount, create_sparse, json_u64, pattern, sync_file, write_ranges};
 use crate::replication::{
     APPLY_TIMEOUT, MIB, Rng, Secondary, Until, assert_trees_identical, pair, primary_for,
     primary_status, qemu_img_compare, repl_counter, sha256, wait_applied, wait_last_error,
@@ -120,6 +120,8 @@ struct ProxyState {
     stop: AtomicBool,
     connections: AtomicU64,
     refused: AtomicU64,
+    /// Every byte carried from the primary to the secondary, when asked.
+    upstream_bytes: Option<Mutex<Vec<u8>>>,
 }
 
 /// `127.0.0.1:PORT` → `upstream`, one pair of std threads per connection.
@@ -130,7 +132,9 @@ struct CuttingProxy {
 }
 
 impl CuttingProxy {
-    fn start(upstream: &str) -> CuttingProxy {
+    /// A proxy to `upstream`; with `record`, it keeps what it carries
+    /// upstream.
+    fn start(upstream: &str, record: bool) -> CuttingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address").to_string();
         let state = Arc::new(ProxyState {
@@ -140,6 +144,7 @@ impl CuttingProxy {
             stop: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            upstream_bytes: record.then(|| Mutex::new(Vec::new())),
         });
         let st = state.clone();
         let acceptor = thread::spawn(move || {
@@ -161,8 +166,12 @@ impl CuttingProxy {
                     .lock()
                     .expect("proxy lock")
                     .extend([clone(&client), clone(&server)]);
-                pump(clone(&client), clone(&server));
-                pump(server, client);
+                pump(
+                    clone(&client),
+                    clone(&server),
+                    Some(st.clone()).filter(|_| record),
+                );
+                pump(server, client, None);
             }
         });
         CuttingProxy {
@@ -194,10 +203,26 @@ impl Drop for CuttingProxy {
     }
 }
 
-/// Copies `from` → `to` until either side closes, then closes both.
-fn pump(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` → `to` until either side closes, then closes both;
+/// with `record`, keeps a copy of what passed.
+fn pump(mut from: TcpStream, mut to: TcpStream, record: Option<Arc<ProxyState>>) {
     thread::spawn(move || {
-        if let Err(e) = std::io::copy(&mut from, &mut to) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let copied = (|| -> std::io::Result<()> {
+            loop {
+                let n = from.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if let Some(kept) = record.as_ref().and_then(|st| st.upstream_bytes.as_ref()) {
+                    kept.lock()
+                        .expect("proxy lock")
+                        .extend_from_slice(&buf[..n]);
+                }
+                to.write_all(&buf[..n])?;
+            }
+        })();
+        if let Err(e) = copied {
             assert!(
                 matches!(
                     e.kind(),
@@ -251,7 +276,7 @@ fn proxy_cutting_every_2_to_3_s_resumes_a_backlog_larger_than_any_window_and_con
     const RUNTIME_S: u64 = 40;
     const REFUSE: Duration = Duration::from_secs(1);
     let sec = Secondary::start();
-    let proxy = CuttingProxy::start(&sec.addr);
+    let proxy = CuttingProxy::start(&sec.addr, false);
     let m = primary_for(&sec, &proxy.addr, &[]);
     let mut rng = Rng::from_time_or_env();
     create_sparse(&m.mnt("disk.img"), IMAGE);
@@ -582,4 +607,101 @@ fn secondary_refuses_a_second_primary_datastore_naming_both_and_the_first_keeps_
         pair_record.contains(&format!("datastore={ours}")),
         "the pair changed: {pair_record}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// 8. Encryption and authentication on the wire.
+
+/// Everything between the two sides is TLS: recognisable content written
+/// to an image (incompressible, so zstd would pass it through unchanged)
+/// and the image's name never appear in the bytes the primary sends,
+/// though they do reach the replica.
+#[test]
+fn the_wire_is_encrypted_content_and_names_never_appear_on_it() {
+    let sec = Secondary::start();
+    let proxy = CuttingProxy::start(&sec.addr, true);
+    let m = primary_for(&sec, &proxy.addr, &[]);
+    let name = "quarterly-payroll-vm.img";
+    let marker: Vec<u8> = pattern(4096, 99);
+    let mut data = Vec::new();
+    for _ in 0..64 {
+        data.extend_from_slice(&marker);
+        data.extend_from_slice(&pattern(60 * 1024, data.len() as u64));
+    }
+    std::fs::write(m.mnt(name), &data).unwrap();
+    sync_file(&m.mnt(name));
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_eq!(std::fs::read(sec.rep(name)).unwrap(), data, "the replica");
+    let wire = proxy
+        .state
+        .upstream_bytes
+        .as_ref()
+        .expect("recording")
+        .lock()
+        .unwrap()
+        .clone();
+    assert!(
+        wire.len() as u64 > data.len() as u64,
+        "only {} bytes passed the proxy for {} bytes of data",
+        wire.len(),
+        data.len()
+    );
+    let contains = |needle: &[u8]| wire.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !contains(&marker[..64]),
+        "image content in clear on the wire"
+    );
+    assert!(
+        !contains(name.as_bytes()),
+        "an image name in clear on the wire"
+    );
+    // What a capture does show: a TLS handshake, no HTTP/2 preface.
+    assert_eq!(
+        wire[0], 0x16,
+        "the stream does not start with a TLS handshake"
+    );
+    assert!(!contains(b"PRI * HTTP/2.0"), "plaintext HTTP/2 on the wire");
+}
+
+/// A TLS client without the pair's certificate (here `openssl s_client`,
+/// with no client certificate) is refused in the handshake: it never gets
+/// to send a request, and nothing is written.
+#[test]
+fn a_tls_client_without_the_pairs_certificate_is_refused_in_the_handshake() {
+    let sec = Secondary::start();
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &sec.addr,
+            "-servername",
+            "hbrfs-secondary",
+        ])
+        .args(["-alpn", "h2", "-ign_eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            // An HTTP/2 preface and a Hello-sized request, to be refused.
+            let mut stdin = child.stdin.take().expect("stdin");
+            let _ = stdin.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            drop(stdin);
+            child.wait_with_output()
+        })
+        .expect("run openssl s_client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("alert certificate required"),
+        "the handshake was not refused:\n{text}"
+    );
+    assert!(
+        !sec.replica.join(".hbrfs/pair").exists(),
+        "a client without the certificate paired the replica"
+    );
+    assert_eq!(sec.applied_epoch(), 0);
 }

@@ -6,8 +6,10 @@
 //! the BLAKE3 keyed hash of it. The secondary checks the token in an
 //! interceptor, before the request reaches any code that touches disk, and
 //! accepts time stamps within five minutes of its clock. The key itself
-//! never travels. The channel is not encrypted yet: a listener on the path
-//! can read the data and replay a token within its five minutes.
+//! never travels. The channel itself is TLS with certificates from an
+//! authority derived from the same key (`tls`), so tokens and data are
+//! encrypted and a peer without the key fails the handshake already; the
+//! token stays as a second, independent check.
 
 use std::fs;
 use std::io::Write;
@@ -77,6 +79,17 @@ impl AuthKey {
             .at(path)?;
         writeln!(f, "{hex}").and_then(|_| f.sync_all()).at(path)?;
         Ok(AuthKey(key))
+    }
+
+    /// The key itself, for deriving the pair's TLS authority (`tls`).
+    pub(crate) fn secret(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// A key from its bytes (tests).
+    #[cfg(test)]
+    pub(crate) fn from_secret(secret: [u8; 32]) -> AuthKey {
+        AuthKey(secret)
     }
 
     fn mac(&self, time: u64) -> String {

@@ -361,12 +361,15 @@ fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
         .unwrap_or_else(|| default_key_path(&store.root));
     let key = AuthKey::load_or_create(&key_path)?;
     eprintln!(
-        "hbrfs: primaries must authenticate with the key in {} (copy it to the primary: --auth-key FILE)",
+        "hbrfs: primaries must authenticate with the key in {} (copy it to the primary: --auth-key FILE); \
+         the channel is TLS with certificates from the pair's authority, derived from that key",
         key_path.display()
     );
+    let tls = crate::tls::server_config(&key)?;
     let server = rt.spawn(crate::replica::serve_on(
         store.clone(),
         key,
+        tls,
         listener,
         async move {
             let _ = stopped.wait_for(|s| *s).await;

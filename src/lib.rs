@@ -13,6 +13,7 @@
 //! - [`daemon`]: the primary daemon: mount, control socket, cut timer, signals.
 //! - [`control`]: the daemon's control socket and the requests it answers.
 //! - [`auth`]: the pre-shared key and the per-request tokens peers authenticate with.
+//! - [`tls`]: the channel's TLS, with certificates from an authority derived from that key.
 //! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
 //! - [`replicate`]: the primary's replicator: cut, offer hashes, send wanted blocks, wait for the ack.
 //! - [`replica`]: the secondary: gRPC service, staging, atomic apply, content index.
@@ -34,6 +35,7 @@ pub mod ids;
 pub mod journal;
 pub mod sys;
 pub mod throttle;
+pub mod tls;
 pub mod tracking;
 
 pub mod replica;

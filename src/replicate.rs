@@ -21,20 +21,42 @@ use tonic::transport::Channel;
 /// A client that authenticates every request.
 type Client = ReplicationClient<InterceptedService<Channel, PresentKey>>;
 
-/// Connects to the secondary at `addr`, presenting `key`.
+/// Connects to the secondary at `addr` over the pair's TLS (`tls`),
+/// presenting `key`.
 async fn client(addr: &str, key: &AuthKey, timeout: Duration) -> Result<Client> {
-    let url = format!("http://{addr}");
+    let url = format!("https://{addr}");
     let channel = Channel::from_shared(url.clone())
+        .map_err(|e| remote(&url, e))?
+        .tls_config(crate::tls::client_config(key)?)
         .map_err(|e| remote(&url, e))?
         .connect_timeout(timeout)
         .connect()
         .await
-        .map_err(|e| remote(&format!("connecting to {url}"), e))?;
+        .map_err(|e| connect_error(addr, &e))?;
     Ok(
         ReplicationClient::with_interceptor(channel, PresentKey(key.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
     )
+}
+
+/// A failed connection, with every cause (the useful one, e.g. a refused
+/// certificate, is deep in the chain) and what it most likely means.
+fn connect_error(addr: &str, e: &tonic::transport::Error) -> Error {
+    let mut causes = vec![e.to_string()];
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        causes.push(s.to_string());
+        source = s.source();
+    }
+    let all = causes.join(": ");
+    let hint = if all.contains("certificate") || all.contains("handshake") {
+        " (the TLS handshake failed: the secondary was not made from this pair's key, \
+         a wrong key; --auth-key must be a copy of the secondary's REPLICA/.hbrfs/auth.key)"
+    } else {
+        ""
+    };
+    Error::Remote(format!("connecting to {addr}: {all}{hint}"))
 }
 
 use crate::auth::{AuthKey, PresentKey};

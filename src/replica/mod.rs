@@ -224,14 +224,16 @@ impl Replication for ReplicaService {
     }
 }
 
-/// Serves `store` on `listener` until `shutdown` resolves.
+/// Serves `store` on `listener` over `tls` until `shutdown` resolves.
 pub async fn serve_on(
     store: Arc<ReplicaStore>,
     key: crate::auth::AuthKey,
+    tls: tonic::transport::ServerTlsConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
+        .tls_config(tls)?
         .add_service(tonic::service::interceptor::InterceptedService::new(
             ReplicaService::new(store).into_server(),
             crate::auth::RequireKey(key),
