@@ -429,7 +429,7 @@ fn proxy_cutting_every_2_to_3_s_resumes_a_backlog_larger_than_any_window_and_con
     }
     // After it, points keep landing between cuts.
     assert!(
-        points >= 3,
+        points >= 2,
         "after the backlog, only {} points landed while the cuts went on",
         points - 1
     );

@@ -50,9 +50,9 @@ fn connect_error(addr: &str, e: &tonic::transport::Error) -> Error {
         source = s.source();
     }
     let all = causes.join(": ");
-    let hint = if all.contains("certificate") || all.contains("handshake") {
-        " (the TLS handshake failed: the secondary was not made from this pair's key, \
-         a wrong key; --auth-key must be a copy of the secondary's REPLICA/.hbrfs/auth.key)"
+    let hint = if all.contains("certificate") {
+        " (the secondary's TLS certificate is not from this pair's key: a wrong key; \
+         --auth-key must be a copy of the secondary's REPLICA/.hbrfs/auth.key)"
     } else {
         ""
     };

@@ -738,6 +738,37 @@ fn a_stream_of_the_same_point_broken_after_its_first_blocks_resumes_after_them()
     fx.finish();
 }
 
+/// A stream cut inside a chunk, after the first of its two wanted blocks
+/// arrived: the next stream resumes at the block that had not.
+#[test]
+fn a_stream_broken_inside_a_chunk_resumes_at_the_first_block_that_had_not_arrived() {
+    let mut fx = Fixture::new();
+    let msgs = fx.next_epoch();
+    let mut broken = msgs[..5].to_vec();
+    let Some(ship_message::Body::Blocks(b)) = &mut broken[4].body else {
+        panic!("message 4 is the second Blocks");
+    };
+    b.blocks.truncate(1);
+    let run = fx.drive(broken);
+    assert_eq!((run.refused.as_deref(), run.applied), (None, None));
+    let resumed = drive_honest(fx.store(), msgs.clone());
+    assert_eq!(resumed.refused, None);
+    assert_eq!(
+        resumed.resumed_after,
+        Some(4),
+        "a.img's three offers and c.img's first"
+    );
+    assert_eq!(
+        resumed.wants,
+        vec![vec![], vec![0]],
+        "only c.img's second block"
+    );
+    assert_eq!(resumed.applied, Some(2));
+    assert_applied_as_offered(&fx, &msgs, 2);
+    fx.mark_applied(2);
+    fx.finish();
+}
+
 /// The first stream of an epoch, with another point id than `msgs`, cut
 /// after its first Blocks message.
 fn break_another_point(fx: &Fixture, msgs: &[ShipMessage]) {

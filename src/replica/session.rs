@@ -61,7 +61,9 @@ type Content = HashMap<BlockHash, (u64, u32)>;
 struct PartialPoint {
     point: Vec<u8>,
     epoch: u64,
-    /// One per offer, in order: every offer up to here is complete.
+    /// Its offers (file id, block) in the primary's order, each complete.
+    offers: Vec<(u64, u64)>,
+    /// Their staged blocks.
     blocks: Vec<StagedBlock>,
 }
 
@@ -94,9 +96,9 @@ pub struct Session<'a> {
     /// The point an earlier stream broke in, until Begin says whether
     /// this stream ships the same one.
     partial: Option<PartialPoint>,
-    /// How many of `blocks` are complete: every offer before them has
-    /// its block (a wanted one arrived).
-    complete: usize,
+    /// Every offer in the primary's order: a stream that breaks resumes
+    /// at the first whose block has not arrived.
+    offer_log: Vec<(u64, u64)>,
     /// Set once the epoch is applied: nothing is left to carry.
     committed: bool,
 }
@@ -148,7 +150,7 @@ impl<'a> Session<'a> {
             staged: HashMap::new(),
             carried,
             partial,
-            complete: 0,
+            offer_log: Vec::new(),
             committed: false,
         })
     }
@@ -198,16 +200,16 @@ impl<'a> Session<'a> {
             log::info!(
                 "epoch {}: resuming after {} offers a broken stream left complete",
                 begin.epoch,
-                p.blocks.len()
+                p.offers.len()
             );
-            self.offered = p.blocks.iter().map(|b| (b.file_id, b.block)).collect();
+            self.offered = p.offers.iter().copied().collect();
+            self.offer_log = p.offers;
             self.blocks = p.blocks;
-            self.complete = self.blocks.len();
+            let offers_done = self.offer_log.len() as u64;
             self.store
                 .stats
                 .blocks_resumed
-                .fetch_add(self.complete as u64, Ordering::Relaxed);
-            let offers_done = self.complete as u64;
+                .fetch_add(offers_done, Ordering::Relaxed);
             self.begin = Some(begin);
             return Ok(Resumed { offers_done });
         }
@@ -317,6 +319,7 @@ impl<'a> Session<'a> {
                     o.block, o.file_id
                 ));
             }
+            self.offer_log.push((o.file_id, o.block));
             if o.zero {
                 self.blocks.push(StagedBlock {
                     file_id: o.file_id,
@@ -373,7 +376,6 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        self.note_complete();
         Ok(Wants { positions: wants })
     }
 
@@ -408,16 +410,7 @@ impl<'a> Session<'a> {
             self.store.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
             self.stage(b.file_id, b.block, hash, &data)?;
         }
-        self.note_complete();
         Ok(())
-    }
-
-    /// Every offer so far has its block: a stream of this point that
-    /// breaks from here resumes here.
-    fn note_complete(&mut self) {
-        if self.pending.is_empty() {
-            self.complete = self.blocks.len();
-        }
     }
 
     /// The end of the epoch: applies it atomically.
@@ -465,10 +458,19 @@ impl Drop for Session<'_> {
         content.extend(self.staged.drain());
         let point = match self.begin.take() {
             Some(b) => {
-                self.blocks.truncate(self.complete);
+                // Up to the first offer still waiting for its block.
+                let complete = self
+                    .offer_log
+                    .iter()
+                    .position(|o| self.pending.contains_key(o))
+                    .unwrap_or(self.offer_log.len());
+                let after: HashSet<(u64, u64)> = self.offer_log.drain(complete..).collect();
+                self.blocks
+                    .retain(|b| !after.contains(&(b.file_id, b.block)));
                 Some(PartialPoint {
                     point: b.point,
                     epoch: b.epoch,
+                    offers: std::mem::take(&mut self.offer_log),
                     blocks: std::mem::take(&mut self.blocks),
                 })
             }
