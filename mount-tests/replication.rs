@@ -859,6 +859,80 @@ fn qemu_io_patterns_in_raw_and_qcow2_replicate_identically_and_mirror_shows_them
 // ---------------------------------------------------------------------------
 // 2. Consistency across images.
 
+/// Pre-images (invariant 2 inside one image): a block rewritten while its
+/// point ships travels with the content it had at the cut. With 4 KiB
+/// blocks and `--max-rate 1M`, a point of 4 MiB of incompressible blocks
+/// and then block X takes seconds to ship, and X is read (five chunks of
+/// 256 blocks in, past the reader's lead of three) long after it is
+/// rewritten with B just as the ship starts. When that point has landed
+/// the replica holds A at X — while the primary already holds B — and the
+/// next point brings B.
+#[test]
+fn a_block_rewritten_while_its_point_ships_lands_with_its_cut_time_content() {
+    const BS: u64 = 4096;
+    const X: u64 = 5 * 256 + 10;
+    let (sec, m) = pair(&["--block-size", "4K", "--max-rate", "1M"]);
+    let img = m.mnt("img");
+    let a = pattern(BS as usize, 0xA);
+    let b = pattern(BS as usize, 0xB);
+    {
+        let f = File::create(&img).unwrap();
+        f.write_all_at(&pattern((4 * 256 * BS) as usize, 1), 0)
+            .unwrap();
+        f.write_all_at(&a, X * BS).unwrap();
+        f.sync_all().unwrap();
+    }
+    let before = sec.applied_epoch();
+    // Wait for the point's ship to start, then rewrite X at once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while primary_status(&m)["replication"]["shipping"].is_null() {
+        assert!(
+            Instant::now() < deadline,
+            "the point never started shipping"
+        );
+        sleep(Duration::from_millis(10));
+    }
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&b, X * BS).unwrap();
+    f.sync_all().unwrap();
+    let ship = primary_status(&m)["replication"]["shipping"].clone();
+    assert!(
+        json_u64(&ship["blocks_done"]) < 4 * 256,
+        "X may have been read before it was rewritten: {ship}"
+    );
+    // The first point after `before` that holds the image.
+    let deadline = Instant::now() + APPLY_TIMEOUT;
+    let (epoch, at_x) = loop {
+        let e = sec.applied_epoch();
+        if e > before && sec.rep("img").exists() {
+            let mut got = vec![0u8; BS as usize];
+            File::open(sec.rep("img"))
+                .unwrap()
+                .read_exact_at(&mut got, X * BS)
+                .unwrap();
+            break (e, got);
+        }
+        assert!(Instant::now() < deadline, "no point landed");
+        sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        sec.applied_epoch(),
+        epoch,
+        "the next point landed while X was being read: the check saw two points"
+    );
+    assert!(
+        at_x == a,
+        "epoch {epoch}: the replica's block X is {}, not its content at the cut",
+        if at_x == b {
+            "the rewrite B"
+        } else {
+            "neither A nor B"
+        }
+    );
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_same_bytes(&m.back("img"), &sec.rep("img"));
+}
+
 #[test]
 fn dependent_writes_to_two_images_never_show_b_ahead_of_a_at_any_mirrored_point() {
     let (sec, m) = pair(&[]);
