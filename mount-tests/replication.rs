@@ -494,7 +494,7 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, Node> {
 }
 
 /// Asserts two files hold the same bytes, reading both in 1 MiB chunks.
-fn assert_same_bytes(a: &Path, b: &Path) {
+pub(crate) fn assert_same_bytes(a: &Path, b: &Path) {
     let open = |p: &Path| File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
     let (mut fa, mut fb) = (open(a), open(b));
     let (mut ba, mut bb) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);

@@ -27,8 +27,9 @@ use serde_json::Value;
 
 use crate::harness::{BLOCK, Mount, create_sparse, json_u64, pattern, sync_file, write_ranges};
 use crate::replication::{
-    APPLY_TIMEOUT, MIB, Rng, Secondary, Until, assert_trees_identical, pair, primary_for,
-    primary_status, qemu_img_compare, repl_counter, sha256, wait_applied, wait_last_error,
+    APPLY_TIMEOUT, MIB, Rng, Secondary, Until, assert_same_bytes, assert_trees_identical, pair,
+    primary_for, primary_status, qemu_img_compare, repl_counter, sha256, wait_applied,
+    wait_last_error,
 };
 
 // ---------------------------------------------------------------------------
@@ -439,6 +440,73 @@ fn proxy_cutting_every_2_to_3_s_resumes_a_backlog_larger_than_any_window_and_con
     assert!(
         wire < written + written / 10,
         "{wire} bytes on the wire for {written} bytes written"
+    );
+}
+
+/// The offer count of the last "resuming after N offers" in the primary's
+/// log, if any.
+fn resumed_after(log: &str) -> Option<u64> {
+    log.lines().rev().find_map(|l| {
+        let (_, rest) = l.split_once("the secondary holds the first ")?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The secondary killed with SIGKILL in the middle of a large point (a
+/// third to two thirds shipped) and started again: the point resumes from
+/// the log the secondary keeps of it, after the offers the log holds (all
+/// but the last checkpoint's 32 MiB at most), not from its first block, and
+/// the replica converges to identical.
+#[test]
+fn secondary_killed_in_the_middle_of_a_large_point_resumes_it_from_its_log() {
+    const SIZE: u64 = 192 * MIB;
+    const BLOCKS: u64 = SIZE / BLOCK;
+    let (mut sec, m) = pair(&["--max-rate", "32M"]);
+    std::fs::write(m.mnt("big.img"), pattern(SIZE as usize, 3)).unwrap();
+    sync_file(&m.mnt("big.img"));
+    let deadline = Instant::now() + APPLY_TIMEOUT;
+    let done_at_kill = loop {
+        let ship = &primary_status(&m)["replication"]["shipping"];
+        let done = if ship.is_null() {
+            0
+        } else {
+            json_u64(&ship["blocks_done"])
+        };
+        if done >= BLOCKS / 3 {
+            break done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the point never got a third shipped"
+        );
+        sleep(Duration::from_millis(20));
+    };
+    assert!(
+        done_at_kill < BLOCKS * 2 / 3,
+        "shipped too far before the kill"
+    );
+    sec.kill9();
+    assert_eq!(sec.applied_epoch(), 0, "the point applied before the kill");
+    sec.restart();
+    let fin = wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let resumed = resumed_after(&m.log()).unwrap_or(0);
+    let wire = repl_counter(&fin, "wire_bytes");
+    println!(
+        "secondary kill -9: killed at block {done_at_kill} of {BLOCKS}, resumed after {resumed} \
+         offers; wire {:.1} MiB for a {} MiB point",
+        wire as f64 / MIB as f64,
+        SIZE / MIB
+    );
+    assert!(
+        resumed + 512 + 256 >= done_at_kill,
+        "resumed after {resumed} offers, though {done_at_kill} were shipped at the kill \
+         (a checkpoint every 512 blocks, a chunk in flight)\n--- secondary log ---\n{}",
+        sec.log()
+    );
+    assert_same_bytes(&m.back("big.img"), &sec.rep("big.img"));
+    assert!(
+        wire < SIZE + SIZE / 3,
+        "{wire} bytes on the wire for a {SIZE}-byte point"
     );
 }
 

@@ -769,6 +769,55 @@ fn a_stream_broken_inside_a_chunk_resumes_at_the_first_block_that_had_not_arrive
     fx.finish();
 }
 
+/// The secondary restarted (its memory lost) after a stream staged part
+/// of a point: the point's log brings it back, re-hashed, and the next
+/// stream of the point resumes after the offers it holds.
+#[test]
+fn a_point_interrupted_by_a_restart_of_the_secondary_resumes_from_its_log() {
+    let mut fx = Fixture::new();
+    let msgs = fx.next_epoch();
+    let broken = fx.drive(msgs[..3].to_vec());
+    assert_eq!(broken.applied, None);
+    fx.reopen();
+    let resumed = drive_honest(fx.store(), msgs.clone());
+    assert_eq!(resumed.refused, None);
+    assert_eq!(
+        resumed.resumed_after,
+        Some(3),
+        "a.img's three offers, from the log"
+    );
+    assert_eq!(resumed.wants, vec![vec![], vec![0, 1]]);
+    assert_eq!(resumed.applied, Some(2));
+    assert_applied_as_offered(&fx, &msgs, 2);
+    fx.mark_applied(2);
+    assert!(
+        !fx.store().staging_dir().join("partial").exists(),
+        "the log outlived the apply"
+    );
+    fx.finish();
+}
+
+/// A log whose staged data was damaged while the secondary was down is
+/// trusted only up to the first block that no longer hashes right.
+#[test]
+fn a_log_over_damaged_staging_is_trusted_only_up_to_the_damage() {
+    let mut fx = Fixture::new();
+    let msgs = fx.next_epoch();
+    fx.drive(msgs[..3].to_vec());
+    let data = fx.store().staging_dir().join("data");
+    let len = fs::metadata(&data).expect("staged data").len();
+    fs::write(&data, vec![0x5a; len as usize]).expect("damage staging");
+    fx.reopen();
+    let resumed = drive_honest(fx.store(), msgs.clone());
+    assert_eq!(resumed.refused, None);
+    assert_eq!(resumed.resumed_after, Some(0));
+    assert_eq!(resumed.wants, vec![vec![0, 2], vec![0, 1]]);
+    assert_eq!(resumed.applied, Some(2));
+    assert_applied_as_offered(&fx, &msgs, 2);
+    fx.mark_applied(2);
+    fx.finish();
+}
+
 /// The first stream of an epoch, with another point id than `msgs`, cut
 /// after its first Blocks message.
 fn break_another_point(fx: &Fixture, msgs: &[ShipMessage]) {

@@ -3,6 +3,7 @@
 //! received path confined (`confine`).
 
 pub mod confine;
+pub mod partial;
 pub mod preflight;
 pub mod session;
 pub mod store;
@@ -64,20 +65,31 @@ fn handle(
     msg: ShipMessage,
 ) -> Result<Option<ShipReply>, Refused> {
     let Some(body) = msg.body else {
+        if let Some(s) = session.as_mut() {
+            s.mark_refused();
+        }
         return Err(Refused("empty ship message".into()));
     };
     let s = session
         .as_mut()
         .ok_or_else(|| Refused("message after Commit".into()))?;
+    let refused = |s: &mut Session<'_>, e: Refused| {
+        s.mark_refused();
+        e
+    };
     Ok(match body {
         ship_message::Body::Begin(b) => Some(ShipReply {
-            body: Some(ship_reply::Body::Resumed(s.begin(b)?)),
+            body: Some(ship_reply::Body::Resumed(
+                s.begin(b).map_err(|e| refused(s, e))?,
+            )),
         }),
         ship_message::Body::Offers(o) => Some(ShipReply {
-            body: Some(ship_reply::Body::Wants(s.offers(o)?)),
+            body: Some(ship_reply::Body::Wants(
+                s.offers(o).map_err(|e| refused(s, e))?,
+            )),
         }),
         ship_message::Body::Blocks(b) => {
-            s.blocks(b)?;
+            s.blocks(b).map_err(|e| refused(s, e))?;
             None
         }
         ship_message::Body::Commit(c) => {

@@ -7,9 +7,12 @@
 //! Resuming: a stream that breaks before its commit leaves what it staged
 //! behind (`Carried`), so a reconnect loop always moves forward even when
 //! the connection breaks faster than a whole point ships:
-//! - the point itself, up to the last offer whose blocks all arrived: a
-//!   stream of the same point (same point id: the primary retries a point
-//!   unchanged) starts there, and Begin's answer says where;
+//! - the point itself, up to the first offer whose block has not arrived:
+//!   a stream of the same point (same point id: the primary retries a
+//!   point unchanged) starts there, and Begin's answer says where. It is
+//!   also logged to disk every `CHECKPOINT_BYTES` (`partial`), so a
+//!   restart of the secondary resumes it too. A refused stream keeps no
+//!   point (a primary never resends a refused one);
 //! - its content by hash: a stream of another point (the primary folded
 //!   the old one into a newer cut) fills offers of the same content from it
 //!   instead of asking again. Like the content index these are hints, each
@@ -21,18 +24,23 @@
 //! of the point's files.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use super::partial::PartialLog;
 use super::store::ReplicaStore;
 use crate::block::{self, BlockHash, HashKey};
+use crate::error::IoContext;
 use crate::proto::replica::{StagedBlock, StagedEpoch};
 use crate::proto::replication::{Applied, Begin, Blocks, Commit, Offers, Resumed, Wants};
 
 /// Most offers in one message.
 pub const MAX_OFFERS: usize = 65_536;
+/// Staged bytes between two checkpoints of the point's log (every message
+/// in unit tests, so that the fuzz suite exercises the log too).
+const CHECKPOINT_BYTES: u64 = if cfg!(test) { 1 } else { 32 * 1024 * 1024 };
 /// Most blocks in one message.
 pub const MAX_BLOCKS: usize = 4_096;
 /// Most namespace operations or files in one epoch.
@@ -65,6 +73,9 @@ struct PartialPoint {
     offers: Vec<(u64, u64)>,
     /// Their staged blocks.
     blocks: Vec<StagedBlock>,
+    /// How many of the offers the on-disk log holds (`partial`), and its
+    /// length after them; `None` when there is no log.
+    logged: Option<(usize, u64)>,
 }
 
 /// What streams that broke before their commit staged, for the next one.
@@ -72,6 +83,48 @@ struct PartialPoint {
 pub struct Carried {
     content: Content,
     point: Option<PartialPoint>,
+}
+
+impl std::fmt::Display for Carried {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.point {
+            Some(p) => write!(f, "{} offers of epoch {}", p.offers.len(), p.epoch),
+            None => write!(f, "{} blocks of content", self.content.len()),
+        }
+    }
+}
+
+impl Carried {
+    /// The point a stream of an earlier run of the secondary left in its
+    /// log (`partial`), each block's staged content re-read and re-hashed:
+    /// the log ends at the first that does not match.
+    pub fn from_log(staging: &Path, key: &HashKey) -> Option<Carried> {
+        let loaded = super::partial::load(staging)?;
+        let data = File::open(staging.join("data")).ok()?;
+        let mut carried = Carried::default();
+        let mut blocks = Vec::new();
+        let mut len = loaded.header_len;
+        for (b, end) in loaded.blocks {
+            if !b.zero {
+                let mut buf = vec![0u8; b.length as usize];
+                let hash = BlockHash::from_bytes(&b.hash)?;
+                if data.read_exact_at(&mut buf, b.offset).is_err() || key.hash(&buf) != hash {
+                    break;
+                }
+                carried.content.insert(hash, (b.offset, b.length));
+            }
+            blocks.push(b);
+            len = end;
+        }
+        carried.point = Some(PartialPoint {
+            point: loaded.point,
+            epoch: loaded.epoch,
+            offers: blocks.iter().map(|b| (b.file_id, b.block)).collect(),
+            logged: Some((blocks.len(), len)),
+            blocks,
+        });
+        Some(carried)
+    }
 }
 
 /// The state of one epoch being received.
@@ -99,8 +152,16 @@ pub struct Session<'a> {
     /// Every offer in the primary's order: a stream that breaks resumes
     /// at the first whose block has not arrived.
     offer_log: Vec<(u64, u64)>,
+    /// Where in `blocks` each offer's block is.
+    block_at: HashMap<(u64, u64), usize>,
+    /// The point's on-disk log, and the staged bytes since its last
+    /// checkpoint.
+    log: Option<PartialLog>,
+    unlogged_bytes: u64,
     /// Set once the epoch is applied: nothing is left to carry.
     committed: bool,
+    /// Set when the stream was refused: no point is kept for resuming.
+    refused: bool,
 }
 
 impl<'a> Session<'a> {
@@ -151,7 +212,11 @@ impl<'a> Session<'a> {
             carried,
             partial,
             offer_log: Vec::new(),
+            block_at: HashMap::new(),
+            log: None,
+            unlogged_bytes: 0,
             committed: false,
+            refused: false,
         })
     }
 
@@ -205,6 +270,19 @@ impl<'a> Session<'a> {
             self.offered = p.offers.iter().copied().collect();
             self.offer_log = p.offers;
             self.blocks = p.blocks;
+            self.block_at = (self.blocks.iter().enumerate())
+                .map(|(i, b)| ((b.file_id, b.block), i))
+                .collect();
+            let staging = self.store.staging_dir();
+            self.log = match p.logged {
+                Some((logged, len)) => PartialLog::resume(&staging, logged, len)
+                    .inspect_err(|e| log::warn!("not logging epoch {}: {e}", begin.epoch))
+                    .ok(),
+                None => None,
+            };
+            if self.log.is_none() {
+                let _ = fs::remove_file(super::partial::path(&staging));
+            }
             let offers_done = self.offer_log.len() as u64;
             self.store
                 .stats
@@ -226,6 +304,9 @@ impl<'a> Session<'a> {
                 .map_err(|e| Refused(format!("staging {}: {e}", self.data_path.display())))?;
             self.data_len = 0;
         }
+        self.log = PartialLog::start(&self.store.staging_dir(), &begin.point, begin.epoch)
+            .inspect_err(|e| log::warn!("not logging epoch {}: {e}", begin.epoch))
+            .ok();
         self.begin = Some(begin);
         Ok(Resumed { offers_done: 0 })
     }
@@ -251,7 +332,51 @@ impl<'a> Session<'a> {
             .write_all_at(data, at)
             .map_err(|e| Refused(format!("staging {}: {e}", self.data_path.display())))?;
         self.data_len += data.len() as u64;
+        self.unlogged_bytes += data.len() as u64;
         Ok(at)
+    }
+
+    fn push_block(&mut self, block: StagedBlock) {
+        self.block_at
+            .insert((block.file_id, block.block), self.blocks.len());
+        self.blocks.push(block);
+    }
+
+    /// How many offers, in order, have their block.
+    fn complete(&self) -> usize {
+        self.offer_log
+            .iter()
+            .position(|o| self.pending.contains_key(o))
+            .unwrap_or(self.offer_log.len())
+    }
+
+    /// Every `CHECKPOINT_BYTES` staged: syncs the data file and logs the
+    /// offers completed since the last checkpoint. A failure stops the
+    /// logging (a restart then starts the point afresh), not the stream.
+    fn checkpoint(&mut self) {
+        if self.unlogged_bytes < CHECKPOINT_BYTES {
+            return;
+        }
+        self.unlogged_bytes = 0;
+        let complete = self.complete();
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
+        let newly: Vec<&StagedBlock> = self.offer_log[log.logged().0.min(complete)..complete]
+            .iter()
+            .filter_map(|o| self.block_at.get(o).map(|&i| &self.blocks[i]))
+            .collect();
+        let logged = self
+            .data
+            .sync_data()
+            .at(&self.data_path)
+            .and_then(|_| log.append(&newly));
+        if let Err(e) = logged {
+            log::warn!("logging the point being received: {e}");
+            if let Some(log) = self.log.take() {
+                log.abandon();
+            }
+        }
     }
 
     fn stage(
@@ -269,7 +394,7 @@ impl<'a> Session<'a> {
                 at
             }
         };
-        self.blocks.push(StagedBlock {
+        self.push_block(StagedBlock {
             file_id,
             block,
             zero: false,
@@ -321,7 +446,7 @@ impl<'a> Session<'a> {
             }
             self.offer_log.push((o.file_id, o.block));
             if o.zero {
-                self.blocks.push(StagedBlock {
+                self.push_block(StagedBlock {
                     file_id: o.file_id,
                     block: o.block,
                     zero: true,
@@ -350,7 +475,7 @@ impl<'a> Session<'a> {
                 }),
             };
             if let Some((offset, length)) = staged {
-                self.blocks.push(StagedBlock {
+                self.push_block(StagedBlock {
                     file_id: o.file_id,
                     block: o.block,
                     zero: false,
@@ -376,6 +501,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
+        self.checkpoint();
         Ok(Wants { positions: wants })
     }
 
@@ -410,11 +536,12 @@ impl<'a> Session<'a> {
             self.store.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
             self.stage(b.file_id, b.block, hash, &data)?;
         }
+        self.checkpoint();
         Ok(())
     }
 
-    /// The end of the epoch: applies it atomically.
-    pub fn commit(mut self, commit: Commit) -> Result<Applied, Refused> {
+    /// The epoch's Begin, if `commit` may end it.
+    fn check_commit(&mut self, commit: &Commit) -> Result<Begin, Refused> {
         let Some(begin) = self.begin.take() else {
             return refuse("Commit before Begin");
         };
@@ -430,6 +557,20 @@ impl<'a> Session<'a> {
                 self.pending.len()
             ));
         }
+        Ok(begin)
+    }
+
+    /// This stream was refused: a primary never sends a refused point
+    /// again (it folds it into a new cut, with a new id), so nothing of
+    /// the point is kept for resuming, only its verified content.
+    pub fn mark_refused(&mut self) {
+        self.refused = true;
+    }
+
+    /// The end of the epoch: applies it atomically.
+    pub fn commit(mut self, commit: Commit) -> Result<Applied, Refused> {
+        let checked = self.check_commit(&commit);
+        let begin = checked.inspect_err(|_| self.refused = true)?;
         self.data
             .sync_all()
             .map_err(|e| Refused(format!("staging {}: {e}", self.data_path.display())))?;
@@ -449,21 +590,22 @@ impl<'a> Session<'a> {
 
 impl Drop for Session<'_> {
     /// A stream that ends without its commit leaves its staged content to
-    /// the next one.
+    /// the next one (and, unless it was refused, its point).
     fn drop(&mut self) {
         if self.committed {
             return;
         }
         let mut content = std::mem::take(&mut self.carried);
         content.extend(self.staged.drain());
+        if self.refused {
+            self.begin = None;
+            self.partial = None;
+            let _ = fs::remove_file(super::partial::path(&self.store.staging_dir()));
+        }
         let point = match self.begin.take() {
             Some(b) => {
                 // Up to the first offer still waiting for its block.
-                let complete = self
-                    .offer_log
-                    .iter()
-                    .position(|o| self.pending.contains_key(o))
-                    .unwrap_or(self.offer_log.len());
+                let complete = self.complete();
                 let after: HashSet<(u64, u64)> = self.offer_log.drain(complete..).collect();
                 self.blocks
                     .retain(|b| !after.contains(&(b.file_id, b.block)));
@@ -472,6 +614,7 @@ impl Drop for Session<'_> {
                     epoch: b.epoch,
                     offers: std::mem::take(&mut self.offer_log),
                     blocks: std::mem::take(&mut self.blocks),
+                    logged: self.log.as_ref().map(PartialLog::logged),
                 })
             }
             // Refused before its Begin was taken: the earlier one stays.

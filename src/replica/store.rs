@@ -421,7 +421,17 @@ impl ReplicaStore {
     fn recover(&self) -> Result<()> {
         let redo = self.redo_path();
         let Ok(text) = fs::read_to_string(&redo) else {
-            self.clear_staging()?;
+            // A point a stream was receiving when the secondary stopped:
+            // kept for the primary to resume, if its log checks out.
+            let key = self.pair().map(|p| p.key);
+            let staging = self.staging_dir();
+            match key.and_then(|key| Carried::from_log(&staging, &key)) {
+                Some(carried) => {
+                    log::info!("kept the part of a point received before the restart: {carried}");
+                    *self.carried.lock().expect("carried lock") = Some(carried);
+                }
+                None => self.clear_staging()?,
+            }
             return Ok(());
         };
         let mut words = text.split_whitespace();

@@ -1,0 +1,132 @@
+//! The on-disk log of a point being received (`staging/partial`), so that
+//! a secondary restarted (even by `kill -9`) in the middle of a long point
+//! resumes it instead of asking for it all again.
+//!
+//! Format: a length-delimited `PartialHeader` (point id, epoch), then one
+//! length-delimited `StagedBlock` per complete offer, in the primary's
+//! order. Records are appended at checkpoints, after the staging data file
+//! was synced, and synced themselves: every record names data that is on
+//! disk. A torn last record (a crash mid-append) ends the log; what is
+//! loaded is re-hashed before use (`session::Carried::from_log`).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use crate::error::{IoContext, Result};
+use crate::proto::replica::{PartialHeader, StagedBlock};
+
+/// Where the log lives in the staging folder.
+pub fn path(staging: &Path) -> PathBuf {
+    staging.join("partial")
+}
+
+/// An open log, appended to at checkpoints.
+#[derive(Debug)]
+pub struct PartialLog {
+    path: PathBuf,
+    file: File,
+    /// Offers recorded so far.
+    logged: usize,
+    /// The log's length after them.
+    len: u64,
+}
+
+impl PartialLog {
+    /// A new log for `point` (replacing any other).
+    pub fn start(staging: &Path, point: &[u8], epoch: u64) -> Result<PartialLog> {
+        let path = path(staging);
+        let mut file = File::create(&path).at(&path)?;
+        let header = PartialHeader {
+            point: point.to_vec(),
+            epoch,
+        };
+        let bytes = header.encode_length_delimited_to_vec();
+        file.write_all(&bytes).at(&path)?;
+        Ok(PartialLog {
+            path,
+            file,
+            logged: 0,
+            len: bytes.len() as u64,
+        })
+    }
+
+    /// The log of a point resumed: `logged` offers in its first `len`
+    /// bytes (anything after them is cut off).
+    pub fn resume(staging: &Path, logged: usize, len: u64) -> Result<PartialLog> {
+        let path = path(staging);
+        let file = OpenOptions::new().append(true).open(&path).at(&path)?;
+        file.set_len(len).at(&path)?;
+        Ok(PartialLog {
+            path,
+            file,
+            logged,
+            len,
+        })
+    }
+
+    /// Offers recorded so far, and the log's length after them.
+    pub fn logged(&self) -> (usize, u64) {
+        (self.logged, self.len)
+    }
+
+    /// Stops logging: the log is removed, so that no restart trusts a log
+    /// that misses what was staged since.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Records `blocks` (the next complete offers) durably.
+    pub fn append(&mut self, blocks: &[&StagedBlock]) -> Result<()> {
+        let mut bytes = Vec::new();
+        for b in blocks {
+            b.encode_length_delimited(&mut bytes)
+                .expect("a Vec grows as needed");
+        }
+        self.file
+            .write_all(&bytes)
+            .and_then(|_| self.file.sync_data())
+            .at(&self.path)?;
+        self.logged += blocks.len();
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// What a log holds (up to a torn last record); `None` without a
+/// readable header.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The point's id and epoch.
+    pub point: Vec<u8>,
+    /// Its epoch.
+    pub epoch: u64,
+    /// The length of the header.
+    pub header_len: u64,
+    /// Each complete offer's block, with the log's length after it.
+    pub blocks: Vec<(StagedBlock, u64)>,
+}
+
+/// Reads the log in `staging`.
+pub fn load(staging: &Path) -> Option<Loaded> {
+    let bytes = std::fs::read(path(staging)).ok()?;
+    let mut rest = bytes.as_slice();
+    let header = PartialHeader::decode_length_delimited(&mut rest).ok()?;
+    let at = |rest: &[u8]| (bytes.len() - rest.len()) as u64;
+    let header_len = at(rest);
+    let mut blocks = Vec::new();
+    while !rest.is_empty() {
+        match StagedBlock::decode_length_delimited(&mut rest) {
+            Ok(b) => blocks.push((b, at(rest))),
+            Err(_) => break,
+        }
+    }
+    Some(Loaded {
+        point: header.point,
+        epoch: header.epoch,
+        header_len,
+        blocks,
+    })
+}
