@@ -190,6 +190,29 @@ fn remote(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Remote(format!("{what}: {e}"))
 }
 
+/// The secondary's next reply on a ship stream, to the message `what`.
+async fn next_reply(
+    replies: &mut tonic::Streaming<ShipReply>,
+    what: &str,
+) -> Result<ship_reply::Body> {
+    match replies.message().await.map_err(ship_status)? {
+        Some(ShipReply { body: Some(body) }) => Ok(body),
+        Some(_) => Err(remote(
+            "secondary",
+            format!("answered {what} with an empty reply"),
+        )),
+        None => Err(remote(
+            "secondary",
+            format!("closed the stream before answering {what}"),
+        )),
+    }
+}
+
+/// A reply that does not answer `what`.
+fn unexpected(what: &str, reply: &ship_reply::Body) -> Error {
+    remote("secondary", format!("answered {what} with {reply:?}"))
+}
+
 /// An error status from the secondary during a ship: a refusal of the
 /// point (invalid argument) or a failure.
 fn ship_status(s: tonic::Status) -> Error {
@@ -696,16 +719,9 @@ impl Replicator {
             point: point.id.to_vec(),
         }))
         .await?;
-        let offers_done = match replies.message().await.map_err(ship_status)? {
-            Some(ShipReply {
-                body: Some(ship_reply::Body::Resumed(r)),
-            }) => r.offers_done,
-            other => {
-                return Err(remote(
-                    "secondary",
-                    format!("answered Begin with {other:?}"),
-                ));
-            }
+        let offers_done = match next_reply(&mut replies, "Begin").await? {
+            ship_reply::Body::Resumed(r) => r.offers_done,
+            other => return Err(unexpected("Begin", &other)),
         };
         if offers_done > 0 {
             log::info!(
@@ -747,18 +763,9 @@ impl Replicator {
         result?;
         send(ship_message::Body::Commit(Commit { epoch: set.end.0 })).await?;
         drop(tx);
-        match replies.message().await.map_err(ship_status)? {
-            Some(r) => match r.body {
-                Some(ship_reply::Body::Applied(a)) if a.epoch == set.end.0 => Ok(()),
-                other => Err(remote(
-                    "secondary",
-                    format!("answered commit with {other:?}"),
-                )),
-            },
-            None => Err(remote(
-                "secondary",
-                "closed the stream before acknowledging",
-            )),
+        match next_reply(&mut replies, "Commit").await? {
+            ship_reply::Body::Applied(a) if a.epoch == set.end.0 => Ok(()),
+            other => Err(unexpected("Commit", &other)),
         }
     }
 
@@ -767,7 +774,7 @@ impl Replicator {
         &self,
         work: &[(Arc<TrackedFile>, Vec<u64>)],
         send: &F,
-        replies: &mut tonic::Streaming<crate::proto::replication::ShipReply>,
+        replies: &mut tonic::Streaming<ShipReply>,
     ) -> Result<()>
     where
         F: Fn(ship_message::Body) -> Fut,
@@ -809,7 +816,7 @@ impl Replicator {
         &self,
         read: Vec<ReadBlock>,
         send: &F,
-        replies: &mut tonic::Streaming<crate::proto::replication::ShipReply>,
+        replies: &mut tonic::Streaming<ShipReply>,
     ) -> Result<()>
     where
         F: Fn(ship_message::Body) -> Fut,
@@ -823,17 +830,9 @@ impl Replicator {
             .fetch_add(offers.len() as u64, Ordering::Relaxed);
         self.stats.blocks_zero.fetch_add(zeros, Ordering::Relaxed);
         send(ship_message::Body::Offers(Offers { offers })).await?;
-        let wants = match replies.message().await.map_err(ship_status)? {
-            Some(r) => match r.body {
-                Some(ship_reply::Body::Wants(w)) => w,
-                _ => {
-                    return Err(remote(
-                        "secondary",
-                        "answered offers with something else than wants",
-                    ));
-                }
-            },
-            None => return Err(remote("secondary", "closed the stream")),
+        let wants = match next_reply(replies, "Offers").await? {
+            ship_reply::Body::Wants(w) => w,
+            other => return Err(unexpected("Offers", &other)),
         };
         self.send_wanted(read, wants.positions, send).await?;
         self.stats.ship_done.fetch_add(count, Ordering::Relaxed);

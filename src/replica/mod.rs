@@ -59,37 +59,39 @@ impl ReplicaService {
     }
 }
 
-/// Handles one received message; `Some` reply to send back.
+/// Handles one received message; `Some` reply to send back. A refusal
+/// marks the session refused (the commit marks its own, having consumed
+/// the session), so that nothing of the point is kept for resuming.
 fn handle(
     session: &mut Option<Session<'_>>,
     msg: ShipMessage,
 ) -> Result<Option<ShipReply>, Refused> {
+    let result = handle_body(session, msg);
+    if let (Err(_), Some(s)) = (&result, session.as_mut()) {
+        s.mark_refused();
+    }
+    result
+}
+
+fn handle_body(
+    session: &mut Option<Session<'_>>,
+    msg: ShipMessage,
+) -> Result<Option<ShipReply>, Refused> {
     let Some(body) = msg.body else {
-        if let Some(s) = session.as_mut() {
-            s.mark_refused();
-        }
         return Err(Refused("empty ship message".into()));
     };
     let s = session
         .as_mut()
         .ok_or_else(|| Refused("message after Commit".into()))?;
-    let refused = |s: &mut Session<'_>, e: Refused| {
-        s.mark_refused();
-        e
-    };
     Ok(match body {
         ship_message::Body::Begin(b) => Some(ShipReply {
-            body: Some(ship_reply::Body::Resumed(
-                s.begin(b).map_err(|e| refused(s, e))?,
-            )),
+            body: Some(ship_reply::Body::Resumed(s.begin(b)?)),
         }),
         ship_message::Body::Offers(o) => Some(ShipReply {
-            body: Some(ship_reply::Body::Wants(
-                s.offers(o).map_err(|e| refused(s, e))?,
-            )),
+            body: Some(ship_reply::Body::Wants(s.offers(o)?)),
         }),
         ship_message::Body::Blocks(b) => {
-            s.blocks(b).map_err(|e| refused(s, e))?;
+            s.blocks(b)?;
             None
         }
         ship_message::Body::Commit(c) => {

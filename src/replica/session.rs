@@ -58,6 +58,10 @@ fn refuse<T>(msg: impl Into<String>) -> Result<T, Refused> {
     Err(Refused(msg.into()))
 }
 
+fn staging_error(path: &Path, e: std::io::Error) -> Refused {
+    Refused(format!("staging {}: {e}", path.display()))
+}
+
 /// Blocks awaiting data: (file id, block) → (hash, length).
 type Pending = HashMap<(u64, u64), (BlockHash, u32)>;
 
@@ -139,7 +143,6 @@ pub struct Session<'a> {
     data: File,
     data_len: u64,
     blocks: Vec<StagedBlock>,
-    offered: HashSet<(u64, u64)>,
     pending: Pending,
     /// Content staged in this epoch by hash, so a repeated block is
     /// staged once.
@@ -152,7 +155,8 @@ pub struct Session<'a> {
     /// Every offer in the primary's order: a stream that breaks resumes
     /// at the first whose block has not arrived.
     offer_log: Vec<(u64, u64)>,
-    /// Where in `blocks` each offer's block is.
+    /// Where in `blocks` each offer's block is (with `pending`, every
+    /// offer made).
     block_at: HashMap<(u64, u64), usize>,
     /// The point's on-disk log, and the staged bytes since its last
     /// checkpoint.
@@ -180,8 +184,7 @@ impl<'a> Session<'a> {
             point: partial,
         } = store.take_carried().unwrap_or_default();
         let data_path = store.staging_dir().join("data");
-        let staging_error =
-            |e: std::io::Error| Refused(format!("staging {}: {e}", data_path.display()));
+        let staging_error = |e| staging_error(&data_path, e);
         let data = OpenOptions::new()
             .read(true)
             .write(true)
@@ -206,7 +209,6 @@ impl<'a> Session<'a> {
             data,
             data_len,
             blocks: Vec::new(),
-            offered: HashSet::new(),
             pending: HashMap::new(),
             staged: HashMap::new(),
             carried,
@@ -267,7 +269,6 @@ impl<'a> Session<'a> {
                 begin.epoch,
                 p.offers.len()
             );
-            self.offered = p.offers.iter().copied().collect();
             self.offer_log = p.offers;
             self.blocks = p.blocks;
             self.block_at = (self.blocks.iter().enumerate())
@@ -301,7 +302,7 @@ impl<'a> Session<'a> {
             self.carried.clear();
             self.data
                 .set_len(0)
-                .map_err(|e| Refused(format!("staging {}: {e}", self.data_path.display())))?;
+                .map_err(|e| staging_error(&self.data_path, e))?;
             self.data_len = 0;
         }
         self.log = PartialLog::start(&self.store.staging_dir(), &begin.point, begin.epoch)
@@ -330,7 +331,7 @@ impl<'a> Session<'a> {
         let at = self.data_len;
         self.data
             .write_all_at(data, at)
-            .map_err(|e| Refused(format!("staging {}: {e}", self.data_path.display())))?;
+            .map_err(|e| staging_error(&self.data_path, e))?;
         self.data_len += data.len() as u64;
         self.unlogged_bytes += data.len() as u64;
         Ok(at)
@@ -438,13 +439,15 @@ impl<'a> Session<'a> {
                     o.block, o.file_id, o.length
                 ));
             }
-            if !self.offered.insert((o.file_id, o.block)) {
+            // An offer already made has its block, or waits for it.
+            let key = (o.file_id, o.block);
+            if self.block_at.contains_key(&key) || self.pending.contains_key(&key) {
                 return refuse(format!(
                     "block {} of file {} offered twice",
                     o.block, o.file_id
                 ));
             }
-            self.offer_log.push((o.file_id, o.block));
+            self.offer_log.push(key);
             if o.zero {
                 self.push_block(StagedBlock {
                     file_id: o.file_id,
@@ -573,7 +576,7 @@ impl<'a> Session<'a> {
         let begin = checked.inspect_err(|_| self.refused = true)?;
         self.data
             .sync_all()
-            .map_err(|e| Refused(format!("staging {}: {e}", self.data_path.display())))?;
+            .map_err(|e| staging_error(&self.data_path, e))?;
         let epoch = begin.epoch;
         let staged = StagedEpoch {
             begin: Some(begin),
@@ -617,7 +620,7 @@ impl Drop for Session<'_> {
                     logged: self.log.as_ref().map(PartialLog::logged),
                 })
             }
-            // Refused before its Begin was taken: the earlier one stays.
+            // The stream ended before a Begin: the earlier point stays.
             None => self.partial.take(),
         };
         if !content.is_empty() || point.is_some() {
