@@ -163,18 +163,24 @@ is_mounted() {
     awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
 }
 
-stop_primary() {
-    [[ -n $primary_pid ]] || return 0
-    kill -TERM "$primary_pid" 2>/dev/null || true
+# Stops daemon $2 (called $1 in the log): SIGTERM, SIGKILL after 30 s.
+stop_daemon() {
+    local name=$1 pid=$2
+    kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 300); do
-        kill -0 "$primary_pid" 2>/dev/null || break
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    if kill -0 "$primary_pid" 2>/dev/null; then
-        log "primary $primary_pid still running 30 s after SIGTERM; killing it"
-        kill -9 "$primary_pid" 2>/dev/null || true
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$name $pid still running 30 s after SIGTERM; killing it"
+        kill -9 "$pid" 2>/dev/null || true
     fi
-    wait "$primary_pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+stop_primary() {
+    [[ -n $primary_pid ]] || return 0
+    stop_daemon primary "$primary_pid"
     primary_pid=
     if is_mounted "$mnt"; then
         log "$mnt still mounted after the primary exited; unmounting"
@@ -184,16 +190,7 @@ stop_primary() {
 
 stop_secondary() {
     [[ -n $secondary_pid ]] || return 0
-    kill -TERM "$secondary_pid" 2>/dev/null || true
-    for _ in $(seq 300); do
-        kill -0 "$secondary_pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$secondary_pid" 2>/dev/null; then
-        log "secondary $secondary_pid still running 30 s after SIGTERM; killing it"
-        kill -9 "$secondary_pid" 2>/dev/null || true
-    fi
-    wait "$secondary_pid" 2>/dev/null || true
+    stop_daemon secondary "$secondary_pid"
     secondary_pid=
 }
 
