@@ -21,6 +21,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Status};
 
 use crate::error::{Error, IoContext, Result};
+use crate::state::{hex, unhex};
 
 /// Request metadata that carries the token.
 const HEADER: &str = "x-hbrfs-auth";
@@ -48,14 +49,7 @@ impl AuthKey {
     pub fn load(path: &Path) -> Result<AuthKey> {
         let text = fs::read_to_string(path).at(path)?;
         let text = text.trim();
-        let bytes: Option<Vec<u8>> = (0..text.len())
-            .step_by(2)
-            .map(|i| {
-                text.get(i..i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-            })
-            .collect();
-        bytes
+        unhex(text)
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .map(AuthKey)
             .ok_or_else(|| Error::BadState {
@@ -70,14 +64,15 @@ impl AuthKey {
             return Self::load(path);
         }
         let key: [u8; 32] = crate::sys::random_bytes().at("/dev/urandom")?;
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
             .at(path)?;
-        writeln!(f, "{hex}").and_then(|_| f.sync_all()).at(path)?;
+        writeln!(f, "{}", hex(&key))
+            .and_then(|_| f.sync_all())
+            .at(path)?;
         Ok(AuthKey(key))
     }
 

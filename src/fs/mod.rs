@@ -33,10 +33,11 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::datastore::{Datastore, STATE_DIR};
+use crate::datastore::Datastore;
 use crate::error::{Error, IoContext};
 use crate::ids::FileId;
 use crate::proto::journal::OpKind;
+use crate::state::STATE_DIR;
 use crate::sys::{self, TimeSpec};
 use crate::tracking::TrackedFile;
 use handles::{DirEntry, Handle, HandleTable, OpenFile};
@@ -66,16 +67,7 @@ fn state_errno(e: Error) -> Errno {
 
 /// Reads up to `buf.len()` bytes at `offset`, fewer only at the end.
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> Res<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_errno(e)),
-        }
-    }
-    Ok(done)
+    crate::state::read_full(file, buf, offset).map_err(io_errno)
 }
 
 fn display(name: &OsStr) -> String {
