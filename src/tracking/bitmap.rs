@@ -9,7 +9,7 @@
 //!
 //! So that counting, listing, folding and clearing cost what is dirty and not
 //! the size of the file (a 1 TiB sparse image has 16M blocks at 64 KiB), each
-//! slot keeps a *summary*: one bit per [`SUMMARY_GROUPS`] block groups (a
+//! slot keeps a *summary*: one bit per `SUMMARY_GROUPS` block groups (a
 //! "summary page", 4096 blocks) saying "this page may hold set bits". `mark`
 //! sets the page's summary bit before the word's bits (one relaxed load, and a
 //! `fetch_or` only when the bit was clear); the scans visit summarised pages
@@ -53,7 +53,7 @@ const MIN_CAPACITY: u64 = 64;
 /// Block groups (words of one slot) per summary bit: a summary page covers
 /// 64 × 64 = 4096 blocks (256 MiB of image at 64 KiB blocks), and one summary
 /// word covers 262,144 blocks, so a 16M-block file has 64 summary words.
-pub const SUMMARY_GROUPS: u64 = 64;
+const SUMMARY_GROUPS: u64 = 64;
 
 /// The two halves of the bitmap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
