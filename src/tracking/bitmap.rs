@@ -4,12 +4,33 @@
 //!
 //! Setting a bit is a `fetch_or` on the mapped page: the page belongs to the
 //! kernel's page cache, so a `kill -9` right after it loses nothing.
+//!
+//! # Summary
+//!
+//! So that counting, listing, folding and clearing cost what is dirty and not
+//! the size of the file (a 1 TiB sparse image has 16M blocks at 64 KiB), each
+//! slot keeps a *summary*: one bit per `SUMMARY_GROUPS` block groups (a
+//! "summary page", 4096 blocks) saying "this page may hold set bits". `mark`
+//! sets the page's summary bit before the word's bits (one relaxed load, and a
+//! `fetch_or` only when the bit was clear); the scans visit summarised pages
+//! only, and fold and clear drop the summary bits of the pages they empty.
+//!
+//! The summary lives in memory only, never in the file: it is rebuilt by one
+//! full scan of the words when the bitmap is opened (one scan per mount, not
+//! per cut). The file format is therefore unchanged (version 1), a bitmap
+//! written by any build loads, and a crash can never leave a summary that
+//! hides a set bit (invariant 1 rests on the words alone).
+//!
+//! The summary is kept per *physical* slot (0 or 1), like the words, so
+//! [`Bitmap::swap_slots`] stays O(1). A page's summary bit may be set while
+//! the page is empty (never the reverse, outside a call racing a `mark` into
+//! the same slot, which the callers exclude with the cut gate).
 
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use memmap2::MmapMut;
 
@@ -29,6 +50,10 @@ const OFF_LAST_WRITE: usize = 48;
 const OFF_ACTIVE_SLOT: usize = 56;
 /// Smallest capacity, in blocks (one group per slot).
 const MIN_CAPACITY: u64 = 64;
+/// Block groups (words of one slot) per summary bit: a summary page covers
+/// 64 × 64 = 4096 blocks (256 MiB of image at 64 KiB blocks), and one summary
+/// word covers 262,144 blocks, so a 16M-block file has 64 summary words.
+const SUMMARY_GROUPS: u64 = 64;
 
 /// The two halves of the bitmap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,9 +69,18 @@ pub enum Slot {
 pub struct Bitmap {
     path: PathBuf,
     file: File,
-    /// Growing the file remaps it: writers hold this shared while they touch
-    /// the words, growth takes it exclusively.
-    map: RwLock<MmapMut>,
+    /// Growing the file remaps it (and lengthens the summary): writers hold
+    /// this shared while they touch the words, growth takes it exclusively.
+    map: RwLock<Mapped>,
+}
+
+/// The mapping and its in-memory summary, replaced together on growth.
+#[derive(Debug)]
+struct Mapped {
+    map: MmapMut,
+    /// Per physical slot: bit `p % 64` of word `p / 64` is set when summary
+    /// page `p` (groups `p * SUMMARY_GROUPS..`) may hold set bits.
+    summary: [Vec<AtomicU64>; 2],
 }
 
 /// Counters kept in the bitmap header (so they cost no database work).
@@ -73,6 +107,95 @@ fn capacity_of(map: &MmapMut) -> u64 {
 
 fn file_len(capacity: u64) -> u64 {
     HEADER as u64 + capacity / 64 * 16
+}
+
+/// Summary words needed for `capacity` blocks.
+fn summary_len(capacity: u64) -> usize {
+    (capacity / 64).div_ceil(SUMMARY_GROUPS * 64) as usize
+}
+
+impl Mapped {
+    /// Wraps a mapping and builds its summary by one full scan of the words:
+    /// the only full scan, done once per open.
+    fn new(map: MmapMut) -> Mapped {
+        let len = summary_len(capacity_of(&map));
+        let mapped = Mapped {
+            summary: [0, 1].map(|_| (0..len).map(|_| AtomicU64::new(0)).collect()),
+            map,
+        };
+        for group in 0..mapped.groups() {
+            for phys in 0..2 {
+                if mapped.word(group, phys).load(Ordering::Relaxed) != 0 {
+                    mapped.summarise(group, phys);
+                }
+            }
+        }
+        mapped
+    }
+
+    /// Number of block groups (words per slot).
+    fn groups(&self) -> u64 {
+        capacity_of(&self.map) / 64
+    }
+
+    /// The physical index (0 or 1) of `slot`.
+    fn phys(&self, slot: Slot) -> usize {
+        let active = word_at(&self.map, OFF_ACTIVE_SLOT).load(Ordering::Relaxed) as usize & 1;
+        match slot {
+            Slot::Active => active,
+            Slot::Closed => 1 - active,
+        }
+    }
+
+    /// The word of block group `group` in physical slot `phys`.
+    fn word(&self, group: u64, phys: usize) -> &AtomicU64 {
+        word_at(&self.map, HEADER + (group as usize * 2 + phys) * 8)
+    }
+
+    /// The summary word and bit of the page holding `group`.
+    fn summary_bit(&self, group: u64, phys: usize) -> (&AtomicU64, u64) {
+        let page = group / SUMMARY_GROUPS;
+        (&self.summary[phys][(page / 64) as usize], 1 << (page % 64))
+    }
+
+    /// Notes that the page of `group` may hold set bits in `phys`. Called
+    /// before the bits are set; a load first keeps the shared cache line
+    /// clean when the bit is already set (the common case on the write path).
+    fn summarise(&self, group: u64, phys: usize) {
+        let (word, bit) = self.summary_bit(group, phys);
+        if word.load(Ordering::Relaxed) & bit == 0 {
+            word.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    /// The block groups of every page summarised in any of `phys`, in
+    /// order: what the scans visit instead of every group.
+    fn summarised_groups(&self, phys: &[usize]) -> impl Iterator<Item = u64> + '_ {
+        let groups = self.groups();
+        let len = self.summary[0].len();
+        let phys = phys.to_vec();
+        (0..len).flat_map(move |i| {
+            let mut bits = phys.iter().fold(0, |acc, &p| {
+                acc | self.summary[p][i].load(Ordering::Relaxed)
+            });
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let page = i as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    page * SUMMARY_GROUPS..((page + 1) * SUMMARY_GROUPS).min(groups)
+                })
+            })
+            .flatten()
+        })
+    }
+
+    /// Clears the summary of physical slot `phys` (after its words were
+    /// emptied).
+    fn clear_summary(&self, phys: usize) {
+        for word in &self.summary[phys] {
+            word.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Bitmap {
@@ -105,7 +228,7 @@ impl Bitmap {
         let bitmap = Bitmap {
             path: path.to_path_buf(),
             file,
-            map: RwLock::new(map),
+            map: RwLock::new(Mapped::new(map)),
         };
         bitmap.set_range(Slot::Closed, 0..dirty_blocks);
         bitmap.sync()?;
@@ -113,7 +236,7 @@ impl Bitmap {
     }
 
     /// Opens an existing bitmap, checking that it belongs to `id` and was
-    /// made with `block_size`.
+    /// made with `block_size`; builds the in-memory summary by one scan.
     pub fn open(path: &Path, id: FileId, block_size: BlockSize, writable: bool) -> Result<Self> {
         let bad = |reason: String| Error::BadState {
             path: path.to_path_buf(),
@@ -171,28 +294,23 @@ impl Bitmap {
         Ok(Bitmap {
             path: path.to_path_buf(),
             file,
-            map: RwLock::new(map),
+            map: RwLock::new(Mapped::new(map)),
         })
     }
 
-    /// The words of block group `group` for `slot`.
-    fn word_offset(map: &MmapMut, group: u64, slot: Slot) -> usize {
-        let active = word_at(map, OFF_ACTIVE_SLOT).load(Ordering::Relaxed) as usize & 1;
-        let index = match slot {
-            Slot::Active => active,
-            Slot::Closed => 1 - active,
-        };
-        HEADER + (group as usize * 2 + index) * 8
+    /// The mapping, held shared.
+    fn mapped(&self) -> RwLockReadGuard<'_, Mapped> {
+        self.map.read().expect("bitmap lock")
     }
 
     /// Makes sure the bitmap can hold blocks below `end`, growing it
     /// (doubling) when needed.
     fn ensure_capacity(&self, end: u64) -> Result<()> {
-        if end <= capacity_of(&self.map.read().expect("bitmap lock")) {
+        if end <= capacity_of(&self.mapped().map) {
             return Ok(());
         }
-        let mut map = self.map.write().expect("bitmap lock");
-        let old = capacity_of(&map);
+        let mut mapped = self.map.write().expect("bitmap lock");
+        let old = capacity_of(&mapped.map);
         if end <= old {
             return Ok(());
         }
@@ -202,22 +320,29 @@ impl Bitmap {
             .next_power_of_two()
             .max(MIN_CAPACITY / 64)
             * 64;
-        map.flush().at(&self.path)?;
+        mapped.map.flush().at(&self.path)?;
         self.file.set_len(file_len(capacity)).at(&self.path)?;
         // SAFETY: as in `create`; the old mapping is dropped on assignment
         // while we hold the lock exclusively.
-        *map = unsafe { MmapMut::map_mut(&self.file) }.at(&self.path)?;
-        word_at(&map, OFF_CAPACITY).store(capacity, Ordering::Relaxed);
+        mapped.map = unsafe { MmapMut::map_mut(&self.file) }.at(&self.path)?;
+        word_at(&mapped.map, OFF_CAPACITY).store(capacity, Ordering::Relaxed);
+        // The new words are zero: their pages start unsummarised.
+        let len = summary_len(capacity);
+        for summary in &mut mapped.summary {
+            summary.resize_with(len, || AtomicU64::new(0));
+        }
         Ok(())
     }
 
     /// Sets `blocks` in `slot`; returns how many bits went from 0 to 1.
     fn set_range(&self, slot: Slot, blocks: Range<u64>) -> u64 {
-        Self::set_range_in(&self.map.read().expect("bitmap lock"), slot, blocks)
+        Self::set_range_in(&self.mapped(), slot, blocks)
     }
 
-    /// [`Self::set_range`] on a mapping the caller holds.
-    fn set_range_in(map: &MmapMut, slot: Slot, blocks: Range<u64>) -> u64 {
+    /// [`Self::set_range`] on a mapping the caller holds. Each word's page
+    /// is summarised before its bits are set.
+    fn set_range_in(mapped: &Mapped, slot: Slot, blocks: Range<u64>) -> u64 {
+        let phys = mapped.phys(slot);
         let mut newly = 0;
         let mut block = blocks.start;
         while block < blocks.end {
@@ -229,8 +354,8 @@ impl Bitmap {
             } else {
                 ((1u64 << (last - first)) - 1) << first
             };
-            let old =
-                word_at(map, Self::word_offset(map, group, slot)).fetch_or(mask, Ordering::Relaxed);
+            mapped.summarise(group, phys);
+            let old = mapped.word(group, phys).fetch_or(mask, Ordering::Relaxed);
             newly += u64::from((mask & !old).count_ones());
             block = group * 64 + last;
         }
@@ -243,14 +368,15 @@ impl Bitmap {
         // One shared lock per write on the hot path; growth is the rare case.
         loop {
             {
-                let map = self.map.read().expect("bitmap lock");
-                if blocks.end <= capacity_of(&map) {
-                    let newly = Self::set_range_in(&map, Slot::Active, blocks);
-                    word_at(&map, OFF_BYTES_WRITTEN).fetch_add(bytes, Ordering::Relaxed);
+                let mapped = self.mapped();
+                let map = &mapped.map;
+                if blocks.end <= capacity_of(map) {
+                    let newly = Self::set_range_in(&mapped, Slot::Active, blocks);
+                    word_at(map, OFF_BYTES_WRITTEN).fetch_add(bytes, Ordering::Relaxed);
                     if newly > 0 {
-                        word_at(&map, OFF_BLOCKS_DIRTIED).fetch_add(newly, Ordering::Relaxed);
+                        word_at(map, OFF_BLOCKS_DIRTIED).fetch_add(newly, Ordering::Relaxed);
                     }
-                    word_at(&map, OFF_LAST_WRITE).fetch_max(now_ns, Ordering::Relaxed);
+                    word_at(map, OFF_LAST_WRITE).fetch_max(now_ns, Ordering::Relaxed);
                     return Ok(());
                 }
             }
@@ -260,65 +386,67 @@ impl Bitmap {
 
     /// The header counters.
     pub fn counters(&self) -> Counters {
-        let map = self.map.read().expect("bitmap lock");
+        let mapped = self.mapped();
+        let counter = |offset| word_at(&mapped.map, offset).load(Ordering::Relaxed);
         Counters {
-            bytes_written: word_at(&map, OFF_BYTES_WRITTEN).load(Ordering::Relaxed),
-            blocks_dirtied: word_at(&map, OFF_BLOCKS_DIRTIED).load(Ordering::Relaxed),
-            last_write_ns: word_at(&map, OFF_LAST_WRITE).load(Ordering::Relaxed),
+            bytes_written: counter(OFF_BYTES_WRITTEN),
+            blocks_dirtied: counter(OFF_BLOCKS_DIRTIED),
+            last_write_ns: counter(OFF_LAST_WRITE),
         }
     }
 
-    /// Number of blocks set in `slot`.
+    /// Number of blocks set in `slot`; visits summarised pages only.
     pub fn count(&self, slot: Slot) -> u64 {
-        let map = self.map.read().expect("bitmap lock");
-        (0..capacity_of(&map) / 64)
-            .map(|g| {
-                u64::from(
-                    word_at(&map, Self::word_offset(&map, g, slot))
-                        .load(Ordering::Relaxed)
-                        .count_ones(),
-                )
-            })
+        let mapped = self.mapped();
+        let phys = mapped.phys(slot);
+        mapped
+            .summarised_groups(&[phys])
+            .map(|g| u64::from(mapped.word(g, phys).load(Ordering::Relaxed).count_ones()))
             .sum()
     }
 
     /// Swaps the slots: the open epoch's writes become the closed set and
-    /// the (empty) closed slot starts collecting. O(1); the caller holds the
-    /// cut gate and knows the closed slot is empty.
+    /// the (empty) closed slot starts collecting. O(1), summaries included
+    /// (they belong to the physical slots); the caller holds the cut gate
+    /// and knows the closed slot is empty.
     pub fn swap_slots(&self) {
-        let map = self.map.read().expect("bitmap lock");
-        word_at(&map, OFF_ACTIVE_SLOT).fetch_xor(1, Ordering::Relaxed);
+        let mapped = self.mapped();
+        word_at(&mapped.map, OFF_ACTIVE_SLOT).fetch_xor(1, Ordering::Relaxed);
     }
 
-    /// Folds the active slot into the closed set and clears it; the caller
-    /// holds the cut gate.
+    /// Folds the active slot into the closed set and clears it; visits the
+    /// active slot's summarised pages only. The caller holds the cut gate.
     pub fn fold_active_into_closed(&self) {
-        let map = self.map.read().expect("bitmap lock");
-        for g in 0..capacity_of(&map) / 64 {
-            let active = word_at(&map, Self::word_offset(&map, g, Slot::Active));
-            let bits = active.swap(0, Ordering::Relaxed);
+        let mapped = self.mapped();
+        let (active, closed) = (mapped.phys(Slot::Active), mapped.phys(Slot::Closed));
+        for g in mapped.summarised_groups(&[active]) {
+            let bits = mapped.word(g, active).swap(0, Ordering::Relaxed);
             if bits != 0 {
-                word_at(&map, Self::word_offset(&map, g, Slot::Closed))
-                    .fetch_or(bits, Ordering::Relaxed);
+                mapped.summarise(g, closed);
+                mapped.word(g, closed).fetch_or(bits, Ordering::Relaxed);
             }
         }
+        mapped.clear_summary(active);
     }
 
     /// Whether `block` is set in `slot`.
     pub fn is_set(&self, slot: Slot, block: u64) -> bool {
-        let map = self.map.read().expect("bitmap lock");
-        block < capacity_of(&map)
-            && word_at(&map, Self::word_offset(&map, block / 64, slot)).load(Ordering::Relaxed)
+        let mapped = self.mapped();
+        block < capacity_of(&mapped.map)
+            && mapped
+                .word(block / 64, mapped.phys(slot))
+                .load(Ordering::Relaxed)
                 & (1 << (block % 64))
                 != 0
     }
 
-    /// The blocks set in `slot`, in order.
+    /// The blocks set in `slot`, in order; visits summarised pages only.
     pub fn blocks(&self, slot: Slot) -> Vec<u64> {
-        let map = self.map.read().expect("bitmap lock");
+        let mapped = self.mapped();
+        let phys = mapped.phys(slot);
         let mut out = Vec::new();
-        for g in 0..capacity_of(&map) / 64 {
-            let mut bits = word_at(&map, Self::word_offset(&map, g, slot)).load(Ordering::Relaxed);
+        for g in mapped.summarised_groups(&[phys]) {
+            let mut bits = mapped.word(g, phys).load(Ordering::Relaxed);
             while bits != 0 {
                 out.push(g * 64 + u64::from(bits.trailing_zeros()));
                 bits &= bits - 1;
@@ -327,12 +455,16 @@ impl Bitmap {
         out
     }
 
-    /// Clears the closed slot once its epoch is applied at the secondary.
+    /// Clears the closed slot once its epoch is applied at the secondary;
+    /// visits its summarised pages only. Nothing marks the closed slot
+    /// meanwhile (writes go to the active slot).
     pub fn clear_closed(&self) {
-        let map = self.map.read().expect("bitmap lock");
-        for g in 0..capacity_of(&map) / 64 {
-            word_at(&map, Self::word_offset(&map, g, Slot::Closed)).store(0, Ordering::Relaxed);
+        let mapped = self.mapped();
+        let closed = mapped.phys(Slot::Closed);
+        for g in mapped.summarised_groups(&[closed]) {
+            mapped.word(g, closed).store(0, Ordering::Relaxed);
         }
+        mapped.clear_summary(closed);
     }
 
     /// Sets every block below `blocks` in the closed slot (a full baseline).
@@ -342,14 +474,14 @@ impl Bitmap {
         Ok(())
     }
 
-    /// The dirty blocks (set in either slot), merged into runs.
+    /// The dirty blocks (set in either slot), merged into runs; visits the
+    /// pages summarised in either slot only.
     pub fn dirty_extents(&self) -> Vec<Range<u64>> {
-        let map = self.map.read().expect("bitmap lock");
+        let mapped = self.mapped();
         let mut extents: Vec<Range<u64>> = Vec::new();
-        for g in 0..capacity_of(&map) / 64 {
-            let mut bits = word_at(&map, Self::word_offset(&map, g, Slot::Active))
-                .load(Ordering::Relaxed)
-                | word_at(&map, Self::word_offset(&map, g, Slot::Closed)).load(Ordering::Relaxed);
+        for g in mapped.summarised_groups(&[0, 1]) {
+            let mut bits = mapped.word(g, 0).load(Ordering::Relaxed)
+                | mapped.word(g, 1).load(Ordering::Relaxed);
             while bits != 0 {
                 let start = u64::from(bits.trailing_zeros());
                 let run = u64::from((bits >> start).trailing_ones());
@@ -371,12 +503,16 @@ impl Bitmap {
     /// Writes the mapped pages to disk (`msync`), so set bits survive a
     /// power cut; called from `fsync` before the data is synced.
     pub fn sync(&self) -> Result<()> {
-        self.map.read().expect("bitmap lock").flush().at(&self.path)
+        self.mapped().map.flush().at(&self.path)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
     use super::*;
 
     fn bitmap(dir: &Path) -> Bitmap {
@@ -436,6 +572,121 @@ mod tests {
         b.fold_active_into_closed();
         assert_eq!((b.count(Slot::Active), b.count(Slot::Closed)), (0, 2));
         assert_eq!(b.dirty_extents(), vec![1..3]);
+    }
+
+    /// The blocks set in `slot` by a full scan of every word, ignoring the
+    /// summary: what the fast paths must agree with.
+    fn naive_blocks(b: &Bitmap, slot: Slot) -> Vec<u64> {
+        let mapped = b.mapped();
+        let phys = mapped.phys(slot);
+        (0..mapped.groups())
+            .flat_map(|g| {
+                let bits = mapped.word(g, phys).load(Ordering::Relaxed);
+                (0..64)
+                    .filter(move |i| bits & (1 << i) != 0)
+                    .map(move |i| g * 64 + i)
+            })
+            .collect()
+    }
+
+    /// Checks every fast path against the full scan and against `model`
+    /// (the blocks set in the active and closed slot).
+    fn check(b: &Bitmap, model: &[BTreeSet<u64>; 2]) {
+        for (slot, want) in [Slot::Active, Slot::Closed].into_iter().zip(model) {
+            let want: Vec<u64> = want.iter().copied().collect();
+            assert_eq!(naive_blocks(b, slot), want, "{slot:?} full scan");
+            assert_eq!(b.blocks(slot), want, "{slot:?} blocks");
+            assert_eq!(b.count(slot), want.len() as u64, "{slot:?} count");
+        }
+        let mut extents: Vec<Range<u64>> = Vec::new();
+        for &block in model[0].union(&model[1]) {
+            match extents.last_mut() {
+                Some(last) if last.end == block => last.end += 1,
+                _ => extents.push(block..block + 1),
+            }
+        }
+        assert_eq!(b.dirty_extents(), extents, "dirty extents");
+    }
+
+    /// One step of the random sequence.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Mark(Range<u64>),
+        Swap,
+        Fold,
+        Clear,
+        Fill(u64),
+        Reopen,
+    }
+
+    /// Blocks up to ~600k: three summary words, so pages in several words
+    /// and growth across them are exercised.
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0u64..600_000, 1u64..200).prop_map(|(s, n)| Step::Mark(s..s + n)),
+            1 => Just(Step::Swap),
+            2 => Just(Step::Fold),
+            2 => Just(Step::Clear),
+            1 => (0u64..9_000).prop_map(Step::Fill),
+            1 => Just(Step::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn fast_paths_match_a_full_scan(steps in proptest::collection::vec(step(), 1..40)) {
+            let dir = tempdir("prop");
+            let path = dir.join("b.map");
+            let mut b = Bitmap::create(&path, FileId(7), BlockSize::DEFAULT, 100).unwrap();
+            let mut model: [BTreeSet<u64>; 2] = [BTreeSet::new(), (0..100).collect()];
+            for step in steps {
+                match step {
+                    Step::Mark(r) => {
+                        b.mark(r.clone(), 1, 1).unwrap();
+                        model[0].extend(r);
+                    }
+                    Step::Swap => {
+                        b.swap_slots();
+                        model.swap(0, 1);
+                    }
+                    Step::Fold => {
+                        b.fold_active_into_closed();
+                        let active = std::mem::take(&mut model[0]);
+                        model[1].extend(active);
+                    }
+                    Step::Clear => {
+                        b.clear_closed();
+                        model[1].clear();
+                    }
+                    Step::Fill(n) => {
+                        b.fill_closed(n).unwrap();
+                        model[1].extend(0..n);
+                    }
+                    Step::Reopen => {
+                        drop(b);
+                        b = Bitmap::open(&path, FileId(7), BlockSize::DEFAULT, true).unwrap();
+                    }
+                }
+                check(&b, &model);
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_only_open_rebuilds_the_summary() {
+        let dir = tempdir("readonly");
+        let path = dir.join("b.map");
+        {
+            let b = Bitmap::create(&path, FileId(7), BlockSize::DEFAULT, 0).unwrap();
+            b.mark(5_000_000..5_000_002, 1, 1).unwrap();
+            b.swap_slots();
+            b.mark(70..71, 1, 1).unwrap();
+        }
+        let b = Bitmap::open(&path, FileId(7), BlockSize::DEFAULT, false).unwrap();
+        assert_eq!(b.blocks(Slot::Closed), vec![5_000_000, 5_000_001]);
+        assert_eq!(b.blocks(Slot::Active), vec![70]);
+        assert_eq!(b.dirty_extents(), vec![70..71, 5_000_000..5_000_002]);
     }
 
     #[test]
