@@ -21,6 +21,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Status};
 
 use crate::error::{Error, IoContext, Result};
+use crate::state::{hex, unhex};
 
 /// Request metadata that carries the token.
 const HEADER: &str = "x-hbrfs-auth";
@@ -48,14 +49,7 @@ impl AuthKey {
     pub fn load(path: &Path) -> Result<AuthKey> {
         let text = fs::read_to_string(path).at(path)?;
         let text = text.trim();
-        let bytes: Option<Vec<u8>> = (0..text.len())
-            .step_by(2)
-            .map(|i| {
-                text.get(i..i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-            })
-            .collect();
-        bytes
+        unhex(text)
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .map(AuthKey)
             .ok_or_else(|| Error::BadState {
@@ -70,14 +64,15 @@ impl AuthKey {
             return Self::load(path);
         }
         let key: [u8; 32] = crate::sys::random_bytes().at("/dev/urandom")?;
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
             .at(path)?;
-        writeln!(f, "{hex}").and_then(|_| f.sync_all()).at(path)?;
+        writeln!(f, "{}", hex(&key))
+            .and_then(|_| f.sync_all())
+            .at(path)?;
         Ok(AuthKey(key))
     }
 
@@ -104,22 +99,40 @@ impl AuthKey {
     }
 
     /// Checks a token; the error says why it is refused.
-    pub fn verify(&self, token: &str) -> std::result::Result<(), String> {
-        let (time, mac) = token.split_once(':').ok_or("malformed token")?;
-        let time: u64 = time.parse().map_err(|_| "malformed token time")?;
+    pub fn verify(&self, token: &str) -> std::result::Result<(), TokenError> {
+        let (time, mac) = token
+            .split_once(':')
+            .ok_or(TokenError::Malformed("token"))?;
+        let time: u64 = time
+            .parse()
+            .map_err(|_| TokenError::Malformed("token time"))?;
         if now_secs().abs_diff(time) > SKEW_SECS {
-            return Err(format!(
-                "token time {time} is more than {SKEW_SECS} s from this clock"
-            ));
+            return Err(TokenError::Skewed(time));
         }
-        let expected = blake3::Hash::from_hex(self.mac(time)).map_err(|e| e.to_string())?;
-        let given = blake3::Hash::from_hex(mac).map_err(|_| "malformed token hash")?;
+        let expected =
+            blake3::Hash::from_hex(self.mac(time)).map_err(|_| TokenError::Malformed("mac"))?;
+        let given = blake3::Hash::from_hex(mac).map_err(|_| TokenError::Malformed("token hash"))?;
         // blake3::Hash compares in constant time.
         if given != expected {
-            return Err("wrong key".into());
+            return Err(TokenError::WrongKey);
         }
         Ok(())
     }
+}
+
+/// Why a peer's token was refused: said to the peer, so a wrong key and a
+/// wrong clock are told apart.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// The token is not `time:mac`.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    /// The token's time is too far from this clock (replay window).
+    #[error("token time {0} is more than {SKEW_SECS} s from this clock")]
+    Skewed(u64),
+    /// The token was made with another key.
+    #[error("wrong key")]
+    WrongKey,
 }
 
 /// The secondary's check, run before any request is handled.
@@ -164,10 +177,15 @@ mod tests {
         let a = AuthKey([1; 32]);
         let b = AuthKey([2; 32]);
         assert!(a.verify(&a.token()).is_ok());
-        assert_eq!(b.verify(&a.token()), Err("wrong key".into()));
+        assert_eq!(b.verify(&a.token()), Err(TokenError::WrongKey));
         let old = now_secs() - 1000;
         let stale = format!("{old}:{}", a.mac(old));
-        assert!(a.verify(&stale).unwrap_err().contains("from this clock"));
+        assert!(
+            a.verify(&stale)
+                .unwrap_err()
+                .to_string()
+                .contains("from this clock")
+        );
         assert!(a.verify("garbage").is_err());
         assert!(a.verify("1:zz").is_err());
     }

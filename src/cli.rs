@@ -10,10 +10,12 @@ use serde_json::Value;
 use crate::auth::AuthKey;
 use crate::control::{self, Request};
 use crate::daemon::{self, MountOptions, ServeOptions};
-use crate::datastore::{Access, Datastore, StatePaths};
+use crate::datastore::{Access, Datastore};
 use crate::error::{Error, Result};
 use crate::ids::BlockSize;
+use crate::replica::store::Applied;
 use crate::replicate::ReplicateOptions;
+use crate::state::{ReplicaPaths, STATE_DIR, StatePaths};
 
 /// Host-based replication for virtual-disk images.
 #[derive(Debug, Parser)]
@@ -600,19 +602,16 @@ fn watch_primary(dir: &Path) -> Result<()> {
 
 /// A secondary's status: its applied point, and its counters when serving.
 fn secondary_status(dir: &Path) -> Result<Value> {
-    let state = dir.join(crate::datastore::STATE_DIR);
-    if !state.is_dir() {
+    let paths = ReplicaPaths::of(dir);
+    if !paths.dir.is_dir() {
         return Err(Error::Usage(format!(
-            "{}: neither an hbrfs datastore nor a replica (no {} folder)",
+            "{}: neither an hbrfs datastore nor a replica (no {STATE_DIR} folder)",
             dir.display(),
-            crate::datastore::STATE_DIR
         )));
     }
-    let applied = std::fs::read_to_string(state.join("applied")).unwrap_or_default();
-    let mut words = applied
-        .split_whitespace()
-        .map(|w| w.parse::<u64>().unwrap_or(0));
-    let (epoch, at) = (words.next().unwrap_or(0), words.next().unwrap_or(0));
+    let Applied {
+        epoch, at_ns: at, ..
+    } = Applied::read(&paths)?;
     let mut v = serde_json::json!({
         "role": "secondary",
         "replica": dir.display().to_string(),
@@ -621,7 +620,7 @@ fn secondary_status(dir: &Path) -> Result<Value> {
         "applied_at_ns": at,
         "serving": false,
     });
-    if let Ok(addr) = std::fs::read_to_string(state.join("listen")) {
+    if let Ok(addr) = std::fs::read_to_string(paths.listen()) {
         v["listen"] = Value::String(addr.trim().to_string());
         let live = AuthKey::load(&daemon::default_key_path(dir))
             .and_then(|key| crate::replicate::remote_status(addr.trim(), &key));

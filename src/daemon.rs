@@ -20,6 +20,7 @@ use crate::ids::BlockSize;
 use crate::mirror::Mirror;
 use crate::replica::store::ReplicaStore;
 use crate::replicate::{ReplicateOptions, Replicator};
+use crate::state::{ReplicaPaths, write_durably};
 use crate::sys;
 
 /// What `hbrfs mount` was asked to do.
@@ -332,7 +333,7 @@ pub struct ServeOptions {
 
 /// Where a secondary keeps its key unless told otherwise.
 pub fn default_key_path(replica: &Path) -> PathBuf {
-    replica.join(crate::datastore::STATE_DIR).join("auth.key")
+    ReplicaPaths::of(replica).auth_key()
 }
 
 /// The secondary, started.
@@ -352,10 +353,7 @@ fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
         .block_on(tokio::net::TcpListener::bind(opts.listen))
         .map_err(|e| Error::Usage(format!("listening on {}: {e}", opts.listen)))?;
     let addr = listener.local_addr().at("listener")?;
-    crate::replica::store::write_durably(
-        &store.root.join(".hbrfs/listen"),
-        addr.to_string().as_bytes(),
-    )?;
+    write_durably(&store.paths.listen(), addr.to_string().as_bytes())?;
     let (stop, mut stopped) = watch::channel(false);
     let key_path = opts
         .auth_key
@@ -492,8 +490,8 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         auth_key: None,
     })?;
     let key = AuthKey::load(&default_key_path(&dir.join("replica")))?;
-    let listen = std::fs::read_to_string(dir.join("replica/.hbrfs/listen"))
-        .at(dir.join("replica/.hbrfs/listen"))?;
+    let listen_path = ReplicaPaths::of(&dir.join("replica")).listen();
+    let listen = std::fs::read_to_string(&listen_path).at(&listen_path)?;
     let mut primary = start_primary(&MountOptions {
         backing,
         mountpoint: mnt.clone(),

@@ -17,54 +17,12 @@ use crate::fs::recorder::{Change, ChangeRecorder, Gate, Gone, NewFile};
 use crate::ids::{BlockSize, FileId};
 use crate::journal::Journal;
 use crate::proto::journal::{FileRecord, OpKind, OpRecord};
-use crate::replica::store::write_durably;
+use crate::state::{STATE_DIR, StatePaths, hex, now_ns, walk_files, write_durably};
 use crate::sys;
-use crate::tracking::{FileSource, TrackedFile, Tracker, now_ns};
+use crate::tracking::{FileSource, TrackedFile, Tracker};
 
-/// Name of the state folder inside the backing directory.
-pub const STATE_DIR: &str = ".hbrfs";
 /// The on-disk format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
-
-/// Paths inside a state folder.
-#[derive(Clone, Debug)]
-pub struct StatePaths {
-    /// The state folder itself.
-    pub dir: PathBuf,
-}
-
-impl StatePaths {
-    /// The state folder of the datastore at `backing`.
-    pub fn of(backing: &Path) -> StatePaths {
-        StatePaths {
-            dir: backing.join(STATE_DIR),
-        }
-    }
-    /// The format line.
-    pub fn format(&self) -> PathBuf {
-        self.dir.join("format")
-    }
-    /// The daemon lock.
-    pub fn lock(&self) -> PathBuf {
-        self.dir.join("lock")
-    }
-    /// The sled journal.
-    pub fn journal(&self) -> PathBuf {
-        self.dir.join("journal")
-    }
-    /// The bitmap folder.
-    pub fn bitmaps(&self) -> PathBuf {
-        self.dir.join("bitmaps")
-    }
-    /// The control socket.
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join("control.sock")
-    }
-    /// Present only after a clean shutdown.
-    pub fn clean_marker(&self) -> PathBuf {
-        self.dir.join("clean")
-    }
-}
 
 /// The parsed format line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,7 +79,7 @@ impl Format {
 
 fn random_id() -> Result<String> {
     let bytes: [u8; 16] = sys::random_bytes().at("/dev/urandom")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&bytes))
 }
 
 /// How a datastore is opened.
@@ -209,11 +167,11 @@ impl Datastore {
         let writable = lock.is_some();
         let journal = Arc::new(open_journal(&paths, writable)?);
         if writable {
-            let pre = paths.dir.join("preimages");
+            let pre = paths.preimages();
             fs::create_dir_all(&pre).at(&pre)?;
         }
         let tracker = Arc::new(Tracker::new(
-            &paths.dir,
+            &paths,
             format.block_size,
             journal.clone(),
             writable,
@@ -340,7 +298,9 @@ impl Datastore {
 
     fn reconcile(&self) -> Result<ScanReport> {
         let mut found: HashMap<u64, (Vec<u8>, u64)> = HashMap::new();
-        walk(&self.root, &self.root, &mut found)?;
+        walk_files(&self.root, &mut |rel, meta| {
+            found.entry(meta.ino()).or_insert((rel, meta.len()));
+        })?;
         let mut report = ScanReport::default();
         let bs = self.format.block_size.bytes();
         for (id, mut record) in self.journal.files()? {
@@ -577,29 +537,6 @@ pub struct ScanReport {
     pub bitmaps_rebuilt: u64,
 }
 
-fn walk(root: &Path, dir: &Path, found: &mut HashMap<u64, (Vec<u8>, u64)>) -> Result<()> {
-    for entry in fs::read_dir(dir).at(dir)? {
-        let entry = entry.at(dir)?;
-        let path = entry.path();
-        if dir == root && entry.file_name() == STATE_DIR {
-            continue;
-        }
-        let meta = fs::symlink_metadata(&path).at(&path)?;
-        if meta.is_dir() {
-            walk(root, &path, found)?;
-        } else if meta.is_file() {
-            let rel = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .as_os_str()
-                .as_bytes()
-                .to_vec();
-            found.entry(meta.ino()).or_insert((rel, meta.len()));
-        }
-    }
-    Ok(())
-}
-
 fn read_format(paths: &StatePaths) -> Result<Format> {
     let path = paths.format();
     let text = fs::read_to_string(&path).at(&path)?;
@@ -636,8 +573,8 @@ fn open_journal(paths: &StatePaths, writable: bool) -> Result<Journal> {
         Ok(j) => Ok(j),
         Err(e) if writable => {
             let stamp = now_ns() / 1_000_000_000;
-            let aside = paths.dir.join(format!("journal.broken-{stamp}"));
-            let maps_aside = paths.dir.join(format!("bitmaps.broken-{stamp}"));
+            let aside = paths.broken("journal", stamp);
+            let maps_aside = paths.broken("bitmaps", stamp);
             fs::rename(&path, &aside).at(&path)?;
             fs::rename(paths.bitmaps(), &maps_aside).at(paths.bitmaps())?;
             fs::create_dir_all(paths.bitmaps()).at(paths.bitmaps())?;

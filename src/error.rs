@@ -57,6 +57,40 @@ pub enum Error {
     Usage(String),
 }
 
+/// What kind of failure an [`Error`] is: what callers match on for control
+/// flow (retry, resume, give up, tell the user), so they never inspect
+/// messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A local file or device failed: the operation may succeed later, the
+    /// state it was about is intact.
+    Io,
+    /// Local state (state folder, journal, a record) is not what we accept.
+    State,
+    /// The peer failed or could not be reached: resume later.
+    Remote,
+    /// The peer refused what was shipped: sending the same again would be
+    /// refused again.
+    Refused,
+    /// The user asked for something that cannot be done as asked.
+    Usage,
+}
+
+impl Error {
+    /// The kind of this error, for control flow.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::BadState { .. } | Error::Journal { .. } | Error::Record { .. } => {
+                ErrorKind::State
+            }
+            Error::Remote(_) => ErrorKind::Remote,
+            Error::Refused(_) => ErrorKind::Refused,
+            Error::Usage(_) => ErrorKind::Usage,
+        }
+    }
+}
+
 /// Shorthand used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

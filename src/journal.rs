@@ -278,7 +278,7 @@ impl ShippedPoint {
 
     /// The id as hex, for messages.
     pub fn id_hex(&self) -> String {
-        self.id.iter().map(|b| format!("{b:02x}")).collect()
+        crate::state::hex(&self.id)
     }
 }
 

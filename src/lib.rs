@@ -35,10 +35,12 @@ pub mod fs;
 pub mod ids;
 pub mod journal;
 pub mod mirror;
+pub mod state;
 pub mod sys;
 pub mod throttle;
 pub mod tls;
 pub mod tracking;
+pub mod wire;
 
 pub mod replica;
 pub mod replicate;

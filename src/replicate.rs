@@ -62,7 +62,7 @@ fn connect_error(addr: &str, e: &tonic::transport::Error) -> Error {
 use crate::auth::{AuthKey, PresentKey};
 use crate::block::{self, HashKey};
 use crate::datastore::Datastore;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::ids::Epoch;
 use crate::journal::ShippedPoint;
 use crate::proto::replication::replication_client::ReplicationClient;
@@ -70,9 +70,10 @@ use crate::proto::replication::{
     Begin, Block, Blocks, Commit, FileState, HelloRequest, NamespaceOp, Offer, Offers, ShipMessage,
     ShipReply, VerifyFile, VerifyRequest, ship_message, ship_reply,
 };
-use crate::replica::{MAX_MESSAGE, PROTOCOL_VERSION};
+use crate::state::{hex, now_ns, write_durably};
 use crate::throttle::Throttle;
-use crate::tracking::{ShipSet, TrackedFile, now_ns};
+use crate::tracking::{ShipSet, TrackedFile};
+use crate::wire::{MAX_BLOCKS, MAX_MESSAGE, PROTOCOL_VERSION};
 
 /// Blocks read, hashed and offered per round trip.
 const OFFER_CHUNK: usize = 256;
@@ -225,7 +226,7 @@ fn ship_status(s: tonic::Status) -> Error {
 
 /// The pair's hash key, made once and kept in the state folder.
 fn pair_key(ds: &Datastore) -> Result<HashKey> {
-    let path = ds.paths.dir.join("pair.key");
+    let path = ds.paths.pair_key();
     if let Ok(bytes) = std::fs::read(&path) {
         return HashKey::from_bytes(&bytes).ok_or_else(|| Error::BadState {
             path: path.clone(),
@@ -237,7 +238,7 @@ fn pair_key(ds: &Datastore) -> Result<HashKey> {
         });
     }
     let key = HashKey::random().at("/dev/urandom")?;
-    crate::replica::store::write_durably(&path, key.as_bytes())?;
+    write_durably(&path, key.as_bytes())?;
     Ok(key)
 }
 
@@ -550,14 +551,14 @@ impl Replicator {
             }
             return Ok(());
         }
-        let hex: String = point.iter().map(|b| format!("{b:02x}")).collect();
+        let point_hex = hex(point);
         let show = |p: Option<ShippedPoint>| {
             p.map_or("none".to_string(), |p| {
                 format!("epoch {} (point {})", p.epoch, p.id_hex())
             })
         };
         Err(Error::Remote(format!(
-            "histories diverged: the secondary {} last applied epoch {applied} (point {hex}), but this primary last \
+            "histories diverged: the secondary {} last applied epoch {applied} (point {point_hex}), but this primary last \
              shipped {} and was shipping {}. Nothing was sent or overwritten. If this primary is right, reseed the \
              secondary: stop it and run `rm -rf REPLICA_DIR/.hbrfs` there (a full resync), or replicate to a new \
              replica folder.",
@@ -640,7 +641,7 @@ impl Replicator {
                     .map_err(|e| remote("finishing ship", e))??;
                 Ok(set.end.0.max(applied))
             }
-            Err(e @ Error::Refused(_)) => {
+            Err(e) if e.kind() == ErrorKind::Refused => {
                 // Sending it again would be refused again: fold it into
                 // the next cut.
                 self.ds.tracker.abort_ship(&set);
@@ -910,9 +911,7 @@ impl Replicator {
                 .fetch_add(block.zstd.len() as u64, Ordering::Relaxed);
             batch_bytes += block.zstd.len();
             batch.push(block);
-            if batch_bytes >= BLOCKS_MESSAGE_BYTES
-                || batch.len() >= crate::replica::session::MAX_BLOCKS
-            {
+            if batch_bytes >= BLOCKS_MESSAGE_BYTES || batch.len() >= MAX_BLOCKS {
                 send(ship_message::Body::Blocks(Blocks {
                     blocks: std::mem::take(&mut batch),
                 }))

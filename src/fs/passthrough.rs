@@ -26,8 +26,8 @@ use super::handles::{DirEntry, Handle, HandleTable, OpenFile};
 use super::inodes::{self, Inode, InodeTable};
 use super::recorder::{Change, ChangeRecorder, Gone, Recording};
 use super::reply::{Entry, Listing, Res, Xattr, io_errno, state_errno};
-use crate::datastore::STATE_DIR;
 use crate::error::IoContext;
+use crate::state::STATE_DIR;
 use crate::sys;
 
 /// How long the kernel may cache attributes and entries when every change
@@ -86,16 +86,7 @@ pub struct Passthrough {
 
 /// Reads up to `buf.len()` bytes at `offset`, fewer only at the end.
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> Res<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_errno(e)),
-        }
-    }
-    Ok(done)
+    crate::state::read_full(file, buf, offset).map_err(io_errno)
 }
 
 fn display(name: &OsStr) -> String {

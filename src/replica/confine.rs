@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::datastore::STATE_DIR;
+use crate::state::STATE_DIR;
 
 /// Why a received path was refused.
 #[derive(Debug, thiserror::Error)]

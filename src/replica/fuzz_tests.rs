@@ -28,13 +28,14 @@ use tempfile::TempDir;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::handle;
-use super::session::{MAX_BLOCKS, MAX_ENTRIES, MAX_FILE_SIZE, MAX_OFFERS, Session};
+use super::session::Session;
 use super::store::{Applied, Pair, ReplicaStore};
 use crate::block::{self, HashKey};
 use crate::proto::replication::{
     Begin, Block, Blocks, Commit, FileState, NamespaceOp, Offer, Offers, OpKind, ShipMessage,
     ship_message, ship_reply,
 };
+use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_FILE_SIZE, MAX_OFFERS};
 
 /// The pair's block size: the smallest allowed, so epochs stay tiny.
 const BS: u64 = 4096;
@@ -352,7 +353,7 @@ fn tree(root: &Path) -> Tree {
         for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
             let path = e.expect("read_dir entry").path();
             let rel = path.strip_prefix(root).expect("below root").to_path_buf();
-            if rel == Path::new(crate::datastore::STATE_DIR) {
+            if rel == Path::new(crate::state::STATE_DIR) {
                 continue;
             }
             let meta = fs::symlink_metadata(&path).expect("lstat");
@@ -791,7 +792,7 @@ fn a_point_interrupted_by_a_restart_of_the_secondary_resumes_from_its_log() {
     assert_applied_as_offered(&fx, &msgs, 2);
     fx.mark_applied(2);
     assert!(
-        !fx.store().staging_dir().join("partial").exists(),
+        !fx.store().paths.partial().exists(),
         "the log outlived the apply"
     );
     fx.finish();
@@ -804,7 +805,7 @@ fn a_log_over_damaged_staging_is_trusted_only_up_to_the_damage() {
     let mut fx = Fixture::new();
     let msgs = fx.next_epoch();
     fx.drive(msgs[..3].to_vec());
-    let data = fx.store().staging_dir().join("data");
+    let data = fx.store().paths.staged_data();
     let len = fs::metadata(&data).expect("staged data").len();
     fs::write(&data, vec![0x5a; len as usize]).expect("damage staging");
     fx.reopen();
@@ -861,7 +862,7 @@ fn carried_content_damaged_in_staging_is_asked_for_again_not_applied() {
     let mut fx = Fixture::new();
     let msgs = fx.next_epoch();
     break_another_point(&fx, &msgs);
-    let data = fx.store().staging_dir().join("data");
+    let data = fx.store().paths.staged_data();
     let len = fs::metadata(&data).expect("staged data").len();
     assert!(len > 0, "the broken stream staged nothing");
     fs::write(&data, vec![0x5a; len as usize]).expect("damage staging");

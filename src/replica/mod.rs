@@ -26,13 +26,9 @@ use crate::proto::replication::{
     HelloReply, HelloRequest, ShipMessage, ShipReply, StatusReply, StatusRequest, VerifyReply,
     VerifyRequest, ship_message, ship_reply,
 };
+use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
 use session::{Refused, Session};
 use store::{Pair, ReplicaStore};
-
-/// The protocol version this build speaks; Hello refuses any other.
-pub const PROTOCOL_VERSION: u32 = 2;
-/// Largest gRPC message either side accepts.
-pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// The tonic service over one replica folder.
 #[derive(Debug, Clone)]

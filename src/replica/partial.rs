@@ -11,17 +11,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use prost::Message;
 
 use crate::error::{IoContext, Result};
 use crate::proto::replica::{PartialHeader, StagedBlock};
-
-/// Where the log lives in the staging folder.
-pub fn path(staging: &Path) -> PathBuf {
-    staging.join("partial")
-}
+use crate::state::ReplicaPaths;
 
 /// An open log, appended to at checkpoints.
 #[derive(Debug)]
@@ -36,8 +32,8 @@ pub struct PartialLog {
 
 impl PartialLog {
     /// A new log for `point` (replacing any other).
-    pub fn start(staging: &Path, point: &[u8], epoch: u64) -> Result<PartialLog> {
-        let path = path(staging);
+    pub fn start(paths: &ReplicaPaths, point: &[u8], epoch: u64) -> Result<PartialLog> {
+        let path = paths.partial();
         let mut file = File::create(&path).at(&path)?;
         let header = PartialHeader {
             point: point.to_vec(),
@@ -55,8 +51,8 @@ impl PartialLog {
 
     /// The log of a point resumed: `logged` offers in its first `len`
     /// bytes (anything after them is cut off).
-    pub fn resume(staging: &Path, logged: usize, len: u64) -> Result<PartialLog> {
-        let path = path(staging);
+    pub fn resume(paths: &ReplicaPaths, logged: usize, len: u64) -> Result<PartialLog> {
+        let path = paths.partial();
         let file = OpenOptions::new().append(true).open(&path).at(&path)?;
         file.set_len(len).at(&path)?;
         Ok(PartialLog {
@@ -109,9 +105,9 @@ pub struct Loaded {
     pub blocks: Vec<(StagedBlock, u64)>,
 }
 
-/// Reads the log in `staging`.
-pub fn load(staging: &Path) -> Option<Loaded> {
-    let bytes = std::fs::read(path(staging)).ok()?;
+/// Reads the log of the replica at `paths`.
+pub fn load(paths: &ReplicaPaths) -> Option<Loaded> {
+    let bytes = std::fs::read(paths.partial()).ok()?;
     let mut rest = bytes.as_slice();
     let header = PartialHeader::decode_length_delimited(&mut rest).ok()?;
     let at = |rest: &[u8]| (bytes.len() - rest.len()) as u64;

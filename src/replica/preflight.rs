@@ -10,8 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use super::confine;
-use super::session::MAX_FILE_SIZE;
 use crate::proto::replication::{Begin, OpKind};
+use crate::wire::MAX_FILE_SIZE;
 
 fn exists(p: &Path) -> Option<std::fs::Metadata> {
     std::fs::symlink_metadata(p).ok()

@@ -35,19 +35,12 @@ use crate::block::{self, BlockHash, HashKey};
 use crate::error::IoContext;
 use crate::proto::replica::{StagedBlock, StagedEpoch};
 use crate::proto::replication::{Applied, Begin, Blocks, Commit, Offers, Resumed, Wants};
+use crate::state::ReplicaPaths;
+use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS};
 
-/// Most offers in one message.
-pub const MAX_OFFERS: usize = 65_536;
 /// Staged bytes between two checkpoints of the point's log (every message
 /// in unit tests, so that the fuzz suite exercises the log too).
 const CHECKPOINT_BYTES: u64 = if cfg!(test) { 1 } else { 32 * 1024 * 1024 };
-/// Most blocks in one message.
-pub const MAX_BLOCKS: usize = 4_096;
-/// Most namespace operations or files in one epoch.
-pub const MAX_ENTRIES: usize = 1 << 20;
-/// Largest file size accepted: ext4's limit with 4 KiB blocks (16 TiB
-/// less a block).
-pub const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;
 
 /// Why a stream was refused.
 #[derive(Debug, thiserror::Error)]
@@ -102,9 +95,9 @@ impl Carried {
     /// The point a stream of an earlier run of the secondary left in its
     /// log (`partial`), each block's staged content re-read and re-hashed:
     /// the log ends at the first that does not match.
-    pub fn from_log(staging: &Path, key: &HashKey) -> Option<Carried> {
-        let loaded = super::partial::load(staging)?;
-        let data = File::open(staging.join("data")).ok()?;
+    pub fn from_log(paths: &ReplicaPaths, key: &HashKey) -> Option<Carried> {
+        let loaded = super::partial::load(paths)?;
+        let data = File::open(paths.staged_data()).ok()?;
         let mut carried = Carried::default();
         let mut blocks = Vec::new();
         let mut len = loaded.header_len;
@@ -183,7 +176,7 @@ impl<'a> Session<'a> {
             content: carried,
             point: partial,
         } = store.take_carried().unwrap_or_default();
-        let data_path = store.staging_dir().join("data");
+        let data_path = store.paths.staged_data();
         let staging_error = |e| staging_error(&data_path, e);
         let data = OpenOptions::new()
             .read(true)
@@ -274,15 +267,14 @@ impl<'a> Session<'a> {
             self.block_at = (self.blocks.iter().enumerate())
                 .map(|(i, b)| ((b.file_id, b.block), i))
                 .collect();
-            let staging = self.store.staging_dir();
             self.log = match p.logged {
-                Some((logged, len)) => PartialLog::resume(&staging, logged, len)
+                Some((logged, len)) => PartialLog::resume(&self.store.paths, logged, len)
                     .inspect_err(|e| log::warn!("not logging epoch {}: {e}", begin.epoch))
                     .ok(),
                 None => None,
             };
             if self.log.is_none() {
-                let _ = fs::remove_file(super::partial::path(&staging));
+                let _ = fs::remove_file(self.store.paths.partial());
             }
             let offers_done = self.offer_log.len() as u64;
             self.store
@@ -305,7 +297,7 @@ impl<'a> Session<'a> {
                 .map_err(|e| staging_error(&self.data_path, e))?;
             self.data_len = 0;
         }
-        self.log = PartialLog::start(&self.store.staging_dir(), &begin.point, begin.epoch)
+        self.log = PartialLog::start(&self.store.paths, &begin.point, begin.epoch)
             .inspect_err(|e| log::warn!("not logging epoch {}: {e}", begin.epoch))
             .ok();
         self.begin = Some(begin);
@@ -603,7 +595,7 @@ impl Drop for Session<'_> {
         if self.refused {
             self.begin = None;
             self.partial = None;
-            let _ = fs::remove_file(super::partial::path(&self.store.staging_dir()));
+            let _ = fs::remove_file(self.store.paths.partial());
         }
         let point = match self.begin.take() {
             Some(b) => {

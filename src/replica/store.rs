@@ -13,7 +13,6 @@
 //! of the replica (the `view` lock) while an epoch applies.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
@@ -26,12 +25,11 @@ use prost::Message;
 use super::confine;
 use super::session::Carried;
 use crate::block::{BlockHash, HashKey};
-use crate::datastore::STATE_DIR;
 use crate::error::{Error, IoContext, Result};
 use crate::proto::replica::StagedEpoch;
 use crate::proto::replication::{NamespaceOp, OpKind, VerifyReply, VerifyRequest, VerifyResult};
+use crate::state::{ReplicaPaths, hex, now_ns, read_full, unhex, walk_files, write_durably};
 use crate::sys;
-use crate::tracking::now_ns;
 
 /// The pair a replica belongs to, fixed by the first primary that ships.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,29 +60,6 @@ pub struct ReplicaStats {
 /// was paired (seeding); the primary's ids are far below.
 pub const SEED_IDS: u64 = 1 << 62;
 
-/// Relative paths of the regular files below `dir` (not the state folder).
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<Vec<u8>>) -> Result<()> {
-    for entry in fs::read_dir(dir).at(dir)? {
-        let path = entry.at(dir)?.path();
-        if dir == root && path.file_name() == Some(std::ffi::OsStr::new(STATE_DIR)) {
-            continue;
-        }
-        let meta = fs::symlink_metadata(&path).at(&path)?;
-        if meta.is_dir() {
-            collect_files(root, &path, out)?;
-        } else if meta.is_file() {
-            out.push(
-                path.strip_prefix(root)
-                    .unwrap_or(&path)
-                    .as_os_str()
-                    .as_bytes()
-                    .to_vec(),
-            );
-        }
-    }
-    Ok(())
-}
-
 /// The last point applied: a primary checks it against its history.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -96,12 +71,37 @@ pub struct Applied {
     pub point: Vec<u8>,
 }
 
+impl Applied {
+    /// Reads the applied record of the replica at `paths`; the default
+    /// (epoch 0) when no point was applied yet. Also read by `hbrfs status`
+    /// while no secondary runs.
+    pub fn read(paths: &ReplicaPaths) -> Result<Applied> {
+        let path = paths.applied();
+        let Ok(text) = fs::read_to_string(&path) else {
+            return Ok(Applied::default());
+        };
+        let mut words = text.split_whitespace();
+        let epoch = words.next().and_then(|w| w.parse().ok());
+        let at = words.next().and_then(|w| w.parse().ok());
+        let point = words.next().and_then(unhex);
+        match (epoch, at, point) {
+            (Some(epoch), Some(at_ns), Some(point)) => Ok(Applied {
+                epoch,
+                at_ns,
+                point,
+            }),
+            _ => Err(bad(&path, "unreadable applied record (epoch, time, point)")),
+        }
+    }
+}
+
 /// An open replica folder.
 #[derive(Debug)]
 pub struct ReplicaStore {
     /// The replica root (what a hypervisor uses after failover).
     pub root: PathBuf,
-    state: PathBuf,
+    /// Its state folder.
+    pub paths: ReplicaPaths,
     /// The index of content held: hash → (file id, block), and file id →
     /// path. Hints only: every use re-reads and re-hashes the content.
     index: sled::Tree,
@@ -127,16 +127,6 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Writes a small file durably: temp file, fsync, rename, fsync folder.
-pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).at(&tmp)?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).at(&tmp)?;
-    fs::rename(&tmp, path).at(path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).at(dir)
-}
-
 /// Replica folders and files get fixed modes (0755, 0644): the primary's
 /// modes are not shipped yet, and the secondary's umask must not decide.
 fn make_dirs(path: &Path) -> Result<()> {
@@ -158,28 +148,20 @@ fn open_for_write(path: &Path) -> Result<File> {
         .at(path)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
-}
-
 impl ReplicaStore {
     /// Opens (creating if needed) the replica at `root`, finishing an
     /// apply a crash interrupted.
     pub fn open(root: &Path) -> Result<ReplicaStore> {
         make_dirs(root)?;
         let root = root.canonicalize().at(root)?;
-        let state = root.join(STATE_DIR);
-        make_dirs(&state.join("staging"))?;
-        fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .at(&state)?;
-        let db_path = state.join("index");
+        let paths = ReplicaPaths::of(&root);
+        make_dirs(&paths.staging())?;
+        fs::set_permissions(
+            &paths.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .at(&paths.dir)?;
+        let db_path = paths.index();
         let db = sled::Config::new()
             .path(&db_path)
             .open()
@@ -203,7 +185,7 @@ impl ReplicaStore {
             view: Arc::new(RwLock::new(())),
             stats: ReplicaStats::default(),
             root,
-            state,
+            paths,
         };
         store.load_pair()?;
         store.load_applied()?;
@@ -211,21 +193,9 @@ impl ReplicaStore {
         Ok(store)
     }
 
-    fn pair_path(&self) -> PathBuf {
-        self.state.join("pair")
-    }
-
-    fn applied_path(&self) -> PathBuf {
-        self.state.join("applied")
-    }
-
-    fn redo_path(&self) -> PathBuf {
-        self.state.join("redo")
-    }
-
     /// Whether an interrupted apply is waiting to be finished.
     pub fn apply_pending(&self) -> bool {
-        self.redo_path().exists()
+        self.paths.redo().exists()
     }
 
     /// Takes what broken streams staged, for the stream starting now.
@@ -239,13 +209,8 @@ impl ReplicaStore {
         *self.carried.lock().expect("carried lock") = Some(carried);
     }
 
-    /// Where an epoch is staged.
-    pub fn staging_dir(&self) -> PathBuf {
-        self.state.join("staging")
-    }
-
     fn load_pair(&self) -> Result<()> {
-        let path = self.pair_path();
+        let path = self.paths.pair();
         let Ok(text) = fs::read_to_string(&path) else {
             return Ok(());
         };
@@ -277,25 +242,8 @@ impl ReplicaStore {
     }
 
     fn load_applied(&self) -> Result<()> {
-        let path = self.applied_path();
-        let Ok(text) = fs::read_to_string(&path) else {
-            return Ok(());
-        };
-        let mut words = text.split_whitespace();
-        let epoch = words.next().and_then(|w| w.parse().ok());
-        let at = words.next().and_then(|w| w.parse().ok());
-        let point = words.next().and_then(unhex);
-        match (epoch, at, point) {
-            (Some(epoch), Some(at_ns), Some(point)) => {
-                *self.applied.lock().expect("applied lock") = Applied {
-                    epoch,
-                    at_ns,
-                    point,
-                };
-                Ok(())
-            }
-            _ => Err(bad(&path, "unreadable applied record (epoch, time, point)")),
-        }
+        *self.applied.lock().expect("applied lock") = Applied::read(&self.paths)?;
+        Ok(())
     }
 
     /// The pair, once a primary has said hello.
@@ -348,7 +296,7 @@ impl ReplicaStore {
                         "seeding: indexing the replica folder failed ({e}); everything will be sent"
                     ),
                 }
-                write_durably(&self.pair_path(), text.as_bytes()).map_err(|e| e.to_string())
+                write_durably(&self.paths.pair(), text.as_bytes()).map_err(|e| e.to_string())
             }
         }
     }
@@ -365,7 +313,7 @@ impl ReplicaStore {
 
     fn sled<T>(&self, r: sled::Result<T>) -> Result<T> {
         r.map_err(|source| Error::Journal {
-            path: self.state.join("index"),
+            path: self.paths.index(),
             source,
         })
     }
@@ -411,21 +359,20 @@ impl ReplicaStore {
 
     /// Applies the staged epoch durably; see the module docs for the order.
     pub fn commit(&self, staged: &StagedEpoch, epoch: u64) -> Result<()> {
-        let manifest = self.staging_dir().join("manifest");
+        let manifest = self.paths.staged_manifest();
         write_durably(&manifest, &staged.encode_to_vec())?;
-        write_durably(&self.redo_path(), format!("{epoch} 0\n").as_bytes())?;
+        write_durably(&self.paths.redo(), format!("{epoch} 0\n").as_bytes())?;
         self.apply_staged(staged, epoch, 0)
     }
 
     /// Finishes an apply that a crash interrupted.
     fn recover(&self) -> Result<()> {
-        let redo = self.redo_path();
+        let redo = self.paths.redo();
         let Ok(text) = fs::read_to_string(&redo) else {
             // A point a stream was receiving when the secondary stopped:
             // kept for the primary to resume, if its log checks out.
             let key = self.pair().map(|p| p.key);
-            let staging = self.staging_dir();
-            match key.and_then(|key| Carried::from_log(&staging, &key)) {
+            match key.and_then(|key| Carried::from_log(&self.paths, &key)) {
                 Some(carried) => {
                     log::info!("kept the part of a point received before the restart: {carried}");
                     *self.carried.lock().expect("carried lock") = Some(carried);
@@ -445,7 +392,7 @@ impl ReplicaStore {
             fs::remove_file(&redo).at(&redo)?;
             return self.clear_staging();
         }
-        let manifest = self.staging_dir().join("manifest");
+        let manifest = self.paths.staged_manifest();
         let bytes = fs::read(&manifest).at(&manifest)?;
         let staged = StagedEpoch::decode(bytes.as_slice())
             .map_err(|e| bad(&manifest, format!("corrupt staged manifest: {e}")))?;
@@ -455,7 +402,7 @@ impl ReplicaStore {
 
     fn clear_staging(&self) -> Result<()> {
         *self.carried.lock().expect("carried lock") = None;
-        let dir = self.staging_dir();
+        let dir = self.paths.staging();
         fs::remove_dir_all(&dir).at(&dir)?;
         fs::create_dir_all(&dir).at(&dir)
     }
@@ -470,10 +417,13 @@ impl ReplicaStore {
             if let Err(e) = self.apply_op(op) {
                 log::error!("epoch {epoch}: operation {i} could not be applied, skipped: {e}");
             }
-            write_durably(&self.redo_path(), format!("{epoch} {}\n", i + 1).as_bytes())?;
+            write_durably(
+                &self.paths.redo(),
+                format!("{epoch} {}\n", i + 1).as_bytes(),
+            )?;
         }
         let bs = u64::from(self.pair().map_or(0, |p| p.block_size));
-        let data_path = self.staging_dir().join("data");
+        let data_path = self.paths.staged_data();
         let data = File::open(&data_path).at(&data_path)?;
         let mut open = std::collections::HashMap::new();
         for f in &begin.files {
@@ -564,9 +514,9 @@ impl ReplicaStore {
             applied.at_ns,
             hex(&applied.point)
         );
-        write_durably(&self.applied_path(), line.as_bytes())?;
+        write_durably(&self.paths.applied(), line.as_bytes())?;
         *self.applied.lock().expect("applied lock") = applied;
-        let redo = self.redo_path();
+        let redo = self.paths.redo();
         fs::remove_file(&redo).at(&redo)?;
         self.clear_staging()
     }
@@ -660,7 +610,7 @@ impl ReplicaStore {
     /// under ids of their own (above [`SEED_IDS`]); returns (files, blocks).
     fn index_existing(&self, key: &HashKey, block_size: u64) -> Result<(u64, u64)> {
         let mut files = Vec::new();
-        collect_files(&self.root, &self.root, &mut files)?;
+        walk_files(&self.root, &mut |rel, _| files.push(rel))?;
         let mut blocks = 0;
         let mut buf = vec![0u8; block_size as usize];
         for (n, rel) in files.iter().enumerate() {
@@ -669,16 +619,7 @@ impl ReplicaStore {
             let file = File::open(&path).at(&path)?;
             self.sled(self.files.insert(id.to_be_bytes(), rel.as_slice()))?;
             for block in 0.. {
-                let mut len = 0;
-                while len < buf.len() {
-                    match file
-                        .read_at(&mut buf[len..], block * block_size + len as u64)
-                        .at(&path)?
-                    {
-                        0 => break,
-                        got => len += got,
-                    }
-                }
+                let len = read_full(&file, &mut buf, block * block_size).at(&path)?;
                 if len == 0 {
                     break;
                 }

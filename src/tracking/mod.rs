@@ -14,25 +14,18 @@ pub mod preimage;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use crate::error::{IoContext, Result};
 use crate::ids::{BlockSize, Epoch, FileId};
 use crate::journal::{Journal, ShippedPoint};
 use crate::proto::journal::{EpochRecord, EpochState};
+use crate::state::{StatePaths, now_ns, read_full};
 use bitmap::{Bitmap, Slot};
 use preimage::PreImages;
-
-/// Unix time in nanoseconds, the unit of every timestamp hbrfs records.
-pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
 
 /// One tracked file: its bitmap and what the cut and the shipper need.
 #[derive(Debug)]
@@ -121,15 +114,7 @@ impl TrackedFile {
         };
         let bs = self.block_size.bytes();
         let mut buf = vec![0u8; bs as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match reader.read_at(&mut buf[done..], block * bs + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).at(&self.preimage_path),
-            }
-        }
+        let done = read_full(reader, &mut buf, block * bs).at(&self.preimage_path)?;
         buf.truncate(done);
         Ok(buf)
     }
@@ -301,7 +286,7 @@ pub struct FileSource {
 /// The datastore's tracking state.
 #[derive(Debug)]
 pub struct Tracker {
-    state_dir: PathBuf,
+    paths: StatePaths,
     block_size: BlockSize,
     journal: Arc<Journal>,
     /// The cut gate: writes and namespace operations hold it shared, a cut
@@ -330,7 +315,7 @@ pub struct Tracker {
 impl Tracker {
     /// Opens the tracking state; the epoch counter resumes from the journal.
     pub fn new(
-        state_dir: &Path,
+        paths: &StatePaths,
         block_size: BlockSize,
         journal: Arc<Journal>,
         writable: bool,
@@ -357,7 +342,7 @@ impl Tracker {
             .max()
             .unwrap_or(0);
         Ok(Tracker {
-            state_dir: state_dir.to_path_buf(),
+            paths: paths.clone(),
             block_size,
             journal,
             gate: RwLock::new(()),
@@ -410,7 +395,7 @@ impl Tracker {
     }
 
     fn bitmap_path(&self, id: FileId) -> PathBuf {
-        self.state_dir.join("bitmaps").join(format!("{}.map", id.0))
+        self.paths.bitmap(id.0)
     }
 
     /// The tracked file `id`, if it is loaded.
@@ -444,10 +429,7 @@ impl Tracker {
             shipping: AtomicBool::new(false),
             gone_epoch: AtomicU64::new(0),
             preimages: Mutex::new(None),
-            preimage_path: self
-                .state_dir
-                .join("preimages")
-                .join(format!("{}.pre", id.0)),
+            preimage_path: self.paths.preimage(id.0),
         });
         self.files
             .write()
@@ -716,7 +698,7 @@ impl Tracker {
         for f in self.all_files() {
             f.sync()?;
         }
-        let dir = self.state_dir.join("bitmaps");
+        let dir = self.paths.bitmaps();
         File::open(&dir).and_then(|d| d.sync_all()).at(&dir)
     }
 }
