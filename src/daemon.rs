@@ -8,15 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+use fuser::{Config, Filesystem, MountOption, Session, SessionACL, SessionUnmounter};
 use tokio::sync::watch;
 
 use crate::auth::AuthKey;
 use crate::control;
 use crate::datastore::{Access, Datastore};
 use crate::error::{Error, IoContext, Result};
-use crate::fs::Passthrough;
+use crate::fs::{Cache, ChangeRecorder, Passthrough};
 use crate::ids::BlockSize;
+use crate::mirror::Mirror;
 use crate::replica::store::ReplicaStore;
 use crate::replicate::{ReplicateOptions, Replicator};
 use crate::state::{ReplicaPaths, write_durably};
@@ -130,13 +131,13 @@ fn existing_dir(path: &Path, what: &str) -> Result<PathBuf> {
 }
 
 /// Mounts `fs` at `mountpoint`, showing `source` as the mount's source.
-fn mount(
-    fs: Passthrough,
+fn mount<F: Filesystem>(
+    fs: F,
     source: &Path,
     mountpoint: &Path,
     read_only: bool,
     threads: usize,
-) -> Result<Session<Passthrough>> {
+) -> Result<Session<F>> {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(source.display().to_string()),
@@ -230,7 +231,8 @@ fn start_primary(opts: &MountOptions) -> Result<Primary> {
         scan.moved,
         scan.gone
     );
-    let fs = Passthrough::new(&backing, opts.tracking.then(|| ds.clone())).at(&backing)?;
+    let recorder = opts.tracking.then(|| ds.clone() as Arc<dyn ChangeRecorder>);
+    let fs = Passthrough::new(&backing, recorder, Cache::Kernel).at(&backing)?;
     let session = mount(fs, &backing, &mountpoint, false, opts.threads)?;
     let mut replication = None;
     let mut stats = None;
@@ -376,7 +378,7 @@ fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
     let (mirror_thread, mirror_unmount) = match &opts.mount {
         Some(mnt) => {
             let mountpoint = check_mountpoint(mnt, &store.root)?;
-            let fs = Passthrough::mirror(&store.root, store.view.clone()).at(&store.root)?;
+            let fs = Mirror::new(&store.root, store.view.clone()).at(&store.root)?;
             let mut session = mount(fs, &store.root, &mountpoint, true, 4)?;
             let unmounter = session.unmount_callable();
             let thread = std::thread::Builder::new()
@@ -447,7 +449,7 @@ pub fn run_mount_replica(replica: &Path, mountpoint: &Path) -> Result<()> {
     sys::block_shutdown_signals().at("signal mask")?;
     let root = existing_dir(replica, "replica folder")?;
     let mountpoint = check_mountpoint(mountpoint, &root)?;
-    let fs = Passthrough::mirror(&root, Arc::new(std::sync::RwLock::new(()))).at(&root)?;
+    let fs = Mirror::new(&root, Arc::new(std::sync::RwLock::new(()))).at(&root)?;
     let mut session = mount(fs, &root, &mountpoint, true, 4)?;
     let mut unmounter = session.unmount_callable();
     let shown = mountpoint.clone();

@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //!
-//! - [`fs`]: the fuser `Filesystem`: passthrough of every operation images need.
+//! - [`fs`]: the fuser `Filesystem`: passthrough of every operation images need; tells a `ChangeRecorder` what changed.
 //! - [`tracking`]: per-file dirty bitmaps (memmap2), epochs and the cut gate.
 //! - [`journal`]: the sled database: file ids, namespace operations, epochs.
 //! - [`datastore`]: the state folder: format, lock, and opening tracking and journal together.
@@ -17,6 +17,7 @@
 //! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
 //! - [`replicate`]: the primary's replicator: cut, offer hashes, send wanted blocks, wait for the ack.
 //! - [`replica`]: the secondary: gRPC service, staging, atomic apply, content index.
+//! - [`mirror`]: the secondary's read-only FUSE view of its replica.
 //! - [`cli`]: clap commands; `main.rs` only calls [`cli::main`].
 //! - [`throttle`]: the token bucket behind `--max-rate`.
 //! - [`sys`]: every raw syscall, each behind a helper that returns `io::Result`.
@@ -33,6 +34,7 @@ pub mod error;
 pub mod fs;
 pub mod ids;
 pub mod journal;
+pub mod mirror;
 pub mod state;
 pub mod sys;
 pub mod throttle;

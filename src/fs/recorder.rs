@@ -1,0 +1,273 @@
+//! The seam between the FUSE layer and change recording.
+//!
+//! The passthrough says *what happened* ([`Change`], a file to track, a
+//! request to make what was recorded durable); a [`ChangeRecorder`] decides
+//! how it is kept (the datastore: its journal and tracker). The FUSE layer
+//! knows nothing of the journal. The hot write path does not come through
+//! here: it marks the [`TrackedFile`] the inode holds (bits in an mmap'd
+//! bitmap), so a write costs no journal work.
+//!
+//! [`Recording`] is how the passthrough holds a recorder: absent for a plain
+//! passthrough, and the one place that decides what a failed recording
+//! means for the operation.
+
+use std::fmt;
+use std::fs::File;
+use std::sync::{Arc, RwLockReadGuard};
+
+use crate::error::Result;
+use crate::ids::FileId;
+use crate::tracking::TrackedFile;
+
+/// The cut gate, held shared for the length of one change so that an epoch
+/// cut never falls inside it.
+pub type Gate<'a> = RwLockReadGuard<'a, ()>;
+
+/// A regular file to start tracking, all of it dirty: just created, or seen
+/// for the first time (it appeared behind hbrfs's back).
+#[derive(Debug)]
+pub struct NewFile<'a> {
+    /// Its backing inode number.
+    pub ino: u64,
+    /// Its path relative to the root.
+    pub path: &'a [u8],
+    /// Its size now.
+    pub size: u64,
+    /// An open reader, for pre-images of blocks rewritten while shipping.
+    pub reader: File,
+}
+
+/// A name of a regular file that went away (unlinked, or replaced by a
+/// rename): the recorder forgets the file when it was its last link.
+#[derive(Clone, Copy, Debug)]
+pub struct Gone {
+    /// The file's backing inode number.
+    pub ino: u64,
+    /// No other name is left.
+    pub last_link: bool,
+}
+
+/// A namespace change the passthrough made in the backing directory; paths
+/// are relative to the root.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    /// A regular file was created and is tracked as `file`.
+    Created {
+        /// Its id, from [`ChangeRecorder::track`].
+        file: FileId,
+        /// Where.
+        path: &'a [u8],
+    },
+    /// A device, fifo or socket was made.
+    Node {
+        /// Where.
+        path: &'a [u8],
+    },
+    /// A directory was made.
+    Mkdir {
+        /// Where.
+        path: &'a [u8],
+    },
+    /// A directory was removed.
+    Rmdir {
+        /// Where.
+        path: &'a [u8],
+    },
+    /// A symbolic link was made.
+    Symlink {
+        /// Where.
+        path: &'a [u8],
+        /// What it points to.
+        target: &'a [u8],
+    },
+    /// A file's size was set.
+    Truncated {
+        /// The file, if tracked.
+        file: Option<FileId>,
+        /// Where.
+        path: &'a [u8],
+        /// Its new size.
+        size: u64,
+    },
+    /// A name other than a directory was removed.
+    Unlinked {
+        /// Where.
+        path: &'a [u8],
+        /// The regular file it named (`None` for other kinds).
+        file: Option<Gone>,
+    },
+    /// A name was moved (`renameat2`).
+    Renamed {
+        /// The old name.
+        from: &'a [u8],
+        /// The new name.
+        to: &'a [u8],
+        /// The `renameat2` flags (`RENAME_EXCHANGE` swaps the two).
+        flags: u32,
+        /// Backing inode number of what moved.
+        ino: u64,
+        /// The regular file the new name named before, if it went away.
+        replaced: Option<Gone>,
+    },
+    /// A hard link was made.
+    Linked {
+        /// The file, if tracked.
+        file: Option<FileId>,
+        /// An existing name of it.
+        from: &'a [u8],
+        /// The new name.
+        to: &'a [u8],
+    },
+}
+
+impl Change<'_> {
+    /// The path a log line about this change names.
+    fn path(&self) -> &[u8] {
+        match *self {
+            Change::Created { path, .. }
+            | Change::Node { path }
+            | Change::Mkdir { path }
+            | Change::Rmdir { path }
+            | Change::Symlink { path, .. }
+            | Change::Truncated { path, .. }
+            | Change::Unlinked { path, .. } => path,
+            Change::Renamed { from, .. } | Change::Linked { from, .. } => from,
+        }
+    }
+}
+
+impl fmt::Display for Change<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self {
+            Change::Created { .. } | Change::Node { .. } => "create",
+            Change::Mkdir { .. } => "mkdir",
+            Change::Rmdir { .. } => "rmdir",
+            Change::Symlink { .. } => "symlink",
+            Change::Truncated { .. } => "truncate",
+            Change::Unlinked { .. } => "unlink",
+            Change::Renamed { .. } => "rename",
+            Change::Linked { .. } => "link",
+        };
+        write!(f, "{kind} {}", String::from_utf8_lossy(self.path()))
+    }
+}
+
+/// Keeps the changes made through the mount, so they can be replicated.
+/// Every method is called with the cut gate held (from [`gate`]), except
+/// `gate` itself and `flush`.
+///
+/// [`gate`]: ChangeRecorder::gate
+pub trait ChangeRecorder: Send + Sync + fmt::Debug {
+    /// Holds the cut gate shared for one change.
+    fn gate(&self) -> Gate<'_>;
+
+    /// Starts tracking a regular file, all of it dirty; the returned state
+    /// is what its writes mark.
+    fn track(&self, file: NewFile<'_>) -> Result<Arc<TrackedFile>>;
+
+    /// The tracking state of the regular file with backing inode `ino`, if
+    /// it has one.
+    fn tracked(&self, ino: u64) -> Result<Option<Arc<TrackedFile>>>;
+
+    /// Records a namespace change in the open epoch (and follows it: a file
+    /// whose last name went is forgotten, a rename moves tracked paths).
+    fn record(&self, change: &Change<'_>) -> Result<()>;
+
+    /// Makes everything recorded so far durable (fsync, and a new file
+    /// before its first write is acknowledged).
+    fn flush(&self) -> Result<()>;
+}
+
+/// The recorder as the passthrough holds it: `None` for a plain passthrough
+/// (the benchmark's baseline) and for the mirror.
+///
+/// A change that cannot be recorded is logged and the operation carries on
+/// (the scan at the next mount repairs a missing record); that decision is
+/// made here and nowhere else. Failures that must fail the operation (a new
+/// file that cannot be tracked, a flush) are returned to the caller.
+#[derive(Clone, Debug, Default)]
+pub struct Recording(Option<Arc<dyn ChangeRecorder>>);
+
+impl Recording {
+    /// Recording through `recorder`, or none.
+    pub fn new(recorder: Option<Arc<dyn ChangeRecorder>>) -> Recording {
+        Recording(recorder)
+    }
+
+    /// Holds the cut gate for one change, when recording.
+    pub fn gate(&self) -> Option<Gate<'_>> {
+        self.0.as_ref().map(|r| r.gate())
+    }
+
+    /// Records `change`; a failure is logged, never returned.
+    pub fn record(&self, change: Change<'_>) {
+        if let Some(r) = &self.0 {
+            carry_on(|| format!("recording {change}"), r.record(&change));
+        }
+    }
+
+    /// Tracks the empty file just created at `path` with backing inode
+    /// `ino` (`None` when not recording; `reader` is opened only when
+    /// recording).
+    pub fn track_new(
+        &self,
+        ino: u64,
+        path: &[u8],
+        reader: impl FnOnce() -> Result<File>,
+    ) -> Result<Option<Arc<TrackedFile>>> {
+        let Some(r) = &self.0 else {
+            return Ok(None);
+        };
+        let reader = reader()?;
+        r.track(NewFile {
+            ino,
+            path,
+            size: 0,
+            reader,
+        })
+        .map(Some)
+    }
+
+    /// Tracking state of the regular file with backing stat `st`, made
+    /// fully dirty if the file has none (it appeared behind hbrfs's back).
+    /// `path` and `reader` are asked for only then.
+    pub fn tracking_for(
+        &self,
+        st: &libc::stat,
+        path: impl FnOnce() -> Vec<u8>,
+        reader: impl FnOnce() -> Result<File>,
+    ) -> Option<Arc<TrackedFile>> {
+        let r = self.0.as_ref()?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return None;
+        }
+        let what = || format!("journal lookup of inode {}", st.st_ino);
+        if let Some(found) = carry_on(what, r.tracked(st.st_ino)).flatten() {
+            return Some(found);
+        }
+        let path = path();
+        let shown = String::from_utf8_lossy(&path).into_owned();
+        log::warn!(
+            "{shown}: found without tracking state (changed outside hbrfs?): all of it is dirty"
+        );
+        let tracked = reader().and_then(|reader| {
+            r.track(NewFile {
+                ino: st.st_ino,
+                path: &path,
+                size: st.st_size as u64,
+                reader,
+            })
+        });
+        carry_on(|| format!("tracking {shown}"), tracked)
+    }
+
+    /// Makes what was recorded durable (nothing to do when not recording).
+    pub fn flush(&self) -> Result<()> {
+        self.0.as_ref().map_or(Ok(()), |r| r.flush())
+    }
+}
+
+/// The policy for a recording that failed: log it, carry on.
+fn carry_on<T>(what: impl FnOnce() -> String, res: Result<T>) -> Option<T> {
+    res.map_err(|e| log::error!("{}: {e}", what())).ok()
+}
