@@ -498,10 +498,21 @@ impl Datastore {
     /// Updates the paths of tracked files at or below `from` (and, for an
     /// exchange, below `to`) after a rename. Reads every file record, so
     /// its cost follows the number of tracked files.
+    /// Costs the files below the renamed path (the journal's path index),
+    /// not every file of the datastore. Both sides of an exchange are
+    /// looked up before any record moves.
     fn repath(&self, from: &[u8], to: &[u8], exchange: bool, failed: &mut Failures) {
-        let Some(files) = failed.keep(self.journal.files()) else {
+        let Some(mut files) = failed.keep(self.journal.files_under(from)) else {
             return;
         };
+        if exchange {
+            let Some(others) = failed.keep(self.journal.files_under(to)) else {
+                return;
+            };
+            files.extend(others);
+            files.sort_by_key(|(id, _)| *id);
+            files.dedup_by_key(|(id, _)| *id);
+        }
         let moved = |path: &[u8], a: &[u8], b: &[u8]| -> Option<Vec<u8>> {
             let rest = path.strip_prefix(a)?;
             (rest.is_empty() || rest[0] == b'/').then(|| [b, rest].concat())
