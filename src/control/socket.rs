@@ -134,7 +134,7 @@ mod tests {
     }
 
     #[test]
-    fn answers_keep_their_json_shape() {
+    fn status_keeps_its_json_shape() {
         let v = round_trip(&Request::Status, {
             Answer::Status(Status {
                 stats: stats(),
@@ -146,7 +146,10 @@ mod tests {
         assert_eq!(v["replication"], Value::Null);
         assert_eq!(v["dirty_bytes"], 393_216);
         assert_eq!(v.as_object().unwrap().len(), 13);
+    }
 
+    #[test]
+    fn cut_keeps_its_json_shape() {
         let cuts = [
             (
                 Cut::Empty { open_epoch: 3 },
@@ -168,7 +171,10 @@ mod tests {
         for (cut, want) in cuts {
             assert_eq!(round_trip(&Request::Cut, Answer::Cut(cut)), want);
         }
+    }
 
+    #[test]
+    fn journal_answers_keep_their_json_shape() {
         let epochs = Epochs {
             epochs: vec![EpochRow {
                 epoch: 2,
@@ -199,7 +205,10 @@ mod tests {
         };
         let v = round_trip(&show, Answer::Show(extents));
         assert_eq!(v["extents"][0]["offset"], 4096);
+    }
 
+    #[test]
+    fn verify_keeps_its_json_shape() {
         let report = VerifyReport {
             epoch: 3,
             blocks_checked: 10,
