@@ -4,7 +4,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::control::{Answer, Epochs, Extents, Files, Ops, VerifyReport};
+use crate::control::{Answer, BlockRun, EpochRow, Extents, FileRow, OpRow, VerifyReport};
 
 /// Prints `answer` as the command's table, or as JSON with `json`.
 pub(super) fn print(answer: &Answer, json: bool) {
@@ -13,10 +13,10 @@ pub(super) fn print(answer: &Answer, json: bool) {
         return;
     }
     match answer {
-        Answer::Ls(files) => table(&ls_rows(files)),
+        Answer::Ls(files) => table(&FILE_HEADER, &files.files, file_row),
         Answer::Show(extents) => show(extents),
-        Answer::Epochs(epochs) => table(&epoch_rows(epochs)),
-        Answer::Ops(ops) => table(&op_rows(ops)),
+        Answer::Epochs(epochs) => table(&EPOCH_HEADER, &epochs.epochs, epoch_row),
+        Answer::Ops(ops) => table(&OP_HEADER, &ops.ops, op_row),
         Answer::Verify(report) => verify(report),
         Answer::Stats(_) | Answer::Cut(_) | Answer::Status(_) => print_fields("", answer),
     }
@@ -65,19 +65,12 @@ fn fields(indent: &str, v: &Value) {
     }
 }
 
-/// A header row followed by `rows`, as owned cells.
-fn with_header<I>(header: &[&str], rows: I) -> Vec<Vec<String>>
-where
-    I: IntoIterator<Item = Vec<String>>,
-{
-    let mut all = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
-    all.extend(rows);
-    all
-}
-
-/// Prints rows with each column as wide as its widest cell.
-fn table(rows: &[Vec<String>]) {
-    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+/// Prints a header and one row per item, each column as wide as its
+/// widest cell.
+fn table<T>(header: &[&str], items: &[T], row: impl Fn(&T) -> Vec<String>) {
+    let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    rows.extend(items.iter().map(row));
+    let widths: Vec<usize> = (0..header.len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     for row in rows {
@@ -95,30 +88,26 @@ fn opt(v: Option<u64>) -> String {
     v.map_or("-".into(), |n| n.to_string())
 }
 
-fn ls_rows(files: &Files) -> Vec<Vec<String>> {
-    let header = [
-        "PATH",
-        "ID",
-        "SIZE",
-        "DIRTY BLOCKS",
-        "DIRTY",
-        "WRITTEN",
-        "LAST WRITE",
-    ];
-    with_header(
-        &header,
-        files.files.iter().map(|f| {
-            vec![
-                f.path.clone(),
-                f.id.to_string(),
-                bytes(f.size),
-                f.dirty_blocks.to_string(),
-                bytes(f.dirty_bytes),
-                bytes(f.bytes_written),
-                time(f.last_write_ns),
-            ]
-        }),
-    )
+const FILE_HEADER: [&str; 7] = [
+    "PATH",
+    "ID",
+    "SIZE",
+    "DIRTY BLOCKS",
+    "DIRTY",
+    "WRITTEN",
+    "LAST WRITE",
+];
+
+fn file_row(f: &FileRow) -> Vec<String> {
+    vec![
+        f.path.clone(),
+        f.id.to_string(),
+        bytes(f.size),
+        f.dirty_blocks.to_string(),
+        bytes(f.dirty_bytes),
+        bytes(f.bytes_written),
+        time(f.last_write_ns),
+    ]
 }
 
 fn show(x: &Extents) {
@@ -129,7 +118,8 @@ fn show(x: &Extents) {
         bytes(x.size),
         bytes(x.block_size)
     );
-    let rows = x.extents.iter().map(|e| {
+    let header = ["FIRST BLOCK", "BLOCKS", "OFFSET", "LENGTH"];
+    table(&header, &x.extents, |e| {
         vec![
             e.first_block.to_string(),
             e.blocks.to_string(),
@@ -137,58 +127,46 @@ fn show(x: &Extents) {
             bytes(e.length),
         ]
     });
-    table(&with_header(
-        &["FIRST BLOCK", "BLOCKS", "OFFSET", "LENGTH"],
-        rows,
-    ));
 }
 
-fn epoch_rows(epochs: &Epochs) -> Vec<Vec<String>> {
-    let header = [
-        "EPOCH",
-        "STATE",
-        "OPENED",
-        "CLOSED",
-        "FILES",
-        "BLOCKS",
-        "MERGED INTO",
-    ];
-    with_header(
-        &header,
-        epochs.epochs.iter().map(|e| {
-            vec![
-                e.epoch.to_string(),
-                e.state.clone(),
-                time(e.opened_ns),
-                time(e.closed_ns.unwrap_or(0)),
-                e.files.to_string(),
-                e.blocks.to_string(),
-                opt(e.merged_into),
-            ]
-        }),
-    )
+const EPOCH_HEADER: [&str; 7] = [
+    "EPOCH",
+    "STATE",
+    "OPENED",
+    "CLOSED",
+    "FILES",
+    "BLOCKS",
+    "MERGED INTO",
+];
+
+fn epoch_row(e: &EpochRow) -> Vec<String> {
+    vec![
+        e.epoch.to_string(),
+        e.state.clone(),
+        time(e.opened_ns),
+        time(e.closed_ns.unwrap_or(0)),
+        e.files.to_string(),
+        e.blocks.to_string(),
+        opt(e.merged_into),
+    ]
 }
 
-fn op_rows(ops: &Ops) -> Vec<Vec<String>> {
-    let header = [
-        "SEQ", "EPOCH", "OP", "PATH", "TARGET", "SIZE", "TIME", "SEEN",
-    ];
-    with_header(
-        &header,
-        ops.ops.iter().map(|o| {
-            let seen = if o.found_at_mount { "at mount" } else { "live" };
-            vec![
-                o.seq.to_string(),
-                o.epoch.to_string(),
-                o.op.clone(),
-                o.path.clone(),
-                o.target.clone().unwrap_or_else(|| "-".into()),
-                o.size.to_string(),
-                time(o.time_ns),
-                seen.into(),
-            ]
-        }),
-    )
+const OP_HEADER: [&str; 8] = [
+    "SEQ", "EPOCH", "OP", "PATH", "TARGET", "SIZE", "TIME", "SEEN",
+];
+
+fn op_row(o: &OpRow) -> Vec<String> {
+    let seen = if o.found_at_mount { "at mount" } else { "live" };
+    vec![
+        o.seq.to_string(),
+        o.epoch.to_string(),
+        o.op.clone(),
+        o.path.clone(),
+        o.target.clone().unwrap_or_else(|| "-".into()),
+        o.size.to_string(),
+        time(o.time_ns),
+        seen.into(),
+    ]
 }
 
 fn verify(r: &VerifyReport) {
@@ -196,16 +174,18 @@ fn verify(r: &VerifyReport) {
         "epoch {}: {} blocks compared, {} dirty (they ship with the next point)",
         r.epoch, r.blocks_checked, r.blocks_dirty_skipped
     );
-    let rows = r.differences.iter().flat_map(|d| {
-        d.ranges.iter().map(|run| {
-            vec![
-                d.path.clone(),
-                run.first_block.to_string(),
-                run.blocks.to_string(),
-            ]
-        })
+    let runs: Vec<(&str, &BlockRun)> = r
+        .differences
+        .iter()
+        .flat_map(|d| d.ranges.iter().map(|run| (d.path.as_str(), run)))
+        .collect();
+    table(&["PATH", "FIRST BLOCK", "BLOCKS"], &runs, |(path, run)| {
+        vec![
+            path.to_string(),
+            run.first_block.to_string(),
+            run.blocks.to_string(),
+        ]
     });
-    table(&with_header(&["PATH", "FIRST BLOCK", "BLOCKS"], rows));
 }
 
 /// Bytes in binary units, for tables.
