@@ -11,14 +11,14 @@
 //! - [`journal`]: the sled database: file ids, namespace operations, epochs.
 //! - [`datastore`]: the state folder: format, lock, and opening tracking and journal together.
 //! - [`daemon`]: the primary daemon: mount, control socket, cut timer, signals.
-//! - [`control`]: the daemon's control socket and the requests it answers.
+//! - [`control`]: the daemon's control socket: one request enum, one typed answer per request.
 //! - [`auth`]: the pre-shared key and the per-request tokens peers authenticate with.
 //! - [`tls`]: the channel's TLS, with certificates from an authority derived from that key.
 //! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
 //! - [`replicate`]: the primary's replicator: cut, offer hashes, send wanted blocks, wait for the ack.
 //! - [`replica`]: the secondary: gRPC service, staging, atomic apply, content index.
 //! - [`mirror`]: the secondary's read-only FUSE view of its replica.
-//! - [`cli`]: clap commands; `main.rs` only calls [`cli::main`].
+//! - [`cli`]: clap commands and how their typed answers render; `main.rs` only calls [`cli::main`].
 //! - [`throttle`]: the token bucket behind `--max-rate`.
 //! - [`sys`]: every raw syscall, each behind a helper that returns `io::Result`.
 //! - [`ids`]: the newtypes for ids and units shared by the modules.

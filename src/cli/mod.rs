@@ -1,0 +1,416 @@
+//! The `hbrfs` command line: clap definitions and one function per
+//! command. Every answer comes typed from [`crate::control`]; how it is
+//! shown lives apart from what is asked.
+//!
+//! - this file: the arguments, [`main`], and the commands that ask the
+//!   daemon (or read its state folder offline) and print the answer.
+//! - `render`: tables, `--json`, byte and time formatting.
+//! - `status`: `hbrfs status` for a primary or a secondary, and `--watch`.
+
+mod render;
+mod status;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::auth::AuthKey;
+use crate::control::{self, Answer, Request};
+use crate::daemon::{self, MountOptions, ServeOptions};
+use crate::datastore::{Access, Datastore};
+use crate::error::{Error, Result};
+use crate::ids::BlockSize;
+use crate::replicate::ReplicateOptions;
+use crate::state::StatePaths;
+
+/// Host-based replication for virtual-disk images.
+#[derive(Debug, Parser)]
+#[command(name = "hbrfs", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mount BACKING at MOUNTPOINT as a tracked passthrough (foreground).
+    Mount {
+        /// The directory holding the images.
+        backing: PathBuf,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+        /// Tracking granularity, fixed when the datastore is created
+        /// (4K to 1M, a power of two).
+        #[arg(long, value_parser = parse_block_size)]
+        block_size: Option<BlockSize>,
+        /// FUSE worker threads; at least the guests' queue depth for direct IO.
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        /// Close an epoch this often (e.g. 5s, 500ms).
+        #[arg(long, value_parser = parse_duration)]
+        cut_every: Option<Duration>,
+        /// Benchmarks only: pass through without tracking anything.
+        #[arg(long, hide = true)]
+        no_tracking: bool,
+        /// Replicate to the secondary at this address (e.g. 127.0.0.1:7070).
+        #[arg(long, value_name = "ADDR")]
+        replicate_to: Option<String>,
+        /// Recovery point objective: cut and ship a point this often.
+        #[arg(long, value_parser = parse_duration, default_value = "5s")]
+        rpo: Duration,
+        /// zstd level for shipped blocks (see PERF-NOTES: 1 gives 2.7x at ~500 MB/s per core).
+        #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
+        zstd_level: i32,
+        /// Cap on replication bandwidth in bytes per second (e.g. 50M).
+        #[arg(long, value_parser = parse_rate, value_name = "BYTES_PER_S")]
+        max_rate: Option<u64>,
+        /// The secondary's pre-shared key (a copy of its REPLICA/.hbrfs/auth.key).
+        #[arg(long, value_name = "FILE")]
+        auth_key: Option<PathBuf>,
+    },
+    /// Run a secondary: receive points into REPLICA_DIR and apply them atomically.
+    Serve {
+        /// The replica folder (created if missing).
+        replica: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// Also mount a read-only mirror of the latest applied point here.
+        #[arg(long, value_name = "MOUNTPOINT")]
+        mount: Option<PathBuf>,
+        /// The pre-shared key primaries must present (made if missing);
+        /// default REPLICA/.hbrfs/auth.key.
+        #[arg(long, value_name = "FILE")]
+        auth_key: Option<PathBuf>,
+    },
+    /// Mount a replica folder read-only (when no secondary serves it).
+    MountReplica {
+        /// The replica folder.
+        replica: PathBuf,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+    },
+    /// Run a primary and a secondary on loopback under DIR: the demo.
+    Up {
+        /// Where to keep both sides.
+        #[arg(default_value = "./hbrfs-demo")]
+        dir: PathBuf,
+        /// Recovery point objective.
+        #[arg(long, value_parser = parse_duration, default_value = "2s")]
+        rpo: Duration,
+    },
+    /// Replication state of a primary or a secondary.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Keep watching: a progress bar while a point (or the baseline)
+        /// ships, a line when it is applied. Ctrl-C ends it.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Compare primary and replica by block hashes at the last applied point;
+    /// exits non-zero when they differ.
+    Verify {
+        #[command(flatten)]
+        target: Target,
+        /// Mark the differing blocks so the next point ships them.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Inspect the change journal (through the running daemon, or offline).
+    Journal {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        what: JournalCommand,
+    },
+    /// Close the open epoch now.
+    Cut {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The datastore: its backing directory or its mountpoint.
+    #[arg(short, long, default_value = ".", global = true)]
+    datastore: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum JournalCommand {
+    /// Every tracked file with its dirty blocks.
+    Ls,
+    /// One file's dirty block ranges, merged into extents.
+    Show {
+        /// Path of the file, relative to the datastore or absolute.
+        path: PathBuf,
+    },
+    /// The epochs: open, closed, merged, shipped.
+    Epochs,
+    /// The namespace operations in order.
+    Ops,
+    /// Totals.
+    Stats,
+}
+
+fn parse_block_size(s: &str) -> std::result::Result<BlockSize, String> {
+    let (num, mult) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with('K') => (t[..t.len() - 1].to_string(), 1024),
+        t if t.ends_with('M') => (t[..t.len() - 1].to_string(), 1024 * 1024),
+        t => (t, 1),
+    };
+    let bytes: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 64K)"))?;
+    BlockSize::new(bytes * mult)
+        .ok_or_else(|| format!("{s}: block size must be a power of two from 4K to 1M"))
+}
+
+fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate (e.g. 50M)"))?;
+    if n <= 0.0 {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    if secs <= 0.0 {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses arguments, sets up logging and runs; returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("hbrfs=info,warn"))
+        .init();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("hbrfs: {e}");
+            1
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Mount {
+            backing,
+            mountpoint,
+            block_size,
+            threads,
+            cut_every,
+            no_tracking,
+            replicate_to,
+            rpo,
+            zstd_level,
+            max_rate,
+            auth_key,
+        } => {
+            let replicate = match (replicate_to, auth_key) {
+                (Some(addr), Some(key)) => Some(ReplicateOptions {
+                    addr,
+                    rpo,
+                    level: zstd_level,
+                    key: AuthKey::load(&key)?,
+                    max_rate,
+                }),
+                (Some(_), None) => {
+                    return Err(Error::Usage(
+                        "--replicate-to needs --auth-key FILE: a copy of the secondary's key \
+                         (REPLICA/.hbrfs/auth.key on the secondary)"
+                            .into(),
+                    ));
+                }
+                (None, _) => None,
+            };
+            daemon::run_mount(&MountOptions {
+                backing,
+                mountpoint,
+                block_size,
+                threads,
+                cut_every,
+                tracking: !no_tracking,
+                replicate,
+            })
+        }
+        Command::Serve {
+            replica,
+            listen,
+            mount,
+            auth_key,
+        } => daemon::run_serve(&ServeOptions {
+            replica,
+            listen,
+            mount,
+            auth_key,
+        }),
+        Command::MountReplica {
+            replica,
+            mountpoint,
+        } => daemon::run_mount_replica(&replica, &mountpoint),
+        Command::Up { dir, rpo } => daemon::run_up(&dir, rpo),
+        Command::Status { target, watch } => status::run(&target, watch),
+        Command::Verify { target, repair } => verify(&target, repair),
+        Command::Journal { target, what } => journal(&target, what),
+        Command::Cut { target } => {
+            let backing = resolve_datastore(&target.datastore)?;
+            ask_and_print(&backing, &Request::Cut, target.json)
+        }
+    }
+}
+
+/// `hbrfs verify`: prints the report, and fails when anything differs so
+/// scripts can act on the exit code.
+fn verify(target: &Target, repair: bool) -> Result<()> {
+    let backing = resolve_datastore(&target.datastore)?;
+    let answer = query(&backing, &Request::Verify { repair })?;
+    render::print(&answer, target.json);
+    let Answer::Verify(report) = answer else {
+        return Err(unexpected(&backing));
+    };
+    let diffs = report.differences.len();
+    if diffs == 0 {
+        return Ok(());
+    }
+    let what = if repair {
+        "; they are marked and ship with the next point"
+    } else {
+        ""
+    };
+    Err(Error::Usage(format!(
+        "verify: {diffs} file(s) differ from the replica{what}"
+    )))
+}
+
+/// `hbrfs journal ...`: the journal subcommand as a control request.
+fn journal(target: &Target, what: JournalCommand) -> Result<()> {
+    let backing = resolve_datastore(&target.datastore)?;
+    let req = match what {
+        JournalCommand::Ls => Request::Ls,
+        JournalCommand::Show { path } => Request::Show {
+            path: relative_to_datastore(&path, &target.datastore, &backing),
+        },
+        JournalCommand::Epochs => Request::Epochs,
+        JournalCommand::Ops => Request::Ops,
+        JournalCommand::Stats => Request::Stats,
+    };
+    ask_and_print(&backing, &req, target.json)
+}
+
+/// Asks the datastore at `backing` and prints the answer as table or JSON.
+fn ask_and_print(backing: &Path, req: &Request, json: bool) -> Result<()> {
+    render::print(&query(backing, req)?, json);
+    Ok(())
+}
+
+/// The error for an answer of the wrong kind: a daemon of another version.
+fn unexpected(backing: &Path) -> Error {
+    Error::BadState {
+        path: StatePaths::of(backing).socket(),
+        reason: "the daemon answered a different request".into(),
+    }
+}
+
+/// The backing directory for a datastore given as backing dir or mountpoint.
+fn resolve_datastore(given: &Path) -> Result<PathBuf> {
+    let canon = given
+        .canonicalize()
+        .map_err(|e| Error::Usage(format!("datastore {}: {e}", given.display())))?;
+    let ours = |m: &daemon::MountEntry| {
+        m.point == canon
+            && m.fstype.starts_with("fuse")
+            && StatePaths::of(Path::new(&m.source)).dir.is_dir()
+    };
+    if let Some(m) = daemon::mounts().into_iter().find(ours) {
+        return Ok(PathBuf::from(m.source));
+    }
+    Ok(canon)
+}
+
+/// A file path as the journal names it: relative to the datastore root.
+///
+/// A path that exists (from the current directory, through the mount or
+/// in the backing directory) is made relative to whichever it lies in;
+/// anything else is taken as relative to the datastore already.
+fn relative_to_datastore(path: &Path, given: &Path, backing: &Path) -> String {
+    let abs = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let strip = |base: &Path| {
+        base.canonicalize()
+            .ok()
+            .and_then(|b| abs.strip_prefix(b).ok().map(Path::to_path_buf))
+    };
+    let rel = strip(given)
+        .or_else(|| strip(backing))
+        .unwrap_or_else(|| path.to_path_buf());
+    rel.to_string_lossy().into_owned()
+}
+
+/// Asks the running daemon, or reads the state folder when none runs.
+fn query(backing: &Path, req: &Request) -> Result<Answer> {
+    let paths = StatePaths::of(backing);
+    if let Some(answer) = control::ask(&paths.socket(), req)? {
+        return Ok(answer);
+    }
+    let ds = Datastore::open(backing, Access::Inspect).map_err(|e| match e {
+        Error::Journal { .. } => Error::Usage(format!(
+            "{e} (is an hbrfs daemon running for {} without answering on {}?)",
+            backing.display(),
+            paths.socket().display()
+        )),
+        other => other,
+    })?;
+    ds.load_for_inspection()?;
+    control::answer(&ds, req, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes_and_durations() {
+        assert_eq!(parse_block_size("64K").unwrap().bytes(), 65536);
+        assert_eq!(parse_block_size("1m").unwrap().bytes(), 1 << 20);
+        assert!(parse_block_size("3K").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_rate("50M").unwrap(), 50 << 20);
+        assert_eq!(parse_rate("1.5KB/s").unwrap(), 1536);
+        assert!(parse_rate("fast").is_err());
+    }
+}
