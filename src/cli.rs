@@ -626,7 +626,7 @@ fn secondary_status(dir: &Path) -> Result<Value> {
             .and_then(|key| crate::replicate::remote_status(addr.trim(), &key));
         if let Ok(live) = live {
             v["serving"] = Value::Bool(true);
-            v["counters"] = live;
+            v["counters"] = serde_json::to_value(live).unwrap_or_default();
         }
     }
     Ok(v)

@@ -189,7 +189,9 @@ fn answer_with(
         Request::Status => {
             let mut v = answer_with(ds, repl, &Request::Stats, daemon_running)?;
             v["role"] = json!("primary");
-            v["replication"] = repl.map_or(Value::Null, ReplStats::report);
+            v["replication"] = repl.map_or(Value::Null, |r| {
+                serde_json::to_value(r.report()).unwrap_or_default()
+            });
             Ok(v)
         }
         Request::Stats => {
