@@ -24,7 +24,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, BlockSize, Epoch, FileId};
@@ -437,6 +437,13 @@ impl Tracker {
             .copied()
             .unwrap_or(0);
         (v.len(), p99, v.last().copied().unwrap_or(0))
+    }
+
+    /// How long the newest cut held writes: lets a benchmark or a test
+    /// time one cut's gate hold apart from its journal records.
+    pub fn last_cut_stall(&self) -> Option<Duration> {
+        let stalls = self.cut_stalls.lock().expect("stall lock");
+        stalls.back().map(|&ns| Duration::from_nanos(ns))
     }
 
     /// Holds the cut gate shared for one write or namespace operation.
