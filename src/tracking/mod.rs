@@ -34,7 +34,8 @@ use crate::state::{StatePaths, now_ns, read_full};
 use bitmap::{Bitmap, Slot};
 use preimage::PreImages;
 
-/// One tracked file: its bitmap and what the cut and the shipper need.
+/// One tracked file: its bitmap and what the cut and the reader of its
+/// closed set need.
 #[derive(Debug)]
 pub struct TrackedFile {
     /// The stable id.
@@ -42,7 +43,7 @@ pub struct TrackedFile {
     block_size: BlockSize,
     bitmap: Bitmap,
     /// Read-only descriptor of the backing file, for pre-images and
-    /// shipping; it stays valid across renames and unlinks.
+    /// reading the closed set; it stays valid across renames and unlinks.
     reader: Option<File>,
     /// Current size, kept by the filesystem under the gate.
     size: AtomicU64,
@@ -59,10 +60,10 @@ pub struct TrackedFile {
     /// closed blocks save pre-images first.
     protected: AtomicBool,
     /// The epoch in which its last name was unlinked, 0 while it exists.
-    /// A gone file stays known until the closed set holding it has shipped.
+    /// A gone file stays known until the closed set holding it is cleared.
     gone_epoch: AtomicU64,
-    /// Pre-images of the shipping epoch; the lock also orders a writer's
-    /// save against the shipper's read of the same block.
+    /// Pre-images of the protected closed set; the lock also orders a
+    /// writer's save against the reader's read of the same block.
     preimages: Mutex<Option<PreImages>>,
     preimage_path: PathBuf,
     /// The tracker's dirty-file set, which this file joins when touched.
@@ -107,7 +108,7 @@ impl TrackedFile {
         }
     }
 
-    /// Saves the cut-time content of the shipping blocks in `blocks`.
+    /// Saves the cut-time content of the protected closed blocks in `blocks`.
     fn preserve(&self, blocks: std::ops::Range<u64>) -> Result<()> {
         let mut guard = self.preimages.lock().expect("preimage lock");
         for block in blocks {
@@ -791,4 +792,109 @@ fn closed_set_size(dirty: &[Arc<TrackedFile>]) -> (u64, u64) {
         .map(|f| f.bitmap.count(Slot::Closed))
         .filter(|&n| n > 0)
         .fold((0, 0), |(files, blocks), n| (files + 1, blocks + n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(dir: &std::path::Path) -> Tracker {
+        let paths = StatePaths::of(dir);
+        std::fs::create_dir_all(paths.bitmaps()).unwrap();
+        std::fs::create_dir_all(paths.preimages()).unwrap();
+        let journal = Arc::new(Journal::open(&paths.journal()).unwrap());
+        Tracker::new(&paths, BlockSize::DEFAULT, journal, true).unwrap()
+    }
+
+    fn track(t: &Tracker, id: u64) -> Arc<TrackedFile> {
+        let source = FileSource {
+            reader: None,
+            path: format!("{id}.img").into_bytes(),
+            size: 0,
+        };
+        t.track_new(FileId(id), source).unwrap()
+    }
+
+    fn write(f: &TrackedFile, block: u64) {
+        let bs = BlockSize::DEFAULT.bytes();
+        f.mark(block * bs, 4096, 4096).unwrap();
+        f.extended_to((block + 1) * bs);
+    }
+
+    fn dirty_ids(t: &Tracker) -> Vec<u64> {
+        let mut ids: Vec<u64> = t.dirty.ids().into_iter().map(|id| id.0).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn the_cut_visits_only_dirty_files_and_the_closed_set_lives_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let files: Vec<_> = (1..=3).map(|id| track(&t, id)).collect();
+        assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(1)));
+        let set = t.protect_closed().unwrap().unwrap();
+        assert_eq!(set.files.len(), 3);
+        t.clear_closed(&set);
+        assert!(dirty_ids(&t).is_empty(), "idle files leave the dirty set");
+
+        write(&files[1], 5);
+        assert_eq!(dirty_ids(&t), vec![2]);
+        assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(2)));
+        assert_eq!(dirty_ids(&t), vec![2], "a closed set keeps its file dirty");
+        write(&files[1], 6);
+        assert_eq!(
+            t.cut().unwrap(),
+            CutOutcome::Merged {
+                epoch: Epoch(3),
+                into: Epoch(2)
+            }
+        );
+        let set = t.protect_closed().unwrap().unwrap();
+        assert_eq!((set.first, set.end), (Epoch(2), Epoch(3)));
+        assert_eq!(
+            set.files.iter().map(|f| f.id.0).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(set.files[0].closed_blocks(), vec![BlockNo(5), BlockNo(6)]);
+        write(&files[0], 1);
+        assert_eq!(t.cut().unwrap(), CutOutcome::Deferred);
+        assert!(t.protect_closed().unwrap().is_none(), "protected already");
+        t.clear_closed(&set);
+        assert_eq!(dirty_ids(&t), vec![1], "the write during the ship stays");
+        assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(4)));
+    }
+
+    #[test]
+    fn an_unprotected_set_folds_the_next_cut_in_and_keeps_its_first_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let f = track(&t, 1);
+        write(&f, 3);
+        let set = t.protect_closed().unwrap().unwrap();
+        assert_eq!((set.first, set.end), (Epoch(1), Epoch(1)));
+        write(&f, 3);
+        assert_eq!(f.preimage_count(), 1, "a protected block is saved first");
+        t.unprotect(&set);
+        assert_eq!(f.preimage_count(), 0);
+        let set = t.protect_closed().unwrap().unwrap();
+        assert_eq!((set.first, set.end), (Epoch(1), Epoch(2)));
+        t.clear_closed(&set);
+        assert_eq!(t.cut().unwrap(), CutOutcome::Empty);
+        assert!(t.protect_closed().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_gone_file_stays_until_its_closed_set_is_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        track(&t, 1);
+        assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(1)));
+        t.forget(FileId(1));
+        assert!(t.file(FileId(1)).is_some_and(|f| f.is_gone()));
+        let set = t.protect_closed().unwrap().unwrap();
+        t.clear_closed(&set);
+        assert!(t.file(FileId(1)).is_none());
+        assert!(dirty_ids(&t).is_empty());
+    }
 }
