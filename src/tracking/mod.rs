@@ -751,19 +751,19 @@ impl Tracker {
     /// files whose last name went while they held closed blocks, and turns
     /// the protection off: the next cut closes a new set.
     pub fn clear_closed(&self, set: &ClosedSet) {
-        for f in &set.files {
-            f.bitmap.clear_closed();
-            f.closed_nonempty.store(false, Ordering::Relaxed);
-            self.dirty.remove_if_clean(f);
-        }
-        // A gone file is kept only while it holds a closed set, so it is
-        // in the dirty set.
+        // A gone file is kept only while it holds a closed set, so it is in
+        // the dirty set until the loop below clears that.
         let gone: Vec<FileId> = self
             .dirty_files()
             .iter()
             .filter(|f| f.is_gone())
             .map(|f| f.id)
             .collect();
+        for f in &set.files {
+            f.bitmap.clear_closed();
+            f.closed_nonempty.store(false, Ordering::Relaxed);
+            self.dirty.remove_if_clean(f);
+        }
         for id in gone {
             self.files.write().expect("files lock").remove(&id);
             self.dirty.remove(id);
