@@ -357,14 +357,15 @@ impl Journal {
         self.point("pending")
     }
 
-    /// Records the point about to be sent, durably.
+    /// Records the point about to be sent, durably. Written only by
+    /// `replicate::point`, the one owner of a point's life.
     pub fn set_pending_point(&self, point: &ShippedPoint) -> Result<()> {
         self.sled(self.meta.insert("pending", point.encode()))?;
         self.flush()
     }
 
     /// Records that the secondary holds `point`, and that nothing is
-    /// pending any more.
+    /// pending any more. Written only by `replicate::point`.
     pub fn set_last_shipped(&self, point: &ShippedPoint) -> Result<()> {
         self.sled(self.meta.insert("last_shipped", point.encode()))?;
         self.sled(self.meta.remove("pending")).map(drop)

@@ -7,7 +7,7 @@
 //! # Layout
 //!
 //! - [`fs`]: the fuser `Filesystem`: passthrough of every operation images need; tells a `ChangeRecorder` what changed.
-//! - [`tracking`]: per-file dirty bitmaps (memmap2), epochs and the cut gate.
+//! - [`tracking`]: per-file dirty bitmaps (memmap2), epochs, the cut gate, the closed set and its pre-images.
 //! - [`journal`]: the sled database: file ids, namespace operations, epochs.
 //! - [`datastore`]: the state folder: format, lock, and opening tracking and journal together.
 //! - [`daemon`]: the primary daemon: mount, control socket, cut timer, signals.
@@ -15,7 +15,7 @@
 //! - [`auth`]: the pre-shared key and the per-request tokens peers authenticate with.
 //! - [`tls`]: the channel's TLS, with certificates from an authority derived from that key.
 //! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
-//! - [`replicate`]: the primary's replicator: cut, offer hashes, send wanted blocks, wait for the ack.
+//! - [`replicate`]: the primary's replicator: a point's life (cut, pending, shipping, applied), offers, wanted blocks, verify, stats.
 //! - [`replica`]: the secondary: gRPC service, staging, atomic apply, content index.
 //! - [`mirror`]: the secondary's read-only FUSE view of its replica.
 //! - [`cli`]: clap commands and how their typed answers render; `main.rs` only calls [`cli::main`].

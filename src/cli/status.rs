@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::{Target, query, render, resolve_datastore, unexpected};
 use crate::auth::AuthKey;
@@ -15,6 +14,7 @@ use crate::control::{Answer, Request, Role};
 use crate::daemon;
 use crate::error::{Error, Result};
 use crate::replica::store::Applied;
+use crate::replicate::{ReplicationReport, SecondaryCounters, ShipProgress};
 use crate::state::{ReplicaPaths, STATE_DIR, StatePaths};
 
 /// `status` of a secondary: its applied point, and its live counters when
@@ -37,10 +37,8 @@ pub(super) struct SecondaryStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<String>,
     /// The serving secondary's counters.
-    // merge: becomes the typed answer of `crate::replicate::remote_status`
-    // once src/replicate/ returns one (a parallel branch); keep one field.
     #[serde(skip_serializing_if = "Option::is_none")]
-    counters: Option<Value>,
+    counters: Option<SecondaryCounters>,
 }
 
 /// Runs `hbrfs status [--watch]` for the datastore or replica `target` names.
@@ -128,57 +126,50 @@ struct Watch {
 
 impl Watch {
     /// Shows one poll of the replicator's counters `r`.
-    // merge: `r` becomes the typed report of `ReplStats::report()`.
-    fn update(&mut self, r: &Value) {
-        let applied = r["last_applied_epoch"].as_u64();
-        let p = &r["shipping"];
-        if p.is_null() {
-            if let Some(b) = self.bar.take() {
-                b.finish();
+    fn update(&mut self, r: &ReplicationReport) {
+        let applied = Some(r.last_applied_epoch);
+        match &r.shipping {
+            None => {
+                if let Some(b) = self.bar.take() {
+                    b.finish();
+                }
+                if applied != self.last_applied {
+                    let age = r
+                        .replica_age_ms
+                        .map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+                    println!(
+                        "point {} applied at the secondary (replica age {age})",
+                        r.last_applied_epoch
+                    );
+                }
             }
-            if applied != self.last_applied {
-                let age = r["replica_age_ms"]
-                    .as_u64()
-                    .map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
-                println!(
-                    "point {} applied at the secondary (replica age {age})",
-                    applied.unwrap_or(0)
-                );
-            }
-        } else {
-            self.progress(p);
+            Some(p) => self.progress(p),
         }
         self.last_applied = applied;
-        let error = r["last_error"].as_str().unwrap_or("").to_string();
-        if r["connected"] == Value::Bool(false) && !error.is_empty() && error != self.last_error {
+        let error = r.last_error.clone();
+        if !r.connected && !error.is_empty() && error != self.last_error {
             eprintln!("not connected: {error}");
         }
         self.last_error = error;
     }
 
     /// Moves the bar to the ship in progress `p`, making it if new.
-    fn progress(&mut self, p: &Value) {
-        let total = p["blocks_total"].as_u64().unwrap_or(0);
+    fn progress(&mut self, p: &ShipProgress) {
+        let total = p.blocks_total;
         let b = self.bar.get_or_insert_with(|| {
             let style =
                 ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} blocks  {msg}")
                     .expect("literal template")
                     .progress_chars("=> ");
             let b = ProgressBar::new(total).with_style(style);
-            let what = if p["baseline"].as_bool() == Some(true) {
-                "baseline"
-            } else {
-                "point"
-            };
+            let what = if p.baseline { "baseline" } else { "point" };
             b.set_prefix(what);
             b
         });
         b.set_length(total);
-        b.set_position(p["blocks_done"].as_u64().unwrap_or(0));
-        let rate = p["wire_bytes_per_s"].as_f64().unwrap_or(0.0) as u64;
-        let eta = p["eta_s"]
-            .as_f64()
-            .map_or("-".into(), |s| format!("{s:.0} s"));
+        b.set_position(p.blocks_done);
+        let rate = p.wire_bytes_per_s as u64;
+        let eta = p.eta_s.map_or("-".into(), |s| format!("{s:.0} s"));
         b.set_message(format!("{}/s  ETA {eta}", render::bytes(rate)));
     }
 }

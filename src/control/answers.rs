@@ -6,12 +6,11 @@
 use std::os::unix::ffi::OsStrExt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::datastore::Datastore;
 use crate::error::{Error, Result};
 use crate::journal::{epoch_state_name, op_name};
-use crate::replicate::ReplStats;
+use crate::replicate::{ReplStats, ReplicationReport};
 use crate::tracking::{CutOutcome, TrackedFile};
 
 fn lossy(bytes: &[u8]) -> String {
@@ -319,9 +318,7 @@ pub struct Status {
     /// Always [`Role::Primary`] here.
     pub role: Role,
     /// The replicator's counters, none when the daemon does not replicate.
-    // merge: becomes the typed report of `crate::replicate::ReplStats::report()`
-    // once src/replicate/ returns one (a parallel branch); keep one field.
-    pub replication: Option<Value>,
+    pub replication: Option<Box<ReplicationReport>>,
 }
 
 impl Status {
@@ -330,7 +327,7 @@ impl Status {
         Self {
             stats: Stats::of(ds, daemon_running),
             role: Role::Primary,
-            replication: repl.map(ReplStats::report),
+            replication: repl.map(|r| Box::new(r.report())),
         }
     }
 }
@@ -382,48 +379,4 @@ impl Cut {
             },
         })
     }
-}
-
-/// `verify`: where primary and replica differ at the last applied point.
-// merge: `crate::replicate::Replicator::verify` still returns a JSON value
-// that `control` reads into this type; when src/replicate/ returns a typed
-// report, use that here instead of this struct.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VerifyReport {
-    /// The applied point compared against.
-    pub epoch: u64,
-    /// Clean blocks compared by hash.
-    pub blocks_checked: u64,
-    /// Dirty blocks not compared (they ship with the next point anyway).
-    pub blocks_dirty_skipped: u64,
-    /// The files that differ; empty when the replica matches.
-    pub differences: Vec<Difference>,
-    /// Whether the differing blocks were marked to ship again.
-    pub repaired: bool,
-}
-
-/// One file that differs between primary and replica.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Difference {
-    /// Path relative to the datastore root.
-    pub path: String,
-    /// The stable file id.
-    pub file_id: u64,
-    /// How many blocks differ.
-    pub blocks: u64,
-    /// The replica's size, when it differs from the primary's.
-    pub replica_size: Option<u64>,
-    /// The primary's size.
-    pub size: u64,
-    /// The differing blocks as runs.
-    pub ranges: Vec<BlockRun>,
-}
-
-/// A run of consecutive blocks.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockRun {
-    /// The first block of the run.
-    pub first_block: u64,
-    /// How many blocks it holds.
-    pub blocks: u64,
 }

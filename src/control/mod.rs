@@ -19,9 +19,9 @@ use crate::datastore::Datastore;
 use crate::error::{Error, Result};
 use crate::replicate::{ReplStats, Replicator};
 
+pub use crate::replicate::{BlockRun, Difference, ReplicationReport, VerifyReport};
 pub use answers::{
-    BlockRun, Cut, Difference, EpochRow, Epochs, Extent, Extents, FileRow, Files, OpRow, Ops, Role,
-    Stats, Status, VerifyReport,
+    Cut, EpochRow, Epochs, Extent, Extents, FileRow, Files, OpRow, Ops, Role, Stats, Status,
 };
 pub use socket::{ask, serve};
 
@@ -128,11 +128,6 @@ impl Context {
             Error::Usage("this datastore does not replicate: nothing to verify against".into())
         })?;
         let report = r.runtime.block_on(r.replicator.verify(repair))?;
-        // merge: drop this conversion when `verify` returns a typed report.
-        let report = serde_json::from_value(report).map_err(|e| Error::BadState {
-            path: self.ds.root.clone(),
-            reason: format!("verify report: {e}"),
-        })?;
         Ok(Answer::Verify(report))
     }
 }

@@ -1,33 +1,41 @@
 //! Change tracking: per-file dirty bitmaps, the datastore's epoch counter,
 //! the cut gate that makes an epoch boundary one instant across every file
 //! of the consistency group (the whole datastore), and pre-images that keep
-//! a shipping epoch as it was at its cut.
+//! a protected closed set as it was at its cut.
 //!
 //! Writers hold the gate shared from marking their blocks until their
 //! `pwrite` returns; a cut holds it exclusively only to flip the per-file
 //! slots of the files written in the open epoch and snapshot their size and
-//! path, so writes wait for microseconds, never for shipping. Decisions the
-//! design card leaves open are in `docs/design.md` ("Epochs and the cut").
+//! path, so writes wait for microseconds, never for shipping. The cut visits
+//! only the dirty files (written in the open epoch, or holding a closed
+//! set), never every tracked file. Decisions the design card leaves open are
+//! in `docs/design.md` ("Epochs and the cut").
+//!
+//! This module deals in sets of blocks only: what a point is, whether it
+//! ships, is pending or was applied lives in `replicate::point`, which
+//! drives the closed set through [`Tracker::protect_closed`],
+//! [`Tracker::unprotect`] and [`Tracker::clear_closed`].
 
 pub mod bitmap;
 pub mod preimage;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{IoContext, Result};
-use crate::ids::{BlockSize, Epoch, FileId};
-use crate::journal::{Journal, ShippedPoint};
+use crate::ids::{BlockNo, BlockSize, Epoch, FileId};
+use crate::journal::Journal;
 use crate::proto::journal::{EpochRecord, EpochState};
 use crate::state::{StatePaths, now_ns, read_full};
 use bitmap::{Bitmap, Slot};
 use preimage::PreImages;
 
-/// One tracked file: its bitmap and what the cut and the shipper need.
+/// One tracked file: its bitmap and what the cut and the reader of its
+/// closed set need.
 #[derive(Debug)]
 pub struct TrackedFile {
     /// The stable id.
@@ -35,7 +43,7 @@ pub struct TrackedFile {
     block_size: BlockSize,
     bitmap: Bitmap,
     /// Read-only descriptor of the backing file, for pre-images and
-    /// shipping; it stays valid across renames and unlinks.
+    /// reading the closed set; it stays valid across renames and unlinks.
     reader: Option<File>,
     /// Current size, kept by the filesystem under the gate.
     size: AtomicU64,
@@ -48,16 +56,18 @@ pub struct TrackedFile {
     /// Its closed slot holds blocks waiting to ship: the cut must fold into
     /// it instead of swapping.
     closed_nonempty: AtomicBool,
-    /// Its closed set is being shipped: writes to closed blocks save
-    /// pre-images first.
-    shipping: AtomicBool,
+    /// Its closed set is protected (being read as of its cut): writes to
+    /// closed blocks save pre-images first.
+    protected: AtomicBool,
     /// The epoch in which its last name was unlinked, 0 while it exists.
-    /// A gone file stays known until the closed set holding it has shipped.
+    /// A gone file stays known until the closed set holding it is cleared.
     gone_epoch: AtomicU64,
-    /// Pre-images of the shipping epoch; the lock also orders a writer's
-    /// save against the shipper's read of the same block.
+    /// Pre-images of the protected closed set; the lock also orders a
+    /// writer's save against the reader's read of the same block.
     preimages: Mutex<Option<PreImages>>,
     preimage_path: PathBuf,
+    /// The tracker's dirty-file set, which this file joins when touched.
+    dirty: Arc<DirtyFiles>,
 }
 
 impl TrackedFile {
@@ -82,15 +92,23 @@ impl TrackedFile {
         if blocks.is_empty() {
             return Ok(());
         }
-        if self.shipping.load(Ordering::Acquire) {
+        if self.protected.load(Ordering::Acquire) {
             self.preserve(blocks.clone())?;
         }
         self.bitmap.mark(blocks, written, now_ns())?;
-        self.touched.store(true, Ordering::Relaxed);
+        self.touch();
         Ok(())
     }
 
-    /// Saves the cut-time content of the shipping blocks in `blocks`.
+    /// Notes a change in the open epoch: the next cut visits this file.
+    /// The set's lock is taken once per file and epoch, not per write.
+    fn touch(&self) {
+        if !self.touched.swap(true, Ordering::Relaxed) {
+            self.dirty.insert(self.id);
+        }
+    }
+
+    /// Saves the cut-time content of the protected closed blocks in `blocks`.
     fn preserve(&self, blocks: std::ops::Range<u64>) -> Result<()> {
         let mut guard = self.preimages.lock().expect("preimage lock");
         for block in blocks {
@@ -119,9 +137,9 @@ impl TrackedFile {
         Ok(buf)
     }
 
-    /// The content `block` had at the cut of the shipping epoch, cut to
-    /// the file's size at the cut.
-    pub fn read_for_ship(&self, block: u64) -> Result<Vec<u8>> {
+    /// The content `block` had at the cut of the protected closed set, cut
+    /// to the file's size at the cut.
+    pub fn read_at_cut(&self, BlockNo(block): BlockNo) -> Result<Vec<u8>> {
         let guard = self.preimages.lock().expect("preimage lock");
         let mut data = match guard.as_ref().map(|s| s.get(block)).transpose()?.flatten() {
             Some(saved) => saved,
@@ -138,7 +156,7 @@ impl TrackedFile {
     /// The content of `block` now, if it is clean (so it must equal the
     /// replica's at the last shipped point); `None` when it is dirty, also
     /// when it turned dirty while being read.
-    pub fn read_clean(&self, block: u64) -> Result<Option<Vec<u8>>> {
+    pub fn read_clean(&self, BlockNo(block): BlockNo) -> Result<Option<Vec<u8>>> {
         if self.is_dirty(block) {
             return Ok(None);
         }
@@ -179,13 +197,13 @@ impl TrackedFile {
     /// Notes a new size (truncate); the size change belongs to the epoch.
     pub fn resized(&self, size: u64) {
         self.size.store(size, Ordering::Relaxed);
-        self.touched.store(true, Ordering::Relaxed);
+        self.touch();
     }
 
     /// Notes a new path (rename).
     pub fn renamed(&self, path: Vec<u8>) {
         *self.path.lock().expect("path lock") = path;
-        self.touched.store(true, Ordering::Relaxed);
+        self.touch();
     }
 
     /// Makes the bitmap durable (msync): part of `fsync` of the image.
@@ -209,17 +227,18 @@ impl TrackedFile {
     }
 
     /// Blocks of the closed set below the size at the cut.
-    pub fn closed_blocks(&self) -> Vec<u64> {
+    pub fn closed_blocks(&self) -> Vec<BlockNo> {
         let size = self.at_cut().1;
         let end = size.div_ceil(self.block_size.bytes());
         self.bitmap
             .blocks(Slot::Closed)
             .into_iter()
             .filter(|b| *b < end)
+            .map(BlockNo)
             .collect()
     }
 
-    /// Blocks saved as pre-images during the current ship.
+    /// Blocks saved as pre-images while the closed set is protected.
     pub fn preimage_count(&self) -> usize {
         self.preimages
             .lock()
@@ -248,27 +267,28 @@ impl TrackedFile {
 pub enum CutOutcome {
     /// Nothing was written in the open epoch: it stays open.
     Empty,
-    /// The closed set is being shipped; the open epoch goes on.
+    /// The closed set is protected (being shipped); the open epoch goes on.
     Deferred,
-    /// The epoch was closed as a new set waiting to ship.
+    /// The epoch was closed as a new closed set.
     Closed(Epoch),
-    /// The epoch was folded into the closed epoch still waiting to ship.
+    /// The epoch was folded into the closed set not yet cleared.
     Merged {
         /// The epoch that was cut.
         epoch: Epoch,
-        /// The waiting epoch that absorbed it.
+        /// The first epoch of the closed set that absorbed it.
         into: Epoch,
     },
 }
 
-/// A closed set handed to the shipper: everything up to the cut of `end`.
+/// The closed set, handed over with its pre-image protection on: every
+/// block written up to the cut of `end`, as it was at that cut.
 #[derive(Debug)]
-pub struct ShipSet {
+pub struct ClosedSet {
     /// The first epoch of the set (its journal record).
     pub first: Epoch,
-    /// The epoch whose cut the set ends at: the point the replica reaches.
+    /// The epoch whose cut the set ends at.
     pub end: Epoch,
-    /// Files with blocks or a size or path to ship.
+    /// Files with blocks or a size or path in the set, by id.
     pub files: Vec<Arc<TrackedFile>>,
 }
 
@@ -283,6 +303,36 @@ pub struct FileSource {
     pub size: u64,
 }
 
+/// Ids of the files a cut has to visit: those touched in the open epoch
+/// and those holding a non-empty closed set. Keeping it makes the cut's
+/// cost follow the files changed, not the files tracked.
+#[derive(Debug, Default)]
+struct DirtyFiles(Mutex<HashSet<FileId>>);
+
+impl DirtyFiles {
+    fn insert(&self, id: FileId) {
+        self.0.lock().expect("dirty lock").insert(id);
+    }
+
+    fn ids(&self) -> Vec<FileId> {
+        self.0.lock().expect("dirty lock").iter().copied().collect()
+    }
+
+    fn remove(&self, id: FileId) {
+        self.0.lock().expect("dirty lock").remove(&id);
+    }
+
+    /// Drops `f` unless it is touched or holds a closed set. The check and
+    /// the removal share the lock a first touch inserts under, so a touch
+    /// racing with this is never lost.
+    fn remove_if_clean(&self, f: &TrackedFile) {
+        let mut set = self.0.lock().expect("dirty lock");
+        if !f.touched.load(Ordering::Relaxed) && !f.closed_nonempty.load(Ordering::Relaxed) {
+            set.remove(&f.id);
+        }
+    }
+}
+
 /// The datastore's tracking state.
 #[derive(Debug)]
 pub struct Tracker {
@@ -294,14 +344,17 @@ pub struct Tracker {
     gate: RwLock<()>,
     /// Tracked files by id; looked up on open, not per write.
     files: RwLock<HashMap<FileId, Arc<TrackedFile>>>,
+    /// The files a cut visits (see [`DirtyFiles`]).
+    dirty: Arc<DirtyFiles>,
     /// The open epoch.
     epoch: AtomicU64,
-    /// The closed epoch whose blocks wait to ship, 0 when none.
-    waiting: AtomicU64,
-    /// The last epoch folded into the waiting set.
-    waiting_end: AtomicU64,
-    /// A closed set is being shipped: cuts are deferred.
-    shipping: AtomicBool,
+    /// The first epoch of the closed set, 0 when there is none.
+    closed_first: AtomicU64,
+    /// The last epoch folded into the closed set.
+    closed_end: AtomicU64,
+    /// The closed set is protected (handed over, read as of its cut): it
+    /// must not change, so cuts are deferred.
+    protected: AtomicBool,
     /// Namespace operations recorded in the open epoch.
     ops_in_epoch: AtomicU64,
     /// How long recent cuts held the gate (writes wait at most this), in
@@ -330,14 +383,16 @@ impl Tracker {
             };
             journal.put_epoch(Epoch(1), &rec)?;
         }
-        let waiting = epochs
+        let closed_first = epochs
             .iter()
             .rev()
             .find(|(_, r)| r.state() == EpochState::Closed)
             .map_or(0, |(e, _)| e.0);
-        let waiting_end = epochs
+        let closed_end = epochs
             .iter()
-            .filter(|(e, r)| e.0 == waiting || (waiting != 0 && r.merged_into == waiting))
+            .filter(|(e, r)| {
+                e.0 == closed_first || (closed_first != 0 && r.merged_into == closed_first)
+            })
             .map(|(e, _)| e.0)
             .max()
             .unwrap_or(0);
@@ -347,10 +402,11 @@ impl Tracker {
             journal,
             gate: RwLock::new(()),
             files: RwLock::new(HashMap::new()),
+            dirty: Arc::new(DirtyFiles::default()),
             epoch: AtomicU64::new(epoch),
-            waiting: AtomicU64::new(waiting),
-            waiting_end: AtomicU64::new(waiting_end),
-            shipping: AtomicBool::new(false),
+            closed_first: AtomicU64::new(closed_first),
+            closed_end: AtomicU64::new(closed_end),
+            protected: AtomicBool::new(false),
             ops_in_epoch: AtomicU64::new(0),
             cut_stalls: Mutex::new(std::collections::VecDeque::new()),
             writable,
@@ -384,6 +440,13 @@ impl Tracker {
         (v.len(), p99, v.last().copied().unwrap_or(0))
     }
 
+    /// How long the newest cut held writes: lets a benchmark or a test
+    /// time one cut's gate hold apart from its journal records.
+    pub fn last_cut_stall(&self) -> Option<Duration> {
+        let stalls = self.cut_stalls.lock().expect("stall lock");
+        stalls.back().map(|&ns| Duration::from_nanos(ns))
+    }
+
     /// Holds the cut gate shared for one write or namespace operation.
     pub fn gate(&self) -> RwLockReadGuard<'_, ()> {
         self.gate.read().expect("gate lock")
@@ -413,6 +476,26 @@ impl Tracker {
             .collect()
     }
 
+    /// The loaded files of the dirty set, by id; entries of files no longer
+    /// loaded are dropped.
+    fn dirty_files(&self) -> Vec<Arc<TrackedFile>> {
+        let files = self.files.read().expect("files lock");
+        let mut dirty: Vec<Arc<TrackedFile>> = self
+            .dirty
+            .ids()
+            .into_iter()
+            .filter_map(|id| {
+                let f = files.get(&id).cloned();
+                if f.is_none() {
+                    self.dirty.remove(id);
+                }
+                f
+            })
+            .collect();
+        dirty.sort_unstable_by_key(|f| f.id);
+        dirty
+    }
+
     fn insert(&self, id: FileId, bitmap: Bitmap, source: FileSource) -> Arc<TrackedFile> {
         let closed = bitmap.count(Slot::Closed) > 0;
         let touched = bitmap.count(Slot::Active) > 0;
@@ -426,15 +509,19 @@ impl Tracker {
             path: Mutex::new(source.path),
             touched: AtomicBool::new(touched),
             closed_nonempty: AtomicBool::new(closed),
-            shipping: AtomicBool::new(false),
+            protected: AtomicBool::new(false),
             gone_epoch: AtomicU64::new(0),
             preimages: Mutex::new(None),
             preimage_path: self.paths.preimage(id.0),
+            dirty: self.dirty.clone(),
         });
         self.files
             .write()
             .expect("files lock")
             .insert(id, file.clone());
+        if touched || closed {
+            self.dirty.insert(id);
+        }
         file
     }
 
@@ -445,7 +532,7 @@ impl Tracker {
         let bitmap = Bitmap::create(&self.bitmap_path(id), id, self.block_size, blocks)?;
         let file = self.insert(id, bitmap, source);
         // A new file is a change of the open epoch even when empty.
-        file.touched.store(true, Ordering::Relaxed);
+        file.touch();
         Ok(file)
     }
 
@@ -472,13 +559,14 @@ impl Tracker {
         if let Some(f) = files.get(&id)
             && f.closed_nonempty.load(Ordering::Relaxed)
         {
-            // Its blocks still belong to a point waiting to ship.
+            // Its blocks still belong to the closed set.
             f.gone_epoch
                 .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
             return;
         }
         files.remove(&id);
         drop(files);
+        self.dirty.remove(id);
         self.remove_bitmap(id);
     }
 
@@ -492,9 +580,9 @@ impl Tracker {
     /// Marks blocks dirty again so the next point ships them (`hbrfs verify
     /// --repair`): their content does not change, only the replica's is
     /// wrong.
-    pub fn mark_for_repair(&self, file: &TrackedFile, blocks: &[u64]) -> Result<()> {
+    pub fn mark_for_repair(&self, file: &TrackedFile, blocks: &[BlockNo]) -> Result<()> {
         let _gate = self.gate();
-        for &b in blocks {
+        for &BlockNo(b) in blocks {
             file.mark_blocks(b..b + 1, 0)?;
         }
         Ok(())
@@ -508,43 +596,48 @@ impl Tracker {
             let size = f.size.load(Ordering::Relaxed);
             f.bitmap
                 .mark(0..size.div_ceil(self.block_size.bytes()), 0, now_ns())?;
-            f.touched.store(true, Ordering::Relaxed);
+            f.touch();
         }
         Ok(())
     }
 
     /// Under the exclusive gate: flips the slots of every touched file,
     /// snapshots the closed set's paths and sizes, opens the next epoch.
-    /// Returns the epoch closed, or `None` when nothing changed.
-    fn cut_locked(&self) -> Option<Epoch> {
-        let files = self.all_files();
+    /// Visits only the dirty set and returns it with the epoch closed
+    /// (`None` when nothing changed).
+    fn cut_locked(&self) -> (Option<Epoch>, Vec<Arc<TrackedFile>>) {
+        let files = self.dirty_files();
         let mut any = self.ops_in_epoch.swap(0, Ordering::Relaxed) > 0;
         for f in &files {
             let touched = f.touched.swap(false, Ordering::Relaxed);
             any |= touched;
             if touched || f.closed_nonempty.load(Ordering::Relaxed) {
                 f.cut(touched);
+            } else {
+                self.dirty.remove_if_clean(f);
             }
         }
-        any.then(|| Epoch(self.epoch.fetch_add(1, Ordering::Relaxed)))
+        let closed = any.then(|| Epoch(self.epoch.fetch_add(1, Ordering::Relaxed)));
+        (closed, files)
     }
 
     /// Closes the open epoch: drains writes in flight, flips the slots of
     /// every file written in it, opens the next epoch, lets writes resume.
-    /// The bookkeeping (counting, journal records) happens after.
+    /// Deferred while the closed set is protected. The bookkeeping
+    /// (counting, journal records) happens after.
     pub fn cut(&self) -> Result<CutOutcome> {
         // New writes queue from the moment the cut asks for the gate (the
         // lock prefers writers), so the stall is timed from here.
         let held = Instant::now();
         let gate = self.gate.write().expect("gate lock");
-        if self.shipping.load(Ordering::Relaxed) {
+        if self.protected.load(Ordering::Relaxed) {
             return Ok(CutOutcome::Deferred);
         }
-        let closed = self.cut_locked();
+        let (closed, files) = self.cut_locked();
         self.note_stall(held);
         drop(gate);
         match closed {
-            Some(epoch) => self.record_cut(epoch),
+            Some(epoch) => self.record_cut(epoch, &files),
             None => Ok(CutOutcome::Empty),
         }
     }
@@ -557,18 +650,20 @@ impl Tracker {
         stalls.push_back(held.elapsed().as_nanos() as u64);
     }
 
-    fn record_cut(&self, closed: Epoch) -> Result<CutOutcome> {
+    /// Records the cut of `closed` in the journal: closed, or merged into
+    /// the closed set; `dirty` is the dirty set the cut visited.
+    fn record_cut(&self, closed: Epoch, dirty: &[Arc<TrackedFile>]) -> Result<CutOutcome> {
         let now = now_ns();
-        let (files, blocks) = self.closed_set_size();
-        let waiting = self.waiting.load(Ordering::Relaxed);
-        self.waiting_end.store(closed.0, Ordering::Relaxed);
-        let outcome = if waiting == 0 {
-            self.waiting.store(closed.0, Ordering::Relaxed);
+        let (files, blocks) = closed_set_size(dirty);
+        let first = self.closed_first.load(Ordering::Relaxed);
+        self.closed_end.store(closed.0, Ordering::Relaxed);
+        let outcome = if first == 0 {
+            self.closed_first.store(closed.0, Ordering::Relaxed);
             CutOutcome::Closed(closed)
         } else {
             CutOutcome::Merged {
                 epoch: closed,
-                into: Epoch(waiting),
+                into: Epoch(first),
             }
         };
         let mut record = self.journal.epoch(closed)?.unwrap_or_default();
@@ -599,98 +694,84 @@ impl Tracker {
         Ok(outcome)
     }
 
-    /// Files and blocks in the closed set waiting to ship.
-    fn closed_set_size(&self) -> (u64, u64) {
-        self.all_files()
-            .iter()
-            .filter(|f| f.closed_nonempty.load(Ordering::Relaxed))
-            .map(|f| f.bitmap.count(Slot::Closed))
-            .filter(|&n| n > 0)
-            .fold((0, 0), |(files, blocks), n| (files + 1, blocks + n))
-    }
-
-    /// Cuts the open epoch (closing it or folding it into the waiting set)
-    /// and hands the waiting set to the shipper, in one hold of the gate so
-    /// that no write slips between the cut and the pre-image protection.
-    /// `None` when there is nothing to ship.
-    pub fn begin_ship(&self) -> Result<Option<ShipSet>> {
+    /// Cuts the open epoch (closing it or folding it into the closed set)
+    /// and hands the closed set over with pre-image protection on, in one
+    /// hold of the gate so that no write slips between the cut and the
+    /// protection. `None` when there is no closed set, or it is protected
+    /// already.
+    pub fn protect_closed(&self) -> Result<Option<ClosedSet>> {
         let held = Instant::now();
         let gate = self.gate.write().expect("gate lock");
-        if self.shipping.load(Ordering::Relaxed) {
+        if self.protected.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let closed = self.cut_locked();
-        let end = closed.map_or(self.waiting_end.load(Ordering::Relaxed), |e| e.0);
+        let (closed, dirty) = self.cut_locked();
+        let end = closed.map_or(self.closed_end.load(Ordering::Relaxed), |e| e.0);
         let exists_at_cut = |f: &TrackedFile| {
             let gone = f.gone_epoch.load(Ordering::Relaxed);
             gone == 0 || gone > end
         };
-        let files: Vec<Arc<TrackedFile>> = self
-            .all_files()
-            .into_iter()
+        let files: Vec<Arc<TrackedFile>> = dirty
+            .iter()
             .filter(|f| f.closed_nonempty.load(Ordering::Relaxed) && exists_at_cut(f))
+            .cloned()
             .collect();
         for f in &files {
-            f.shipping.store(true, Ordering::Release);
+            f.protected.store(true, Ordering::Release);
         }
-        let pending = closed.is_some() || self.waiting.load(Ordering::Relaxed) != 0;
-        self.shipping.store(pending, Ordering::Relaxed);
+        let any = closed.is_some() || self.closed_first.load(Ordering::Relaxed) != 0;
+        self.protected.store(any, Ordering::Relaxed);
         self.note_stall(held);
         drop(gate);
         if let Some(epoch) = closed {
-            self.record_cut(epoch)?;
+            self.record_cut(epoch, &dirty)?;
         }
-        if !pending {
+        if !any {
             return Ok(None);
         }
-        Ok(Some(ShipSet {
-            first: Epoch(self.waiting.load(Ordering::Relaxed)),
-            end: Epoch(self.waiting_end.load(Ordering::Relaxed)),
+        Ok(Some(ClosedSet {
+            first: Epoch(self.closed_first.load(Ordering::Relaxed)),
+            end: Epoch(self.closed_end.load(Ordering::Relaxed)),
             files,
         }))
     }
 
-    fn stop_shipping(&self, set: &ShipSet) {
+    /// Turns the protection of `set` off and drops its pre-images. The set
+    /// stays closed: the next cut folds everything written since into it
+    /// (a later, still consistent cut).
+    pub fn unprotect(&self, set: &ClosedSet) {
         for f in &set.files {
-            f.shipping.store(false, Ordering::Release);
+            f.protected.store(false, Ordering::Release);
             *f.preimages.lock().expect("preimage lock") = None;
         }
-        self.shipping.store(false, Ordering::Relaxed);
+        self.protected.store(false, Ordering::Relaxed);
     }
 
-    /// The secondary applied `set`: its blocks are clean, its epochs shipped.
-    pub fn finish_ship(&self, set: &ShipSet, point: &ShippedPoint) -> Result<()> {
+    /// Empties the closed set `set` (its blocks are clean now), forgets the
+    /// files whose last name went while they held closed blocks, and turns
+    /// the protection off: the next cut closes a new set.
+    pub fn clear_closed(&self, set: &ClosedSet) {
+        // A gone file is kept only while it holds a closed set, so it is in
+        // the dirty set until the loop below clears that.
+        let gone: Vec<FileId> = self
+            .dirty_files()
+            .iter()
+            .filter(|f| f.is_gone())
+            .map(|f| f.id)
+            .collect();
         for f in &set.files {
             f.bitmap.clear_closed();
             f.closed_nonempty.store(false, Ordering::Relaxed);
+            self.dirty.remove_if_clean(f);
         }
-        let gone: Vec<FileId> = self
-            .all_files()
-            .iter()
-            .filter(|f| f.gone_epoch.load(Ordering::Relaxed) != 0)
-            .map(|f| f.id)
-            .collect();
         for id in gone {
             self.files.write().expect("files lock").remove(&id);
+            self.dirty.remove(id);
             self.remove_bitmap(id);
         }
-        let mut record = self.journal.epoch(set.first)?.unwrap_or_default();
-        record.state = EpochState::Shipped as i32;
-        self.journal.put_epoch(set.first, &record)?;
-        self.journal.prune_ops_through(set.end)?;
-        self.journal.set_last_shipped(point)?;
-        self.journal.flush()?;
-        self.waiting.store(0, Ordering::Relaxed);
-        self.waiting_end.store(0, Ordering::Relaxed);
-        self.stop_shipping(set);
-        Ok(())
-    }
-
-    /// Shipping `set` failed: it stays waiting, and the next ship first
-    /// folds in everything written since (a later, still consistent cut),
-    /// so the pre-images are no longer needed.
-    pub fn abort_ship(&self, set: &ShipSet) {
-        self.stop_shipping(set);
+        self.closed_first.store(0, Ordering::Relaxed);
+        self.closed_end.store(0, Ordering::Relaxed);
+        self.unprotect(set);
     }
 
     /// Flushes every bitmap to disk (clean shutdown).
@@ -700,5 +781,120 @@ impl Tracker {
         }
         let dir = self.paths.bitmaps();
         File::open(&dir).and_then(|d| d.sync_all()).at(&dir)
+    }
+}
+
+/// Files and blocks in the closed set, counted over the dirty set.
+fn closed_set_size(dirty: &[Arc<TrackedFile>]) -> (u64, u64) {
+    dirty
+        .iter()
+        .filter(|f| f.closed_nonempty.load(Ordering::Relaxed))
+        .map(|f| f.bitmap.count(Slot::Closed))
+        .filter(|&n| n > 0)
+        .fold((0, 0), |(files, blocks), n| (files + 1, blocks + n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(dir: &std::path::Path) -> Tracker {
+        let paths = StatePaths::of(dir);
+        std::fs::create_dir_all(paths.bitmaps()).unwrap();
+        std::fs::create_dir_all(paths.preimages()).unwrap();
+        let journal = Arc::new(Journal::open(&paths.journal()).unwrap());
+        Tracker::new(&paths, BlockSize::DEFAULT, journal, true).unwrap()
+    }
+
+    fn track(t: &Tracker, id: u64) -> Arc<TrackedFile> {
+        let source = FileSource {
+            reader: None,
+            path: format!("{id}.img").into_bytes(),
+            size: 0,
+        };
+        t.track_new(FileId(id), source).unwrap()
+    }
+
+    fn write(f: &TrackedFile, block: u64) {
+        let bs = BlockSize::DEFAULT.bytes();
+        f.mark(block * bs, 4096, 4096).unwrap();
+        f.extended_to((block + 1) * bs);
+    }
+
+    fn dirty_ids(t: &Tracker) -> Vec<u64> {
+        let mut ids: Vec<u64> = t.dirty.ids().into_iter().map(|id| id.0).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn the_cut_visits_only_dirty_files_and_the_closed_set_lives_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let files: Vec<_> = (1..=3).map(|id| track(&t, id)).collect();
+        assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(1)));
+        let set = t.protect_closed().unwrap().unwrap();
+        assert_eq!(set.files.len(), 3);
+        t.clear_closed(&set);
+        assert!(dirty_ids(&t).is_empty(), "idle files leave the dirty set");
+
+        write(&files[1], 5);
+        assert_eq!(dirty_ids(&t), vec![2]);
+        assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(2)));
+        assert_eq!(dirty_ids(&t), vec![2], "a closed set keeps its file dirty");
+        write(&files[1], 6);
+        assert_eq!(
+            t.cut().unwrap(),
+            CutOutcome::Merged {
+                epoch: Epoch(3),
+                into: Epoch(2)
+            }
+        );
+        let set = t.protect_closed().unwrap().unwrap();
+        assert_eq!((set.first, set.end), (Epoch(2), Epoch(3)));
+        assert_eq!(
+            set.files.iter().map(|f| f.id.0).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(set.files[0].closed_blocks(), vec![BlockNo(5), BlockNo(6)]);
+        write(&files[0], 1);
+        assert_eq!(t.cut().unwrap(), CutOutcome::Deferred);
+        assert!(t.protect_closed().unwrap().is_none(), "protected already");
+        t.clear_closed(&set);
+        assert_eq!(dirty_ids(&t), vec![1], "the write during the ship stays");
+        assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(4)));
+    }
+
+    #[test]
+    fn an_unprotected_set_folds_the_next_cut_in_and_keeps_its_first_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let f = track(&t, 1);
+        write(&f, 3);
+        let set = t.protect_closed().unwrap().unwrap();
+        assert_eq!((set.first, set.end), (Epoch(1), Epoch(1)));
+        write(&f, 3);
+        assert_eq!(f.preimage_count(), 1, "a protected block is saved first");
+        t.unprotect(&set);
+        assert_eq!(f.preimage_count(), 0);
+        let set = t.protect_closed().unwrap().unwrap();
+        assert_eq!((set.first, set.end), (Epoch(1), Epoch(2)));
+        t.clear_closed(&set);
+        assert_eq!(t.cut().unwrap(), CutOutcome::Empty);
+        assert!(t.protect_closed().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_gone_file_stays_until_its_closed_set_is_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        track(&t, 1);
+        assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(1)));
+        t.forget(FileId(1));
+        assert!(t.file(FileId(1)).is_some_and(|f| f.is_gone()));
+        let set = t.protect_closed().unwrap().unwrap();
+        t.clear_closed(&set);
+        assert!(t.file(FileId(1)).is_none());
+        assert!(dirty_ids(&t).is_empty());
     }
 }

@@ -1,0 +1,139 @@
+//! The connection to the secondary: the authenticated TLS channel, its
+//! deadlines, reading replies off a ship stream, and the one-shot status
+//! query `hbrfs status` makes of a running secondary.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::auth::{AuthKey, PresentKey};
+use crate::error::{Error, IoContext, Result};
+use crate::proto::replication::replication_client::ReplicationClient;
+use crate::proto::replication::{ShipReply, StatusRequest, ship_reply};
+use crate::wire::MAX_MESSAGE;
+
+/// A client that authenticates every request.
+pub(super) type Client = ReplicationClient<InterceptedService<Channel, PresentKey>>;
+
+/// How long a connection attempt to the secondary may take.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to the secondary at `addr` over the pair's TLS (`tls`),
+/// presenting `key`.
+pub(super) async fn connect(addr: &str, key: &AuthKey, timeout: Duration) -> Result<Client> {
+    let url = format!("https://{addr}");
+    let channel = Channel::from_shared(url.clone())
+        .map_err(|e| remote(&url, e))?
+        .tls_config(crate::tls::client_config(key)?)
+        .map_err(|e| remote(&url, e))?
+        .connect_timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| connect_error(addr, &e))?;
+    Ok(
+        ReplicationClient::with_interceptor(channel, PresentKey(key.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    )
+}
+
+/// A failed connection, with every cause (the useful one, e.g. a refused
+/// certificate, is deep in the chain) and what it most likely means.
+fn connect_error(addr: &str, e: &tonic::transport::Error) -> Error {
+    let mut causes = vec![e.to_string()];
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        causes.push(s.to_string());
+        source = s.source();
+    }
+    let all = causes.join(": ");
+    let hint = if all.contains("certificate") {
+        " (the secondary's TLS certificate is not from this pair's key: a wrong key; \
+         --auth-key must be a copy of the secondary's REPLICA/.hbrfs/auth.key)"
+    } else {
+        ""
+    };
+    Error::Remote(format!("connecting to {addr}: {all}{hint}"))
+}
+
+/// A remote failure while doing `what`.
+pub(super) fn remote(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Remote(format!("{what}: {e}"))
+}
+
+/// The secondary's next reply on a ship stream, to the message `what`.
+pub(super) async fn next_reply(
+    replies: &mut tonic::Streaming<ShipReply>,
+    what: &str,
+) -> Result<ship_reply::Body> {
+    match replies.message().await.map_err(ship_status)? {
+        Some(ShipReply { body: Some(body) }) => Ok(body),
+        Some(_) => Err(remote(
+            "secondary",
+            format!("answered {what} with an empty reply"),
+        )),
+        None => Err(remote(
+            "secondary",
+            format!("closed the stream before answering {what}"),
+        )),
+    }
+}
+
+/// A reply that does not answer `what`.
+pub(super) fn unexpected(what: &str, reply: &ship_reply::Body) -> Error {
+    remote("secondary", format!("answered {what} with {reply:?}"))
+}
+
+/// An error status from the secondary during a ship: a refusal of the
+/// point (invalid argument) or a failure.
+pub(super) fn ship_status(s: tonic::Status) -> Error {
+    if s.code() == tonic::Code::InvalidArgument {
+        Error::Refused(s.message().to_string())
+    } else {
+        remote("secondary", s.message())
+    }
+}
+
+/// A running secondary's counters, as `hbrfs status` shows them under
+/// `counters`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecondaryCounters {
+    /// The newest epoch the secondary applied.
+    pub last_applied_epoch: u64,
+    /// Files in the replica.
+    pub files: u64,
+    /// Bytes received on ship streams.
+    pub bytes_received: u64,
+    /// Offered blocks it already held.
+    pub blocks_have: u64,
+    /// Blocks it asked for and received.
+    pub blocks_sent: u64,
+    /// Blocks kept from broken streams and not sent again.
+    pub blocks_resumed: u64,
+}
+
+/// Asks a running secondary for its counters (for `hbrfs status`).
+pub fn remote_status(addr: &str, key: &AuthKey) -> Result<SecondaryCounters> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .at("tokio runtime")?;
+    rt.block_on(async {
+        let s = connect(addr, key, Duration::from_secs(2))
+            .await?
+            .status(StatusRequest {})
+            .await
+            .map_err(|e| remote(addr, e.message()))?
+            .into_inner();
+        Ok(SecondaryCounters {
+            last_applied_epoch: s.last_applied_epoch,
+            files: s.files,
+            bytes_received: s.bytes_received,
+            blocks_have: s.blocks_have,
+            blocks_sent: s.blocks_sent,
+            blocks_resumed: s.blocks_resumed,
+        })
+    })
+}

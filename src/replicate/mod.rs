@@ -1,0 +1,228 @@
+//! The primary's replicator: every RPO tick it cuts a point, offers a keyed
+//! hash per dirty block, sends zstd-compressed only what the secondary
+//! wants (zero blocks as markers), commits, and forgets the point only once
+//! the secondary says it is applied. A point whose stream breaks is held
+//! and shipped again unchanged after the reconnect, resuming where the
+//! secondary stopped; a point the secondary refuses is folded into the next
+//! cut. Either way the replica only ever moves between consistent points.
+//!
+//! # Layout
+//!
+//! - [`client`]: connecting (TLS, key, deadlines), reading replies, and the
+//!   status query of a running secondary.
+//! - [`point`]: a point's life (cut → pending → shipping → applied), its one
+//!   owner and the only writer of the point record in the journal.
+//! - `ship`: one point over one stream: Begin, offers, wants, blocks, Commit.
+//! - `verify`: `hbrfs verify`, the clean blocks against the replica.
+//! - [`stats`]: the counters and their typed report for `hbrfs status`.
+
+pub mod client;
+pub mod point;
+mod ship;
+pub mod stats;
+pub mod verify;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::auth::AuthKey;
+use crate::block::{self, HashKey};
+use crate::datastore::Datastore;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::ids::Epoch;
+use crate::proto::replication::HelloRequest;
+use crate::state::{now_ns, write_durably};
+use crate::throttle::Throttle;
+use crate::wire::PROTOCOL_VERSION;
+
+pub use client::{SecondaryCounters, remote_status};
+pub use stats::{ReplStats, ReplicationReport, ShipProgress};
+pub use verify::{BlockRun, Difference, VerifyReport};
+
+use client::{CONNECT_TIMEOUT, Client, remote};
+use point::Points;
+
+/// How to replicate.
+#[derive(Clone, Debug)]
+pub struct ReplicateOptions {
+    /// The secondary, e.g. `127.0.0.1:7070`.
+    pub addr: String,
+    /// Cut and ship this often.
+    pub rpo: Duration,
+    /// zstd level for blocks.
+    pub level: i32,
+    /// The key the secondary expects.
+    pub key: AuthKey,
+    /// Cap on replication bandwidth, bytes per second.
+    pub max_rate: Option<u64>,
+}
+
+/// The pair's hash key, made once and kept in the state folder.
+fn pair_key(ds: &Datastore) -> Result<HashKey> {
+    let path = ds.paths.pair_key();
+    if let Ok(bytes) = std::fs::read(&path) {
+        return HashKey::from_bytes(&bytes).ok_or_else(|| Error::BadState {
+            path: path.clone(),
+            reason: format!(
+                "hash key of {} bytes, expected {}",
+                bytes.len(),
+                block::SECRET_LEN
+            ),
+        });
+    }
+    let key = HashKey::random().at("/dev/urandom")?;
+    write_durably(&path, key.as_bytes())?;
+    Ok(key)
+}
+
+/// The primary's replicator.
+#[derive(Debug)]
+pub struct Replicator {
+    ds: Arc<Datastore>,
+    opts: ReplicateOptions,
+    key: HashKey,
+    /// Counters, shared with the control socket.
+    pub stats: Arc<ReplStats>,
+    /// The `--max-rate` bucket; no `.await` happens under the lock.
+    throttle: Option<Mutex<Throttle>>,
+    /// Held by a tick and by `verify`, so verify never runs while a point
+    /// is shipping or applying.
+    turn: tokio::sync::Mutex<()>,
+    /// The points' life, and the one in flight.
+    points: Points,
+}
+
+impl Replicator {
+    /// A replicator for `ds`; makes the pair key on first use.
+    pub fn new(ds: Arc<Datastore>, opts: ReplicateOptions) -> Result<Replicator> {
+        let key = pair_key(&ds)?;
+        let points = Points::new(ds.clone());
+        let stats = Arc::new(ReplStats::default());
+        stats
+            .max_rate
+            .store(opts.max_rate.unwrap_or(0), Ordering::Relaxed);
+        stats
+            .last_applied
+            .store(points.last_shipped_epoch()?.0, Ordering::Relaxed);
+        Ok(Replicator {
+            throttle: opts.max_rate.map(|r| Mutex::new(Throttle::new(r))),
+            turn: tokio::sync::Mutex::new(()),
+            points,
+            ds,
+            opts,
+            key,
+            stats,
+        })
+    }
+
+    /// Ships points every RPO until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut client: Option<(Client, Epoch)> = None;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            // A (re)connect is followed by a tick at once, in the same turn.
+            let wait = if client.is_some() {
+                self.opts.rpo
+            } else {
+                backoff
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            if client.is_none() {
+                match self.connect().await {
+                    Ok(c) => {
+                        backoff = Duration::from_millis(250);
+                        client = Some(c);
+                    }
+                    Err(e) => {
+                        self.stats.fail(&e);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
+            let (mut c, applied) = client.take().expect("connected above");
+            let turn = self.turn.lock().await;
+            let ticked = self.tick(&mut c, applied).await;
+            drop(turn);
+            match ticked {
+                Ok(applied) => client = Some((c, applied)),
+                Err(e) => self.stats.fail(&e),
+            }
+        }
+    }
+
+    /// Says hello and reconciles the histories; returns the client and the
+    /// replica's last applied epoch.
+    async fn connect(&self) -> Result<(Client, Epoch)> {
+        let addr = &self.opts.addr;
+        let mut client = client::connect(addr, &self.opts.key, CONNECT_TIMEOUT).await?;
+        let hello = HelloRequest {
+            protocol_version: PROTOCOL_VERSION,
+            datastore_id: self.ds.format.id.clone(),
+            block_size: self.ds.format.block_size.bytes() as u32,
+            hash_key: self.key.as_bytes().to_vec(),
+        };
+        let reply = client
+            .hello(hello)
+            .await
+            .map_err(|s| remote(&format!("hello to secondary {addr}"), s.message()))?
+            .into_inner();
+        let applied = Epoch(reply.last_applied_epoch);
+        self.points
+            .reconcile(applied, &reply.last_applied_point, addr)
+            .await?;
+        log::info!("connected to secondary {addr} (at epoch {applied})");
+        self.stats.connected.store(true, Ordering::Relaxed);
+        self.stats.last_applied.store(applied.0, Ordering::Relaxed);
+        Ok((client, applied))
+    }
+
+    /// One RPO tick: cut and ship if anything changed; returns the
+    /// replica's epoch afterwards.
+    async fn tick(&self, client: &mut Client, applied: Epoch) -> Result<Epoch> {
+        let Some(point) = self.points.next(applied).await? else {
+            // Nothing changed since the last point: the replica equals the
+            // primary now, so its age is zero (not the time since a cut).
+            self.stats
+                .last_applied_cut_ns
+                .store(now_ns(), Ordering::Relaxed);
+            return Ok(applied);
+        };
+        match self.ship(client, &point).await {
+            Ok(()) => {
+                // The secondary holds the point: say so before the blocks
+                // turn clean, so status never shows clean blocks and an
+                // older point.
+                let end = point.epoch();
+                let cut = self.ds.journal.epoch(end)?.map_or(0, |r| r.closed_ns);
+                let now_at = end.max(applied);
+                self.stats.last_applied.store(now_at.0, Ordering::Relaxed);
+                self.stats.last_applied_cut_ns.store(cut, Ordering::Relaxed);
+                self.stats.epochs_shipped.fetch_add(1, Ordering::Relaxed);
+                self.points.applied(point).await?;
+                Ok(now_at)
+            }
+            Err(e) if e.kind() == ErrorKind::Refused => {
+                // Sending it again would be refused again: fold it into
+                // the next cut.
+                self.points.refused(point);
+                Err(e)
+            }
+            Err(e) => {
+                // The connection broke: the same point ships again on
+                // reconnect, from where the secondary says it stopped.
+                self.points.broken(point);
+                Err(e)
+            }
+        }
+    }
+}

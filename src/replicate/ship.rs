@@ -1,0 +1,377 @@
+//! Shipping one point over one stream: Begin (namespace operations, file
+//! sizes and paths at the cut), then chunk by chunk a keyed hash per dirty
+//! block, the secondary's wants, the wanted blocks zstd-compressed (zero
+//! blocks travel as markers in the offer), and Commit, answered once the
+//! point is applied. A resumed stream skips the offers the secondary holds.
+//!
+//! Reading, hashing and compressing run on blocking threads, never on the
+//! FUSE threads and never on the async runtime's workers.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::block::{self, HashKey};
+use crate::error::{IoContext, Result};
+use crate::ids::{BlockNo, Epoch};
+use crate::proto::replication::{
+    Begin, Block, Blocks, Commit, FileState, NamespaceOp, Offer, Offers, ShipMessage, ShipReply,
+    ship_message, ship_reply,
+};
+use crate::throttle::Throttle;
+use crate::tracking::{ClosedSet, TrackedFile};
+use crate::wire::MAX_BLOCKS;
+
+use super::Replicator;
+use super::client::{Client, next_reply, remote, ship_status, unexpected};
+use super::point::Point;
+use super::stats::ReplStats;
+
+/// Blocks read, hashed and offered per round trip.
+const OFFER_CHUNK: usize = 256;
+/// Chunks read and hashed ahead of the one being offered.
+const READ_AHEAD: usize = 2;
+/// Compressed bytes per Blocks message (well under the message limit).
+const BLOCKS_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The blocks to offer, file by file, in the order they are offered.
+type Work = Vec<(Arc<TrackedFile>, Vec<BlockNo>)>;
+
+/// One block read for an offer.
+struct ReadBlock {
+    offer: Offer,
+    data: Vec<u8>,
+}
+
+/// One ship stream: messages out (throttled and counted), replies in.
+struct Stream<'a> {
+    /// Dropped to end the request stream once Commit is sent.
+    tx: Option<mpsc::Sender<ShipMessage>>,
+    replies: tonic::Streaming<ShipReply>,
+    stats: &'a ReplStats,
+    throttle: Option<&'a Mutex<Throttle>>,
+}
+
+impl Stream<'_> {
+    /// Sends one message once the `--max-rate` bucket allows it.
+    async fn send(&self, body: ship_message::Body) -> Result<()> {
+        let msg = ShipMessage { body: Some(body) };
+        let len = prost::Message::encoded_len(&msg) as u64;
+        let wait = self.throttle.map_or(Duration::ZERO, |t| {
+            t.lock().expect("throttle lock").take(len)
+        });
+        tokio::time::sleep(wait).await;
+        self.stats.wire_bytes.fetch_add(len, Ordering::Relaxed);
+        let closed = || remote("ship", "stream closed by the secondary");
+        self.tx
+            .as_ref()
+            .ok_or_else(closed)?
+            .send(msg)
+            .await
+            .map_err(|_| closed())
+    }
+
+    /// The secondary's answer to `what`.
+    async fn reply(&mut self, what: &str) -> Result<ship_reply::Body> {
+        next_reply(&mut self.replies, what).await
+    }
+}
+
+/// Reads, zero-checks and hashes `blocks` of `file` as they were at the cut.
+fn read_and_hash(file: &TrackedFile, blocks: &[BlockNo], key: &HashKey) -> Result<Vec<ReadBlock>> {
+    blocks
+        .iter()
+        .map(|&block| {
+            let data = file.read_at_cut(block)?;
+            let zero = block::is_zero(&data);
+            Ok(ReadBlock {
+                offer: Offer {
+                    file_id: file.id.0,
+                    block: block.0,
+                    hash: if zero {
+                        Vec::new()
+                    } else {
+                        key.hash(&data).to_bytes().to_vec()
+                    },
+                    zero,
+                    length: data.len() as u32,
+                },
+                data,
+            })
+        })
+        .collect()
+}
+
+/// `work` without its first `n` blocks (in order: files, then blocks).
+fn skip_blocks(work: Work, mut n: usize) -> Work {
+    work.into_iter()
+        .filter_map(|(file, blocks)| {
+            let skip = n.min(blocks.len());
+            n -= skip;
+            (skip < blocks.len()).then(|| (file, blocks[skip..].to_vec()))
+        })
+        .collect()
+}
+
+/// The Begin message of a point: the operations since its base, every
+/// file's path and size at the cut.
+fn begin_message(ops: Vec<NamespaceOp>, point: &Point) -> ship_message::Body {
+    let files = point
+        .set()
+        .files
+        .iter()
+        .map(|f| {
+            let (path, size) = f.at_cut();
+            FileState {
+                file_id: f.id.0,
+                path,
+                size,
+            }
+        })
+        .collect();
+    ship_message::Body::Begin(Begin {
+        epoch: point.epoch().0,
+        base_epoch: point.base().0,
+        ops,
+        files,
+        point: point.id().to_vec(),
+    })
+}
+
+/// The closed blocks of every file of `set`, listed on a blocking thread.
+async fn list_blocks(set: &ClosedSet) -> Result<Work> {
+    let files = set.files.clone();
+    tokio::task::spawn_blocking(move || {
+        files
+            .into_iter()
+            .map(|f| {
+                let blocks = f.closed_blocks();
+                (f, blocks)
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| remote("listing blocks", e))
+}
+
+impl Replicator {
+    /// Streams `point` to the secondary and waits until it is applied.
+    pub(super) async fn ship(&self, client: &mut Client, point: &Point) -> Result<()> {
+        let (tx, rx) = mpsc::channel::<ShipMessage>(4);
+        let replies = client
+            .ship(ReceiverStream::new(rx))
+            .await
+            .map_err(ship_status)?
+            .into_inner();
+        let mut stream = Stream {
+            tx: Some(tx),
+            replies,
+            stats: &self.stats,
+            throttle: self.throttle.as_ref(),
+        };
+        let offers_done = self.begin(&mut stream, point).await?;
+        let work = list_blocks(point.set()).await?;
+        let total: u64 = work.iter().map(|(_, b)| b.len() as u64).sum();
+        if offers_done > total {
+            return Err(remote(
+                "secondary",
+                format!("claims {offers_done} offers of a point of {total} blocks"),
+            ));
+        }
+        let work = skip_blocks(work, offers_done as usize);
+        self.stats
+            .start_ship(total, offers_done, point.base() == Epoch(0));
+        let result = self.ship_blocks(&work, &mut stream).await;
+        self.stats.end_ship();
+        result?;
+        let epoch = point.epoch().0;
+        stream
+            .send(ship_message::Body::Commit(Commit { epoch }))
+            .await?;
+        stream.tx = None;
+        match stream.reply("Commit").await? {
+            ship_reply::Body::Applied(a) if a.epoch == epoch => Ok(()),
+            other => Err(unexpected("Commit", &other)),
+        }
+    }
+
+    /// Sends Begin; returns how many offers the secondary already holds
+    /// from a broken stream of the same point.
+    async fn begin(&self, stream: &mut Stream<'_>, point: &Point) -> Result<u64> {
+        let ops = self
+            .ds
+            .journal
+            .ops_between(point.base(), point.epoch())?
+            .into_iter()
+            .map(|op| NamespaceOp {
+                kind: op.kind,
+                file_id: op.file_id,
+                path: op.path,
+                // Rename flags or the new size travel in `size`.
+                arg: op.size,
+                target: op.target,
+            })
+            .collect();
+        stream.send(begin_message(ops, point)).await?;
+        let offers_done = match stream.reply("Begin").await? {
+            ship_reply::Body::Resumed(r) => r.offers_done,
+            other => return Err(unexpected("Begin", &other)),
+        };
+        if offers_done > 0 {
+            log::info!(
+                "epoch {}: the secondary holds the first {offers_done} offers from a broken stream; \
+                 resuming after them",
+                point.epoch()
+            );
+        }
+        Ok(offers_done)
+    }
+
+    /// Offers every block of `work` chunk by chunk and sends what is wanted.
+    async fn ship_blocks(&self, work: &Work, stream: &mut Stream<'_>) -> Result<()> {
+        // Chunks are read and hashed ahead on a blocking thread while the
+        // previous one is answered, compressed and sent.
+        let (chunk_tx, mut chunks) = mpsc::channel::<Result<Vec<ReadBlock>>>(READ_AHEAD);
+        let (work, key) = (work.clone(), self.key.clone());
+        let reader = tokio::task::spawn_blocking(move || {
+            for (file, blocks) in work {
+                for chunk in blocks.chunks(OFFER_CHUNK) {
+                    let read = read_and_hash(&file, chunk, &key);
+                    let failed = read.is_err();
+                    if chunk_tx.blocking_send(read).is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut result = Ok(());
+        while let Some(read) = chunks.recv().await {
+            result = match read {
+                Ok(read) => self.offer_chunk(read, stream).await,
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        // The reader stops at its next chunk once nobody receives.
+        drop(chunks);
+        reader.await.map_err(|e| remote("reading blocks", e))?;
+        result
+    }
+
+    /// Offers one chunk of read blocks and sends what the secondary wants.
+    async fn offer_chunk(&self, read: Vec<ReadBlock>, stream: &mut Stream<'_>) -> Result<()> {
+        let count = read.len() as u64;
+        let offers: Vec<Offer> = read.iter().map(|r| r.offer.clone()).collect();
+        let zeros = offers.iter().filter(|o| o.zero).count() as u64;
+        self.stats
+            .blocks_offered
+            .fetch_add(offers.len() as u64, Ordering::Relaxed);
+        self.stats.blocks_zero.fetch_add(zeros, Ordering::Relaxed);
+        stream
+            .send(ship_message::Body::Offers(Offers { offers }))
+            .await?;
+        let wants = match stream.reply("Offers").await? {
+            ship_reply::Body::Wants(w) => w,
+            other => return Err(unexpected("Offers", &other)),
+        };
+        let wanted = take_wanted(read, wants.positions)?;
+        let compressed = compress(wanted, self.opts.level).await?;
+        self.send_blocks(compressed, stream).await?;
+        self.stats.ship_done.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends compressed blocks (with their raw lengths) in messages of at
+    /// most [`BLOCKS_MESSAGE_BYTES`] or [`MAX_BLOCKS`] blocks.
+    async fn send_blocks(
+        &self,
+        compressed: Vec<(Block, usize)>,
+        stream: &Stream<'_>,
+    ) -> Result<()> {
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for (block, raw) in compressed {
+            self.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .raw_bytes_sent
+                .fetch_add(raw as u64, Ordering::Relaxed);
+            self.stats
+                .compressed_bytes_sent
+                .fetch_add(block.zstd.len() as u64, Ordering::Relaxed);
+            batch_bytes += block.zstd.len();
+            batch.push(block);
+            if batch_bytes >= BLOCKS_MESSAGE_BYTES || batch.len() >= MAX_BLOCKS {
+                let blocks = std::mem::take(&mut batch);
+                stream
+                    .send(ship_message::Body::Blocks(Blocks { blocks }))
+                    .await?;
+                batch_bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            stream
+                .send(ship_message::Body::Blocks(Blocks { blocks: batch }))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The blocks of a chunk at the offer positions the secondary wants; a
+/// position that was not offered (or was a zero marker) is an error.
+fn take_wanted(read: Vec<ReadBlock>, positions: Vec<u32>) -> Result<Vec<ReadBlock>> {
+    let mut read: Vec<Option<ReadBlock>> = read.into_iter().map(Some).collect();
+    positions
+        .into_iter()
+        .map(|p| {
+            read.get_mut(p as usize)
+                .and_then(Option::take)
+                .filter(|b| !b.offer.zero)
+                .ok_or_else(|| {
+                    remote(
+                        "secondary",
+                        format!("wanted offer {p}, which was not offered"),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Compresses `wanted` at `level`, split across the cores (compression is
+/// the costly step); returns each block with its raw length, in order.
+async fn compress(mut wanted: Vec<ReadBlock>, level: i32) -> Result<Vec<(Block, usize)>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_task = wanted.len().div_ceil(cores).max(1);
+    let mut tasks = Vec::new();
+    while !wanted.is_empty() {
+        let part: Vec<ReadBlock> = wanted.drain(..per_task.min(wanted.len())).collect();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            part.into_iter()
+                .map(|b| {
+                    block::compress(&b.data, level).map(|z| {
+                        let block = Block {
+                            file_id: b.offer.file_id,
+                            block: b.offer.block,
+                            zstd: z,
+                        };
+                        (block, b.data.len())
+                    })
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        }));
+    }
+    let mut compressed = Vec::new();
+    for task in tasks {
+        compressed.extend(
+            task.await
+                .map_err(|e| remote("compressing", e))?
+                .at("zstd")?,
+        );
+    }
+    Ok(compressed)
+}

@@ -1,0 +1,212 @@
+//! The replicator's counters and their typed report for `hbrfs status`.
+//!
+//! Counters are atomics bumped on the hot path of a ship; the report reads
+//! them once and derives the ratios, so status never waits for a ship.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::state::now_ns;
+
+/// Counters for `hbrfs status`, shared by the replicator and the control
+/// socket.
+#[derive(Debug, Default)]
+pub struct ReplStats {
+    pub(super) connected: AtomicBool,
+    pub(super) last_applied: AtomicU64,
+    /// When the last applied point was cut: the replica's age is measured
+    /// from here.
+    pub(super) last_applied_cut_ns: AtomicU64,
+    pub(super) epochs_shipped: AtomicU64,
+    pub(super) blocks_offered: AtomicU64,
+    pub(super) blocks_zero: AtomicU64,
+    pub(super) blocks_sent: AtomicU64,
+    pub(super) raw_bytes_sent: AtomicU64,
+    pub(super) compressed_bytes_sent: AtomicU64,
+    pub(super) wire_bytes: AtomicU64,
+    last_error: Mutex<String>,
+    /// `--max-rate`, 0 for none.
+    pub(super) max_rate: AtomicU64,
+    /// The ship in progress: blocks to offer, blocks offered so far, when
+    /// it started (0 when none), and whether it is a full baseline.
+    pub(super) ship_total: AtomicU64,
+    pub(super) ship_done: AtomicU64,
+    pub(super) ship_started_ns: AtomicU64,
+    pub(super) ship_wire_start: AtomicU64,
+    pub(super) baseline: AtomicBool,
+}
+
+/// What `hbrfs status` shows of the replicator: the counters with the
+/// derived ratios. The field names are the JSON the CLI and scripts read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationReport {
+    /// Whether a stream to the secondary is up.
+    pub connected: bool,
+    /// The newest epoch the secondary applied.
+    pub last_applied_epoch: u64,
+    /// When that point was cut (ns since the epoch), 0 before the first.
+    pub last_applied_cut_ns: u64,
+    /// How far the replica lags the primary; null before the first point.
+    pub replica_age_ms: Option<u64>,
+    /// Points applied since the daemon started.
+    pub epochs_shipped: u64,
+    /// Block hashes offered.
+    pub blocks_offered: u64,
+    /// Offered blocks that were all zeros (sent as markers).
+    pub blocks_zero: u64,
+    /// Blocks the secondary wanted and got.
+    pub blocks_sent: u64,
+    /// Non-zero blocks the secondary already held.
+    pub blocks_have: u64,
+    /// Share of non-zero offered blocks that did not have to be sent.
+    pub dedup_ratio: f64,
+    /// Uncompressed bytes of the blocks sent.
+    pub raw_bytes_sent: u64,
+    /// Compressed bytes of the blocks sent.
+    pub compressed_bytes_sent: u64,
+    /// raw / compressed, 0 before any block.
+    pub compression_ratio: f64,
+    /// Every byte put on the wire.
+    pub wire_bytes: u64,
+    /// `--max-rate`, null when unlimited.
+    pub max_rate_bytes_per_s: Option<u64>,
+    /// The ship in progress, null when nothing ships.
+    pub shipping: Option<ShipProgress>,
+    /// The last failure, empty when none.
+    pub last_error: String,
+}
+
+/// The ship in progress, so an operator can tell a long baseline from a
+/// stuck stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShipProgress {
+    /// Whether the point is a full baseline (the replica held nothing).
+    pub baseline: bool,
+    /// Blocks offered so far.
+    pub blocks_done: u64,
+    /// Blocks the point holds.
+    pub blocks_total: u64,
+    /// Seconds since the ship started.
+    pub seconds: f64,
+    /// Wire rate of this ship.
+    pub wire_bytes_per_s: f64,
+    /// Estimated seconds left; null until a block is done.
+    pub eta_s: Option<f64>,
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+impl ReplStats {
+    /// The counters, with the derived ratios.
+    pub fn report(&self) -> ReplicationReport {
+        let offered = load(&self.blocks_offered);
+        let nonzero = offered.saturating_sub(load(&self.blocks_zero));
+        let sent = load(&self.blocks_sent);
+        let cut = load(&self.last_applied_cut_ns);
+        let (raw, compressed) = (
+            load(&self.raw_bytes_sent),
+            load(&self.compressed_bytes_sent),
+        );
+        ReplicationReport {
+            connected: self.connected.load(Ordering::Relaxed),
+            last_applied_epoch: load(&self.last_applied),
+            last_applied_cut_ns: cut,
+            replica_age_ms: (cut != 0).then(|| now_ns().saturating_sub(cut) / 1_000_000),
+            epochs_shipped: load(&self.epochs_shipped),
+            blocks_offered: offered,
+            blocks_zero: load(&self.blocks_zero),
+            blocks_sent: sent,
+            blocks_have: nonzero.saturating_sub(sent),
+            dedup_ratio: if nonzero == 0 {
+                0.0
+            } else {
+                (nonzero - sent) as f64 / nonzero as f64
+            },
+            raw_bytes_sent: raw,
+            compressed_bytes_sent: compressed,
+            compression_ratio: ratio(raw, compressed),
+            wire_bytes: load(&self.wire_bytes),
+            max_rate_bytes_per_s: Some(load(&self.max_rate)).filter(|&r| r != 0),
+            shipping: self.progress(),
+            last_error: self.last_error.lock().expect("error lock").clone(),
+        }
+    }
+
+    /// The ship in progress: blocks done of total, wire rate, and an
+    /// estimate of the time left; `None` when nothing ships.
+    fn progress(&self) -> Option<ShipProgress> {
+        let started = load(&self.ship_started_ns);
+        if started == 0 {
+            return None;
+        }
+        let secs = now_ns().saturating_sub(started) as f64 / 1e9;
+        let (done, total) = (load(&self.ship_done), load(&self.ship_total));
+        let rate = load(&self.wire_bytes).saturating_sub(load(&self.ship_wire_start)) as f64
+            / secs.max(1e-3);
+        let eta = (done > 0).then(|| secs * (total.saturating_sub(done)) as f64 / done as f64);
+        Some(ShipProgress {
+            baseline: self.baseline.load(Ordering::Relaxed),
+            blocks_done: done,
+            blocks_total: total,
+            seconds: secs,
+            wire_bytes_per_s: rate,
+            eta_s: eta,
+        })
+    }
+
+    /// Records a failure: the stream is down and `status` says why.
+    pub(super) fn fail(&self, e: &Error) {
+        log::warn!("replication: {e}");
+        self.connected.store(false, Ordering::Relaxed);
+        *self.last_error.lock().expect("error lock") = e.to_string();
+    }
+
+    /// Starts the progress of a ship of `total` blocks, `done` of them
+    /// already held by the secondary from a broken stream.
+    pub(super) fn start_ship(&self, total: u64, done: u64, baseline: bool) {
+        self.ship_total.store(total, Ordering::Relaxed);
+        self.ship_done.store(done, Ordering::Relaxed);
+        self.ship_wire_start
+            .store(load(&self.wire_bytes), Ordering::Relaxed);
+        self.baseline.store(baseline, Ordering::Relaxed);
+        self.ship_started_ns.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// Ends the progress of the ship (whether it succeeded or not).
+    pub(super) fn end_ship(&self) {
+        self.ship_started_ns.store(0, Ordering::Relaxed);
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_keeps_the_json_shape() {
+        let stats = ReplStats::default();
+        let v = serde_json::to_value(stats.report()).unwrap();
+        assert!(v["replica_age_ms"].is_null());
+        assert!(v["max_rate_bytes_per_s"].is_null());
+        assert!(v["shipping"].is_null());
+        assert_eq!(v["dedup_ratio"], 0.0);
+        assert_eq!(v.as_object().unwrap().len(), 17);
+        stats.start_ship(10, 2, true);
+        stats.max_rate.store(5, Ordering::Relaxed);
+        let v = serde_json::to_value(stats.report()).unwrap();
+        assert_eq!(v["shipping"]["blocks_total"], 10);
+        assert_eq!(v["shipping"]["baseline"], true);
+        assert_eq!(v["max_rate_bytes_per_s"], 5);
+        let back: ReplicationReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back.shipping.unwrap().blocks_done, 2);
+    }
+}

@@ -1,0 +1,217 @@
+//! `hbrfs verify`: compares every clean block with the replica at the last
+//! shipped point by keyed hash, without sending block content. Dirty
+//! blocks ship with the next point anyway, so they are no difference.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::block::HashKey;
+use crate::error::{Error, Result};
+use crate::ids::{BlockNo, Epoch};
+use crate::proto::replication::{StatusRequest, VerifyFile, VerifyRequest};
+use crate::tracking::TrackedFile;
+
+use super::Replicator;
+use super::client::{CONNECT_TIMEOUT, Client, connect, remote};
+
+/// Blocks hashed and compared per request.
+const CHUNK: u64 = 16_384;
+
+/// What the replica says of one file, gathered over its chunks.
+#[derive(Default)]
+struct FileVerdict {
+    /// Blocks whose hashes differ.
+    differing: Vec<BlockNo>,
+    /// The replica's path for the file (empty when it said none).
+    path: Vec<u8>,
+    /// The replica's size, when it differs.
+    size_differs: Option<u64>,
+}
+
+/// Hashes the clean blocks of `blocks` of `file` on a blocking thread.
+async fn hash_clean(
+    file: Arc<TrackedFile>,
+    blocks: std::ops::Range<u64>,
+    key: HashKey,
+) -> Result<VerifyFile> {
+    tokio::task::spawn_blocking(move || {
+        let mut vf = VerifyFile {
+            file_id: file.id.0,
+            size: file.size(),
+            idle: !file.has_pending(),
+            ..Default::default()
+        };
+        for b in blocks {
+            if let Some(data) = file.read_clean(BlockNo(b))? {
+                vf.blocks.push(b);
+                vf.hashes.push(key.hash(&data).to_bytes().to_vec());
+            }
+        }
+        Ok(vf)
+    })
+    .await
+    .map_err(|e| remote("reading blocks", e))?
+}
+
+/// The row for a differing file: its blocks as runs.
+fn difference(file: &TrackedFile, verdict: FileVerdict) -> Difference {
+    let mut ranges: Vec<BlockRun> = Vec::new();
+    for BlockNo(b) in &verdict.differing {
+        match ranges.last_mut() {
+            Some(run) if run.first_block + run.blocks == *b => run.blocks += 1,
+            _ => ranges.push(BlockRun {
+                first_block: *b,
+                blocks: 1,
+            }),
+        }
+    }
+    let shown = if verdict.path.is_empty() {
+        file.at_cut().0
+    } else {
+        verdict.path
+    };
+    Difference {
+        path: String::from_utf8_lossy(&shown).into_owned(),
+        file_id: file.id.0,
+        blocks: verdict.differing.len() as u64,
+        replica_size: verdict.size_differs,
+        size: file.size(),
+        ranges,
+    }
+}
+
+/// `verify`: where primary and replica differ at the last applied point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// The applied point compared against.
+    pub epoch: u64,
+    /// Clean blocks compared by hash.
+    pub blocks_checked: u64,
+    /// Dirty blocks not compared (they ship with the next point anyway).
+    pub blocks_dirty_skipped: u64,
+    /// The files that differ; empty when the replica matches.
+    pub differences: Vec<Difference>,
+    /// Whether the differing blocks were marked to ship again.
+    pub repaired: bool,
+}
+
+/// One file that differs between primary and replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Difference {
+    /// Path relative to the datastore root.
+    pub path: String,
+    /// The stable file id.
+    pub file_id: u64,
+    /// How many blocks differ.
+    pub blocks: u64,
+    /// The replica's size, when it differs from the primary's.
+    pub replica_size: Option<u64>,
+    /// The primary's size.
+    pub size: u64,
+    /// The differing blocks as runs.
+    pub ranges: Vec<BlockRun>,
+}
+
+/// A run of consecutive blocks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRun {
+    /// The first block of the run.
+    pub first_block: u64,
+    /// How many blocks it holds.
+    pub blocks: u64,
+}
+
+/// Blocks checked and blocks skipped as dirty, over a whole verify.
+#[derive(Default)]
+struct Tally {
+    checked: u64,
+    skipped: u64,
+}
+
+impl Replicator {
+    /// `hbrfs verify`: compares every clean block with the replica at the
+    /// last shipped point, by keyed hash; with `repair`, marks the
+    /// differing blocks so the next point ships them.
+    pub async fn verify(&self, repair: bool) -> Result<VerifyReport> {
+        let _turn = self.turn.lock().await;
+        let mut c = connect(&self.opts.addr, &self.opts.key, CONNECT_TIMEOUT).await?;
+        let applied = c
+            .status(StatusRequest {})
+            .await
+            .map_err(|s| remote("secondary", s.message()))?
+            .into_inner()
+            .last_applied_epoch;
+        let shipped = self.points.last_shipped_epoch()?.0;
+        if applied != shipped || applied == 0 {
+            return Err(Error::Remote(format!(
+                "the secondary is at epoch {applied} and the last point shipped is {shipped}: \
+                 verify once a point has been applied"
+            )));
+        }
+        let mut tally = Tally::default();
+        let mut differences = Vec::new();
+        let files = self.ds.tracker.all_files();
+        for file in files.into_iter().filter(|f| !f.is_gone()) {
+            let verdict = self
+                .verify_file(&mut c, Epoch(applied), &file, &mut tally)
+                .await?;
+            if verdict.differing.is_empty() && verdict.size_differs.is_none() {
+                continue;
+            }
+            if repair {
+                self.ds.tracker.mark_for_repair(&file, &verdict.differing)?;
+            }
+            differences.push(difference(&file, verdict));
+        }
+        Ok(VerifyReport {
+            epoch: applied,
+            blocks_checked: tally.checked,
+            blocks_dirty_skipped: tally.skipped,
+            repaired: repair && !differences.is_empty(),
+            differences,
+        })
+    }
+
+    /// Compares the clean blocks of `file` with the replica at `applied`,
+    /// chunk by chunk.
+    async fn verify_file(
+        &self,
+        c: &mut Client,
+        applied: Epoch,
+        file: &Arc<TrackedFile>,
+        tally: &mut Tally,
+    ) -> Result<FileVerdict> {
+        let blocks = file.size().div_ceil(self.ds.format.block_size.bytes());
+        let mut verdict = FileVerdict::default();
+        for start in (0..blocks).step_by(CHUNK as usize) {
+            let chunk = start..(start + CHUNK).min(blocks);
+            let count = chunk.end - chunk.start;
+            let vf = hash_clean(file.clone(), chunk, self.key.clone()).await?;
+            tally.checked += vf.blocks.len() as u64;
+            tally.skipped += count - vf.blocks.len() as u64;
+            if vf.blocks.is_empty() {
+                continue;
+            }
+            let request = VerifyRequest {
+                epoch: applied.0,
+                files: vec![vf],
+            };
+            let reply = c
+                .verify(request)
+                .await
+                .map_err(|s| remote("secondary", s.message()))?
+                .into_inner();
+            for r in reply.files {
+                verdict.path = r.path;
+                verdict
+                    .differing
+                    .extend(r.differing.into_iter().map(BlockNo));
+                if r.size_differs {
+                    verdict.size_differs = Some(r.size);
+                }
+            }
+        }
+        Ok(verdict)
+    }
+}
