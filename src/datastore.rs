@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
-use crate::fs::recorder::{Change, ChangeRecorder, Gate, Gone, NewFile};
+use crate::fs::recorder::{Change, ChangeRecorder, Gate, Gone, NewFile, Tracked};
 use crate::ids::{BlockSize, FileId};
 use crate::journal::Journal;
 use crate::proto::journal::{FileRecord, OpKind, OpRecord};
@@ -407,15 +407,17 @@ impl ChangeRecorder for Datastore {
         self.tracker.gate()
     }
 
-    fn track(&self, file: NewFile<'_>) -> Result<Arc<TrackedFile>> {
-        self.track_file(file.ino, file.path, file.size, file.reader)
+    fn track(&self, file: NewFile<'_>) -> Result<Tracked> {
+        let tracked = self.track_file(file.ino, file.path, file.size, file.reader)?;
+        Ok(tracked)
     }
 
-    fn tracked(&self, ino: u64) -> Result<Option<Arc<TrackedFile>>> {
+    fn tracked(&self, ino: u64) -> Result<Option<Tracked>> {
         Ok(self
             .journal
             .file_by_ino(ino)?
-            .and_then(|id| self.tracker.file(id)))
+            .and_then(|id| self.tracker.file(id))
+            .map(|f| f as Tracked))
     }
 
     fn record(&self, change: &Change<'_>) -> Result<()> {
@@ -634,7 +636,7 @@ mod tests {
         let dir_ino = fs::metadata(dir.path().join("a")).unwrap().ino();
         let ds = Datastore::open(dir.path(), Access::Daemon { block_size: None }).unwrap();
         ds.start().unwrap();
-        let id = ds.tracked(ino).unwrap().expect("found by the scan").id;
+        let id = ds.tracked(ino).unwrap().expect("found by the scan").id();
 
         fs::rename(dir.path().join("a"), dir.path().join("b")).unwrap();
         let rename = Change::Renamed {

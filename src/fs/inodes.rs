@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use fuser::INodeNo;
 
-use crate::tracking::TrackedFile;
+use super::recorder::Tracked;
 
 /// Identity of a backing object: (device, inode).
 pub type BackingKey = (u64, u64);
@@ -26,7 +26,7 @@ pub struct Inode {
     /// `S_IFMT` bits of the backing object.
     pub kind: u32,
     /// Tracking state, for regular files when tracking is on.
-    pub tracked: Option<Arc<TrackedFile>>,
+    pub tracked: Option<Tracked>,
     /// Kernel references (lookups minus forgets).
     lookups: AtomicU64,
     /// Open handles through which the kernel may cache written pages (the
@@ -132,7 +132,7 @@ impl InodeTable {
         fd: OwnedFd,
         key: BackingKey,
         kind: u32,
-        tracked: impl FnOnce() -> Option<Arc<TrackedFile>>,
+        tracked: impl FnOnce() -> Option<Tracked>,
     ) -> Arc<Inode> {
         let mut t = self.tables.lock().expect("inode lock");
         if let Some(node) = t.by_key.get(&key).and_then(|ino| t.by_ino.get(ino)) {

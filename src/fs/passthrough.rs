@@ -348,7 +348,7 @@ impl Passthrough {
         let tracked = (self.recording)
             .track_new(st.st_ino, &path, reader)
             .map_err(state_errno)?;
-        let id = tracked.as_ref().map(|t| t.id);
+        let id = tracked.as_ref().map(|t| t.id());
         let path_fd = sys::openat(Some(parent.fd()), name, libc::O_PATH | libc::O_NOFOLLOW, 0)
             .map_err(io_errno)?;
         let node = self
@@ -538,7 +538,7 @@ impl Passthrough {
             t.resized(size);
         }
         self.recording.record(Change::Truncated {
-            file: node.tracked.as_ref().map(|t| t.id),
+            file: node.tracked.as_ref().map(|t| t.id()),
             path: &self.path_of(node),
             size,
         });
@@ -636,7 +636,7 @@ impl Passthrough {
         let _gate = self.recording.gate();
         sys::linkat(node.fd(), newparent.fd(), newname).map_err(io_errno)?;
         self.recording.record(Change::Linked {
-            file: node.tracked.as_ref().map(|t| t.id),
+            file: node.tracked.as_ref().map(|t| t.id()),
             from: &self.path_of(&node),
             to: &self.child_path(&newparent, newname),
         });

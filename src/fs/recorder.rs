@@ -4,7 +4,7 @@
 //! request to make what was recorded durable); a [`ChangeRecorder`] decides
 //! how it is kept (the datastore: its journal and tracker). The FUSE layer
 //! knows nothing of the journal. The hot write path does not come through
-//! here: it marks the [`TrackedFile`] the inode holds (bits in an mmap'd
+//! here: it marks the [`Tracked`] file the inode holds (bits in an mmap'd
 //! bitmap), so a write costs no journal work.
 //!
 //! [`Recording`] is how the passthrough holds a recorder: absent for a plain
@@ -17,7 +17,29 @@ use std::sync::{Arc, RwLockReadGuard};
 
 use crate::error::Result;
 use crate::ids::FileId;
-use crate::tracking::TrackedFile;
+
+/// What the write path tells the tracking state of one regular file: the
+/// blocks about to change (before the data reaches the backing file) and
+/// its size. Implemented by `tracking`'s per-file state, so the FUSE layer,
+/// shared by both wings, never names the primary's tracking types.
+pub trait TrackedBlocks: Send + Sync + fmt::Debug {
+    /// The file's stable id, for the namespace changes that name it.
+    fn id(&self) -> FileId;
+    /// Marks the blocks of `len` bytes at `offset` dirty, counting
+    /// `written` bytes; called with the cut gate held, before the write.
+    fn mark(&self, offset: u64, len: u64, written: u64) -> Result<()>;
+    /// Marks what a truncate from `old` to `new` bytes discards.
+    fn before_truncate(&self, old: u64, new: u64) -> Result<()>;
+    /// The file now ends at least at `end` (after a write).
+    fn extended_to(&self, end: u64);
+    /// The file's size was set to `size` (truncate).
+    fn resized(&self, size: u64);
+    /// Makes the dirty marks durable: part of `fsync` of the file.
+    fn sync(&self) -> Result<()>;
+}
+
+/// The tracking state an inode holds.
+pub type Tracked = Arc<dyn TrackedBlocks>;
 
 /// The cut gate, held shared for the length of one change so that an epoch
 /// cut never falls inside it.
@@ -163,11 +185,11 @@ pub trait ChangeRecorder: Send + Sync + fmt::Debug {
 
     /// Starts tracking a regular file, all of it dirty; the returned state
     /// is what its writes mark.
-    fn track(&self, file: NewFile<'_>) -> Result<Arc<TrackedFile>>;
+    fn track(&self, file: NewFile<'_>) -> Result<Tracked>;
 
     /// The tracking state of the regular file with backing inode `ino`, if
     /// it has one.
-    fn tracked(&self, ino: u64) -> Result<Option<Arc<TrackedFile>>>;
+    fn tracked(&self, ino: u64) -> Result<Option<Tracked>>;
 
     /// Records a namespace change in the open epoch (and follows it: a file
     /// whose last name went is forgotten, a rename moves tracked paths).
@@ -214,7 +236,7 @@ impl Recording {
         ino: u64,
         path: &[u8],
         reader: impl FnOnce() -> Result<File>,
-    ) -> Result<Option<Arc<TrackedFile>>> {
+    ) -> Result<Option<Tracked>> {
         let Some(r) = &self.0 else {
             return Ok(None);
         };
@@ -236,7 +258,7 @@ impl Recording {
         st: &libc::stat,
         path: impl FnOnce() -> Vec<u8>,
         reader: impl FnOnce() -> Result<File>,
-    ) -> Option<Arc<TrackedFile>> {
+    ) -> Option<Tracked> {
         let r = self.0.as_ref()?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return None;

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{IoContext, Result};
+use crate::fs::recorder::TrackedBlocks;
 use crate::ids::{BlockNo, BlockSize, Epoch, FileId};
 use crate::journal::Journal;
 use crate::proto::journal::{EpochRecord, EpochState};
@@ -259,6 +260,27 @@ impl TrackedFile {
         }
         let path = self.path.lock().expect("path lock").clone();
         *self.at_cut.lock().expect("cut lock") = (path, self.size.load(Ordering::Relaxed));
+    }
+}
+
+impl TrackedBlocks for TrackedFile {
+    fn id(&self) -> FileId {
+        self.id
+    }
+    fn mark(&self, offset: u64, len: u64, written: u64) -> Result<()> {
+        TrackedFile::mark(self, offset, len, written)
+    }
+    fn before_truncate(&self, old: u64, new: u64) -> Result<()> {
+        TrackedFile::before_truncate(self, old, new)
+    }
+    fn extended_to(&self, end: u64) {
+        TrackedFile::extended_to(self, end)
+    }
+    fn resized(&self, size: u64) {
+        TrackedFile::resized(self, size)
+    }
+    fn sync(&self) -> Result<()> {
+        TrackedFile::sync(self)
     }
 }
 
