@@ -1,28 +1,43 @@
 //! hbrfs: host-based replication for virtual-disk images.
 //!
 //! A passthrough FUSE mount over a backing directory notices every write,
-//! records it crash-safely, and (in later parts) ships crash-consistent
-//! points to a secondary site.
+//! records it crash-safely, and ships crash-consistent points to a
+//! secondary, which applies each one atomically and shows it read-only.
 //!
 //! # Layout
 //!
-//! - [`fs`]: the fuser `Filesystem`: passthrough of every operation images need; tells a `ChangeRecorder` what changed.
-//! - [`tracking`]: per-file dirty bitmaps (memmap2), epochs, the cut gate, the closed set and its pre-images.
-//! - [`journal`]: the sled database: file ids, namespace operations, epochs.
-//! - [`datastore`]: the state folder: format, lock, and opening tracking and journal together.
-//! - [`daemon`]: the primary daemon: mount, control socket, cut timer, signals.
-//! - [`control`]: the daemon's control socket: one request enum, one typed answer per request.
-//! - [`auth`]: the pre-shared key and the per-request tokens peers authenticate with.
-//! - [`tls`]: the channel's TLS, with certificates from an authority derived from that key.
-//! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
-//! - [`replicate`]: the primary's replicator: a point's life (cut, pending, shipping, applied), offers, wanted blocks, verify, stats.
-//! - [`replica`]: the secondary: gRPC service, staging, atomic apply, content index.
-//! - [`mirror`]: the secondary's read-only FUSE view of its replica.
+//! Floors from top to bottom; a module imports only from floors below its
+//! own, and the primary wing and the secondary wing never import each other
+//! (they meet in [`wire`] and the generated [`proto`]). `tests/layers.rs`
+//! checks this map against the sources; `docs/design.md` ("Module map")
+//! says where each coming feature goes.
+//!
+//! Commands and process wiring:
 //! - [`cli`]: clap commands and how their typed answers render; `main.rs` only calls [`cli::main`].
+//! - [`daemon`]: process wiring: mount, serve, up, signals.
+//! - [`control`]: the daemon's control socket: one request enum, one typed answer per request.
+//!
+//! Primary wing (top to bottom):
+//! - [`replicate`]: the replicator: a point's life (cut → pending → shipping → applied, one owner in `replicate::point`), offers, wanted blocks, verify, stats.
+//! - [`datastore`]: the state folder (format, lock, mount-time scan) and the [`fs::recorder::ChangeRecorder`] that records what the mount changed.
+//! - [`tracking`]: per-file dirty bitmaps (memmap2), epochs, the cut gate, the closed set and its pre-images; knows nothing of shipping.
+//! - [`journal`]: the sled database: file ids and their path index, namespace operations keyed by epoch, epochs, the point record.
+//!
+//! Secondary wing:
+//! - [`mirror`]: the secondary's read-only FUSE view of its replica.
+//! - [`replica`]: the gRPC service, one point's session, preflight, staging, atomic apply, content index, seeding.
+//!
+//! Shared by both wings:
+//! - [`fs`]: the FUSE passthrough of every operation images need; tells a `ChangeRecorder` what changed and marks a `TrackedBlocks` before each write.
+//! - [`tls`]: the channel's TLS, with certificates from an authority derived from the pair key.
+//! - [`auth`]: the pre-shared key and the per-request tokens peers authenticate with.
+//! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
+//! - [`wire`]: the protocol version and every message limit both wings obey.
+//! - [`state`]: the state folders' paths ([`state::StatePaths`], [`state::ReplicaPaths`]), durable small writes, time, hex, the tree walk.
 //! - [`throttle`]: the token bucket behind `--max-rate`.
+//! - [`ids`]: the newtypes for ids and units (`FileId`, `BlockNo`, `Epoch`, `BlockSize`).
+//! - [`error`]: the error tree, with [`error::Error::kind`] for control flow.
 //! - [`sys`]: every raw syscall, each behind a helper that returns `io::Result`.
-//! - [`ids`]: the newtypes for ids and units shared by the modules.
-//! - [`error`]: the error tree.
 
 pub mod auth;
 pub mod block;
