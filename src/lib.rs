@@ -9,8 +9,8 @@
 //! - [`fs`]: the fuser `Filesystem`: passthrough of every operation images need; tells a `ChangeRecorder` what changed.
 //! - [`tracking`]: per-file dirty bitmaps (memmap2), epochs, the cut gate, the closed set and its pre-images.
 //! - [`journal`]: the sled database: file ids, namespace operations, epochs.
-//! - [`datastore`]: the state folder: format, lock, and opening tracking and journal together.
-//! - [`daemon`]: the primary daemon: mount, control socket, cut timer, signals.
+//! - [`datastore`]: the state folder: format, lock, opening tracking and journal together, the mount-time scan, and recording the mount's changes.
+//! - [`daemon`]: the long-running commands: the primary (`mount`), the secondary (`serve`, `mount-replica`), `up`; mounts and signals.
 //! - [`control`]: the daemon's control socket: one request enum, one typed answer per request.
 //! - [`auth`]: the pre-shared key and the per-request tokens peers authenticate with.
 //! - [`tls`]: the channel's TLS, with certificates from an authority derived from that key.
