@@ -13,7 +13,8 @@
 //! # Layout
 //!
 //! - `fuse`: the fuser `Filesystem` impl: callbacks that call an op and answer.
-//! - [`passthrough`]: the ops (`op_*`) over the backing directory.
+//! - [`passthrough`]: the ops (`op_*`) over the backing directory: the `Passthrough` and lookup,
+//!   the data path, the namespace ops and the metadata ops, a file each.
 //! - [`attr`]: stat → `FileAttr`, file types, time conversions.
 //! - [`reply`]: errnos, and answering a request from an op's result.
 //! - [`recorder`]: the [`ChangeRecorder`] seam, and what a failed recording means.

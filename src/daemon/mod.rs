@@ -1,0 +1,184 @@
+//! The long-running commands: the primary (`mount`: datastore, FUSE mount,
+//! control socket, cut timer or replicator), the secondary (`serve`, with
+//! an optional mirrored mount), the mirror alone (`mount-replica`), and
+//! both sides at once on loopback (`up`). Each runs in the foreground until
+//! its mounts go away or it is signalled, then stops cleanly.
+//!
+//! # Layout
+//!
+//! - this file: what they share: the mount table, mountpoint checks, mounting and unmounting, signals, the runtime.
+//! - `primary`: `hbrfs mount`.
+//! - `secondary`: `hbrfs serve` and `hbrfs mount-replica`.
+//! - `up`: `hbrfs up`.
+
+mod primary;
+mod secondary;
+mod up;
+
+use std::path::{Path, PathBuf};
+
+use fuser::{Config, Filesystem, MountOption, Session, SessionACL, SessionUnmounter};
+
+use crate::error::{Error, IoContext, Result};
+use crate::sys;
+
+pub use primary::{MountOptions, run_mount};
+pub use secondary::{ServeOptions, default_key_path, run_mount_replica, run_serve};
+pub use up::run_up;
+
+/// One mount of `/proc/self/mountinfo`.
+#[derive(Clone, Debug)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub point: PathBuf,
+    /// Filesystem type (`fuse` for ours: the kernel drops the subtype on a direct mount).
+    pub fstype: String,
+    /// Source (for ours: the backing directory).
+    pub source: String,
+}
+
+/// The current mounts: how a mountpoint is told busy, and how the CLI finds
+/// the backing directory behind an hbrfs mountpoint.
+pub fn mounts() -> Vec<MountEntry> {
+    let unescape = |s: &str| s.replace("\\040", " ");
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some(MountEntry {
+                point: PathBuf::from(unescape(fields.get(4)?)),
+                fstype: fields.get(sep + 1)?.to_string(),
+                source: unescape(fields.get(sep + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// Refuses mountpoints that are missing, stale or busy, with what to do.
+fn check_mountpoint(mountpoint: &Path, backing: &Path) -> Result<PathBuf> {
+    match std::fs::metadata(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(Error::Usage(format!(
+                "{0}: stale FUSE mount left by a daemon that died (transport endpoint is not connected). \
+                 Clear it with `umount -l {0}` (or `fusermount3 -u {0}`) and mount again.",
+                mountpoint.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Usage(format!(
+                "mountpoint {} does not exist",
+                mountpoint.display()
+            )));
+        }
+        Err(e) => return Err(e).at(mountpoint),
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::Usage(format!(
+                "mountpoint {} is not a directory",
+                mountpoint.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    let canon = mountpoint.canonicalize().at(mountpoint)?;
+    if let Some(m) = mounts().into_iter().find(|m| m.point == canon) {
+        return Err(Error::Usage(format!(
+            "mountpoint {} is busy: {} ({}) is already mounted there; unmount it first",
+            canon.display(),
+            m.source,
+            m.fstype
+        )));
+    }
+    if canon.starts_with(backing) {
+        return Err(Error::Usage(format!(
+            "mountpoint {} lies inside the backing directory {}",
+            canon.display(),
+            backing.display()
+        )));
+    }
+    Ok(canon)
+}
+
+fn existing_dir(path: &Path, what: &str) -> Result<PathBuf> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => path.canonicalize().at(path),
+        Ok(_) => Err(Error::Usage(format!(
+            "{what} {} is not a directory",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Usage(format!(
+            "{what} {} does not exist",
+            path.display()
+        ))),
+        Err(e) => Err(e).at(path),
+    }
+}
+
+/// Mounts `fs` at `mountpoint`, showing `source` as the mount's source.
+fn mount<F: Filesystem>(
+    fs: F,
+    source: &Path,
+    mountpoint: &Path,
+    read_only: bool,
+    threads: usize,
+) -> Result<Session<F>> {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(source.display().to_string()),
+        MountOption::Subtype("hbrfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    if read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    config.acl = SessionACL::All;
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+    Session::new(fs, mountpoint, &config).map_err(|e| {
+        Error::Usage(format!(
+            "mounting {} on {}: {e}",
+            source.display(),
+            mountpoint.display()
+        ))
+    })
+}
+
+/// Unmounts `mountpoint` through `unmounter`, lazily if it is busy.
+fn unmount(unmounter: &mut SessionUnmounter, mountpoint: &Path) {
+    log::info!("unmounting {}", mountpoint.display());
+    if let Err(e) = unmounter.unmount() {
+        log::warn!(
+            "unmount {}: {e}; detaching lazily (it goes once the last file closes)",
+            mountpoint.display()
+        );
+        if let Err(e) = sys::umount_detach(mountpoint) {
+            log::error!("lazy unmount of {}: {e}", mountpoint.display());
+        }
+    }
+}
+
+/// Runs `on_signal` on a thread once SIGINT, SIGTERM or SIGHUP arrives.
+/// The signals must have been blocked before any thread was started.
+fn on_signal(on_signal: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new()
+        .name("hbrfs-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = sys::wait_signal() {
+                log::info!("signal {sig}: stopping");
+                on_signal();
+            }
+        })
+        .at("signal thread")?;
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hbrfs-rt")
+        .enable_all()
+        .build()
+        .at("tokio runtime")
+}

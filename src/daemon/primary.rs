@@ -1,0 +1,156 @@
+//! The primary: opens the datastore, mounts the tracking passthrough,
+//! serves the control socket and runs the cut timer or the replicator
+//! (`hbrfs mount`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::Session;
+use tokio::sync::watch;
+
+use super::{check_mountpoint, existing_dir, mount, on_signal, runtime, unmount};
+use crate::control;
+use crate::datastore::{Access, Datastore};
+use crate::error::{Error, IoContext, Result};
+use crate::fs::{Cache, ChangeRecorder, Passthrough};
+use crate::ids::BlockSize;
+use crate::replicate::{ReplicateOptions, Replicator};
+use crate::sys;
+
+/// What `hbrfs mount` was asked to do.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// The backing directory.
+    pub backing: PathBuf,
+    /// Where to mount it.
+    pub mountpoint: PathBuf,
+    /// `--block-size` (only used when the datastore is created).
+    pub block_size: Option<BlockSize>,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Close an epoch this often.
+    pub cut_every: Option<Duration>,
+    /// False only for benchmarks: a plain passthrough.
+    pub tracking: bool,
+    /// Ship points to a secondary.
+    pub replicate: Option<ReplicateOptions>,
+}
+
+/// The primary, started: what `mount` and `up` wait on and stop.
+pub(super) struct Primary {
+    ds: Arc<Datastore>,
+    pub(super) session: Session<Passthrough>,
+    pub(super) mountpoint: PathBuf,
+    /// Stops the replicator (and the runtime it runs on).
+    replication: Option<(
+        tokio::runtime::Runtime,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
+    let backing = existing_dir(&opts.backing, "backing directory")?;
+    let mountpoint = check_mountpoint(&opts.mountpoint, &backing)?;
+    let ds = Arc::new(Datastore::open(
+        &backing,
+        Access::Daemon {
+            block_size: opts.block_size,
+        },
+    )?);
+    let scan = ds.start()?;
+    log::info!(
+        "datastore {} (block size {}): {} files tracked, {} without state, {} moved, {} gone",
+        backing.display(),
+        ds.format.block_size,
+        scan.tracked,
+        scan.untracked,
+        scan.moved,
+        scan.gone
+    );
+    let recorder = opts.tracking.then(|| ds.clone() as Arc<dyn ChangeRecorder>);
+    let fs = Passthrough::new(&backing, recorder, Cache::Kernel).at(&backing)?;
+    let session = mount(fs, &backing, &mountpoint, false, opts.threads)?;
+    let mut replication = None;
+    let mut stats = None;
+    if let Some(r) = &opts.replicate {
+        let replicator = Arc::new(Replicator::new(ds.clone(), r.clone())?);
+        let rt = runtime()?;
+        stats = Some(control::Replication {
+            replicator: replicator.clone(),
+            runtime: rt.handle().clone(),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = rt.spawn(replicator.run(stopped));
+        log::info!("replicating to {} every {:?}", r.addr, r.rpo);
+        replication = Some((rt, stop, task));
+    } else if let Some(every) = opts.cut_every {
+        let ds = ds.clone();
+        std::thread::Builder::new()
+            .name("hbrfs-cut".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(every);
+                    if let Err(e) = ds.tracker.cut() {
+                        log::error!("cutting an epoch: {e}");
+                    }
+                }
+            })
+            .at("cut thread")?;
+    }
+    control::serve(control::Context {
+        ds: ds.clone(),
+        replication: stats,
+    })?;
+    eprintln!(
+        "hbrfs: {} mounted at {}",
+        backing.display(),
+        mountpoint.display()
+    );
+    Ok(Primary {
+        ds,
+        session,
+        mountpoint,
+        replication,
+    })
+}
+
+impl Primary {
+    /// Serves the mount until it goes away, then stops cleanly.
+    pub(super) fn run(self) -> Result<()> {
+        let Primary {
+            ds,
+            session,
+            mountpoint,
+            replication,
+        } = self;
+        let result = session.run();
+        if let Some((rt, stop, task)) = replication {
+            let _ = stop.send(true);
+            let _ =
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await });
+        }
+        let _ = std::fs::remove_file(ds.paths.socket());
+        ds.shutdown()?;
+        result.map_err(|e| {
+            Error::Usage(format!(
+                "FUSE session on {} ended with an error: {e}",
+                mountpoint.display()
+            ))
+        })?;
+        eprintln!("hbrfs: {} unmounted cleanly", mountpoint.display());
+        Ok(())
+    }
+}
+
+/// Runs `hbrfs mount` in the foreground until unmounted or signalled.
+pub fn run_mount(opts: &MountOptions) -> Result<()> {
+    sys::set_umask(0);
+    sys::block_shutdown_signals().at("signal mask")?;
+    let mut primary = start_primary(opts)?;
+    let mut unmounter = primary.session.unmount_callable();
+    let mountpoint = primary.mountpoint.clone();
+    on_signal(move || unmount(&mut unmounter, &mountpoint))?;
+    primary.run()
+}

@@ -1,0 +1,268 @@
+//! The data path: opening a file, reading and writing it (each write's
+//! blocks marked dirty first), fsync, truncate, fallocate, SEEK_DATA/HOLE
+//! and copy_file_range.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use fuser::{Errno, FileHandle, FopenFlags, INodeNo};
+
+use super::{Cache, Passthrough, stat};
+use crate::fs::aligned;
+use crate::fs::handles::{Handle, OpenFile};
+use crate::fs::inodes::{self, Inode};
+use crate::fs::recorder::Change;
+use crate::fs::reply::{Res, io_errno, state_errno};
+use crate::sys;
+
+/// Reads up to `buf.len()` bytes at `offset`, fewer only at the end.
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> Res<usize> {
+    crate::state::read_full(file, buf, offset).map_err(io_errno)
+}
+
+/// The backing file of an open-file handle (directories are refused).
+fn file_of(h: &Handle) -> Res<&OpenFile> {
+    match h {
+        Handle::File(f) => Ok(f),
+        Handle::Dir(_) => Err(Errno::EBADF),
+    }
+}
+
+impl Passthrough {
+    /// Flags for opening the backing file for a caller's `flags`.
+    pub(super) fn backing_flags(&self, flags: i32) -> i32 {
+        let mut f = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_DIRECT);
+        f &= !libc::O_NOCTTY;
+        if self.writeback {
+            // The kernel reads pages to fill partial writes and appends itself.
+            if f & libc::O_ACCMODE == libc::O_WRONLY {
+                f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+            f &= !libc::O_APPEND;
+        }
+        f
+    }
+
+    /// When the caller asked for `O_DIRECT`, `fd` reopened with it: the
+    /// caller's O_DIRECT reaches the backing file, so a cache=none image is
+    /// not cached twice in host memory. `None` also when the backing file
+    /// system refuses O_DIRECT: the caller gets buffered IO instead.
+    pub(super) fn reopen_direct(&self, fd: BorrowedFd<'_>, flags: i32) -> Option<OwnedFd> {
+        if flags & libc::O_DIRECT == 0 {
+            return None;
+        }
+        sys::reopen(fd, self.backing_flags(flags) | libc::O_DIRECT).ok()
+    }
+
+    /// Stores an open handle on `file` of `node`, opened for the caller's
+    /// `flags` (`direct`: the backing file has `O_DIRECT`).
+    pub(super) fn insert_file(
+        &self,
+        node: Arc<Inode>,
+        file: File,
+        direct: bool,
+        flags: i32,
+    ) -> (FileHandle, FopenFlags) {
+        // Counted as a cached writer when its writes go through the
+        // kernel's writeback cache.
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let cached = self.writeback && writes && flags & libc::O_DIRECT == 0;
+        let fh = self.handles.insert(Handle::File(OpenFile {
+            file,
+            direct,
+            _cached_writer: cached.then(|| inodes::CachedWriter::new(node.clone())),
+            inode: node,
+        }));
+        let fopen = if flags & libc::O_DIRECT != 0 || self.cache == Cache::Never {
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        (fh, fopen)
+    }
+
+    /// Opens `ino` for the caller's `flags`.
+    pub fn op_open(&self, ino: INodeNo, flags: i32) -> Res<(FileHandle, FopenFlags)> {
+        let node = self.inode(ino)?;
+        let direct_fd = self.reopen_direct(node.fd(), flags);
+        let direct = direct_fd.is_some();
+        let fd = match direct_fd {
+            Some(fd) => fd,
+            None => sys::reopen(node.fd(), self.backing_flags(flags)).map_err(io_errno)?,
+        };
+        Ok(self.insert_file(node, File::from(fd), direct, flags))
+    }
+
+    /// Closes a file or directory handle.
+    pub fn release(&self, fh: FileHandle) {
+        self.handles.remove(fh);
+    }
+
+    /// Reads `size` bytes at `offset` (fewer only at the end of the file).
+    pub fn op_read(&self, fh: FileHandle, offset: u64, size: u32) -> Res<Vec<u8>> {
+        let h = self.open_file(fh)?;
+        let f = file_of(&h)?;
+        if f.direct {
+            return aligned::with_buffer(size as usize, |buf| {
+                let n = read_full(&f.file, buf, offset)?;
+                Ok(buf[..n].to_vec())
+            });
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = read_full(&f.file, &mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset`, its blocks marked dirty first.
+    pub fn op_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Res<u32> {
+        let h = self.open_file(fh)?;
+        let f = file_of(&h)?;
+        let _gate = self.recording.gate();
+        if let Some(t) = &f.inode.tracked {
+            t.mark(offset, data.len() as u64, data.len() as u64)
+                .map_err(state_errno)?;
+        }
+        if f.direct {
+            aligned::with_buffer(data.len(), |buf| {
+                buf.copy_from_slice(data);
+                f.file.write_all_at(buf, offset).map_err(io_errno)
+            })?;
+        } else {
+            f.file.write_all_at(data, offset).map_err(io_errno)?;
+        }
+        if let Some(t) = &f.inode.tracked {
+            t.extended_to(offset + data.len() as u64);
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Makes the file's data, its dirty marks and every recorded change
+    /// durable.
+    pub fn op_fsync(&self, fh: FileHandle, datasync: bool) -> Res<()> {
+        let h = self.open_file(fh)?;
+        let f = file_of(&h)?;
+        // Bits first: once the data is durable, its marks must be too.
+        if let Some(t) = &f.inode.tracked {
+            t.sync().map_err(state_errno)?;
+        }
+        if datasync {
+            f.file.sync_data().map_err(io_errno)?;
+        } else {
+            f.file.sync_all().map_err(io_errno)?;
+        }
+        self.recording.flush().map_err(state_errno)
+    }
+
+    /// Truncates `node` to `size`, marking the blocks between the old and
+    /// the new end (their content changes if the file grows again).
+    pub(super) fn truncate(&self, node: &Inode, fh: Option<FileHandle>, size: u64) -> Res<()> {
+        let _gate = self.recording.gate();
+        let reopened;
+        let handle;
+        let fd = match fh.and_then(|fh| self.handles.get(fh)) {
+            Some(h) => {
+                handle = h;
+                match &*handle {
+                    Handle::File(f) => f.file.as_fd(),
+                    Handle::Dir(_) => return Err(Errno::EISDIR),
+                }
+            }
+            None => {
+                reopened = sys::reopen(node.fd(), libc::O_WRONLY).map_err(io_errno)?;
+                reopened.as_fd()
+            }
+        };
+        let old = stat(fd)?.st_size as u64;
+        if let Some(t) = &node.tracked {
+            t.before_truncate(old, size).map_err(state_errno)?;
+        }
+        sys::ftruncate(fd, size).map_err(io_errno)?;
+        if let Some(t) = &node.tracked {
+            t.resized(size);
+        }
+        self.recording.record(Change::Truncated {
+            file: node.tracked.as_ref().map(|t| t.id()),
+            path: &self.path_of(node),
+            size,
+        });
+        Ok(())
+    }
+
+    /// Allocates, punches or zeroes a range; punched and zeroed blocks are
+    /// marked (their content changes).
+    pub fn op_fallocate(&self, fh: FileHandle, offset: u64, length: u64, mode: i32) -> Res<()> {
+        let h = self.open_file(fh)?;
+        let f = file_of(&h)?;
+        let _gate = self.recording.gate();
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            if let Some(t) = &f.inode.tracked {
+                t.mark(offset, length, 0).map_err(state_errno)?;
+            }
+        }
+        sys::fallocate(f.file.as_fd(), mode, offset, length).map_err(io_errno)?;
+        if let Some(t) = &f.inode.tracked {
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+                t.extended_to(offset + length);
+            }
+        }
+        Ok(())
+    }
+
+    /// SEEK_DATA/SEEK_HOLE. While the kernel may cache written pages the
+    /// backing file has not seen yet (it does not flush them before asking),
+    /// the answer is "no holes": always safe for a reader, at the cost of
+    /// hole detection while the image is open for buffered writing.
+    pub fn op_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> Res<i64> {
+        let h = self.open_file(fh)?;
+        let f = file_of(&h)?;
+        if !f.inode.has_cached_writers()
+            || !(whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE)
+        {
+            return sys::lseek(f.file.as_fd(), offset, whence).map_err(io_errno);
+        }
+        if offset < 0 {
+            return Err(Errno::EINVAL);
+        }
+        let size = stat(f.file.as_fd())?.st_size;
+        Ok(if whence == libc::SEEK_DATA {
+            offset
+        } else {
+            offset.max(size)
+        })
+    }
+
+    /// Copies a range between two open files in the backing file system;
+    /// the blocks it writes are marked first.
+    pub fn op_copy_file_range(
+        &self,
+        fh_in: FileHandle,
+        off_in: u64,
+        fh_out: FileHandle,
+        off_out: u64,
+        len: u64,
+    ) -> Res<u32> {
+        let hin = self.open_file(fh_in)?;
+        let hout = self.open_file(fh_out)?;
+        let (fin, fout) = (file_of(&hin)?, file_of(&hout)?);
+        // Clamped to the source's end, so exactly the blocks that change
+        // are marked.
+        let src_size = stat(fin.file.as_fd())?.st_size as u64;
+        let len = len
+            .min(u64::from(u32::MAX) & !0xfff)
+            .min(src_size.saturating_sub(off_in)) as usize;
+        let _gate = self.recording.gate();
+        if let Some(t) = &fout.inode.tracked {
+            t.mark(off_out, len as u64, len as u64)
+                .map_err(state_errno)?;
+        }
+        let n = sys::copy_file_range(fin.file.as_fd(), off_in, fout.file.as_fd(), off_out, len)
+            .map_err(io_errno)?;
+        if let Some(t) = &fout.inode.tracked {
+            t.extended_to(off_out + n as u64);
+        }
+        Ok(n as u32)
+    }
+}

@@ -1,0 +1,223 @@
+//! The passthrough ops: every operation goes to the backing directory
+//! through `O_PATH` descriptors and `*at` calls. A write marks its blocks in
+//! the file's `TrackedFile` before the data reaches the backing file; a
+//! namespace change is told to the [`Recording`] under the cut gate.
+//!
+//! Each op returns `Res<_>` (a value or an errno); the FUSE callbacks in
+//! `fuse` (and the mirror's) only call an op and answer with its result.
+//!
+//! # Layout
+//!
+//! - this file: the [`Passthrough`] (its tables, how it negotiates with the kernel), lookup, and the helpers the ops share.
+//! - `data`: the data path: open, read, write, fsync, truncate, fallocate, lseek, copy_file_range.
+//! - `namespace`: the ops that make, remove, move, link and list names.
+//! - `metadata`: getattr/setattr, readlink, statfs, extended attributes.
+
+mod data;
+mod metadata;
+mod namespace;
+
+pub use metadata::SetAttr;
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Errno, FileHandle, INodeNo, InitFlags, KernelConfig};
+
+use super::attr::file_attr;
+use super::handles::{Handle, HandleTable};
+use super::inodes::{Inode, InodeTable};
+use super::recorder::{ChangeRecorder, Recording};
+use super::reply::{Entry, Res, io_errno};
+use crate::error::IoContext;
+use crate::state::STATE_DIR;
+use crate::sys;
+
+/// How long the kernel may cache attributes and entries when every change
+/// goes through this daemon.
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel may send (the kernel's own cap here).
+pub const MAX_WRITE: u32 = 1024 * 1024;
+
+/// How much of what the mount shows the kernel may cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cache {
+    /// Every change goes through this daemon, so the kernel's caches stay
+    /// right: attributes and entries for a second, written pages in the
+    /// writeback cache, file pages kept across opens.
+    Kernel,
+    /// The files change under the mount (the mirror, while points apply):
+    /// nothing is cached, every read and attribute comes from the backing
+    /// file.
+    Never,
+}
+
+/// The passthrough over one backing directory: its inode and handle
+/// tables, and where its changes are recorded.
+#[derive(Debug)]
+pub struct Passthrough {
+    /// The backing directory.
+    root: PathBuf,
+    /// Where changes go; off for a plain passthrough and for the mirror.
+    recording: Recording,
+    /// What the kernel may cache.
+    cache: Cache,
+    inodes: InodeTable,
+    handles: HandleTable,
+    /// Whether the kernel caches writes (negotiated in `init`).
+    writeback: bool,
+}
+
+fn display(name: &OsStr) -> String {
+    name.to_string_lossy().into_owned()
+}
+
+fn stat(fd: BorrowedFd<'_>) -> Res<libc::stat> {
+    sys::statat(fd, OsStr::new("")).map_err(io_errno)
+}
+
+impl Passthrough {
+    /// A passthrough of `root`; changes go to `recorder` (`None`: a plain
+    /// passthrough) and the kernel caches as `cache` says.
+    pub fn new(
+        root: &Path,
+        recorder: Option<Arc<dyn ChangeRecorder>>,
+        cache: Cache,
+    ) -> io::Result<Passthrough> {
+        let root_fd = sys::openat(None, root.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let st = sys::statat(root_fd.as_fd(), OsStr::new(""))?;
+        Ok(Passthrough {
+            root: root.to_path_buf(),
+            recording: Recording::new(recorder),
+            cache,
+            inodes: InodeTable::new(root_fd, (st.st_dev, st.st_ino)),
+            handles: HandleTable::default(),
+            writeback: false,
+        })
+    }
+
+    /// Negotiates with the kernel at `init`: large writes, parallel
+    /// directory ops, and the writeback cache when the kernel may cache.
+    pub fn negotiate(&mut self, config: &mut KernelConfig) {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        let wanted = [
+            InitFlags::FUSE_WRITEBACK_CACHE,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_MAX_PAGES,
+        ];
+        for flag in wanted {
+            if flag == InitFlags::FUSE_WRITEBACK_CACHE && self.cache == Cache::Never {
+                // Files that change under the kernel: with a writeback
+                // cache it would trust its own (stale) sizes.
+                continue;
+            }
+            if config.add_capabilities(flag).is_err() {
+                log::info!("kernel does not offer {flag:?}");
+            } else if flag == InitFlags::FUSE_WRITEBACK_CACHE {
+                self.writeback = true;
+            }
+        }
+    }
+
+    fn inode(&self, ino: INodeNo) -> Res<Arc<Inode>> {
+        self.inodes.get(ino).ok_or(Errno::ESTALE)
+    }
+
+    fn open_file(&self, fh: FileHandle) -> Res<Arc<Handle>> {
+        let h = self.handles.get(fh).ok_or(Errno::EBADF)?;
+        match *h {
+            Handle::File(_) => Ok(h),
+            Handle::Dir(_) => Err(Errno::EISDIR),
+        }
+    }
+
+    /// `st` of node `ino`, with how long the kernel may cache it.
+    fn entry(&self, ino: INodeNo, st: &libc::stat) -> Entry {
+        let ttl = match self.cache {
+            Cache::Kernel => TTL,
+            Cache::Never => Duration::ZERO,
+        };
+        Entry {
+            attr: file_attr(ino, st),
+            ttl,
+        }
+    }
+
+    /// The `.hbrfs` state folder is invisible and untouchable in the root.
+    fn check_name(parent: &Inode, name: &OsStr) -> Res<()> {
+        if parent.ino == INodeNo::ROOT && name == STATE_DIR {
+            return Err(Errno::EPERM);
+        }
+        Ok(())
+    }
+
+    /// Path of a node relative to the root, as the journal records it.
+    fn path_of(&self, node: &Inode) -> Vec<u8> {
+        if node.ino == INodeNo::ROOT {
+            return Vec::new();
+        }
+        match std::fs::read_link(Path::new(sys::proc_path(node.fd()).to_str().unwrap_or(""))) {
+            Ok(p) => p
+                .strip_prefix(&self.root)
+                .unwrap_or(&p)
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn child_path(&self, parent: &Inode, name: &OsStr) -> Vec<u8> {
+        let mut p = self.path_of(parent);
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(name.as_bytes());
+        p
+    }
+
+    /// Looks `name` up in `parent` and takes a kernel reference on it.
+    pub fn op_lookup(&self, parent: INodeNo, name: &OsStr) -> Res<Entry> {
+        let parent = self.inode(parent)?;
+        self.lookup_in(&parent, name)
+    }
+
+    fn lookup_in(&self, parent: &Inode, name: &OsStr) -> Res<Entry> {
+        if parent.ino == INodeNo::ROOT && name == STATE_DIR {
+            return Err(Errno::ENOENT);
+        }
+        let fd = sys::openat(Some(parent.fd()), name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+            .map_err(io_errno)?;
+        let st = stat(fd.as_fd())?;
+        let key = (st.st_dev, st.st_ino);
+        let known = self.inodes.known(key);
+        let node = self.inodes.lookup(fd, key, st.st_mode & libc::S_IFMT, || {
+            if known {
+                return None;
+            }
+            let reader = || {
+                let flags = libc::O_RDONLY | libc::O_NOFOLLOW;
+                sys::openat(Some(parent.fd()), name, flags, 0)
+                    .map(File::from)
+                    .at(display(name))
+            };
+            let path = || self.child_path(parent, name);
+            self.recording.tracking_for(&st, path, reader)
+        });
+        Ok(self.entry(node.ino, &st))
+    }
+
+    /// Drops `nlookup` kernel references on `ino`.
+    pub fn forget(&self, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino, nlookup);
+    }
+}
