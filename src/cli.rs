@@ -13,7 +13,7 @@ use crate::daemon::{self, MountOptions, ServeOptions};
 use crate::datastore::{Access, Datastore};
 use crate::error::{Error, Result};
 use crate::ids::BlockSize;
-use crate::replica::store::Applied;
+use crate::replica::Applied;
 use crate::replicate::ReplicateOptions;
 use crate::state::{ReplicaPaths, STATE_DIR, StatePaths};
 
@@ -610,7 +610,9 @@ fn secondary_status(dir: &Path) -> Result<Value> {
         )));
     }
     let Applied {
-        epoch, at_ns: at, ..
+        epoch: crate::ids::Epoch(epoch),
+        at_ns: at,
+        ..
     } = Applied::read(&paths)?;
     let mut v = serde_json::json!({
         "role": "secondary",

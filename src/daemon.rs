@@ -17,7 +17,7 @@ use crate::datastore::{Access, Datastore};
 use crate::error::{Error, IoContext, Result};
 use crate::fs::Passthrough;
 use crate::ids::BlockSize;
-use crate::replica::store::ReplicaStore;
+use crate::replica::ReplicaStore;
 use crate::replicate::{ReplicateOptions, Replicator};
 use crate::state::{ReplicaPaths, write_durably};
 use crate::sys;
