@@ -34,7 +34,8 @@ fn encode(file: FileId, block: BlockNo) -> [u8; 16] {
     loc
 }
 
-/// The location an `index` entry names; `None` when it is not one.
+/// The location an `index` entry names; `None` when it is not one (not
+/// exactly 16 bytes).
 fn decode(loc: &[u8]) -> Option<(FileId, BlockNo)> {
     let file = u64::from_be_bytes(loc.get(..8)?.try_into().ok()?);
     let block = u64::from_be_bytes(loc.get(8..)?.try_into().ok()?);
@@ -123,7 +124,7 @@ impl ContentIndex {
         let Some(loc) = self.sled(self.index.get(hash.to_bytes()))? else {
             return Ok(None);
         };
-        let Some((id, block)) = decode(&loc).filter(|_| loc.len() == 16) else {
+        let Some((id, block)) = decode(&loc) else {
             return Ok(None);
         };
         let Some(rel) = self.file_path(id)? else {

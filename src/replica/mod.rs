@@ -16,9 +16,14 @@
 //! - `records`: the pair, applied and redo records and their parsers.
 //! - `confine`: every received path confined to the replica root.
 //!
-//! Imports run one way: service → session → {preflight, resume, store};
-//! store → {apply, index, seed, records, resume}; apply → {index,
-//! records, confine}; nothing imports service or session.
+//! Imports run one way, with no circle: service → {session, store,
+//! verify, records, refused}; session → {store, resume, preflight,
+//! refused}; verify → {store, confine}; store → {apply, index, seed,
+//! records, resume}; apply → {index, records, confine}; seed → index;
+//! refused → preflight; index, preflight → confine. Nothing but the
+//! service (and the fuzz tests) imports session.
+
+#![warn(missing_docs)]
 
 pub mod apply;
 pub mod confine;

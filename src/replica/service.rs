@@ -14,6 +14,11 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::records::Pair;
+use super::refused::Refused;
+use super::session::Session;
+use super::store::{PairError, ReplicaStore};
+use super::verify::{self, VerifyError};
 use crate::block::HashKey;
 use crate::proto::replication::replication_server::{Replication, ReplicationServer};
 use crate::proto::replication::{
@@ -21,12 +26,6 @@ use crate::proto::replication::{
     VerifyRequest, ship_message, ship_reply,
 };
 use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
-
-use super::records::Pair;
-use super::refused::Refused;
-use super::session::Session;
-use super::store::{PairError, ReplicaStore};
-use super::verify::{self, VerifyError};
 
 impl From<Refused> for Status {
     /// A refusal is InvalidArgument: the primary tells "refused" (never
