@@ -13,7 +13,8 @@ use crate::auth::AuthKey;
 use crate::control::{Answer, Request, Role};
 use crate::daemon;
 use crate::error::{Error, Result};
-use crate::replica::store::Applied;
+use crate::ids::Epoch;
+use crate::replica::Applied;
 use crate::replicate::{ReplicationReport, SecondaryCounters, ShipProgress};
 use crate::state::{ReplicaPaths, STATE_DIR, StatePaths};
 
@@ -65,7 +66,9 @@ fn secondary(dir: &Path) -> Result<SecondaryStatus> {
         )));
     }
     let Applied {
-        epoch, at_ns: at, ..
+        epoch: Epoch(epoch),
+        at_ns: at,
+        ..
     } = Applied::read(&paths)?;
     let consistent = if epoch == 0 {
         "none yet: the first point (the baseline) has not been applied"

@@ -12,7 +12,7 @@ use super::{check_mountpoint, existing_dir, mount, on_signal, runtime, unmount};
 use crate::auth::AuthKey;
 use crate::error::{Error, IoContext, Result};
 use crate::mirror::Mirror;
-use crate::replica::store::ReplicaStore;
+use crate::replica::ReplicaStore;
 use crate::state::{ReplicaPaths, write_durably};
 use crate::sys;
 

@@ -27,10 +27,12 @@ use prost::Message;
 use tempfile::TempDir;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::handle;
+use super::records::{Applied, Pair};
+use super::service::handle;
 use super::session::Session;
-use super::store::{Applied, Pair, ReplicaStore};
+use super::store::ReplicaStore;
 use crate::block::{self, HashKey};
+use crate::ids::Epoch;
 use crate::proto::replication::{
     Begin, Block, Blocks, Commit, FileState, NamespaceOp, Offer, Offers, OpKind, ShipMessage,
     ship_message, ship_reply,
@@ -285,7 +287,7 @@ fn drive_with(
     let mut session = match Session::new(store) {
         Ok(s) => Some(s),
         Err(e) => {
-            run.refused = Some(e.0);
+            run.refused = Some(e.to_string());
             return run;
         }
     };
@@ -327,7 +329,7 @@ fn drive_with(
                 None => panic!("the session sent an empty reply"),
             },
             Err(e) => {
-                run.refused = Some(e.0);
+                run.refused = Some(e.to_string());
                 return run;
             }
         }
@@ -462,7 +464,7 @@ impl Fixture {
         self.applied = epoch;
         self.point = tree(&self.root);
         self.applied_record = self.store().applied();
-        assert_eq!(self.applied_record.epoch, epoch);
+        assert_eq!(self.applied_record.epoch, Epoch(epoch));
         assert_eq!(self.applied_record.point, point_id(epoch));
     }
 
@@ -628,7 +630,7 @@ impl Fixture {
 /// the Commit are not part of the epoch (the stream is refused there).
 fn assert_applied_as_offered(fx: &Fixture, msgs: &[ShipMessage], epoch: u64) {
     let store = fx.store();
-    assert_eq!(store.applied().epoch, epoch, "applied epoch");
+    assert_eq!(store.applied().epoch, Epoch(epoch), "applied epoch");
     assert!(!store.apply_pending(), "redo record left after an apply");
     assert!(
         fs::read_dir(&fx.outside).expect("outside").next().is_none(),

@@ -1,256 +1,46 @@
-//! The secondary: the gRPC service a primary ships to, on top of the
-//! replica folder (`store`), one stream at a time (`session`), with every
-//! received path confined (`confine`).
+//! The secondary: the gRPC service a primary ships to (`service`), one
+//! stream at a time (`session`), on top of the replica folder (`store`).
+//!
+//! # Layout
+//!
+//! - `service`: the tonic service; maps the parts' errors to statuses.
+//! - `session`: one point being received; refusals are `refused::Refused`.
+//! - `preflight`: refuses a point that cannot be applied, before staging.
+//! - `resume`: what a broken stream leaves for the next (`Carried`) and
+//!   the on-disk log of a point being received.
+//! - `store`: the replica folder as one object, wiring the parts below.
+//! - `apply`: redo → apply → applied, and the replay after a crash.
+//! - `verify`: `hbrfs verify` against the applied point.
+//! - `index`: the content index (hints only: every use re-reads and
+//!   re-hashes); `seed`: indexes a folder's existing content.
+//! - `records`: the pair, applied and redo records and their parsers.
+//! - `confine`: every received path confined to the replica root.
+//!
+//! Imports run one way, with no circle: service → {session, store,
+//! verify, records, refused}; session → {store, resume, preflight,
+//! refused}; verify → {store, confine}; store → {apply, index, seed,
+//! records, resume}; apply → {index, records, confine}; seed → index;
+//! refused → preflight; index, preflight → confine. Nothing but the
+//! service (and the fuzz tests) imports session.
 
+#![warn(missing_docs)]
+
+pub mod apply;
 pub mod confine;
-pub mod partial;
+pub mod index;
 pub mod preflight;
+pub mod records;
+pub mod refused;
+pub mod resume;
+pub mod seed;
+pub mod service;
 pub mod session;
 pub mod store;
+pub mod verify;
 
 #[cfg(test)]
 mod fuzz_tests;
 
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-
-use tokio::sync::{Mutex as AsyncMutex, mpsc};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
-
-use crate::block::HashKey;
-use crate::proto::replication::replication_server::{Replication, ReplicationServer};
-use crate::proto::replication::{
-    HelloReply, HelloRequest, ShipMessage, ShipReply, StatusReply, StatusRequest, VerifyReply,
-    VerifyRequest, ship_message, ship_reply,
-};
-use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
-use session::{Refused, Session};
-use store::{Pair, ReplicaStore};
-
-/// The tonic service over one replica folder.
-#[derive(Debug, Clone)]
-pub struct ReplicaService {
-    store: Arc<ReplicaStore>,
-    /// One epoch at a time: a second stream waits its turn.
-    shipping: Arc<AsyncMutex<()>>,
-}
-
-impl ReplicaService {
-    /// A service for `store`.
-    pub fn new(store: Arc<ReplicaStore>) -> ReplicaService {
-        ReplicaService {
-            store,
-            shipping: Arc::new(AsyncMutex::new(())),
-        }
-    }
-
-    /// The tonic server wrapper with our message limits.
-    pub fn into_server(self) -> ReplicationServer<ReplicaService> {
-        ReplicationServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
-    }
-}
-
-/// Handles one received message; `Some` reply to send back. A refusal
-/// marks the session refused (the commit marks its own, having consumed
-/// the session), so that nothing of the point is kept for resuming.
-fn handle(
-    session: &mut Option<Session<'_>>,
-    msg: ShipMessage,
-) -> Result<Option<ShipReply>, Refused> {
-    let result = handle_body(session, msg);
-    if let (Err(_), Some(s)) = (&result, session.as_mut()) {
-        s.mark_refused();
-    }
-    result
-}
-
-fn handle_body(
-    session: &mut Option<Session<'_>>,
-    msg: ShipMessage,
-) -> Result<Option<ShipReply>, Refused> {
-    let Some(body) = msg.body else {
-        return Err(Refused("empty ship message".into()));
-    };
-    let s = session
-        .as_mut()
-        .ok_or_else(|| Refused("message after Commit".into()))?;
-    Ok(match body {
-        ship_message::Body::Begin(b) => Some(ShipReply {
-            body: Some(ship_reply::Body::Resumed(s.begin(b)?)),
-        }),
-        ship_message::Body::Offers(o) => Some(ShipReply {
-            body: Some(ship_reply::Body::Wants(s.offers(o)?)),
-        }),
-        ship_message::Body::Blocks(b) => {
-            s.blocks(b)?;
-            None
-        }
-        ship_message::Body::Commit(c) => {
-            let applied = session.take().expect("checked above").commit(c)?;
-            Some(ShipReply {
-                body: Some(ship_reply::Body::Applied(applied)),
-            })
-        }
-    })
-}
-
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<ShipReply, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Replication for ReplicaService {
-    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
-        let hello = request.into_inner();
-        if hello.protocol_version != PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(format!(
-                "protocol version {} offered; this secondary speaks version {PROTOCOL_VERSION}",
-                hello.protocol_version
-            )));
-        }
-        let key = HashKey::from_bytes(&hello.hash_key).ok_or_else(|| {
-            Status::invalid_argument(format!("hash key of {} bytes", hello.hash_key.len()))
-        })?;
-        if crate::ids::BlockSize::new(u64::from(hello.block_size)).is_none() {
-            return Err(Status::invalid_argument(format!(
-                "block size {} out of range",
-                hello.block_size
-            )));
-        }
-        let pair = Pair {
-            datastore_id: hello.datastore_id,
-            block_size: hello.block_size,
-            key,
-        };
-        // Pairing may index a seeded replica folder: disk work, off the runtime.
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.accept(pair))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(Status::failed_precondition)?;
-        let applied = self.store.applied();
-        Ok(Response::new(HelloReply {
-            protocol_version: PROTOCOL_VERSION,
-            last_applied_epoch: applied.epoch,
-            last_applied_point: applied.point,
-        }))
-    }
-
-    type ShipStream = ReplyStream;
-
-    async fn ship(
-        &self,
-        request: Request<Streaming<ShipMessage>>,
-    ) -> Result<Response<ReplyStream>, Status> {
-        let mut incoming = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let store = self.store.clone();
-        let shipping = self.shipping.clone();
-        tokio::spawn(async move {
-            let _turn = shipping.lock().await;
-            // The session borrows the store; it lives on a blocking thread
-            // fed by a bounded channel, so disk work stays off the runtime.
-            let (msg_tx, mut msg_rx) = mpsc::channel::<ShipMessage>(4);
-            let reply_tx = tx.clone();
-            let worker = tokio::task::spawn_blocking(move || {
-                let mut session = match Session::new(&store) {
-                    Ok(s) => Some(s),
-                    Err(e) => return Err(e),
-                };
-                while let Some(msg) = msg_rx.blocking_recv() {
-                    if let Some(reply) = handle(&mut session, msg)? {
-                        if reply_tx.blocking_send(Ok(reply)).is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-                Ok(())
-            });
-            loop {
-                match incoming.message().await {
-                    Ok(Some(msg)) => {
-                        if msg_tx.send(msg).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        log::warn!("ship stream broke: {status}");
-                        break;
-                    }
-                }
-            }
-            drop(msg_tx);
-            match worker.await {
-                Ok(Ok(())) => {}
-                Ok(Err(refused)) => {
-                    log::warn!("refused an epoch: {refused}");
-                    let _ = tx.send(Err(Status::invalid_argument(refused.0))).await;
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(Status::internal(format!("apply task failed: {e}"))))
-                        .await;
-                }
-            }
-        });
-        Ok(Response::new(
-            Box::pin(ReceiverStream::new(rx)) as ReplyStream
-        ))
-    }
-
-    async fn verify(
-        &self,
-        request: Request<VerifyRequest>,
-    ) -> Result<Response<VerifyReply>, Status> {
-        let store = self.store.clone();
-        let req = request.into_inner();
-        tokio::task::spawn_blocking(move || store.verify(&req))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map(Response::new)
-            .map_err(Status::failed_precondition)
-    }
-
-    async fn status(
-        &self,
-        _request: Request<StatusRequest>,
-    ) -> Result<Response<StatusReply>, Status> {
-        let applied = self.store.applied();
-        let (epoch, at) = (applied.epoch, applied.at_ns);
-        let stats = &self.store.stats;
-        Ok(Response::new(StatusReply {
-            last_applied_epoch: epoch,
-            applied_at_ns: at,
-            files: self.store.file_count() as u64,
-            bytes_received: stats.bytes_received.load(Ordering::Relaxed),
-            blocks_have: stats.blocks_have.load(Ordering::Relaxed),
-            blocks_sent: stats.blocks_sent.load(Ordering::Relaxed),
-            blocks_resumed: stats.blocks_resumed.load(Ordering::Relaxed),
-        }))
-    }
-}
-
-/// Serves `store` on `listener` over `tls` until `shutdown` resolves.
-pub async fn serve_on(
-    store: Arc<ReplicaStore>,
-    key: crate::auth::AuthKey,
-    tls: tonic::transport::ServerTlsConfig,
-    listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .tls_config(tls)?
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            ReplicaService::new(store).into_server(),
-            crate::auth::RequireKey(key),
-        ))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
-}
+pub use records::{Applied, Pair};
+pub use service::{ReplicaService, serve_on};
+pub use store::ReplicaStore;

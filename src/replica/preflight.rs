@@ -5,124 +5,244 @@
 //! is refused with a clear message instead of failing halfway through its
 //! apply. Paths an earlier operation of the same point changes are not
 //! checked against the disk (their state then is the apply's business;
-//! see `store::apply_op`, which logs and skips what it cannot do).
+//! see `apply`, which logs and skips what it cannot do).
 
 use std::path::{Path, PathBuf};
 
-use super::confine;
-use crate::proto::replication::{Begin, OpKind};
+use super::confine::{self, PathError};
+use crate::proto::replication::{Begin, FileState, NamespaceOp, OpKind};
 use crate::wire::MAX_FILE_SIZE;
+
+/// Why a point cannot be applied on this replica: refused before anything
+/// is staged (the service answers InvalidArgument).
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// A path is not confined to the replica root.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// A path goes through a symlink an earlier operation made.
+    #[error("path {path:?} goes through {link:?}, a symlink made earlier in the same point")]
+    ThroughNewSymlink {
+        /// The path, as received.
+        path: String,
+        /// The symlink, below the root.
+        link: PathBuf,
+    },
+    /// An operation of a kind this build does not know.
+    #[error("operation {op} has unknown kind {kind}")]
+    UnknownKind {
+        /// Its position in the point.
+        op: usize,
+        /// The kind received.
+        kind: i32,
+    },
+    /// A symlink to nothing.
+    #[error("symlink {path:?} has an empty target")]
+    EmptySymlinkTarget {
+        /// The symlink's path.
+        path: String,
+    },
+    /// A truncate beyond [`MAX_FILE_SIZE`].
+    #[error("truncate of {path:?} to {size} bytes is beyond the limit")]
+    TruncateTooLarge {
+        /// The file.
+        path: String,
+        /// The size asked for.
+        size: u64,
+    },
+    /// Something that is not a folder stands where a folder must be.
+    #[error("{path:?} lies below {blocker:?}, which is not a folder on the replica")]
+    FileOnTheWay {
+        /// The path, as received.
+        path: String,
+        /// What is in the way, below the root.
+        blocker: PathBuf,
+    },
+    /// An operation finds the wrong kind of thing at its path.
+    #[error("operation {op} ({kind:?}): {path:?} {wrong} on the replica")]
+    WrongKind {
+        /// Its position in the point.
+        op: usize,
+        /// Its kind.
+        kind: OpKind,
+        /// The path, as received.
+        path: String,
+        /// What is wrong there.
+        wrong: &'static str,
+    },
+    /// A file state beyond [`MAX_FILE_SIZE`].
+    #[error("file {file_id} size {size} is beyond the limit")]
+    FileTooLarge {
+        /// The file.
+        file_id: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// A file state whose path holds something else than a file.
+    #[error("file {file_id} at {path:?} is not a regular file on the replica")]
+    NotAFile {
+        /// The file.
+        file_id: u64,
+        /// Its path, as received.
+        path: String,
+    },
+}
 
 fn exists(p: &Path) -> Option<std::fs::Metadata> {
     std::fs::symlink_metadata(p).ok()
 }
 
 /// Refuses a path below something that exists and is not a folder.
-fn no_file_on_the_way(root: &Path, path: &Path, shown: &str) -> Result<(), String> {
+fn no_file_on_the_way(root: &Path, path: &Path, shown: &str) -> Result<(), PreflightError> {
     let blocked = path
         .ancestors()
         .skip(1)
         .take_while(|a| a.starts_with(root) && *a != root)
         .find(|a| exists(a).is_some_and(|m| !m.is_dir()));
     match blocked {
-        Some(a) => Err(format!(
-            "{shown:?} lies below {:?}, which is not a folder on the replica",
-            a.strip_prefix(root).unwrap_or(a)
-        )),
+        Some(a) => Err(PreflightError::FileOnTheWay {
+            path: shown.to_string(),
+            blocker: a.strip_prefix(root).unwrap_or(a).to_path_buf(),
+        }),
         None => Ok(()),
     }
 }
 
-/// Refuses `begin` when applying it on the replica at `root` cannot work.
-pub fn check(root: &Path, begin: &Begin) -> Result<(), String> {
-    let mut touched: Vec<PathBuf> = Vec::new();
-    let mut links: Vec<PathBuf> = Vec::new();
-    let resolve = |raw: &[u8], links: &[PathBuf]| -> Result<PathBuf, String> {
-        let path = confine::resolve(root, raw).map_err(|e| e.to_string())?;
-        if let Some(link) = links.iter().find(|l| path.starts_with(l) && path != **l) {
-            return Err(format!(
-                "path {:?} goes through {:?}, a symlink made earlier in the same point",
-                String::from_utf8_lossy(raw),
-                link.strip_prefix(root).unwrap_or(link)
-            ));
+/// What is wrong with an existing `m` at the path of an operation of
+/// `kind`, if anything.
+fn wrong_kind(kind: OpKind, path: &Path, m: &std::fs::Metadata) -> Option<&'static str> {
+    match kind {
+        OpKind::Rmdir if !m.is_dir() => Some("is not a folder"),
+        OpKind::Rmdir if std::fs::read_dir(path).map_or(true, |mut d| d.next().is_some()) => {
+            Some("is a folder that is not empty")
+        }
+        OpKind::Unlink if m.is_dir() => Some("is a folder"),
+        OpKind::Mkdir if !m.is_dir() => Some("exists and is not a folder"),
+        OpKind::Create | OpKind::Truncate | OpKind::Link if !m.is_file() => {
+            Some("is not a regular file")
+        }
+        _ => None,
+    }
+}
+
+/// The walk through one point: the paths its operations touched so far
+/// (their state is the apply's business) and the symlinks they made.
+struct Walk<'a> {
+    root: &'a Path,
+    touched: Vec<PathBuf>,
+    links: Vec<PathBuf>,
+}
+
+impl Walk<'_> {
+    /// Confines `raw`, refusing a path through a symlink made earlier in
+    /// the point.
+    fn resolve(&self, raw: &[u8]) -> Result<PathBuf, PreflightError> {
+        let path = confine::resolve(self.root, raw)?;
+        if let Some(link) = self
+            .links
+            .iter()
+            .find(|l| path.starts_with(l) && path != **l)
+        {
+            return Err(PreflightError::ThroughNewSymlink {
+                path: String::from_utf8_lossy(raw).into_owned(),
+                link: link.strip_prefix(self.root).unwrap_or(link).to_path_buf(),
+            });
         }
         Ok(path)
-    };
-    for (i, op) in begin.ops.iter().enumerate() {
+    }
+
+    /// Whether no earlier operation touched `path`, above or below it:
+    /// then it is checked against the disk, and `shown` must not lie
+    /// below a file.
+    fn untouched(&self, path: &Path, shown: &str) -> Result<bool, PreflightError> {
+        let untouched = !self
+            .touched
+            .iter()
+            .any(|t| path.starts_with(t) || t.starts_with(path));
+        if untouched {
+            no_file_on_the_way(self.root, path, shown)?;
+        }
+        Ok(untouched)
+    }
+
+    /// Operation `i`.
+    fn op(&mut self, i: usize, op: &NamespaceOp) -> Result<(), PreflightError> {
         let kind = OpKind::try_from(op.kind)
             .ok()
             .filter(|k| *k != OpKind::Unspecified)
-            .ok_or_else(|| format!("operation {i} has unknown kind {}", op.kind))?;
-        let path = resolve(&op.path, &links)?;
+            .ok_or(PreflightError::UnknownKind {
+                op: i,
+                kind: op.kind,
+            })?;
+        let path = self.resolve(&op.path)?;
         let shown = String::from_utf8_lossy(&op.path);
         let target = match kind {
             // An empty target is refused by `confine` like any bad path.
-            OpKind::Rename | OpKind::Link => Some(resolve(&op.target, &links)?),
+            OpKind::Rename | OpKind::Link => Some(self.resolve(&op.target)?),
             OpKind::Symlink if op.target.is_empty() => {
-                return Err(format!("symlink {shown:?} has an empty target"));
+                return Err(PreflightError::EmptySymlinkTarget {
+                    path: shown.into_owned(),
+                });
             }
             _ => None,
         };
         if kind == OpKind::Truncate && op.arg > MAX_FILE_SIZE {
-            return Err(format!(
-                "truncate of {shown:?} to {} bytes is beyond the limit",
-                op.arg
-            ));
+            return Err(PreflightError::TruncateTooLarge {
+                path: shown.into_owned(),
+                size: op.arg,
+            });
         }
-        let untouched = !touched
-            .iter()
-            .any(|t| path.starts_with(t) || t.starts_with(&path));
-        if untouched {
-            no_file_on_the_way(root, &path, &shown)?;
-        }
-        if untouched && let Some(m) = exists(&path) {
-            let wrong = match kind {
-                OpKind::Rmdir if !m.is_dir() => Some("is not a folder"),
-                OpKind::Rmdir
-                    if std::fs::read_dir(&path).map_or(true, |mut d| d.next().is_some()) =>
-                {
-                    Some("is a folder that is not empty")
-                }
-                OpKind::Unlink if m.is_dir() => Some("is a folder"),
-                OpKind::Mkdir if !m.is_dir() => Some("exists and is not a folder"),
-                OpKind::Create | OpKind::Truncate | OpKind::Link if !m.is_file() => {
-                    Some("is not a regular file")
-                }
-                _ => None,
-            };
-            if let Some(wrong) = wrong {
-                return Err(format!(
-                    "operation {i} ({kind:?}): {shown:?} {wrong} on the replica"
-                ));
-            }
+        if self.untouched(&path, &shown)?
+            && let Some(m) = exists(&path)
+            && let Some(wrong) = wrong_kind(kind, &path, &m)
+        {
+            return Err(PreflightError::WrongKind {
+                op: i,
+                kind,
+                path: shown.into_owned(),
+                wrong,
+            });
         }
         if kind == OpKind::Symlink {
-            links.push(path.clone());
+            self.links.push(path.clone());
         }
-        touched.push(path);
-        touched.extend(target);
+        self.touched.push(path);
+        self.touched.extend(target);
+        Ok(())
+    }
+
+    /// A file's final state, after every operation.
+    fn file(&self, f: &FileState) -> Result<(), PreflightError> {
+        let path = self.resolve(&f.path)?;
+        if f.size > MAX_FILE_SIZE {
+            return Err(PreflightError::FileTooLarge {
+                file_id: f.file_id,
+                size: f.size,
+            });
+        }
+        let shown = String::from_utf8_lossy(&f.path);
+        if self.untouched(&path, &shown)? && exists(&path).is_some_and(|m| !m.is_file()) {
+            return Err(PreflightError::NotAFile {
+                file_id: f.file_id,
+                path: shown.into_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Refuses `begin` when applying it on the replica at `root` cannot work.
+pub fn check(root: &Path, begin: &Begin) -> Result<(), PreflightError> {
+    let mut walk = Walk {
+        root,
+        touched: Vec::new(),
+        links: Vec::new(),
+    };
+    for (i, op) in begin.ops.iter().enumerate() {
+        walk.op(i, op)?;
     }
     for f in &begin.files {
-        let path = resolve(&f.path, &links)?;
-        if f.size > MAX_FILE_SIZE {
-            return Err(format!(
-                "file {} size {} is beyond the limit",
-                f.file_id, f.size
-            ));
-        }
-        let untouched = !touched
-            .iter()
-            .any(|t| path.starts_with(t) || t.starts_with(&path));
-        if untouched {
-            no_file_on_the_way(root, &path, &String::from_utf8_lossy(&f.path))?;
-        }
-        if untouched && exists(&path).is_some_and(|m| !m.is_file()) {
-            return Err(format!(
-                "file {} at {:?} is not a regular file on the replica",
-                f.file_id,
-                String::from_utf8_lossy(&f.path)
-            ));
-        }
+        walk.file(f)?;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! - the point itself, up to the first offer whose block has not arrived:
 //!   a stream of the same point (same point id: the primary retries a
 //!   point unchanged) starts there, and Begin's answer says where. It is
-//!   also logged to disk every `CHECKPOINT_BYTES` (`partial`), so a
+//!   also logged to disk every `CHECKPOINT_BYTES` (`resume`), so a
 //!   restart of the secondary resumes it too. A refused stream keeps no
 //!   point (a primary never resends a refused one);
 //! - its content by hash: a stream of another point (the primary folded
@@ -26,102 +26,30 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use super::partial::PartialLog;
+use super::preflight;
+use super::refused::Refused;
+use super::resume::{Carried, Content, PartialLog, PartialPoint, Place, place_of};
 use super::store::ReplicaStore;
 use crate::block::{self, BlockHash, HashKey};
 use crate::error::IoContext;
+use crate::ids::{BlockNo, Epoch, FileId};
 use crate::proto::replica::{StagedBlock, StagedEpoch};
-use crate::proto::replication::{Applied, Begin, Blocks, Commit, Offers, Resumed, Wants};
-use crate::state::ReplicaPaths;
+use crate::proto::replication::{Applied, Begin, Blocks, Commit, Offer, Offers, Resumed, Wants};
 use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS};
 
 /// Staged bytes between two checkpoints of the point's log (every message
 /// in unit tests, so that the fuzz suite exercises the log too).
 const CHECKPOINT_BYTES: u64 = if cfg!(test) { 1 } else { 32 * 1024 * 1024 };
 
-/// Why a stream was refused.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
+/// Blocks awaiting data: place → (hash, length).
+type Pending = HashMap<Place, (BlockHash, u32)>;
 
-fn refuse<T>(msg: impl Into<String>) -> Result<T, Refused> {
-    Err(Refused(msg.into()))
-}
-
-fn staging_error(path: &Path, e: std::io::Error) -> Refused {
-    Refused(format!("staging {}: {e}", path.display()))
-}
-
-/// Blocks awaiting data: (file id, block) → (hash, length).
-type Pending = HashMap<(u64, u64), (BlockHash, u32)>;
-
-/// Content in the staging data file by hash: (offset, length).
-type Content = HashMap<BlockHash, (u64, u32)>;
-
-/// A point a broken stream staged in part.
-#[derive(Debug)]
-struct PartialPoint {
-    point: Vec<u8>,
-    epoch: u64,
-    /// Its offers (file id, block) in the primary's order, each complete.
-    offers: Vec<(u64, u64)>,
-    /// Their staged blocks.
-    blocks: Vec<StagedBlock>,
-    /// How many of the offers the on-disk log holds (`partial`), and its
-    /// length after them; `None` when there is no log.
-    logged: Option<(usize, u64)>,
-}
-
-/// What streams that broke before their commit staged, for the next one.
-#[derive(Debug, Default)]
-pub struct Carried {
-    content: Content,
-    point: Option<PartialPoint>,
-}
-
-impl std::fmt::Display for Carried {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.point {
-            Some(p) => write!(f, "{} offers of epoch {}", p.offers.len(), p.epoch),
-            None => write!(f, "{} blocks of content", self.content.len()),
-        }
-    }
-}
-
-impl Carried {
-    /// The point a stream of an earlier run of the secondary left in its
-    /// log (`partial`), each block's staged content re-read and re-hashed:
-    /// the log ends at the first that does not match.
-    pub fn from_log(paths: &ReplicaPaths, key: &HashKey) -> Option<Carried> {
-        let loaded = super::partial::load(paths)?;
-        let data = File::open(paths.staged_data()).ok()?;
-        let mut carried = Carried::default();
-        let mut blocks = Vec::new();
-        let mut len = loaded.header_len;
-        for (b, end) in loaded.blocks {
-            if !b.zero {
-                let mut buf = vec![0u8; b.length as usize];
-                let hash = BlockHash::from_bytes(&b.hash)?;
-                if data.read_exact_at(&mut buf, b.offset).is_err() || key.hash(&buf) != hash {
-                    break;
-                }
-                carried.content.insert(hash, (b.offset, b.length));
-            }
-            blocks.push(b);
-            len = end;
-        }
-        carried.point = Some(PartialPoint {
-            point: loaded.point,
-            epoch: loaded.epoch,
-            offers: blocks.iter().map(|b| (b.file_id, b.block)).collect(),
-            logged: Some((blocks.len(), len)),
-            blocks,
-        });
-        Some(carried)
-    }
+/// The place an offer or a block names.
+fn place(file_id: u64, block: u64) -> Place {
+    (FileId(file_id), BlockNo(block))
 }
 
 /// The state of one epoch being received.
@@ -131,7 +59,7 @@ pub struct Session<'a> {
     key: HashKey,
     block_size: u64,
     begin: Option<Begin>,
-    sizes: HashMap<u64, u64>,
+    sizes: HashMap<FileId, u64>,
     data_path: PathBuf,
     data: File,
     data_len: u64,
@@ -147,10 +75,10 @@ pub struct Session<'a> {
     partial: Option<PartialPoint>,
     /// Every offer in the primary's order: a stream that breaks resumes
     /// at the first whose block has not arrived.
-    offer_log: Vec<(u64, u64)>,
+    offer_log: Vec<Place>,
     /// Where in `blocks` each offer's block is (with `pending`, every
     /// offer made).
-    block_at: HashMap<(u64, u64), usize>,
+    block_at: HashMap<Place, usize>,
     /// The point's on-disk log, and the staged bytes since its last
     /// checkpoint.
     log: Option<PartialLog>,
@@ -165,19 +93,17 @@ impl<'a> Session<'a> {
     /// A session for the paired primary; refused before any hello.
     pub fn new(store: &'a ReplicaStore) -> Result<Session<'a>, Refused> {
         let Some(pair) = store.pair() else {
-            return refuse("no primary has said hello to this replica yet");
+            return Err(Refused::NotPaired);
         };
         if store.apply_pending() {
-            return refuse(
-                "an earlier apply failed and must be finished first: restart the secondary",
-            );
+            return Err(Refused::ApplyPending);
         }
         let Carried {
             content: carried,
             point: partial,
         } = store.take_carried().unwrap_or_default();
         let data_path = store.paths.staged_data();
-        let staging_error = |e| staging_error(&data_path, e);
+        let staging_error = |e| Refused::staging(&data_path, e);
         let data = OpenOptions::new()
             .read(true)
             .write(true)
@@ -215,72 +141,54 @@ impl<'a> Session<'a> {
         })
     }
 
+    /// Refuses a Begin that does not follow the applied point, exceeds
+    /// the limits, or cannot be applied here; records its file sizes.
+    fn check_begin(&mut self, begin: &Begin) -> Result<(), Refused> {
+        if self.begin.is_some() {
+            return Err(Refused::SecondBegin);
+        }
+        if begin.point.len() != 16 {
+            return Err(Refused::PointId(begin.point.len()));
+        }
+        let applied = self.store.applied().epoch.0;
+        if begin.base_epoch != applied {
+            return Err(Refused::WrongBase {
+                epoch: begin.epoch,
+                base: begin.base_epoch,
+                applied,
+            });
+        }
+        if begin.epoch <= applied {
+            return Err(Refused::NotNewer {
+                epoch: begin.epoch,
+                applied,
+            });
+        }
+        if begin.ops.len() > MAX_ENTRIES || begin.files.len() > MAX_ENTRIES {
+            return Err(Refused::TooManyEntries {
+                epoch: begin.epoch,
+                ops: begin.ops.len(),
+                files: begin.files.len(),
+            });
+        }
+        preflight::check(&self.store.root, begin)?;
+        for f in &begin.files {
+            if self.sizes.insert(FileId(f.file_id), f.size).is_some() {
+                return Err(Refused::FileTwice(f.file_id));
+            }
+        }
+        Ok(())
+    }
+
     /// The start of an epoch: operations and file states. The answer says
     /// how many of its offers an earlier, broken stream of the same point
     /// left complete.
     pub fn begin(&mut self, begin: Begin) -> Result<Resumed, Refused> {
-        if self.begin.is_some() {
-            return refuse("a second Begin in one stream");
-        }
-        if begin.point.len() != 16 {
-            return refuse(format!(
-                "point id of {} bytes, expected 16",
-                begin.point.len()
-            ));
-        }
-        let applied = self.store.applied().epoch;
-        if begin.base_epoch != applied {
-            return refuse(format!(
-                "epoch {} is based on epoch {}, but this replica is at epoch {applied}",
-                begin.epoch, begin.base_epoch
-            ));
-        }
-        if begin.epoch <= applied {
-            return refuse(format!(
-                "epoch {} is not newer than the applied epoch {applied} (replayed or out of order)",
-                begin.epoch
-            ));
-        }
-        if begin.ops.len() > MAX_ENTRIES || begin.files.len() > MAX_ENTRIES {
-            return refuse(format!(
-                "epoch {} carries {} operations and {} files; at most {MAX_ENTRIES} each",
-                begin.epoch,
-                begin.ops.len(),
-                begin.files.len()
-            ));
-        }
-        super::preflight::check(&self.store.root, &begin).map_err(Refused)?;
-        for f in &begin.files {
-            if self.sizes.insert(f.file_id, f.size).is_some() {
-                return refuse(format!("file {} listed twice", f.file_id));
-            }
-        }
+        self.check_begin(&begin)?;
+        let epoch = Epoch(begin.epoch);
         let partial = self.partial.take();
-        if let Some(p) = partial.filter(|p| p.point == begin.point && p.epoch == begin.epoch) {
-            log::info!(
-                "epoch {}: resuming after {} offers a broken stream left complete",
-                begin.epoch,
-                p.offers.len()
-            );
-            self.offer_log = p.offers;
-            self.blocks = p.blocks;
-            self.block_at = (self.blocks.iter().enumerate())
-                .map(|(i, b)| ((b.file_id, b.block), i))
-                .collect();
-            self.log = match p.logged {
-                Some((logged, len)) => PartialLog::resume(&self.store.paths, logged, len)
-                    .inspect_err(|e| log::warn!("not logging epoch {}: {e}", begin.epoch))
-                    .ok(),
-                None => None,
-            };
-            if self.log.is_none() {
-                let _ = fs::remove_file(self.store.paths.partial());
-            }
-            let offers_done = self.offer_log.len() as u64;
-            self.store
-                .stats
-                .blocks_resumed
-                .fetch_add(offers_done, Ordering::Relaxed);
+        if let Some(p) = partial.filter(|p| p.point == begin.point && p.epoch == epoch) {
+            let offers_done = self.resume_point(p, epoch);
             self.begin = Some(begin);
             return Ok(Resumed { offers_done });
         }
@@ -294,14 +202,44 @@ impl<'a> Session<'a> {
             self.carried.clear();
             self.data
                 .set_len(0)
-                .map_err(|e| staging_error(&self.data_path, e))?;
+                .map_err(|e| Refused::staging(&self.data_path, e))?;
             self.data_len = 0;
         }
-        self.log = PartialLog::start(&self.store.paths, &begin.point, begin.epoch)
-            .inspect_err(|e| log::warn!("not logging epoch {}: {e}", begin.epoch))
+        self.log = PartialLog::start(&self.store.paths, &begin.point, epoch)
+            .inspect_err(|e| log::warn!("not logging epoch {epoch}: {e}"))
             .ok();
         self.begin = Some(begin);
         Ok(Resumed { offers_done: 0 })
+    }
+
+    /// Takes up the point an earlier, broken stream of the same point left:
+    /// its complete offers and their blocks, and its log; returns how many
+    /// offers are done.
+    fn resume_point(&mut self, p: PartialPoint, epoch: Epoch) -> u64 {
+        log::info!(
+            "epoch {epoch}: resuming after {} offers a broken stream left complete",
+            p.offers.len()
+        );
+        self.offer_log = p.offers;
+        self.blocks = p.blocks;
+        self.block_at = (self.blocks.iter().enumerate())
+            .map(|(i, b)| (place_of(b), i))
+            .collect();
+        self.log = match p.logged {
+            Some((logged, len)) => PartialLog::resume(&self.store.paths, logged, len)
+                .inspect_err(|e| log::warn!("not logging epoch {epoch}: {e}"))
+                .ok(),
+            None => None,
+        };
+        if self.log.is_none() {
+            let _ = fs::remove_file(self.store.paths.partial());
+        }
+        let offers_done = self.offer_log.len() as u64;
+        self.store
+            .stats
+            .blocks_resumed
+            .fetch_add(offers_done, Ordering::Relaxed);
+        offers_done
     }
 
     /// Content for `hash` that an earlier, broken stream staged, checked
@@ -323,15 +261,14 @@ impl<'a> Session<'a> {
         let at = self.data_len;
         self.data
             .write_all_at(data, at)
-            .map_err(|e| staging_error(&self.data_path, e))?;
+            .map_err(|e| Refused::staging(&self.data_path, e))?;
         self.data_len += data.len() as u64;
         self.unlogged_bytes += data.len() as u64;
         Ok(at)
     }
 
     fn push_block(&mut self, block: StagedBlock) {
-        self.block_at
-            .insert((block.file_id, block.block), self.blocks.len());
+        self.block_at.insert(place_of(&block), self.blocks.len());
         self.blocks.push(block);
     }
 
@@ -372,6 +309,7 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Stages `data` (once per hash) for block `block` of file `file_id`.
     fn stage(
         &mut self,
         file_id: u64,
@@ -398,138 +336,145 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Refuses an offer for a file not in the epoch, past its end, of the
+    /// wrong length, or made before; its place otherwise.
+    fn check_offer(&self, o: &Offer) -> Result<Place, Refused> {
+        let (file, block) = (o.file_id, o.block);
+        let Some(&size) = self.sizes.get(&FileId(file)) else {
+            return Err(Refused::NotInEpoch(file));
+        };
+        let start = block.checked_mul(self.block_size).filter(|s| *s < size);
+        let Some(start) = start else {
+            return Err(Refused::BeyondSize { block, file, size });
+        };
+        let expected = (size - start).min(self.block_size) as u32;
+        if o.length != expected {
+            return Err(Refused::WrongLength {
+                block,
+                file,
+                length: o.length,
+                expected,
+            });
+        }
+        // An offer already made has its block, or waits for it.
+        let key = place(file, block);
+        if self.block_at.contains_key(&key) || self.pending.contains_key(&key) {
+            return Err(Refused::OfferedTwice { block, file });
+        }
+        Ok(key)
+    }
+
+    /// Where content of `hash` already staged in this epoch, or carried
+    /// from a broken stream, lies in the data file.
+    fn staged_content(&mut self, hash: BlockHash, length: u32) -> Option<(u64, u32)> {
+        match self.staged.get(&hash) {
+            Some(&(offset, len)) if len == length => Some((offset, len)),
+            Some(_) => None,
+            None => self.resume(hash, length).inspect(|_| {
+                self.store
+                    .stats
+                    .blocks_resumed
+                    .fetch_add(1, Ordering::Relaxed);
+            }),
+        }
+    }
+
     /// Hash offers: answers which blocks must be sent.
     pub fn offers(&mut self, offers: Offers) -> Result<Wants, Refused> {
         if self.begin.is_none() {
-            return refuse("Offers before Begin");
+            return Err(Refused::OffersBeforeBegin);
         }
         if offers.offers.len() > MAX_OFFERS {
-            return refuse(format!(
-                "{} offers in one message; at most {MAX_OFFERS}",
-                offers.offers.len()
-            ));
+            return Err(Refused::TooManyOffers(offers.offers.len()));
         }
         let mut wants = Vec::new();
         for (i, o) in offers.offers.into_iter().enumerate() {
-            let Some(&size) = self.sizes.get(&o.file_id) else {
-                return refuse(format!(
-                    "offer for file {} which is not in the epoch",
-                    o.file_id
-                ));
-            };
-            let start = o.block.checked_mul(self.block_size).filter(|s| *s < size);
-            let Some(start) = start else {
-                return refuse(format!(
-                    "offer for block {} of file {} beyond its size {size}",
-                    o.block, o.file_id
-                ));
-            };
-            let expected = (size - start).min(self.block_size) as u32;
-            if o.length != expected {
-                return refuse(format!(
-                    "offer for block {} of file {} has length {}, expected {expected}",
-                    o.block, o.file_id, o.length
-                ));
-            }
-            // An offer already made has its block, or waits for it.
-            let key = (o.file_id, o.block);
-            if self.block_at.contains_key(&key) || self.pending.contains_key(&key) {
-                return refuse(format!(
-                    "block {} of file {} offered twice",
-                    o.block, o.file_id
-                ));
-            }
-            self.offer_log.push(key);
-            if o.zero {
-                self.push_block(StagedBlock {
-                    file_id: o.file_id,
-                    block: o.block,
-                    zero: true,
-                    offset: 0,
-                    length: o.length,
-                    hash: Vec::new(),
-                });
-                continue;
-            }
-            let Some(hash) = BlockHash::from_bytes(&o.hash) else {
-                return refuse(format!(
-                    "offer for block {} of file {} has a {}-byte hash",
-                    o.block,
-                    o.file_id,
-                    o.hash.len()
-                ));
-            };
-            let staged = match self.staged.get(&hash) {
-                Some(&(offset, length)) if length == o.length => Some((offset, length)),
-                Some(_) => None,
-                None => self.resume(hash, o.length).inspect(|_| {
-                    self.store
-                        .stats
-                        .blocks_resumed
-                        .fetch_add(1, Ordering::Relaxed);
-                }),
-            };
-            if let Some((offset, length)) = staged {
-                self.push_block(StagedBlock {
-                    file_id: o.file_id,
-                    block: o.block,
-                    zero: false,
-                    offset,
-                    length,
-                    hash: o.hash,
-                });
-                self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let held = self
-                .store
-                .find(&self.key, hash, o.length as usize)
-                .map_err(|e| Refused(format!("reading the content index: {e}")))?;
-            match held {
-                Some(data) => {
-                    self.stage(o.file_id, o.block, hash, &data)?;
-                    self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
-                }
-                None => {
-                    wants.push(i as u32);
-                    self.pending.insert((o.file_id, o.block), (hash, o.length));
-                }
+            if self.offer(o)? {
+                wants.push(i as u32);
             }
         }
         self.checkpoint();
         Ok(Wants { positions: wants })
     }
 
+    /// One offer: staged from content at hand, or (`true`) wanted.
+    fn offer(&mut self, o: Offer) -> Result<bool, Refused> {
+        let key = self.check_offer(&o)?;
+        self.offer_log.push(key);
+        if o.zero {
+            self.push_block(StagedBlock {
+                file_id: o.file_id,
+                block: o.block,
+                zero: true,
+                offset: 0,
+                length: o.length,
+                hash: Vec::new(),
+            });
+            return Ok(false);
+        }
+        let Some(hash) = BlockHash::from_bytes(&o.hash) else {
+            return Err(Refused::HashLength {
+                block: o.block,
+                file: o.file_id,
+                len: o.hash.len(),
+            });
+        };
+        if let Some((offset, length)) = self.staged_content(hash, o.length) {
+            self.push_block(StagedBlock {
+                file_id: o.file_id,
+                block: o.block,
+                zero: false,
+                offset,
+                length,
+                hash: o.hash,
+            });
+            self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        let held = self
+            .store
+            .find(&self.key, hash, o.length as usize)
+            .map_err(Refused::Index)?;
+        match held {
+            Some(data) => {
+                self.stage(o.file_id, o.block, hash, &data)?;
+                self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
+                Ok(false)
+            }
+            None => {
+                self.pending.insert(key, (hash, o.length));
+                Ok(true)
+            }
+        }
+    }
+
     /// Wanted blocks: decompressed within bounds and checked against the
     /// hash offered for them before they are staged.
     pub fn blocks(&mut self, blocks: Blocks) -> Result<(), Refused> {
         if blocks.blocks.len() > MAX_BLOCKS {
-            return refuse(format!(
-                "{} blocks in one message; at most {MAX_BLOCKS}",
-                blocks.blocks.len()
-            ));
+            return Err(Refused::TooManyBlocks(blocks.blocks.len()));
         }
         for b in blocks.blocks {
-            let Some((hash, length)) = self.pending.remove(&(b.file_id, b.block)) else {
-                return refuse(format!(
-                    "block {} of file {} was not asked for",
-                    b.block, b.file_id
-                ));
+            let (block, file) = (b.block, b.file_id);
+            let Some((hash, length)) = self.pending.remove(&place(file, block)) else {
+                return Err(Refused::NotAskedFor { block, file });
             };
-            let data = block::decompress(&b.zstd, length as usize)
-                .map_err(|e| Refused(format!("block {} of file {}: {e}", b.block, b.file_id)))?;
+            let data = block::decompress(&b.zstd, length as usize).map_err(|source| {
+                Refused::Decompress {
+                    block,
+                    file,
+                    source,
+                }
+            })?;
             if data.len() != length as usize || self.key.hash(&data) != hash {
-                return refuse(format!(
-                    "block {} of file {} does not match the hash offered for it (corrupted in transit?)",
-                    b.block, b.file_id
-                ));
+                return Err(Refused::HashMismatch { block, file });
             }
             self.store
                 .stats
                 .bytes_received
                 .fetch_add(b.zstd.len() as u64, Ordering::Relaxed);
             self.store.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
-            self.stage(b.file_id, b.block, hash, &data)?;
+            self.stage(file, block, hash, &data)?;
         }
         self.checkpoint();
         Ok(())
@@ -538,19 +483,16 @@ impl<'a> Session<'a> {
     /// The epoch's Begin, if `commit` may end it.
     fn check_commit(&mut self, commit: &Commit) -> Result<Begin, Refused> {
         let Some(begin) = self.begin.take() else {
-            return refuse("Commit before Begin");
+            return Err(Refused::CommitBeforeBegin);
         };
         if commit.epoch != begin.epoch {
-            return refuse(format!(
-                "Commit for epoch {} inside epoch {}",
-                commit.epoch, begin.epoch
-            ));
+            return Err(Refused::CommitEpoch {
+                commit: commit.epoch,
+                begin: begin.epoch,
+            });
         }
         if !self.pending.is_empty() {
-            return refuse(format!(
-                "Commit with {} wanted blocks never sent",
-                self.pending.len()
-            ));
+            return Err(Refused::CommitMissing(self.pending.len()));
         }
         Ok(begin)
     }
@@ -568,7 +510,7 @@ impl<'a> Session<'a> {
         let begin = checked.inspect_err(|_| self.refused = true)?;
         self.data
             .sync_all()
-            .map_err(|e| staging_error(&self.data_path, e))?;
+            .map_err(|e| Refused::staging(&self.data_path, e))?;
         let epoch = begin.epoch;
         let staged = StagedEpoch {
             begin: Some(begin),
@@ -577,8 +519,8 @@ impl<'a> Session<'a> {
         // From here the staging belongs to the apply (or its redo record).
         self.committed = true;
         self.store
-            .commit(&staged, epoch)
-            .map_err(|e| Refused(format!("applying epoch {epoch}: {e}")))?;
+            .commit(&staged, Epoch(epoch))
+            .map_err(|source| Refused::Apply { epoch, source })?;
         Ok(Applied { epoch })
     }
 }
@@ -601,12 +543,11 @@ impl Drop for Session<'_> {
             Some(b) => {
                 // Up to the first offer still waiting for its block.
                 let complete = self.complete();
-                let after: HashSet<(u64, u64)> = self.offer_log.drain(complete..).collect();
-                self.blocks
-                    .retain(|b| !after.contains(&(b.file_id, b.block)));
+                let after: HashSet<Place> = self.offer_log.drain(complete..).collect();
+                self.blocks.retain(|b| !after.contains(&place_of(b)));
                 Some(PartialPoint {
                     point: b.point,
-                    epoch: b.epoch,
+                    epoch: Epoch(b.epoch),
                     offers: std::mem::take(&mut self.offer_log),
                     blocks: std::mem::take(&mut self.blocks),
                     logged: self.log.as_ref().map(PartialLog::logged),

@@ -1,0 +1,308 @@
+//! The atomic apply of a staged epoch: redo → apply → applied.
+//!
+//! An epoch is first staged completely (block data and a manifest,
+//! fsynced) in `REPLICA/.hbrfs/staging/`; then a `redo` record naming it
+//! is written durably — the commit point ([`write_commit_point`]); then it
+//! is applied in place and the replica fsynced ([`Apply::run`]); then
+//! `applied` is updated and the redo record and staging removed (by the
+//! store, which owns the in-memory state). A restart that finds a redo
+//! record applies the staged epoch again (every step is idempotent;
+//! namespace operations count their progress in the redo record). So after
+//! a crash at any instant the replica is at the previous point or, after
+//! the replay at start, at the new one — never between. The mirrored mount
+//! is kept out of the replica (the store's `view` lock) while an epoch
+//! applies.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use super::confine;
+use super::index::ContentIndex;
+use super::records::{Applied, Redo, bad};
+use crate::error::{IoContext, Result};
+use crate::ids::{BlockNo, Epoch, FileId};
+use crate::proto::replica::StagedEpoch;
+use crate::proto::replication::{Begin, NamespaceOp, OpKind};
+use crate::state::{ReplicaPaths, now_ns, write_durably};
+use crate::sys;
+
+/// Replica folders and files get fixed modes (0755, 0644): the primary's
+/// modes are not shipped yet, and the secondary's umask must not decide.
+pub fn make_dirs(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .at(path)
+}
+
+fn open_for_write(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .at(path)
+}
+
+/// The commit point: the staged manifest, then the redo record, each
+/// written durably. From here a crash replays the apply.
+pub fn write_commit_point(paths: &ReplicaPaths, staged: &StagedEpoch, epoch: Epoch) -> Result<()> {
+    write_durably(&paths.staged_manifest(), &staged.encode_to_vec())?;
+    Redo { epoch, ops_done: 0 }.write(paths)
+}
+
+/// The manifest an interrupted apply staged, to apply it again.
+pub fn read_manifest(paths: &ReplicaPaths) -> Result<StagedEpoch> {
+    let manifest = paths.staged_manifest();
+    let bytes = fs::read(&manifest).at(&manifest)?;
+    StagedEpoch::decode(bytes.as_slice())
+        .map_err(|e| bad(&manifest, format!("corrupt staged manifest: {e}")))
+}
+
+/// Files of the epoch opened for writing, by id.
+type Open = HashMap<FileId, (File, PathBuf)>;
+
+/// What an apply works on: the replica root, its state folder and its
+/// content index, at the pair's block size.
+#[derive(Debug)]
+pub struct Apply<'a> {
+    /// The replica root.
+    pub root: &'a Path,
+    /// Its state folder (staging, redo, applied).
+    pub paths: &'a ReplicaPaths,
+    /// The content index, updated with what the epoch writes.
+    pub index: &'a ContentIndex,
+    /// The pair's block size in bytes.
+    pub block_size: u64,
+}
+
+impl Apply<'_> {
+    /// Applies the staged epoch in place from operation `ops_done` on and
+    /// records it durably as applied; returns that record. The redo record
+    /// and the staging are the caller's to remove.
+    pub fn run(&self, staged: &StagedEpoch, epoch: Epoch, ops_done: usize) -> Result<Applied> {
+        let begin = staged.begin.clone().unwrap_or_default();
+        self.apply_ops(&begin, epoch, ops_done)?;
+        let open = self.open_files(&begin, epoch)?;
+        self.write_blocks(staged, &open)?;
+        self.sync(&begin, &open)?;
+        self.index.flush()?;
+        let applied = Applied {
+            epoch,
+            at_ns: now_ns(),
+            point: begin.point.clone(),
+        };
+        applied.write(self.paths)?;
+        Ok(applied)
+    }
+
+    /// The namespace operations from `ops_done` on, each counted in the
+    /// redo record. Preflight refused every point it could tell would
+    /// fail; what an earlier operation of the same point makes impossible
+    /// is logged and skipped, so that a bad point can never wedge the
+    /// replica.
+    fn apply_ops(&self, begin: &Begin, epoch: Epoch, ops_done: usize) -> Result<()> {
+        for (i, op) in begin.ops.iter().enumerate().skip(ops_done) {
+            if let Err(e) = self.apply_op(op) {
+                log::error!("epoch {epoch}: operation {i} could not be applied, skipped: {e}");
+            }
+            Redo {
+                epoch,
+                ops_done: i + 1,
+            }
+            .write(self.paths)?;
+        }
+        Ok(())
+    }
+
+    /// Opens every file of the epoch at its final size; one that cannot
+    /// be is logged and skipped with its blocks.
+    fn open_files(&self, begin: &Begin, epoch: Epoch) -> Result<Open> {
+        let mut open = HashMap::new();
+        for f in &begin.files {
+            let opened = confine::resolve(self.root, &f.path)
+                .map_err(|e| bad(self.root, e.to_string()))
+                .and_then(|path| {
+                    if let Some(parent) = path.parent() {
+                        make_dirs(parent)?;
+                    }
+                    let file = open_for_write(&path)?;
+                    file.set_len(f.size).at(&path)?;
+                    Ok((file, path))
+                });
+            let (file, path) = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    log::error!(
+                        "epoch {epoch}: file {} could not be written, skipped: {e}",
+                        f.file_id
+                    );
+                    continue;
+                }
+            };
+            let id = FileId(f.file_id);
+            self.index.set_path(id, &f.path)?;
+            open.insert(id, (file, path));
+        }
+        Ok(open)
+    }
+
+    /// Writes the staged blocks (punching holes for zero blocks) and
+    /// indexes their content.
+    fn write_blocks(&self, staged: &StagedEpoch, open: &Open) -> Result<()> {
+        let data_path = self.paths.staged_data();
+        let data = File::open(&data_path).at(&data_path)?;
+        let mut buf = Vec::new();
+        for b in &staged.blocks {
+            let Some((file, path)) = open.get(&FileId(b.file_id)) else {
+                continue; // its file was skipped (logged there)
+            };
+            let at = b.block * self.block_size;
+            if b.zero {
+                let punched = sys::fallocate(
+                    file.as_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    at,
+                    u64::from(b.length),
+                );
+                if punched.is_err() {
+                    file.write_all_at(&vec![0u8; b.length as usize], at)
+                        .at(path)?;
+                }
+                continue;
+            }
+            buf.resize(b.length as usize, 0);
+            data.read_exact_at(&mut buf, b.offset).at(&data_path)?;
+            file.write_all_at(&buf, at).at(path)?;
+            self.index
+                .record(&b.hash, FileId(b.file_id), BlockNo(b.block))?;
+        }
+        Ok(())
+    }
+
+    /// Syncs only what this epoch touched (not the whole file system): its
+    /// files, and the folders whose entries changed.
+    fn sync(&self, begin: &Begin, open: &Open) -> Result<()> {
+        for (file, path) in open.values() {
+            file.sync_all().at(path)?;
+        }
+        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        let raw_paths = begin.ops.iter().flat_map(|op| [&op.path, &op.target]);
+        for raw in raw_paths.chain(begin.files.iter().map(|f| &f.path)) {
+            if let Ok(p) = confine::join(self.root, raw) {
+                dirs.extend(
+                    p.ancestors()
+                        .skip(1)
+                        .take_while(|d| d.starts_with(self.root))
+                        .map(Path::to_path_buf),
+                );
+            }
+        }
+        for dir in dirs {
+            if let Ok(d) = File::open(&dir) {
+                d.sync_all().at(&dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, raw: &[u8]) -> Result<PathBuf> {
+        confine::resolve(self.root, raw).map_err(|e| bad(self.root, e.to_string()))
+    }
+
+    fn parent_of(&self, p: &Path) -> PathBuf {
+        p.parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.to_path_buf())
+    }
+
+    /// Applies one namespace operation; each is a no-op when it finds its
+    /// effect already done, so a replay after a crash is harmless.
+    fn apply_op(&self, op: &NamespaceOp) -> Result<()> {
+        let path = self.resolve(&op.path)?;
+        let exists = |p: &Path| fs::symlink_metadata(p).is_ok();
+        match op.kind() {
+            OpKind::Create => {
+                if !exists(&path) {
+                    make_dirs(&self.parent_of(&path))?;
+                    open_for_write(&path)?;
+                }
+            }
+            OpKind::Mkdir => make_dirs(&path)?,
+            OpKind::Rmdir => {
+                if exists(&path) {
+                    fs::remove_dir(&path).at(&path)?;
+                }
+            }
+            OpKind::Unlink => {
+                if exists(&path) {
+                    fs::remove_file(&path).at(&path)?;
+                }
+            }
+            OpKind::Truncate => {
+                if exists(&path) {
+                    OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&path)
+                        .and_then(|f| f.set_len(op.arg))
+                        .at(&path)?;
+                }
+            }
+            OpKind::Rename => self.rename(op, &path)?,
+            OpKind::Symlink => {
+                if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+                    fs::remove_file(&path).at(&path)?;
+                }
+                make_dirs(&self.parent_of(&path))?;
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&op.target), &path)
+                    .at(&path)?;
+            }
+            OpKind::Link => {
+                let target = self.resolve(&op.target)?;
+                if exists(&path) && !exists(&target) {
+                    fs::hard_link(&path, &target).at(&target)?;
+                }
+            }
+            OpKind::Unspecified => {
+                return Err(bad(self.root, "namespace operation of unknown kind"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A rename (or exchange, `arg` holding the flags) of `path`, and the
+    /// index's paths after it.
+    fn rename(&self, op: &NamespaceOp, path: &Path) -> Result<()> {
+        let target = self.resolve(&op.target)?;
+        let exchange = op.arg as u32 & libc::RENAME_EXCHANGE != 0;
+        if fs::symlink_metadata(path).is_err() || (!exchange && path == target) {
+            return Ok(());
+        }
+        make_dirs(&self.parent_of(&target))?;
+        let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
+        let (from_dir, to_dir) = (
+            File::open(self.parent_of(path)).at(path)?,
+            File::open(self.parent_of(&target)).at(&target)?,
+        );
+        let name = |p: &Path| p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        sys::renameat2(
+            from_dir.as_fd(),
+            &name(path),
+            to_dir.as_fd(),
+            &name(&target),
+            flags,
+        )
+        .at(path)?;
+        self.index.repath(&op.path, &op.target)
+    }
+}

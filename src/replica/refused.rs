@@ -1,0 +1,197 @@
+//! Why a Ship stream was refused. A refusal closes the stream with
+//! InvalidArgument (the primary tells "refused" from "failed" by that
+//! code: a refused point is never sent again as it was) and leaves the
+//! replica at its last applied point. Every message names what is wrong,
+//! with the file and block where there is one.
+
+use std::path::PathBuf;
+
+use super::preflight::PreflightError;
+use crate::block::BlockError;
+use crate::error::Error;
+use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS};
+
+/// Why a stream was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// A stream before any hello: there is no pair to check against.
+    #[error("no primary has said hello to this replica yet")]
+    NotPaired,
+    /// An apply failed earlier and its redo record waits.
+    #[error("an earlier apply failed and must be finished first: restart the secondary")]
+    ApplyPending,
+    /// The staging data file failed.
+    #[error("staging {}: {source}", path.display())]
+    Staging {
+        /// The staging data file.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A message without a body.
+    #[error("empty ship message")]
+    EmptyMessage,
+    /// A message after the commit ended the epoch.
+    #[error("message after Commit")]
+    AfterCommit,
+    /// Begin twice.
+    #[error("a second Begin in one stream")]
+    SecondBegin,
+    /// A point id that is not 16 bytes.
+    #[error("point id of {0} bytes, expected 16")]
+    PointId(usize),
+    /// A point based on another point than the applied one.
+    #[error("epoch {epoch} is based on epoch {base}, but this replica is at epoch {applied}")]
+    WrongBase {
+        /// The point's epoch.
+        epoch: u64,
+        /// The epoch it is based on.
+        base: u64,
+        /// The replica's applied epoch.
+        applied: u64,
+    },
+    /// A point not newer than the applied one.
+    #[error(
+        "epoch {epoch} is not newer than the applied epoch {applied} (replayed or out of order)"
+    )]
+    NotNewer {
+        /// The point's epoch.
+        epoch: u64,
+        /// The replica's applied epoch.
+        applied: u64,
+    },
+    /// More operations or files than [`MAX_ENTRIES`].
+    #[error("epoch {epoch} carries {ops} operations and {files} files; at most {MAX_ENTRIES} each")]
+    TooManyEntries {
+        /// The point's epoch.
+        epoch: u64,
+        /// Its operations.
+        ops: usize,
+        /// Its files.
+        files: usize,
+    },
+    /// The point cannot be applied on this replica.
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    /// A file state listed twice.
+    #[error("file {0} listed twice")]
+    FileTwice(u64),
+    /// Offers before Begin.
+    #[error("Offers before Begin")]
+    OffersBeforeBegin,
+    /// More offers than [`MAX_OFFERS`] in one message.
+    #[error("{0} offers in one message; at most {MAX_OFFERS}")]
+    TooManyOffers(usize),
+    /// An offer for a file the point does not list.
+    #[error("offer for file {0} which is not in the epoch")]
+    NotInEpoch(u64),
+    /// An offer past the end of its file.
+    #[error("offer for block {block} of file {file} beyond its size {size}")]
+    BeyondSize {
+        /// The block.
+        block: u64,
+        /// The file.
+        file: u64,
+        /// The file's size.
+        size: u64,
+    },
+    /// An offer whose length does not follow from the file's size.
+    #[error("offer for block {block} of file {file} has length {length}, expected {expected}")]
+    WrongLength {
+        /// The block.
+        block: u64,
+        /// The file.
+        file: u64,
+        /// The length offered.
+        length: u32,
+        /// The length the file's size gives.
+        expected: u32,
+    },
+    /// The same block offered twice in one point.
+    #[error("block {block} of file {file} offered twice")]
+    OfferedTwice {
+        /// The block.
+        block: u64,
+        /// The file.
+        file: u64,
+    },
+    /// A hash of the wrong length.
+    #[error("offer for block {block} of file {file} has a {len}-byte hash")]
+    HashLength {
+        /// The block.
+        block: u64,
+        /// The file.
+        file: u64,
+        /// The hash's length.
+        len: usize,
+    },
+    /// The content index could not be read.
+    #[error("reading the content index: {0}")]
+    Index(#[source] Error),
+    /// More blocks than [`MAX_BLOCKS`] in one message.
+    #[error("{0} blocks in one message; at most {MAX_BLOCKS}")]
+    TooManyBlocks(usize),
+    /// A block that was not wanted.
+    #[error("block {block} of file {file} was not asked for")]
+    NotAskedFor {
+        /// The block.
+        block: u64,
+        /// The file.
+        file: u64,
+    },
+    /// A block that does not decompress within its bounds.
+    #[error("block {block} of file {file}: {source}")]
+    Decompress {
+        /// The block.
+        block: u64,
+        /// The file.
+        file: u64,
+        /// What decompression said.
+        #[source]
+        source: BlockError,
+    },
+    /// A block whose content does not match its offer.
+    #[error(
+        "block {block} of file {file} does not match the hash offered for it (corrupted in transit?)"
+    )]
+    HashMismatch {
+        /// The block.
+        block: u64,
+        /// The file.
+        file: u64,
+    },
+    /// Commit before Begin.
+    #[error("Commit before Begin")]
+    CommitBeforeBegin,
+    /// A commit for another epoch.
+    #[error("Commit for epoch {commit} inside epoch {begin}")]
+    CommitEpoch {
+        /// The epoch the commit names.
+        commit: u64,
+        /// The stream's epoch.
+        begin: u64,
+    },
+    /// A commit with wanted blocks still missing.
+    #[error("Commit with {0} wanted blocks never sent")]
+    CommitMissing(usize),
+    /// The apply failed (its redo record stays; a restart finishes it).
+    #[error("applying epoch {epoch}: {source}")]
+    Apply {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: Error,
+    },
+}
+
+impl Refused {
+    /// The staging data file at `path` failed.
+    pub fn staging(path: &std::path::Path, source: std::io::Error) -> Refused {
+        Refused::Staging {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The tonic service a primary ships to: Hello pairs, Ship receives one
+//! point per stream (one stream at a time, each on a blocking thread that
+//! owns its `Session`), Verify and Status answer from the store. Errors of
+//! the parts become statuses here, and only here: refusals
+//! InvalidArgument, a hello or verify that cannot be answered
+//! FailedPrecondition, a failed task Internal.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::{Mutex as AsyncMutex, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::records::Pair;
+use super::refused::Refused;
+use super::session::Session;
+use super::store::{PairError, ReplicaStore};
+use super::verify::{self, VerifyError};
+use crate::block::HashKey;
+use crate::proto::replication::replication_server::{Replication, ReplicationServer};
+use crate::proto::replication::{
+    HelloReply, HelloRequest, ShipMessage, ShipReply, StatusReply, StatusRequest, VerifyReply,
+    VerifyRequest, ship_message, ship_reply,
+};
+use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
+
+impl From<Refused> for Status {
+    /// A refusal is InvalidArgument: the primary tells "refused" (never
+    /// send this point again as it is) from "failed" by the code.
+    fn from(refused: Refused) -> Status {
+        Status::invalid_argument(refused.to_string())
+    }
+}
+
+impl From<PairError> for Status {
+    /// A hello from another pair, or one the pair record failed for.
+    fn from(e: PairError) -> Status {
+        Status::failed_precondition(e.to_string())
+    }
+}
+
+impl From<VerifyError> for Status {
+    /// A verify that cannot be answered at this point.
+    fn from(e: VerifyError) -> Status {
+        Status::failed_precondition(e.to_string())
+    }
+}
+
+/// The tonic service over one replica folder.
+#[derive(Debug, Clone)]
+pub struct ReplicaService {
+    store: Arc<ReplicaStore>,
+    /// One epoch at a time: a second stream waits its turn.
+    shipping: Arc<AsyncMutex<()>>,
+}
+
+impl ReplicaService {
+    /// A service for `store`.
+    pub fn new(store: Arc<ReplicaStore>) -> ReplicaService {
+        ReplicaService {
+            store,
+            shipping: Arc::new(AsyncMutex::new(())),
+        }
+    }
+
+    /// The tonic server wrapper with our message limits.
+    pub fn into_server(self) -> ReplicationServer<ReplicaService> {
+        ReplicationServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+}
+
+/// Handles one received message; `Some` reply to send back. A refusal
+/// marks the session refused (the commit marks its own, having consumed
+/// the session), so that nothing of the point is kept for resuming.
+pub(super) fn handle(
+    session: &mut Option<Session<'_>>,
+    msg: ShipMessage,
+) -> Result<Option<ShipReply>, Refused> {
+    let result = handle_body(session, msg);
+    if let (Err(_), Some(s)) = (&result, session.as_mut()) {
+        s.mark_refused();
+    }
+    result
+}
+
+fn handle_body(
+    session: &mut Option<Session<'_>>,
+    msg: ShipMessage,
+) -> Result<Option<ShipReply>, Refused> {
+    let Some(body) = msg.body else {
+        return Err(Refused::EmptyMessage);
+    };
+    let s = session.as_mut().ok_or(Refused::AfterCommit)?;
+    Ok(match body {
+        ship_message::Body::Begin(b) => Some(ShipReply {
+            body: Some(ship_reply::Body::Resumed(s.begin(b)?)),
+        }),
+        ship_message::Body::Offers(o) => Some(ShipReply {
+            body: Some(ship_reply::Body::Wants(s.offers(o)?)),
+        }),
+        ship_message::Body::Blocks(b) => {
+            s.blocks(b)?;
+            None
+        }
+        ship_message::Body::Commit(c) => {
+            let applied = session.take().expect("checked above").commit(c)?;
+            Some(ShipReply {
+                body: Some(ship_reply::Body::Applied(applied)),
+            })
+        }
+    })
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<ShipReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Replication for ReplicaService {
+    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let hello = request.into_inner();
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} offered; this secondary speaks version {PROTOCOL_VERSION}",
+                hello.protocol_version
+            )));
+        }
+        let key = HashKey::from_bytes(&hello.hash_key).ok_or_else(|| {
+            Status::invalid_argument(format!("hash key of {} bytes", hello.hash_key.len()))
+        })?;
+        if crate::ids::BlockSize::new(u64::from(hello.block_size)).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "block size {} out of range",
+                hello.block_size
+            )));
+        }
+        let pair = Pair {
+            datastore_id: hello.datastore_id,
+            block_size: hello.block_size,
+            key,
+        };
+        // Pairing may index a seeded replica folder: disk work, off the runtime.
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.accept(pair))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let applied = self.store.applied();
+        Ok(Response::new(HelloReply {
+            protocol_version: PROTOCOL_VERSION,
+            last_applied_epoch: applied.epoch.0,
+            last_applied_point: applied.point,
+        }))
+    }
+
+    type ShipStream = ReplyStream;
+
+    async fn ship(
+        &self,
+        request: Request<Streaming<ShipMessage>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let store = self.store.clone();
+        let shipping = self.shipping.clone();
+        tokio::spawn(async move {
+            let _turn = shipping.lock().await;
+            // The session borrows the store; it lives on a blocking thread
+            // fed by a bounded channel, so disk work stays off the runtime.
+            let (msg_tx, mut msg_rx) = mpsc::channel::<ShipMessage>(4);
+            let reply_tx = tx.clone();
+            let worker = tokio::task::spawn_blocking(move || {
+                let mut session = match Session::new(&store) {
+                    Ok(s) => Some(s),
+                    Err(e) => return Err(e),
+                };
+                while let Some(msg) = msg_rx.blocking_recv() {
+                    if let Some(reply) = handle(&mut session, msg)? {
+                        if reply_tx.blocking_send(Ok(reply)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(())
+            });
+            loop {
+                match incoming.message().await {
+                    Ok(Some(msg)) => {
+                        if msg_tx.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        log::warn!("ship stream broke: {status}");
+                        break;
+                    }
+                }
+            }
+            drop(msg_tx);
+            match worker.await {
+                Ok(Ok(())) => {}
+                Ok(Err(refused)) => {
+                    log::warn!("refused an epoch: {refused}");
+                    let _ = tx.send(Err(refused.into())).await;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::internal(format!("apply task failed: {e}"))))
+                        .await;
+                }
+            }
+        });
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as ReplyStream
+        ))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyReply>, Status> {
+        let store = self.store.clone();
+        let req = request.into_inner();
+        tokio::task::spawn_blocking(move || verify::compare(&store, &req))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        let applied = self.store.applied();
+        let (epoch, at) = (applied.epoch.0, applied.at_ns);
+        let stats = &self.store.stats;
+        Ok(Response::new(StatusReply {
+            last_applied_epoch: epoch,
+            applied_at_ns: at,
+            files: self.store.file_count() as u64,
+            bytes_received: stats.bytes_received.load(Ordering::Relaxed),
+            blocks_have: stats.blocks_have.load(Ordering::Relaxed),
+            blocks_sent: stats.blocks_sent.load(Ordering::Relaxed),
+            blocks_resumed: stats.blocks_resumed.load(Ordering::Relaxed),
+        }))
+    }
+}
+
+/// Serves `store` on `listener` over `tls` until `shutdown` resolves.
+pub async fn serve_on(
+    store: Arc<ReplicaStore>,
+    key: crate::auth::AuthKey,
+    tls: tonic::transport::ServerTlsConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ReplicaService::new(store).into_server(),
+            crate::auth::RequireKey(key),
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
