@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use crate::harness::{
     BLOCK, Mount, assert_same_content, blocks_covering, differing_blocks, json_u64,
-    mount_expecting_failure, pattern, read, run, stderr, sync_file, temp_dir, write_ranges,
+    mount_expecting_failure, open_rw, pattern, read, run, stderr, sync_file, temp_dir,
+    write_ranges,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -388,4 +389,220 @@ fn unreadable_journal_is_moved_aside_and_everything_becomes_dirty() {
         "every block must be dirty again"
     );
     assert_eq!(read(&m.mnt(f)).len() as u64, 8 * BLOCK, "data intact");
+}
+
+/// The largest file hbrfs lets grow: `hbrfs::wire::MAX_FILE_SIZE`, 16 TiB
+/// less a 4 KiB block (ext4's limit, and the secondary's).
+const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;
+
+/// `len` bytes of `byte` in a 4 KiB-aligned buffer, for O_DIRECT.
+fn aligned_buf(raw: &mut Vec<u8>, len: usize, byte: u8) -> &[u8] {
+    *raw = vec![byte; len + 4096];
+    let off = raw.as_ptr().align_offset(4096);
+    &raw[off..off + len]
+}
+
+/// Opens `p` read-write with extra open flags.
+fn open_with(p: &std::path::Path, flags: i32) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+}
+
+/// Asserts `res` failed with `want`.
+fn assert_errno<T: std::fmt::Debug>(what: &str, res: std::io::Result<T>, want: i32) {
+    match res {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(want), "{what}: {e}"),
+        Ok(v) => panic!("{what}: succeeded ({v:?}), expected errno {want}"),
+    }
+}
+
+/// `hbrfs journal ls` and `hbrfs cut` answer within a few seconds.
+fn assert_answers_quickly(m: &Mount) {
+    for what in ["journal ls", "cut"] {
+        let start = std::time::Instant::now();
+        match what {
+            "cut" => m.cut(),
+            _ => drop(m.journal(&["ls"])),
+        }
+        let took = start.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "hbrfs {what} took {took:?}"
+        );
+    }
+}
+
+/// Issue 9: a write at 2^56 through the mount is refused with EFBIG before
+/// anything is marked, so no bitmap grows to 512 GiB and the daemon keeps
+/// answering. With O_DIRECT the write itself fails; a buffered write is
+/// taken by the kernel's writeback cache (`pwrite` returns 1) and its
+/// `fsync` fails with EFBIG, the backing file never seeing it. A write,
+/// fallocate, copy_file_range or truncate past the bound is refused alike.
+#[test]
+fn a_write_at_2_pow_56_gets_efbig_and_marks_nothing() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let m = Mount::start(&[]);
+    std::fs::write(m.mnt("f"), b"hello").unwrap();
+    std::fs::write(m.mnt("g"), b"hello").unwrap();
+    sync_file(&m.mnt("f"));
+    sync_file(&m.mnt("g"));
+    let mut raw = Vec::new();
+
+    // O_DIRECT: the error comes at the write.
+    let f = open_with(&m.mnt("f"), libc::O_DIRECT);
+    let buf = aligned_buf(&mut raw, 4096, 0x5a);
+    for offset in [1 << 56, MAX_FILE_SIZE, 1 << 62] {
+        assert_errno(
+            &format!("O_DIRECT pwrite at {offset}"),
+            f.write_at(buf, offset),
+            libc::EFBIG,
+        );
+    }
+    assert_errno(
+        "truncate past the bound",
+        f.set_len(MAX_FILE_SIZE + 1),
+        libc::EFBIG,
+    );
+    for (mode, what) in [
+        (0, "fallocate"),
+        (
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            "punch hole",
+        ),
+        (libc::FALLOC_FL_ZERO_RANGE, "zero range"),
+    ] {
+        // SAFETY: plain syscall on an open descriptor.
+        let ret = unsafe { libc::fallocate(f.as_raw_fd(), mode, 1 << 56, 4096) };
+        let res = if ret == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        assert_errno(&format!("{what} at 2^56"), res, libc::EFBIG);
+    }
+    let src = std::fs::File::open(m.mnt("g")).unwrap();
+    let (mut off_in, mut off_out) = (0i64, 1i64 << 56);
+    // SAFETY: plain syscall on open descriptors and live offsets.
+    let ret = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut off_in,
+            f.as_raw_fd(),
+            &mut off_out,
+            5,
+            0,
+        )
+    };
+    let res = if ret >= 0 {
+        Ok(ret)
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    assert_errno("copy_file_range to 2^56", res, libc::EFBIG);
+    drop(f);
+    assert_eq!(
+        std::fs::metadata(m.mnt("f")).unwrap().len(),
+        5,
+        "size on the mount"
+    );
+
+    // Buffered, through the writeback cache: pwrite is taken, fsync fails.
+    let g = open_with(&m.mnt("g"), 0);
+    assert_eq!(g.write_at(b"x", 1 << 56).unwrap(), 1, "buffered pwrite");
+    assert_errno("fsync after the buffered pwrite", g.sync_all(), libc::EFBIG);
+    drop(g);
+
+    for name in ["f", "g"] {
+        assert_eq!(
+            std::fs::metadata(m.back(name)).unwrap().len(),
+            5,
+            "{name} on the backing"
+        );
+        let beyond: Vec<u64> = m
+            .dirty_blocks(name)
+            .into_iter()
+            .filter(|b| *b * BLOCK >= MAX_FILE_SIZE)
+            .collect();
+        assert!(
+            beyond.is_empty(),
+            "{name}: blocks marked beyond the bound: {beyond:?}"
+        );
+    }
+    for bitmap in std::fs::read_dir(m.back(".hbrfs/bitmaps")).unwrap() {
+        let bitmap = bitmap.unwrap();
+        let len = bitmap.metadata().unwrap().len();
+        assert!(len <= MIB, "{:?} grew to {len} bytes", bitmap.path());
+    }
+    assert_answers_quickly(&m);
+
+    // A normal write still works.
+    let f = open_rw(&m.mnt("f"));
+    f.write_all_at(b"world", 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(read(&m.mnt("f")), b"world");
+    assert_eq!(assert_same_content(&m, "f"), b"world");
+    assert!(m.dirty_blocks("f").contains(&0));
+}
+
+/// Just below the bound a write works, when the backing takes a file that
+/// large (ext4 takes 16 TiB less a block); where it does not, its own error
+/// comes through the mount. A write straddling the bound is cut short at
+/// it, as the kernel does at a file system's limit.
+#[test]
+fn a_write_just_below_the_largest_file_works() {
+    use std::os::unix::fs::FileExt;
+    let m = Mount::start(&[]);
+    // What the backing file system itself says about the last byte.
+    let probe = m.back("probe");
+    let backing = std::fs::File::create(&probe)
+        .unwrap()
+        .write_at(b"z", MAX_FILE_SIZE - 1)
+        .map(drop)
+        .map_err(|e| e.raw_os_error());
+    std::fs::remove_file(&probe).unwrap();
+
+    std::fs::write(m.mnt("big"), b"").unwrap();
+    let f = open_with(&m.mnt("big"), libc::O_DIRECT);
+    let mut raw = Vec::new();
+    let buf = aligned_buf(&mut raw, 8192, 0x7e);
+    let res = f.write_at(buf, MAX_FILE_SIZE - 4096);
+    match backing {
+        Ok(()) => {
+            assert_eq!(
+                res.unwrap(),
+                4096,
+                "straddling write cut short at the bound"
+            );
+            let last = (MAX_FILE_SIZE - 1) / BLOCK;
+            assert!(m.dirty_blocks("big").contains(&last));
+            assert_eq!(
+                std::fs::metadata(m.back("big")).unwrap().len(),
+                MAX_FILE_SIZE
+            );
+            assert_eq!(
+                std::fs::metadata(m.mnt("big")).unwrap().len(),
+                MAX_FILE_SIZE
+            );
+            let mut byte = [0u8; 1];
+            std::fs::File::open(m.mnt("big"))
+                .unwrap()
+                .read_exact_at(&mut byte, MAX_FILE_SIZE - 1)
+                .unwrap();
+            assert_eq!(byte, [0x7e]);
+            assert_answers_quickly(&m);
+        }
+        Err(errno) => {
+            let got = res.unwrap_err();
+            assert_eq!(got.raw_os_error(), errno, "the backing's own error: {got}");
+        }
+    }
+    drop(f);
+    std::fs::remove_file(m.mnt("big")).unwrap();
 }

@@ -21,13 +21,30 @@
 //! written by any build loads, and a crash can never leave a summary that
 //! hides a set bit (invariant 1 rests on the words alone).
 //!
+//! # Bounds and space
+//!
+//! Block numbers are bounded by [`MAX_FILE_SIZE`] (16 TiB less a block,
+//! ext4's limit and the largest file a secondary accepts): [`Bitmap::mark`]
+//! and the growth under it refuse a block at or beyond the bound with
+//! `EFBIG`, so no write can grow a bitmap past 64 MiB (at 64 KiB blocks).
+//! The filesystem refuses such writes before they get here; this is the
+//! second line of defence.
+//!
+//! The file's blocks are allocated (`fallocate`) before the file is
+//! lengthened and remapped, so a full disk is an `ENOSPC` from the write
+//! that grows the bitmap, never a `SIGBUS` on a later store through the
+//! mapping. A file system without `fallocate` (`EOPNOTSUPP`) gets a plain
+//! sparse `set_len`, as before.
+//!
 //! The summary is kept per *physical* slot (0 or 1), like the words, so
 //! [`Bitmap::swap_slots`] stays O(1). A page's summary bit may be set while
 //! the page is empty (never the reverse, outside a call racing a `mark` into
 //! the same slot, which the callers exclude with the cut gate).
 
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::ops::Range;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -36,6 +53,8 @@ use memmap2::MmapMut;
 
 use crate::error::{Error, IoContext, Result};
 use crate::ids::{BlockSize, FileId};
+use crate::sys;
+use crate::wire::MAX_FILE_SIZE;
 
 const MAGIC: &[u8; 8] = b"HBRFSBM1";
 const VERSION: u32 = 1;
@@ -69,6 +88,9 @@ pub enum Slot {
 pub struct Bitmap {
     path: PathBuf,
     file: File,
+    /// Blocks of a file of [`MAX_FILE_SIZE`] bytes: every block number is
+    /// below it.
+    max_blocks: u64,
     /// Growing the file remaps it (and lengthens the summary): writers hold
     /// this shared while they touch the words, growth takes it exclusively.
     map: RwLock<Mapped>,
@@ -107,6 +129,33 @@ fn capacity_of(map: &MmapMut) -> u64 {
 
 fn file_len(capacity: u64) -> u64 {
     HEADER as u64 + capacity / 64 * 16
+}
+
+/// The blocks of a file of [`MAX_FILE_SIZE`] bytes at `block_size`.
+fn max_blocks(block_size: BlockSize) -> u64 {
+    MAX_FILE_SIZE.div_ceil(block_size.bytes())
+}
+
+/// The refusal of a block beyond [`MAX_FILE_SIZE`]: `EFBIG`, as the
+/// backing file system answers a write beyond its largest file.
+fn too_large(path: &Path) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source: io::Error::from_raw_os_error(libc::EFBIG),
+    }
+}
+
+/// Lengthens `file` from `old` to `new` bytes with the new range allocated
+/// first (`FALLOC_FL_KEEP_SIZE`, so a failure leaves the length alone):
+/// `ENOSPC` comes now, not as a `SIGBUS` on a store through the mapping.
+fn grow(file: &File, old: u64, new: u64) -> io::Result<()> {
+    if new > old {
+        match sys::fallocate(file.as_fd(), libc::FALLOC_FL_KEEP_SIZE, old, new - old) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            res => res?,
+        }
+    }
+    file.set_len(new)
 }
 
 /// Summary words needed for `capacity` blocks.
@@ -207,6 +256,9 @@ impl Bitmap {
         block_size: BlockSize,
         dirty_blocks: u64,
     ) -> Result<Self> {
+        if dirty_blocks > max_blocks(block_size) {
+            return Err(too_large(path));
+        }
         let capacity = dirty_blocks.div_ceil(64).max(1) * 64;
         let file = OpenOptions::new()
             .read(true)
@@ -215,7 +267,7 @@ impl Bitmap {
             .truncate(true)
             .open(path)
             .at(path)?;
-        file.set_len(file_len(capacity)).at(path)?;
+        grow(&file, 0, file_len(capacity)).at(path)?;
         // SAFETY: the file is ours (under the locked state folder) and only
         // accessed through atomics while mapped.
         let mut map = unsafe { MmapMut::map_mut(&file) }.at(path)?;
@@ -228,6 +280,7 @@ impl Bitmap {
         let bitmap = Bitmap {
             path: path.to_path_buf(),
             file,
+            max_blocks: max_blocks(block_size),
             map: RwLock::new(Mapped::new(map)),
         };
         bitmap.set_range(Slot::Closed, 0..dirty_blocks);
@@ -294,6 +347,7 @@ impl Bitmap {
         Ok(Bitmap {
             path: path.to_path_buf(),
             file,
+            max_blocks: max_blocks(block_size),
             map: RwLock::new(Mapped::new(map)),
         })
     }
@@ -304,8 +358,12 @@ impl Bitmap {
     }
 
     /// Makes sure the bitmap can hold blocks below `end`, growing it
-    /// (doubling) when needed.
+    /// (doubling, up to the blocks of [`MAX_FILE_SIZE`]) when needed;
+    /// `EFBIG` for an `end` beyond that bound.
     fn ensure_capacity(&self, end: u64) -> Result<()> {
+        if end > self.max_blocks {
+            return Err(too_large(&self.path));
+        }
         if end <= capacity_of(&self.mapped().map) {
             return Ok(());
         }
@@ -319,9 +377,11 @@ impl Bitmap {
             .max(1)
             .next_power_of_two()
             .max(MIN_CAPACITY / 64)
+            .min(self.max_blocks.div_ceil(64))
+            .max(end.div_ceil(64))
             * 64;
         mapped.map.flush().at(&self.path)?;
-        self.file.set_len(file_len(capacity)).at(&self.path)?;
+        grow(&self.file, file_len(old), file_len(capacity)).at(&self.path)?;
         // SAFETY: as in `create`; the old mapping is dropped on assignment
         // while we hold the lock exclusively.
         mapped.map = unsafe { MmapMut::map_mut(&self.file) }.at(&self.path)?;
@@ -363,8 +423,13 @@ impl Bitmap {
     }
 
     /// Marks `blocks` dirty in the open epoch and counts `bytes` written.
-    /// Called before the data reaches the backing file.
+    /// Called before the data reaches the backing file. `EFBIG` (nothing
+    /// marked) when `blocks` reaches beyond [`MAX_FILE_SIZE`]; the error of
+    /// growing the file (`ENOSPC`, `EIO`) when it cannot grow.
     pub fn mark(&self, blocks: Range<u64>, bytes: u64, now_ns: u64) -> Result<()> {
+        if blocks.end > self.max_blocks {
+            return Err(too_large(&self.path));
+        }
         // One shared lock per write on the hot path; growth is the rare case.
         loop {
             {
@@ -687,6 +752,40 @@ mod tests {
         assert_eq!(b.blocks(Slot::Closed), vec![5_000_000, 5_000_001]);
         assert_eq!(b.blocks(Slot::Active), vec![70]);
         assert_eq!(b.dirty_extents(), vec![70..71, 5_000_000..5_000_002]);
+    }
+
+    #[test]
+    fn refuses_blocks_beyond_the_largest_file_with_efbig() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempdir("bound");
+        let path = dir.join("b.map");
+        let b = Bitmap::create(&path, FileId(7), BlockSize::DEFAULT, 0).unwrap();
+        let last = MAX_FILE_SIZE.div_ceil(BlockSize::DEFAULT.bytes()) - 1;
+        let len_before = std::fs::metadata(&path).unwrap().len();
+        for blocks in [last + 1..last + 2, last..last + 2, 1 << 40..(1 << 40) + 1] {
+            let err = b.mark(blocks.clone(), 1, 1).unwrap_err();
+            match &err {
+                Error::Io { source, .. } => {
+                    assert_eq!(source.raw_os_error(), Some(libc::EFBIG), "{err}")
+                }
+                other => panic!("{blocks:?}: not an IO error: {other}"),
+            }
+        }
+        assert!(b.fill_closed(last + 2).is_err());
+        assert_eq!(b.dirty_extents(), vec![], "nothing marked");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len_before);
+        assert!(
+            Bitmap::create(&dir.join("c.map"), FileId(8), BlockSize::DEFAULT, last + 2).is_err()
+        );
+        // The last block is fine, and the file is allocated, not sparse.
+        b.mark(last..last + 1, 1, 2).unwrap();
+        assert_eq!(b.blocks(Slot::Active), vec![last]);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), file_len(last + 1));
+        assert!(meta.blocks() * 512 >= meta.len(), "{meta:?}");
+        drop(b);
+        let b = Bitmap::open(&path, FileId(7), BlockSize::DEFAULT, true).unwrap();
+        assert_eq!(b.blocks(Slot::Active), vec![last]);
     }
 
     #[test]

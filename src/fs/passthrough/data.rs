@@ -1,6 +1,18 @@
 //! The data path: opening a file, reading and writing it (each write's
 //! blocks marked dirty first), fsync, truncate, fallocate, SEEK_DATA/HOLE
 //! and copy_file_range.
+//!
+//! # The largest file
+//!
+//! No file grows beyond [`MAX_FILE_SIZE`] (16 TiB less a block: ext4's
+//! limit, and the largest file a secondary accepts): a write, fallocate,
+//! copy_file_range or truncate reaching beyond it gets `EFBIG` before
+//! anything is marked or written, as the kernel answers for a file
+//! system's own limit (a write or copy straddling the bound is cut short
+//! at it, one starting at or past it is refused). So a block number is
+//! bounded, and one stray `pwrite` at 2^56 cannot grow a 512 GiB bitmap.
+//! The bound is the same whatever the backing file system accepts (XFS
+//! takes 8 EiB): a larger file could not be replicated.
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -16,6 +28,21 @@ use crate::fs::inodes::{self, Inode};
 use crate::fs::recorder::Change;
 use crate::fs::reply::{Res, io_errno, state_errno};
 use crate::sys;
+use crate::wire::MAX_FILE_SIZE;
+
+/// How many of `len` bytes at `offset` may be written without the file
+/// growing beyond [`MAX_FILE_SIZE`]: all of them, fewer when the range
+/// straddles the bound, `EFBIG` when it starts at or beyond it (nothing
+/// to write is never refused).
+fn writable_len(offset: u64, len: u64) -> Res<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    if offset >= MAX_FILE_SIZE {
+        return Err(Errno::EFBIG);
+    }
+    Ok(len.min(MAX_FILE_SIZE - offset))
+}
 
 /// Reads up to `buf.len()` bytes at `offset`, fewer only at the end.
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> Res<usize> {
@@ -116,10 +143,13 @@ impl Passthrough {
         Ok(buf)
     }
 
-    /// Writes `data` at `offset`, its blocks marked dirty first.
+    /// Writes `data` at `offset`, its blocks marked dirty first; a write
+    /// reaching beyond [`MAX_FILE_SIZE`] is cut short at it, or refused
+    /// (`EFBIG`) when it starts there.
     pub fn op_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Res<u32> {
         let h = self.open_file(fh)?;
         let f = file_of(&h)?;
+        let data = &data[..writable_len(offset, data.len() as u64)? as usize];
         let _gate = self.recording.gate();
         if let Some(t) = &f.inode.tracked {
             t.mark(offset, data.len() as u64, data.len() as u64)
@@ -159,6 +189,9 @@ impl Passthrough {
     /// Truncates `node` to `size`, marking the blocks between the old and
     /// the new end (their content changes if the file grows again).
     pub(super) fn truncate(&self, node: &Inode, fh: Option<FileHandle>, size: u64) -> Res<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG);
+        }
         let _gate = self.recording.gate();
         let reopened;
         let handle;
@@ -192,8 +225,16 @@ impl Passthrough {
     }
 
     /// Allocates, punches or zeroes a range; punched and zeroed blocks are
-    /// marked (their content changes).
+    /// marked (their content changes). A range ending beyond
+    /// [`MAX_FILE_SIZE`] is refused (`EFBIG`), whatever the mode, as
+    /// `vfs_fallocate` refuses one beyond a file system's limit.
     pub fn op_fallocate(&self, fh: FileHandle, offset: u64, length: u64, mode: i32) -> Res<()> {
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > MAX_FILE_SIZE)
+        {
+            return Err(Errno::EFBIG);
+        }
         let h = self.open_file(fh)?;
         let f = file_of(&h)?;
         let _gate = self.recording.gate();
@@ -235,7 +276,9 @@ impl Passthrough {
     }
 
     /// Copies a range between two open files in the backing file system;
-    /// the blocks it writes are marked first.
+    /// the blocks it writes are marked first. A copy reaching beyond
+    /// [`MAX_FILE_SIZE`] is cut short at it, or refused (`EFBIG`) when it
+    /// starts there.
     pub fn op_copy_file_range(
         &self,
         fh_in: FileHandle,
@@ -252,7 +295,8 @@ impl Passthrough {
         let src_size = stat(fin.file.as_fd())?.st_size as u64;
         let len = len
             .min(u64::from(u32::MAX) & !0xfff)
-            .min(src_size.saturating_sub(off_in)) as usize;
+            .min(src_size.saturating_sub(off_in));
+        let len = writable_len(off_out, len)? as usize;
         let _gate = self.recording.gate();
         if let Some(t) = &fout.inode.tracked {
             t.mark(off_out, len as u64, len as u64)
