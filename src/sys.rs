@@ -412,3 +412,20 @@ pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
     Ok(bytes)
 }
+
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard
+/// limit, so a daemon is not held to the 1024 a shell hands down; returns
+/// the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: lim points to writable memory of the right size.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) })?;
+    // SAFETY: getrlimit succeeded, so it filled lim.
+    let mut lim = unsafe { lim.assume_init() };
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: lim is a valid rlimit; the soft limit does not pass the hard one.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok(lim.rlim_cur)
+}

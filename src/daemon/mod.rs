@@ -174,6 +174,16 @@ fn on_signal(on_signal: impl FnOnce() + Send + 'static) -> Result<()> {
     Ok(())
 }
 
+/// Raises the open-file limit to the hard limit before any work: an apply
+/// or a datastore with many files must not meet the shell's 1024. A
+/// failure is logged; the daemon runs with the limit it has.
+fn raise_fd_limit() {
+    match crate::sys::raise_nofile_limit() {
+        Ok(n) => log::info!("open-file limit (RLIMIT_NOFILE): {n}"),
+        Err(e) => log::warn!("could not raise the open-file limit: {e}"),
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

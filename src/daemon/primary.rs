@@ -9,7 +9,7 @@ use std::time::Duration;
 use fuser::Session;
 use tokio::sync::watch;
 
-use super::{check_mountpoint, existing_dir, mount, on_signal, runtime, unmount};
+use super::{check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, runtime, unmount};
 use crate::control;
 use crate::datastore::{Access, Datastore};
 use crate::error::{Error, IoContext, Result};
@@ -51,6 +51,7 @@ pub(super) struct Primary {
 }
 
 pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
+    raise_fd_limit();
     let backing = existing_dir(&opts.backing, "backing directory")?;
     let mountpoint = check_mountpoint(&opts.mountpoint, &backing)?;
     let ds = Arc::new(Datastore::open(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use fuser::SessionUnmounter;
 use tokio::sync::watch;
 
-use super::{check_mountpoint, existing_dir, mount, on_signal, runtime, unmount};
+use super::{check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, runtime, unmount};
 use crate::auth::AuthKey;
 use crate::error::{Error, IoContext, Result};
 use crate::mirror::Mirror;
@@ -45,6 +45,7 @@ pub(super) struct Secondary {
 }
 
 pub(super) fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
+    raise_fd_limit();
     let store = Arc::new(ReplicaStore::open(&opts.replica)?);
     let epoch = store.applied().epoch;
     let rt = runtime()?;
@@ -145,6 +146,7 @@ pub fn run_serve(opts: &ServeOptions) -> Result<()> {
 /// Runs `hbrfs mount-replica`: the read-only view of a replica folder that
 /// no secondary is serving (after failover, or for inspection).
 pub fn run_mount_replica(replica: &Path, mountpoint: &Path) -> Result<()> {
+    raise_fd_limit();
     sys::block_shutdown_signals().at("signal mask")?;
     let root = existing_dir(replica, "replica folder")?;
     let mountpoint = check_mountpoint(mountpoint, &root)?;

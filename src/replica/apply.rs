@@ -25,9 +25,9 @@ use prost::Message;
 use super::confine;
 use super::index::ContentIndex;
 use super::records::{Applied, Redo, bad};
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::ids::{BlockNo, Epoch, FileId};
-use crate::proto::replica::StagedEpoch;
+use crate::proto::replica::{StagedBlock, StagedEpoch};
 use crate::proto::replication::{Begin, NamespaceOp, OpKind};
 use crate::state::{ReplicaPaths, now_ns, write_durably};
 use crate::sys;
@@ -53,6 +53,30 @@ fn open_for_write(path: &Path) -> Result<File> {
         .at(path)
 }
 
+/// Whether `e` is a failure of the replica's file system or of this
+/// process's resources (no space or quota, no descriptors or memory, an
+/// IO error, a file too large, a read-only file system) rather than a
+/// conflict between operations: such a failure fails the apply, to be
+/// retried, and is never skipped.
+fn resource_failure(e: &Error) -> bool {
+    let Error::Io { source, .. } = e else {
+        return false;
+    };
+    matches!(
+        source.raw_os_error(),
+        Some(
+            libc::ENOSPC
+                | libc::EDQUOT
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOMEM
+                | libc::EIO
+                | libc::EFBIG
+                | libc::EROFS
+        )
+    )
+}
+
 /// The commit point: the staged manifest, then the redo record, each
 /// written durably. From here a crash replays the apply.
 pub fn write_commit_point(paths: &ReplicaPaths, staged: &StagedEpoch, epoch: Epoch) -> Result<()> {
@@ -67,9 +91,6 @@ pub fn read_manifest(paths: &ReplicaPaths) -> Result<StagedEpoch> {
     StagedEpoch::decode(bytes.as_slice())
         .map_err(|e| bad(&manifest, format!("corrupt staged manifest: {e}")))
 }
-
-/// Files of the epoch opened for writing, by id.
-type Open = HashMap<FileId, (File, PathBuf)>;
 
 /// What an apply works on: the replica root, its state folder and its
 /// content index, at the pair's block size.
@@ -92,9 +113,8 @@ impl Apply<'_> {
     pub fn run(&self, staged: &StagedEpoch, epoch: Epoch, ops_done: usize) -> Result<Applied> {
         let begin = staged.begin.clone().unwrap_or_default();
         self.apply_ops(&begin, epoch, ops_done)?;
-        let open = self.open_files(&begin, epoch)?;
-        self.write_blocks(staged, &open)?;
-        self.sync(&begin, &open)?;
+        self.write_files(staged, &begin)?;
+        self.sync_dirs(&begin)?;
         self.index.flush()?;
         let applied = Applied {
             epoch,
@@ -108,12 +128,21 @@ impl Apply<'_> {
     /// The namespace operations from `ops_done` on, each counted in the
     /// redo record. Preflight refused every point it could tell would
     /// fail; what an earlier operation of the same point makes impossible
-    /// is logged and skipped, so that a bad point can never wedge the
-    /// replica.
+    /// (a conflict: ENOENT, EEXIST, ENOTEMPTY…) is logged and skipped,
+    /// so that a bad point can never wedge the replica. A failure of the
+    /// replica's file system itself ([`resource_failure`]: no space, no
+    /// descriptors, an IO error) fails the apply: the redo record stays at
+    /// this operation, and the retry starts there.
     fn apply_ops(&self, begin: &Begin, epoch: Epoch, ops_done: usize) -> Result<()> {
         for (i, op) in begin.ops.iter().enumerate().skip(ops_done) {
-            if let Err(e) = self.apply_op(op) {
-                log::error!("epoch {epoch}: operation {i} could not be applied, skipped: {e}");
+            match self.apply_op(op) {
+                Ok(()) => {}
+                Err(e) if resource_failure(&e) => return Err(e),
+                Err(e) => {
+                    log::error!(
+                        "epoch {epoch}: operation {i} conflicts with an earlier one, skipped: {e}"
+                    )
+                }
             }
             Redo {
                 epoch,
@@ -124,77 +153,83 @@ impl Apply<'_> {
         Ok(())
     }
 
-    /// Opens every file of the epoch at its final size; one that cannot
-    /// be is logged and skipped with its blocks.
-    fn open_files(&self, begin: &Begin, epoch: Epoch) -> Result<Open> {
-        let mut open = HashMap::new();
-        for f in &begin.files {
-            let opened = confine::resolve(self.root, &f.path)
-                .map_err(|e| bad(self.root, e.to_string()))
-                .and_then(|path| {
-                    if let Some(parent) = path.parent() {
-                        make_dirs(parent)?;
-                    }
-                    let file = open_for_write(&path)?;
-                    file.set_len(f.size).at(&path)?;
-                    Ok((file, path))
-                });
-            let (file, path) = match opened {
-                Ok(opened) => opened,
-                Err(e) => {
-                    log::error!(
-                        "epoch {epoch}: file {} could not be written, skipped: {e}",
-                        f.file_id
-                    );
-                    continue;
-                }
-            };
-            let id = FileId(f.file_id);
-            self.index.set_path(id, &f.path)?;
-            open.insert(id, (file, path));
-        }
-        Ok(open)
-    }
-
-    /// Writes the staged blocks (punching holes for zero blocks) and
-    /// indexes their content.
-    fn write_blocks(&self, staged: &StagedEpoch, open: &Open) -> Result<()> {
+    /// Writes the epoch's files one at a time: each is opened at its final
+    /// size, gets its staged blocks (holes punched for zero blocks, content
+    /// indexed), is fsynced and closed before the next is opened. So an
+    /// apply holds one file open whatever the size of its point, and each
+    /// file is durable before `applied` is written. Any failure (EMFILE,
+    /// ENOSPC, EIO, EFBIG, a path that cannot be made) fails the apply:
+    /// the redo record stays and the whole apply is retried, nothing is
+    /// skipped.
+    fn write_files(&self, staged: &StagedEpoch, begin: &Begin) -> Result<()> {
         let data_path = self.paths.staged_data();
         let data = File::open(&data_path).at(&data_path)?;
-        let mut buf = Vec::new();
+        let mut by_file: HashMap<u64, Vec<&StagedBlock>> = HashMap::new();
         for b in &staged.blocks {
-            let Some((file, path)) = open.get(&FileId(b.file_id)) else {
-                continue; // its file was skipped (logged there)
-            };
-            let at = b.block * self.block_size;
-            if b.zero {
-                let punched = sys::fallocate(
-                    file.as_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    at,
-                    u64::from(b.length),
-                );
-                if punched.is_err() {
-                    file.write_all_at(&vec![0u8; b.length as usize], at)
-                        .at(path)?;
-                }
-                continue;
+            by_file.entry(b.file_id).or_default().push(b);
+        }
+        let mut buf = Vec::new();
+        for f in &begin.files {
+            let path = self.resolve(&f.path)?;
+            if let Some(parent) = path.parent() {
+                make_dirs(parent)?;
             }
-            buf.resize(b.length as usize, 0);
-            data.read_exact_at(&mut buf, b.offset).at(&data_path)?;
-            file.write_all_at(&buf, at).at(path)?;
-            self.index
-                .record(&b.hash, FileId(b.file_id), BlockNo(b.block))?;
+            let file = open_for_write(&path)?;
+            file.set_len(f.size).at(&path)?;
+            let id = FileId(f.file_id);
+            self.index.set_path(id, &f.path)?;
+            for b in by_file.remove(&f.file_id).unwrap_or_default() {
+                self.write_block(&file, &path, b, &data, &data_path, &mut buf)?;
+            }
+            file.sync_all().at(&path)?;
+        }
+        if let Some(id) = by_file.keys().next() {
+            return Err(bad(
+                &self.paths.staged_manifest(),
+                format!("staged blocks of file {id}, which the epoch does not list"),
+            ));
         }
         Ok(())
     }
 
-    /// Syncs only what this epoch touched (not the whole file system): its
-    /// files, and the folders whose entries changed.
-    fn sync(&self, begin: &Begin, open: &Open) -> Result<()> {
-        for (file, path) in open.values() {
-            file.sync_all().at(path)?;
+    /// Writes one staged block into `file` (at `path`): a hole punched
+    /// (zeros written where punching is not supported) for a zero block,
+    /// else its data from the staging file, indexed.
+    fn write_block(
+        &self,
+        file: &File,
+        path: &Path,
+        b: &StagedBlock,
+        data: &File,
+        data_path: &Path,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        let at = b.block * self.block_size;
+        if b.zero {
+            let punched = sys::fallocate(
+                file.as_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at,
+                u64::from(b.length),
+            );
+            if punched.is_err() {
+                file.write_all_at(&vec![0u8; b.length as usize], at)
+                    .at(path)?;
+            }
+            return Ok(());
         }
+        buf.resize(b.length as usize, 0);
+        data.read_exact_at(buf, b.offset).at(data_path)?;
+        file.write_all_at(buf, at).at(path)?;
+        self.index
+            .record(&b.hash, FileId(b.file_id), BlockNo(b.block))
+    }
+
+    /// Syncs the folders whose entries this epoch changed (its files were
+    /// fsynced as they were written): only what it touched, not the whole
+    /// file system. A folder a later operation removed is not there to
+    /// sync; any other failure fails the apply.
+    fn sync_dirs(&self, begin: &Begin) -> Result<()> {
         let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
         let raw_paths = begin.ops.iter().flat_map(|op| [&op.path, &op.target]);
         for raw in raw_paths.chain(begin.files.iter().map(|f| &f.path)) {
@@ -208,8 +243,10 @@ impl Apply<'_> {
             }
         }
         for dir in dirs {
-            if let Ok(d) = File::open(&dir) {
-                d.sync_all().at(&dir)?;
+            match File::open(&dir) {
+                Ok(d) => d.sync_all().at(&dir)?,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {}
+                Err(e) => return Err(e).at(&dir),
             }
         }
         Ok(())

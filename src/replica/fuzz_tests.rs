@@ -717,6 +717,53 @@ fn the_legitimate_epochs_apply_and_the_fixture_is_sound() {
     fx.finish();
 }
 
+/// An apply that fails after the commit point (here a folder in the way
+/// of `c.img`, put there after the checks; in life EMFILE, ENOSPC, EIO) is
+/// a retryable failure, not a refusal, and skips nothing: the redo record
+/// stays, the replica stays at its applied point, and once the cause is
+/// gone the next stream finishes the apply first, without a restart.
+#[test]
+fn a_failed_apply_keeps_its_redo_and_the_next_stream_finishes_it_once_the_cause_is_gone() {
+    let mut fx = Fixture::new();
+    let msgs = fx.next_epoch();
+    let mut session = Some(Session::new(fx.store()).expect("a session"));
+    for m in msgs[..COMMIT].iter().cloned() {
+        handle(&mut session, m).expect("the legitimate epoch is accepted");
+    }
+    let in_the_way = fx.root.join("c.img");
+    fs::create_dir(&in_the_way).expect("mkdir c.img");
+    let failed = handle(&mut session, msgs[COMMIT].clone()).expect_err("the apply fails");
+    drop(session);
+    assert!(
+        failed.is_retryable(),
+        "a failed apply is a refusal: {failed}"
+    );
+    assert!(
+        failed.to_string().starts_with("applying epoch 2: ")
+            && failed.to_string().contains("c.img"),
+        "the cause is not named: {failed}"
+    );
+    let store = fx.store();
+    assert!(store.apply_pending(), "the redo record is gone");
+    assert_eq!(
+        store.applied().epoch,
+        Epoch(1),
+        "a failed apply was recorded"
+    );
+    let again = Session::new(store).expect_err("the retry fails while the cause stays");
+    assert!(again.is_retryable(), "{again}");
+    assert!(again.to_string().contains("c.img"), "{again}");
+    assert!(store.apply_pending());
+
+    fs::remove_dir(&in_the_way).expect("rmdir c.img");
+    let run = fx.drive(Vec::new());
+    assert_eq!(run.refused, None, "the retry after the cause went failed");
+    assert!(!fx.store().apply_pending(), "the redo record stayed");
+    assert_applied_as_offered(&fx, &msgs, 2);
+    fx.mark_applied(2);
+    fx.finish();
+}
+
 /// A stream cut after its first Blocks message (the connection broke):
 /// the next stream of the same point starts after the offers it left
 /// complete, so a reconnect loop moves forward even when every stream

@@ -19,7 +19,7 @@
 //! Imports run one way, with no circle: service → {session, store,
 //! verify, records, refused}; session → {store, resume, preflight,
 //! refused}; verify → {store, confine}; store → {apply, index, seed,
-//! records, resume}; apply → {index, records, confine}; seed → index;
+//! records, resume, refused}; apply → {index, records, confine}; seed → index;
 //! refused → preflight; index, preflight → confine. Nothing but the
 //! service (and the fuzz tests) imports session.
 

@@ -5,7 +5,8 @@
 //! is refused with a clear message instead of failing halfway through its
 //! apply. Paths an earlier operation of the same point changes are not
 //! checked against the disk (their state then is the apply's business;
-//! see `apply`, which logs and skips what it cannot do).
+//! see `apply`, which logs and skips an operation that conflicts with an
+//! earlier one, and fails on a file-system or resource error).
 
 use std::path::{Path, PathBuf};
 

@@ -3,6 +3,11 @@
 //! code: a refused point is never sent again as it was) and leaves the
 //! replica at its last applied point. Every message names what is wrong,
 //! with the file and block where there is one.
+//!
+//! Two of these are failures, not refusals ([`Refused::is_retryable`]):
+//! an apply that failed, and one that failed earlier and still fails when
+//! retried. Their redo record stays, the stream ends with Unavailable, and
+//! the primary keeps the point and ships it again.
 
 use std::path::PathBuf;
 
@@ -17,9 +22,16 @@ pub enum Refused {
     /// A stream before any hello: there is no pair to check against.
     #[error("no primary has said hello to this replica yet")]
     NotPaired,
-    /// An apply failed earlier and its redo record waits.
-    #[error("an earlier apply failed and must be finished first: restart the secondary")]
-    ApplyPending,
+    /// An apply failed earlier, its redo record waits, and finishing it
+    /// failed again (retryable).
+    #[error("finishing the earlier apply of epoch {epoch}: {source} (retried on the next stream)")]
+    ApplyPending {
+        /// The epoch of the redo record.
+        epoch: u64,
+        /// Why it still fails.
+        #[source]
+        source: Error,
+    },
     /// The staging data file failed.
     #[error("staging {}: {source}", path.display())]
     Staging {
@@ -175,7 +187,8 @@ pub enum Refused {
     /// A commit with wanted blocks still missing.
     #[error("Commit with {0} wanted blocks never sent")]
     CommitMissing(usize),
-    /// The apply failed (its redo record stays; a restart finishes it).
+    /// The apply failed (retryable: its redo record stays, and the next
+    /// hello or stream applies it again).
     #[error("applying epoch {epoch}: {source}")]
     Apply {
         /// The epoch.
@@ -187,6 +200,13 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// A failure to apply, not a refusal of the point: the redo record
+    /// stays and the same point may be sent again (the apply is retried
+    /// first).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Refused::Apply { .. } | Refused::ApplyPending { .. })
+    }
+
     /// The staging data file at `path` failed.
     pub fn staging(path: &std::path::Path, source: std::io::Error) -> Refused {
         Refused::Staging {

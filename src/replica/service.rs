@@ -2,7 +2,9 @@
 //! point per stream (one stream at a time, each on a blocking thread that
 //! owns its `Session`), Verify and Status answer from the store. Errors of
 //! the parts become statuses here, and only here: refusals
-//! InvalidArgument, a hello or verify that cannot be answered
+//! InvalidArgument, a failed apply Unavailable (the primary keeps the
+//! point and ships it again; the apply is retried from its redo record at
+//! the next hello or stream), a hello or verify that cannot be answered
 //! FailedPrecondition, a failed task Internal.
 
 use std::pin::Pin;
@@ -29,9 +31,14 @@ use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
 
 impl From<Refused> for Status {
     /// A refusal is InvalidArgument: the primary tells "refused" (never
-    /// send this point again as it is) from "failed" by the code.
+    /// send this point again as it is) from "failed" by the code. A failed
+    /// apply is Unavailable: retryable, with its cause.
     fn from(refused: Refused) -> Status {
-        Status::invalid_argument(refused.to_string())
+        if refused.is_retryable() {
+            Status::unavailable(refused.to_string())
+        } else {
+            Status::invalid_argument(refused.to_string())
+        }
     }
 }
 
@@ -147,6 +154,21 @@ impl Replication for ReplicaService {
         tokio::task::spawn_blocking(move || store.accept(pair))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
+        // An apply that failed is retried here, so the primary learns the
+        // point is applied (or why it still is not) before it ships. A
+        // stream holding the turn retries it itself, in `Session::new`.
+        if self.store.apply_pending()
+            && let Ok(_turn) = self.shipping.try_lock()
+        {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.finish_pending())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|refused| {
+                    log::error!("{refused}");
+                    Status::from(refused)
+                })?;
+        }
         let applied = self.store.applied();
         Ok(Response::new(HelloReply {
             protocol_version: PROTOCOL_VERSION,
@@ -203,7 +225,11 @@ impl Replication for ReplicaService {
             match worker.await {
                 Ok(Ok(())) => {}
                 Ok(Err(refused)) => {
-                    log::warn!("refused an epoch: {refused}");
+                    if refused.is_retryable() {
+                        log::error!("{refused}; the redo record stays, the apply is retried");
+                    } else {
+                        log::warn!("refused an epoch: {refused}");
+                    }
                     let _ = tx.send(Err(refused.into())).await;
                 }
                 Err(e) => {

@@ -95,9 +95,8 @@ impl<'a> Session<'a> {
         let Some(pair) = store.pair() else {
             return Err(Refused::NotPaired);
         };
-        if store.apply_pending() {
-            return Err(Refused::ApplyPending);
-        }
+        // An apply that failed earlier is finished before anything else.
+        store.finish_pending()?;
         let Carried {
             content: carried,
             point: partial,

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use super::apply::{self, Apply, make_dirs};
 use super::index::ContentIndex;
 use super::records::{Applied, Pair, Redo};
+use super::refused::Refused;
 use super::resume::Carried;
 use super::seed;
 use crate::block::{BlockHash, HashKey};
@@ -223,6 +224,23 @@ impl ReplicaStore {
         self.apply(staged, epoch, 0)
     }
 
+    /// Finishes an apply that failed earlier (its redo record waits), if
+    /// there is one: the failure to apply is retryable, so is this.
+    pub fn finish_pending(&self) -> std::result::Result<(), Refused> {
+        let redo =
+            Redo::read(&self.paths).map_err(|source| Refused::ApplyPending { epoch: 0, source })?;
+        let Some(redo) = redo else {
+            return Ok(());
+        };
+        log::warn!("retrying the apply of epoch {} that failed", redo.epoch);
+        self.finish(redo).map_err(|source| Refused::ApplyPending {
+            epoch: redo.epoch.0,
+            source,
+        })?;
+        log::info!("epoch {} applied on retry", redo.epoch);
+        Ok(())
+    }
+
     /// Finishes an apply that a crash interrupted.
     fn recover(&self) -> Result<()> {
         let Some(redo) = Redo::read(&self.paths)? else {
@@ -238,14 +256,23 @@ impl ReplicaStore {
             }
             return Ok(());
         };
+        log::warn!(
+            "an apply of epoch {} was interrupted; applying it again from staging",
+            redo.epoch
+        );
+        self.finish(redo)
+    }
+
+    /// Applies the staged epoch `redo` names again, from where it stopped
+    /// (every step is idempotent); only retires it if it is already applied.
+    fn finish(&self, redo: Redo) -> Result<()> {
         let epoch = redo.epoch;
         if epoch <= self.applied().epoch {
-            log::info!("epoch {epoch} was applied before the restart; removing its staging");
+            log::info!("epoch {epoch} was applied already; removing its staging");
             Redo::remove(&self.paths)?;
             return self.clear_staging();
         }
         let staged = apply::read_manifest(&self.paths)?;
-        log::warn!("an apply of epoch {epoch} was interrupted; applying it again from staging");
         self.apply(&staged, epoch, redo.ops_done)
     }
 
