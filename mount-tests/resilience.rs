@@ -12,7 +12,10 @@
 //!   restart resumes from the bitmaps (the log says so and how many blocks
 //!   it rechecks), never a full resync, and the replica converges;
 //! - a second primary datastore is refused by a paired secondary with a
-//!   message naming both datastores, while the first keeps replicating.
+//!   message naming both datastores, while the first keeps replicating;
+//! - a proxy that stalls without closing while a point ships is noticed
+//!   within 30 s (status says so), and the point resumes on a new
+//!   connection once the path works again (issue 9, item 3).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -123,6 +126,10 @@ struct ProxyState {
     refused: AtomicU64,
     /// Every byte carried from the primary to the secondary, when asked.
     upstream_bytes: Option<Mutex<Vec<u8>>>,
+    /// While set, every connection (those carried and those accepted
+    /// meanwhile) stops forwarding in both directions without closing:
+    /// what it reads is held until the stall ends.
+    stalled: AtomicBool,
 }
 
 /// `127.0.0.1:PORT` → `upstream`, one pair of std threads per connection.
@@ -146,6 +153,7 @@ impl CuttingProxy {
             connections: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             upstream_bytes: record.then(|| Mutex::new(Vec::new())),
+            stalled: AtomicBool::new(false),
         });
         let st = state.clone();
         let acceptor = thread::spawn(move || {
@@ -167,12 +175,8 @@ impl CuttingProxy {
                     .lock()
                     .expect("proxy lock")
                     .extend([clone(&client), clone(&server)]);
-                pump(
-                    clone(&client),
-                    clone(&server),
-                    Some(st.clone()).filter(|_| record),
-                );
-                pump(server, client, None);
+                pump(clone(&client), clone(&server), st.clone(), record);
+                pump(server, client, st.clone(), false);
             }
         });
         CuttingProxy {
@@ -192,6 +196,15 @@ impl CuttingProxy {
     }
 }
 
+impl CuttingProxy {
+    /// Stalls every connection (`true`): nothing is forwarded any more in
+    /// either direction, and nothing is closed; or ends the stall
+    /// (`false`), forwarding what was held.
+    fn stall(&self, stalled: bool) {
+        self.state.stalled.store(stalled, Ordering::SeqCst);
+    }
+}
+
 impl Drop for CuttingProxy {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::SeqCst);
@@ -205,17 +218,22 @@ impl Drop for CuttingProxy {
 }
 
 /// Copies `from` → `to` until either side closes, then closes both;
-/// with `record`, keeps a copy of what passed.
-fn pump(mut from: TcpStream, mut to: TcpStream, record: Option<Arc<ProxyState>>) {
+/// with `record`, keeps a copy of what passed. While the proxy is
+/// stalled, what it reads is held, not forwarded (and, once the socket
+/// buffers fill, nothing more is read).
+fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<ProxyState>, record: bool) {
     thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         let copied = (|| -> std::io::Result<()> {
             loop {
                 let n = from.read(&mut buf)?;
+                while st.stalled.load(Ordering::SeqCst) && !st.stop.load(Ordering::SeqCst) {
+                    sleep(Duration::from_millis(50));
+                }
                 if n == 0 {
                     return Ok(());
                 }
-                if let Some(kept) = record.as_ref().and_then(|st| st.upstream_bytes.as_ref()) {
+                if let Some(kept) = st.upstream_bytes.as_ref().filter(|_| record) {
                     kept.lock()
                         .expect("proxy lock")
                         .extend_from_slice(&buf[..n]);
@@ -440,6 +458,101 @@ fn proxy_cutting_every_2_to_3_s_resumes_a_backlog_larger_than_any_window_and_con
     assert!(
         wire < written + written / 10,
         "{wire} bytes on the wire for {written} bytes written"
+    );
+}
+
+/// The failure contract's liveness (issue 9, item 3): a connection that
+/// stops forwarding without closing, while a point ships, is noticed
+/// within 30 s: `status` shows the stream down, an error naming the stall
+/// and how long since the last progress. Once the path works again the
+/// held point ships again on a new connection and the replica converges.
+#[test]
+fn a_proxy_that_stalls_without_closing_is_noticed_within_30_s_and_the_point_resumes() {
+    const IMAGE: u64 = 64 * MIB;
+    /// The contract's bound, and a margin for status polling.
+    const DETECT: Duration = Duration::from_secs(30);
+    const MARGIN: Duration = Duration::from_secs(3);
+    let sec = Secondary::start();
+    let proxy = CuttingProxy::start(&sec.addr, false);
+    // Capped so that the point below ships for several seconds.
+    let m = primary_for(&sec, &proxy.addr, &["--max-rate", "8M"]);
+    create_sparse(&m.mnt("disk.img"), IMAGE);
+    sync_file(&m.mnt("disk.img"));
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let before = sec.applied_epoch();
+
+    // Incompressible, so the point takes ~8 s at the cap.
+    write_backlog(&m.mnt("disk.img"), IMAGE);
+    sync_file(&m.mnt("disk.img"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (done, total) = loop {
+        let ship = &primary_status(&m)["replication"]["shipping"];
+        if !ship.is_null() && json_u64(&ship["blocks_done"]) > 0 {
+            break (
+                json_u64(&ship["blocks_done"]),
+                json_u64(&ship["blocks_total"]),
+            );
+        }
+        assert!(Instant::now() < deadline, "no point started shipping");
+        sleep(Duration::from_millis(20));
+    };
+
+    // The path stalls in the middle of the ship: bytes are taken and
+    // held, nothing is closed.
+    proxy.stall(true);
+    let stalled_at = Instant::now();
+    let (error, since_progress) = loop {
+        let s = primary_status(&m);
+        let r = &s["replication"];
+        let e = r["last_error"].as_str().unwrap_or("");
+        if r["connected"] == false && (e.contains("no progress") || e.contains("keepalive")) {
+            break (e.to_string(), r["seconds_since_progress"].as_f64());
+        }
+        assert!(
+            stalled_at.elapsed() < DETECT + MARGIN,
+            "a stalled connection was not noticed within {DETECT:?}:\n{s:#}\n--- log ---\n{}",
+            m.log()
+        );
+        sleep(Duration::from_millis(100));
+    };
+    let detected = stalled_at.elapsed();
+    let since_progress = since_progress.expect("seconds_since_progress after a stall");
+    assert!(
+        since_progress >= 10.0,
+        "status says the last progress was {since_progress:.1} s ago, after a stall of {detected:?}"
+    );
+    assert_eq!(
+        sec.applied_epoch(),
+        before,
+        "a point landed through a stalled proxy"
+    );
+
+    // Still stalled: new connections are held too, so each attempt fails
+    // by its own deadline and the stream stays down.
+    sleep(Duration::from_secs(6));
+    let s = primary_status(&m);
+    assert_eq!(s["replication"]["connected"], false, "{s:#}");
+
+    // The path works again: the held point ships again and lands.
+    proxy.stall(false);
+    let resumed_at = Instant::now();
+    sync_file(&m.mnt("disk.img"));
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let converged = resumed_at.elapsed();
+    assert!(sec.applied_epoch() > before, "the held point never landed");
+    assert_replica_identical(&m, &sec, "disk.img");
+    let log = m.log();
+    let resumed = resumed_after(&log);
+    println!(
+        "stall: the proxy stalled at block {done} of {total} of a {} MiB point; noticed after \
+         {:.1} s (status: {since_progress:.1} s since the last progress; error: {error}); \
+         the point landed {:.1} s after the stall ended ({}), and the replica is identical",
+        IMAGE / MIB,
+        detected.as_secs_f64(),
+        converged.as_secs_f64(),
+        resumed.map_or("shipped again from the start".to_string(), |n| format!(
+            "resumed after {n} offers the secondary held"
+        )),
     );
 }
 

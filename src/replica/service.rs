@@ -284,7 +284,12 @@ pub async fn serve_on(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    // Keepalive on the secondary's side too: a primary whose connection
+    // stalls is dropped within the same bound, which ends its ship stream
+    // and frees the turn for the primary's next connection.
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(crate::wire::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::wire::KEEPALIVE_TIMEOUT))
         .tls_config(tls)?
         .add_service(tonic::service::interceptor::InterceptedService::new(
             ReplicaService::new(store).into_server(),

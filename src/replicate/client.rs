@@ -12,25 +12,37 @@ use crate::auth::{AuthKey, PresentKey};
 use crate::error::{Error, IoContext, Result};
 use crate::proto::replication::replication_client::ReplicationClient;
 use crate::proto::replication::{ShipReply, StatusRequest, ship_reply};
-use crate::wire::MAX_MESSAGE;
+use crate::wire::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE, STATUS_TIMEOUT};
 
 /// A client that authenticates every request.
 pub(super) type Client = ReplicationClient<InterceptedService<Channel, PresentKey>>;
 
-/// How long a connection attempt to the secondary may take.
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) use crate::wire::CONNECT_TIMEOUT;
 
 /// Connects to the secondary at `addr` over the pair's TLS (`tls`),
-/// presenting `key`.
+/// presenting `key`, with HTTP/2 keepalive pings on the connection (also
+/// while idle), so a connection that stalls is dropped within
+/// [`KEEPALIVE_INTERVAL`] + [`KEEPALIVE_TIMEOUT`].
 pub(super) async fn connect(addr: &str, key: &AuthKey, timeout: Duration) -> Result<Client> {
     let url = format!("https://{addr}");
-    let channel = Channel::from_shared(url.clone())
+    let endpoint = Channel::from_shared(url.clone())
         .map_err(|e| remote(&url, e))?
         .tls_config(crate::tls::client_config(key)?)
         .map_err(|e| remote(&url, e))?
         .connect_timeout(timeout)
-        .connect()
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    // The whole attempt (TCP, TLS, HTTP/2) has the deadline, whatever
+    // part of it the transport's own timeout covers.
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
+        .map_err(|_| {
+            Error::Remote(format!(
+                "connecting to {addr}: no answer within {} s (the connection stalled)",
+                timeout.as_secs()
+            ))
+        })?
         .map_err(|e| connect_error(addr, &e))?;
     Ok(
         ReplicationClient::with_interceptor(channel, PresentKey(key.clone()))
@@ -63,12 +75,43 @@ pub(super) fn remote(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Remote(format!("{what}: {e}"))
 }
 
-/// The secondary's next reply on a ship stream, to the message `what`.
+/// Waits for `fut` at most `limit`; past it, fails with an error saying
+/// the secondary made no progress for that long while `what`.
+pub(super) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| Err(stalled(limit, what)))
+}
+
+/// A wait that ran out: the connection stalled (or the secondary hangs).
+pub(super) fn stalled(limit: Duration, what: &str) -> Error {
+    remote(
+        "secondary",
+        format!(
+            "no progress from the secondary for {} s {what}: the connection stalled; \
+             dropping it to resume on a new one",
+            limit.as_secs()
+        ),
+    )
+}
+
+/// The secondary's next reply on a ship stream, to the message `what`,
+/// waited for at most `limit`.
 pub(super) async fn next_reply(
     replies: &mut tonic::Streaming<ShipReply>,
     what: &str,
+    limit: Duration,
 ) -> Result<ship_reply::Body> {
-    match replies.message().await.map_err(ship_status)? {
+    let waiting = format!("(waiting for its answer to {what})");
+    let message = within(limit, &waiting, async {
+        replies.message().await.map_err(ship_status)
+    })
+    .await?;
+    match message {
         Some(ShipReply { body: Some(body) }) => Ok(body),
         Some(_) => Err(remote(
             "secondary",
@@ -87,13 +130,35 @@ pub(super) fn unexpected(what: &str, reply: &ship_reply::Body) -> Error {
 }
 
 /// An error status from the secondary during a ship: a refusal of the
-/// point (invalid argument) or a failure.
+/// point (invalid argument) or a failure, naming a keepalive that timed
+/// out (a stalled connection) when that is what closed it.
 pub(super) fn ship_status(s: tonic::Status) -> Error {
     if s.code() == tonic::Code::InvalidArgument {
         Error::Refused(s.message().to_string())
+    } else if keepalive_timed_out(&s) {
+        remote(
+            "secondary",
+            format!(
+                "no answer to HTTP/2 keepalive pings for {} s: the connection stalled ({})",
+                KEEPALIVE_TIMEOUT.as_secs(),
+                s.message()
+            ),
+        )
     } else {
         remote("secondary", s.message())
     }
+}
+
+/// Whether `s` comes from a keepalive ping that went unanswered.
+fn keepalive_timed_out(s: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        if e.to_string().contains("keep-alive timed out") {
+            return true;
+        }
+        source = e.source();
+    }
+    s.message().contains("keep-alive timed out")
 }
 
 /// A running secondary's counters, as `hbrfs status` shows them under
@@ -121,12 +186,16 @@ pub fn remote_status(addr: &str, key: &AuthKey) -> Result<SecondaryCounters> {
         .build()
         .at("tokio runtime")?;
     rt.block_on(async {
-        let s = connect(addr, key, Duration::from_secs(2))
-            .await?
-            .status(StatusRequest {})
-            .await
-            .map_err(|e| remote(addr, e.message()))?
-            .into_inner();
+        let mut client = connect(addr, key, STATUS_TIMEOUT).await?;
+        let what = "(waiting for its answer to status)";
+        let s = within(STATUS_TIMEOUT, what, async {
+            client
+                .status(StatusRequest {})
+                .await
+                .map_err(|e| remote(addr, e.message()))
+        })
+        .await?
+        .into_inner();
         Ok(SecondaryCounters {
             last_applied_epoch: s.last_applied_epoch,
             files: s.files,

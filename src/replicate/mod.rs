@@ -36,7 +36,7 @@ use crate::ids::Epoch;
 use crate::proto::replication::HelloRequest;
 use crate::state::{now_ns, write_durably};
 use crate::throttle::Throttle;
-use crate::wire::PROTOCOL_VERSION;
+use crate::wire::{NO_PROGRESS_TIMEOUT, PROTOCOL_VERSION};
 
 pub use client::{SecondaryCounters, remote_status};
 pub use stats::{ReplStats, ReplicationReport, ShipProgress};
@@ -171,11 +171,16 @@ impl Replicator {
             block_size: self.ds.format.block_size.bytes() as u32,
             hash_key: self.key.as_bytes().to_vec(),
         };
-        let reply = client
-            .hello(hello)
-            .await
-            .map_err(|s| remote(&format!("hello to secondary {addr}"), s.message()))?
-            .into_inner();
+        let what = "(waiting for its answer to hello)";
+        let reply = client::within(NO_PROGRESS_TIMEOUT, what, async {
+            client
+                .hello(hello)
+                .await
+                .map_err(|s| remote(&format!("hello to secondary {addr}"), s.message()))
+        })
+        .await?
+        .into_inner();
+        self.stats.progressed();
         let applied = Epoch(reply.last_applied_epoch);
         self.points
             .reconcile(applied, &reply.last_applied_point, addr)

@@ -23,10 +23,10 @@ use crate::proto::replication::{
 };
 use crate::throttle::Throttle;
 use crate::tracking::{ClosedSet, TrackedFile};
-use crate::wire::MAX_BLOCKS;
+use crate::wire::{MAX_BLOCKS, NO_PROGRESS_TIMEOUT, apply_timeout};
 
 use super::Replicator;
-use super::client::{Client, next_reply, remote, ship_status, unexpected};
+use super::client::{Client, next_reply, remote, ship_status, unexpected, within};
 use super::point::Point;
 use super::stats::ReplStats;
 
@@ -56,8 +56,15 @@ struct Stream<'a> {
 }
 
 impl Stream<'_> {
-    /// Sends one message once the `--max-rate` bucket allows it.
+    /// Sends one message once the `--max-rate` bucket allows it; fails if
+    /// the stream takes no message for [`NO_PROGRESS_TIMEOUT`] (it stalled).
     async fn send(&self, body: ship_message::Body) -> Result<()> {
+        let what = match &body {
+            ship_message::Body::Begin(_) => "Begin",
+            ship_message::Body::Offers(_) => "Offers",
+            ship_message::Body::Blocks(_) => "Blocks",
+            ship_message::Body::Commit(_) => "Commit",
+        };
         let msg = ShipMessage { body: Some(body) };
         let len = prost::Message::encoded_len(&msg) as u64;
         let wait = self.throttle.map_or(Duration::ZERO, |t| {
@@ -66,17 +73,21 @@ impl Stream<'_> {
         tokio::time::sleep(wait).await;
         self.stats.wire_bytes.fetch_add(len, Ordering::Relaxed);
         let closed = || remote("ship", "stream closed by the secondary");
-        self.tx
-            .as_ref()
-            .ok_or_else(closed)?
-            .send(msg)
-            .await
-            .map_err(|_| closed())
+        let tx = self.tx.as_ref().ok_or_else(closed)?;
+        let sending = format!("(the stream took no {what} message)");
+        within(NO_PROGRESS_TIMEOUT, &sending, async {
+            tx.send(msg).await.map_err(|_| closed())
+        })
+        .await?;
+        self.stats.progressed();
+        Ok(())
     }
 
-    /// The secondary's answer to `what`.
-    async fn reply(&mut self, what: &str) -> Result<ship_reply::Body> {
-        next_reply(&mut self.replies, what).await
+    /// The secondary's answer to `what`, waited for at most `limit`.
+    async fn reply(&mut self, what: &str, limit: Duration) -> Result<ship_reply::Body> {
+        let reply = next_reply(&mut self.replies, what, limit).await?;
+        self.stats.progressed();
+        Ok(reply)
     }
 }
 
@@ -161,11 +172,16 @@ impl Replicator {
     /// Streams `point` to the secondary and waits until it is applied.
     pub(super) async fn ship(&self, client: &mut Client, point: &Point) -> Result<()> {
         let (tx, rx) = mpsc::channel::<ShipMessage>(4);
-        let replies = client
-            .ship(ReceiverStream::new(rx))
-            .await
-            .map_err(ship_status)?
-            .into_inner();
+        let what = "(waiting for it to open the ship stream)";
+        let replies = within(NO_PROGRESS_TIMEOUT, what, async {
+            client
+                .ship(ReceiverStream::new(rx))
+                .await
+                .map_err(ship_status)
+        })
+        .await?
+        .into_inner();
+        self.stats.progressed();
         let mut stream = Stream {
             tx: Some(tx),
             replies,
@@ -192,7 +208,10 @@ impl Replicator {
             .send(ship_message::Body::Commit(Commit { epoch }))
             .await?;
         stream.tx = None;
-        match stream.reply("Commit").await? {
+        // Applying a big point takes a while: a generous deadline that
+        // grows with the point; the keepalive meanwhile notices a stall.
+        let bytes = total.saturating_mul(self.ds.format.block_size.bytes());
+        match stream.reply("Commit", apply_timeout(bytes)).await? {
             ship_reply::Body::Applied(a) if a.epoch == epoch => Ok(()),
             other => Err(unexpected("Commit", &other)),
         }
@@ -216,7 +235,7 @@ impl Replicator {
             })
             .collect();
         stream.send(begin_message(ops, point)).await?;
-        let offers_done = match stream.reply("Begin").await? {
+        let offers_done = match stream.reply("Begin", NO_PROGRESS_TIMEOUT).await? {
             ship_reply::Body::Resumed(r) => r.offers_done,
             other => return Err(unexpected("Begin", &other)),
         };
@@ -275,7 +294,7 @@ impl Replicator {
         stream
             .send(ship_message::Body::Offers(Offers { offers }))
             .await?;
-        let wants = match stream.reply("Offers").await? {
+        let wants = match stream.reply("Offers", NO_PROGRESS_TIMEOUT).await? {
             ship_reply::Body::Wants(w) => w,
             other => return Err(unexpected("Offers", &other)),
         };

@@ -37,6 +37,8 @@ pub struct ReplStats {
     pub(super) ship_started_ns: AtomicU64,
     pub(super) ship_wire_start: AtomicU64,
     pub(super) baseline: AtomicBool,
+    /// When the secondary last answered or took a message (0 before).
+    pub(super) last_progress_ns: AtomicU64,
 }
 
 /// What `hbrfs status` shows of the replicator: the counters with the
@@ -77,6 +79,12 @@ pub struct ReplicationReport {
     pub shipping: Option<ShipProgress>,
     /// The last failure, empty when none.
     pub last_error: String,
+    /// When the secondary last answered or took a message on the
+    /// replication channel (ns since the epoch), 0 before the first.
+    pub last_progress_ns: u64,
+    /// Seconds since then, null before the first: with `last_error`, how
+    /// long replication has been stuck and why.
+    pub seconds_since_progress: Option<f64>,
 }
 
 /// The ship in progress, so an operator can tell a long baseline from a
@@ -108,6 +116,7 @@ impl ReplStats {
         let nonzero = offered.saturating_sub(load(&self.blocks_zero));
         let sent = load(&self.blocks_sent);
         let cut = load(&self.last_applied_cut_ns);
+        let progress = load(&self.last_progress_ns);
         let (raw, compressed) = (
             load(&self.raw_bytes_sent),
             load(&self.compressed_bytes_sent),
@@ -134,6 +143,9 @@ impl ReplStats {
             max_rate_bytes_per_s: Some(load(&self.max_rate)).filter(|&r| r != 0),
             shipping: self.progress(),
             last_error: self.last_error.lock().expect("error lock").clone(),
+            last_progress_ns: progress,
+            seconds_since_progress: (progress != 0)
+                .then(|| now_ns().saturating_sub(progress) as f64 / 1e9),
         }
     }
 
@@ -157,6 +169,12 @@ impl ReplStats {
             wire_bytes_per_s: rate,
             eta_s: eta,
         })
+    }
+
+    /// Records progress: the secondary answered, or the stream took a
+    /// message.
+    pub(super) fn progressed(&self) {
+        self.last_progress_ns.store(now_ns(), Ordering::Relaxed);
     }
 
     /// Records a failure: the stream is down and `status` says why.
@@ -199,7 +217,9 @@ mod tests {
         assert!(v["max_rate_bytes_per_s"].is_null());
         assert!(v["shipping"].is_null());
         assert_eq!(v["dedup_ratio"], 0.0);
-        assert_eq!(v.as_object().unwrap().len(), 17);
+        assert!(v["seconds_since_progress"].is_null());
+        assert_eq!(v["last_progress_ns"], 0);
+        assert_eq!(v.as_object().unwrap().len(), 19);
         stats.start_ship(10, 2, true);
         stats.max_rate.store(5, Ordering::Relaxed);
         let v = serde_json::to_value(stats.report()).unwrap();
@@ -208,5 +228,9 @@ mod tests {
         assert_eq!(v["max_rate_bytes_per_s"], 5);
         let back: ReplicationReport = serde_json::from_value(v).unwrap();
         assert_eq!(back.shipping.unwrap().blocks_done, 2);
+        stats.progressed();
+        let r = stats.report();
+        assert!(r.last_progress_ns > 0);
+        assert!(r.seconds_since_progress.unwrap() < 60.0);
     }
 }
