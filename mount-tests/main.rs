@@ -7,6 +7,7 @@ mod crash;
 mod harness;
 mod passthrough;
 mod posix;
+mod privacy;
 mod replication;
 mod resilience;
 mod tracking;

@@ -96,6 +96,7 @@ impl Journal {
         };
         // sled may panic on some corruptions instead of returning an error;
         // a journal we cannot read must be an error the caller handles.
+        crate::state::make_state_dirs(path)?;
         let opened = std::panic::catch_unwind(|| {
             sled::Config::new()
                 .path(path)
@@ -107,6 +108,7 @@ impl Journal {
             reason: "sled panicked opening the journal (corrupt)".into(),
         })?;
         let db = opened.map_err(sled_err)?;
+        crate::state::make_private_tree(path);
         let tree = |name: &str| db.open_tree(name).map_err(sled_err);
         let journal = Journal {
             path: path.to_path_buf(),

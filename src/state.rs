@@ -7,7 +7,7 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -134,10 +134,60 @@ impl ReplicaPaths {
     }
 }
 
+/// Mode of the daemon's own state files: the daemons run with umask 0 (so
+/// files made through a mount get the modes asked for), so each state file
+/// and folder is given its mode explicitly; none is group- or world-writable.
+pub const STATE_FILE_MODE: u32 = 0o600;
+/// Mode of state folders (see [`STATE_FILE_MODE`]).
+pub const STATE_DIR_MODE: u32 = 0o700;
+
+/// Creates `path` and any missing parents as private state folders (0700).
+pub fn make_state_dirs(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(STATE_DIR_MODE)
+        .create(path)
+        .at(path)
+}
+
+/// Options for creating a private state file (0600); add access flags.
+pub fn state_file_options() -> fs::OpenOptions {
+    let mut o = fs::OpenOptions::new();
+    o.mode(STATE_FILE_MODE);
+    o
+}
+
+/// Makes what a library created under `dir` (sled's files) private:
+/// folders 0700, files 0600. Best effort: a failure is logged.
+pub fn make_private_tree(dir: &Path) {
+    let chmod = |path: &Path, mode: u32| {
+        if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
+            log::warn!("making {} private: {e}", path.display());
+        }
+    };
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return;
+    };
+    if meta.is_dir() {
+        chmod(dir, STATE_DIR_MODE);
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            make_private_tree(&entry.path());
+        }
+    } else if meta.is_file() {
+        chmod(dir, STATE_FILE_MODE);
+    }
+}
+
 /// Writes a small file durably: temp file, fsync, rename, fsync folder.
+/// The file is made 0600 whatever the umask.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).at(&tmp)?;
+    let mut f = state_file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .at(&tmp)?;
     f.write_all(bytes).and_then(|_| f.sync_all()).at(&tmp)?;
     fs::rename(&tmp, path).at(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -83,6 +83,10 @@ enum Command {
         /// default REPLICA/.hbrfs/auth.key.
         #[arg(long, value_name = "FILE")]
         auth_key: Option<PathBuf>,
+        /// Let users other than the daemon's into the --mount mirror
+        /// (FUSE allow_other); by default only the daemon's user sees it.
+        #[arg(long, requires = "mount")]
+        mirror_allow_other: bool,
     },
     /// Mount a replica folder read-only (when no secondary serves it).
     MountReplica {
@@ -271,11 +275,13 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             mount,
             auth_key,
+            mirror_allow_other,
         } => daemon::run_serve(&ServeOptions {
             replica,
             listen,
             mount,
             auth_key,
+            mirror_allow_other,
         }),
         Command::MountReplica {
             replica,

@@ -114,12 +114,23 @@ fn existing_dir(path: &Path, what: &str) -> Result<PathBuf> {
     }
 }
 
+/// Which mount [`mount`] makes.
+#[derive(Clone, Copy, Debug)]
+enum MountKind {
+    /// The primary's read-write passthrough: open to every user (the
+    /// backing folder's modes decide), devices and setuid honoured.
+    Primary,
+    /// A replica's read-only mirror: `nodev,nosuid`, and only for the
+    /// daemon's user unless `allow_other` (`serve --mirror-allow-other`).
+    Mirror { allow_other: bool },
+}
+
 /// Mounts `fs` at `mountpoint`, showing `source` as the mount's source.
 fn mount<F: Filesystem>(
     fs: F,
     source: &Path,
     mountpoint: &Path,
-    read_only: bool,
+    kind: MountKind,
     threads: usize,
 ) -> Result<Session<F>> {
     let mut config = Config::default();
@@ -127,13 +138,25 @@ fn mount<F: Filesystem>(
         MountOption::FSName(source.display().to_string()),
         MountOption::Subtype("hbrfs".into()),
         MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
     ];
-    if read_only {
-        config.mount_options.push(MountOption::RO);
-    }
-    config.acl = SessionACL::All;
+    config.acl = match kind {
+        MountKind::Primary => {
+            config
+                .mount_options
+                .extend([MountOption::Dev, MountOption::Suid]);
+            SessionACL::All
+        }
+        MountKind::Mirror { allow_other } => {
+            config
+                .mount_options
+                .extend([MountOption::RO, MountOption::NoDev, MountOption::NoSuid]);
+            if allow_other {
+                SessionACL::All
+            } else {
+                SessionACL::Owner
+            }
+        }
+    };
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
     Session::new(fs, mountpoint, &config).map_err(|e| {

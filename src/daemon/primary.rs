@@ -9,7 +9,9 @@ use std::time::Duration;
 use fuser::Session;
 use tokio::sync::watch;
 
-use super::{check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, runtime, unmount};
+use super::{
+    MountKind, check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, runtime, unmount,
+};
 use crate::control;
 use crate::datastore::{Access, Datastore};
 use crate::error::{Error, IoContext, Result};
@@ -72,7 +74,7 @@ pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
     );
     let recorder = opts.tracking.then(|| ds.clone() as Arc<dyn ChangeRecorder>);
     let fs = Passthrough::new(&backing, recorder, Cache::Kernel).at(&backing)?;
-    let session = mount(fs, &backing, &mountpoint, false, opts.threads)?;
+    let session = mount(fs, &backing, &mountpoint, MountKind::Primary, opts.threads)?;
     let mut replication = None;
     let mut stats = None;
     if let Some(r) = &opts.replicate {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use fuser::SessionUnmounter;
 use tokio::sync::watch;
 
-use super::{check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, runtime, unmount};
+use super::{
+    MountKind, check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, runtime, unmount,
+};
 use crate::auth::AuthKey;
 use crate::error::{Error, IoContext, Result};
 use crate::mirror::Mirror;
@@ -28,6 +30,10 @@ pub struct ServeOptions {
     /// The pre-shared key file; default `REPLICA/.hbrfs/auth.key`, made
     /// on first start.
     pub auth_key: Option<PathBuf>,
+    /// Let other users than the daemon's into the mirror (FUSE
+    /// `allow_other`); off by default: the replica is as private as the
+    /// primary's backing folder.
+    pub mirror_allow_other: bool,
 }
 
 /// Where a secondary keeps its key unless told otherwise.
@@ -79,7 +85,10 @@ pub(super) fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
         Some(mnt) => {
             let mountpoint = check_mountpoint(mnt, &store.root)?;
             let fs = Mirror::new(&store.root, store.view.clone()).at(&store.root)?;
-            let mut session = mount(fs, &store.root, &mountpoint, true, 4)?;
+            let kind = MountKind::Mirror {
+                allow_other: opts.mirror_allow_other,
+            };
+            let mut session = mount(fs, &store.root, &mountpoint, kind, 4)?;
             let unmounter = session.unmount_callable();
             let thread = std::thread::Builder::new()
                 .name("hbrfs-mirror".into())
@@ -151,7 +160,8 @@ pub fn run_mount_replica(replica: &Path, mountpoint: &Path) -> Result<()> {
     let root = existing_dir(replica, "replica folder")?;
     let mountpoint = check_mountpoint(mountpoint, &root)?;
     let fs = Mirror::new(&root, Arc::new(std::sync::RwLock::new(()))).at(&root)?;
-    let mut session = mount(fs, &root, &mountpoint, true, 4)?;
+    let kind = MountKind::Mirror { allow_other: false };
+    let mut session = mount(fs, &root, &mountpoint, kind, 4)?;
     let mut unmounter = session.unmount_callable();
     let shown = mountpoint.clone();
     on_signal(move || unmount(&mut unmounter, &shown))?;

@@ -20,7 +20,9 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
     sys::block_shutdown_signals().at("signal mask")?;
     let sub = |name: &str| -> Result<PathBuf> {
         let p = dir.join(name);
-        std::fs::create_dir_all(&p).at(&p)?;
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o755)
+            .create(&p)
+            .at(&p)?;
         p.canonicalize().at(&p)
     };
     let (backing, mnt, replica, replica_mnt) = (
@@ -34,6 +36,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         listen: "127.0.0.1:0".parse().expect("literal address"),
         mount: Some(replica_mnt.clone()),
         auth_key: None,
+        mirror_allow_other: false,
     })?;
     let key = AuthKey::load(&default_key_path(&dir.join("replica")))?;
     let listen_path = ReplicaPaths::of(&dir.join("replica")).listen();

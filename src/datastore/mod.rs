@@ -12,7 +12,7 @@
 mod recorder;
 mod scan;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
@@ -138,7 +138,7 @@ impl Datastore {
         let fresh = !paths.format().exists();
         let (format, lock) = match access {
             Access::Daemon { block_size } => {
-                fs::create_dir_all(paths.bitmaps()).at(paths.bitmaps())?;
+                crate::state::make_state_dirs(&paths.bitmaps())?;
                 // The state is the daemon's alone, whatever the umask.
                 fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700)).at(&paths.dir)?;
                 let lock = take_lock(&paths)?;
@@ -177,7 +177,7 @@ impl Datastore {
         let journal = Arc::new(open_journal(&paths, writable)?);
         if writable {
             let pre = paths.preimages();
-            fs::create_dir_all(&pre).at(&pre)?;
+            crate::state::make_state_dirs(&pre)?;
         }
         let tracker = Arc::new(Tracker::new(
             &paths,
@@ -290,7 +290,7 @@ fn read_format(paths: &StatePaths) -> Result<Format> {
 
 fn take_lock(paths: &StatePaths) -> Result<File> {
     let path = paths.lock();
-    let mut lock = OpenOptions::new()
+    let mut lock = crate::state::state_file_options()
         .read(true)
         .write(true)
         .create(true)
@@ -322,7 +322,7 @@ fn open_journal(paths: &StatePaths, writable: bool) -> Result<Journal> {
             let maps_aside = paths.broken("bitmaps", stamp);
             fs::rename(&path, &aside).at(&path)?;
             fs::rename(paths.bitmaps(), &maps_aside).at(paths.bitmaps())?;
-            fs::create_dir_all(paths.bitmaps()).at(paths.bitmaps())?;
+            crate::state::make_state_dirs(&paths.bitmaps())?;
             log::error!(
                 "the journal could not be opened ({e}); it was moved to {} and the bitmaps to {}. \
                  Starting a new journal: every file will be treated as entirely dirty (full resync).",

@@ -118,7 +118,12 @@ impl PartialLog {
     /// A new log for `point` (replacing any other).
     pub fn start(paths: &ReplicaPaths, point: &[u8], epoch: Epoch) -> Result<PartialLog> {
         let path = paths.partial();
-        let mut file = File::create(&path).at(&path)?;
+        let mut file = crate::state::state_file_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .at(&path)?;
         let header = PartialHeader {
             point: point.to_vec(),
             epoch: epoch.0,

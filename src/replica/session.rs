@@ -24,7 +24,7 @@
 //! of the point's files.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -103,7 +103,7 @@ impl<'a> Session<'a> {
         } = store.take_carried().unwrap_or_default();
         let data_path = store.paths.staged_data();
         let staging_error = |e| Refused::staging(&data_path, e);
-        let data = OpenOptions::new()
+        let data = crate::state::state_file_options()
             .read(true)
             .write(true)
             .create(true)

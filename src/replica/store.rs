@@ -107,7 +107,7 @@ impl ReplicaStore {
         make_dirs(root)?;
         let root = root.canonicalize().at(root)?;
         let paths = ReplicaPaths::of(&root);
-        make_dirs(&paths.staging())?;
+        crate::state::make_state_dirs(&paths.staging())?;
         fs::set_permissions(
             &paths.dir,
             std::os::unix::fs::PermissionsExt::from_mode(0o700),
@@ -280,7 +280,7 @@ impl ReplicaStore {
         *self.carried.lock().expect("carried lock") = None;
         let dir = self.paths.staging();
         fs::remove_dir_all(&dir).at(&dir)?;
-        fs::create_dir_all(&dir).at(&dir)
+        crate::state::make_state_dirs(&dir)
     }
 
     /// Applies the staged epoch with the mirror kept out, then retires

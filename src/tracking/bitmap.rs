@@ -260,7 +260,7 @@ impl Bitmap {
             return Err(too_large(path));
         }
         let capacity = dirty_blocks.div_ceil(64).max(1) * 64;
-        let file = OpenOptions::new()
+        let file = crate::state::state_file_options()
             .read(true)
             .write(true)
             .create(true)

@@ -5,7 +5,7 @@
 //! costs disk, not RAM.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -24,7 +24,7 @@ pub struct PreImages {
 impl PreImages {
     /// An empty store backed by `path` (replaced if it exists).
     pub fn create(path: &Path) -> Result<PreImages> {
-        let file = OpenOptions::new()
+        let file = crate::state::state_file_options()
             .read(true)
             .write(true)
             .create(true)
