@@ -13,7 +13,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -64,10 +63,9 @@ impl AuthKey {
             return Self::load(path);
         }
         let key: [u8; 32] = crate::sys::random_bytes().at("/dev/urandom")?;
-        let mut f = fs::OpenOptions::new()
+        let mut f = crate::state::state_file_options()
             .write(true)
             .create_new(true)
-            .mode(0o600)
             .open(path)
             .at(path)?;
         writeln!(f, "{}", hex(&key))

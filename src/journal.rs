@@ -108,7 +108,7 @@ impl Journal {
             reason: "sled panicked opening the journal (corrupt)".into(),
         })?;
         let db = opened.map_err(sled_err)?;
-        crate::state::make_private_tree(path);
+        crate::state::make_private_tree(path)?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_err);
         let journal = Journal {
             path: path.to_path_buf(),

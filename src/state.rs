@@ -157,25 +157,27 @@ pub fn state_file_options() -> fs::OpenOptions {
     o
 }
 
+/// Gives `path` the private `mode` ([`STATE_DIR_MODE`] or
+/// [`STATE_FILE_MODE`]): state made by an older build, by a library or
+/// before a bind may be wider, and the daemons run with umask 0.
+pub fn set_private(path: &Path, mode: u32) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).at(path)
+}
+
 /// Makes what a library created under `dir` (sled's files) private:
-/// folders 0700, files 0600. Best effort: a failure is logged.
-pub fn make_private_tree(dir: &Path) {
-    let chmod = |path: &Path, mode: u32| {
-        if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
-            log::warn!("making {} private: {e}", path.display());
-        }
-    };
-    let Ok(meta) = fs::symlink_metadata(dir) else {
-        return;
-    };
+/// folders 0700, files 0600. A failure is an error: the failure contract
+/// says nothing hbrfs keeps is readable by other users.
+pub fn make_private_tree(dir: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(dir).at(dir)?;
     if meta.is_dir() {
-        chmod(dir, STATE_DIR_MODE);
-        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-            make_private_tree(&entry.path());
+        set_private(dir, STATE_DIR_MODE)?;
+        for entry in fs::read_dir(dir).at(dir)? {
+            make_private_tree(&entry.at(dir)?.path())?;
         }
     } else if meta.is_file() {
-        chmod(dir, STATE_FILE_MODE);
+        set_private(dir, STATE_FILE_MODE)?;
     }
+    Ok(())
 }
 
 /// Writes a small file durably: temp file, fsync, rename, fsync folder.

@@ -27,8 +27,7 @@ pub fn serve(ctx: Context) -> Result<()> {
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).at(&path)?;
     // Only the daemon's user may connect (the daemon runs with umask 0).
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .at(&path)?;
+    crate::state::set_private(&path, crate::state::STATE_FILE_MODE)?;
     std::thread::Builder::new()
         .name("hbrfs-control".into())
         .spawn(move || {

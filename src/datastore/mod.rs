@@ -16,7 +16,6 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -140,7 +139,7 @@ impl Datastore {
             Access::Daemon { block_size } => {
                 crate::state::make_state_dirs(&paths.bitmaps())?;
                 // The state is the daemon's alone, whatever the umask.
-                fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700)).at(&paths.dir)?;
+                crate::state::set_private(&paths.dir, crate::state::STATE_DIR_MODE)?;
                 let lock = take_lock(&paths)?;
                 let format = if fresh {
                     let format = Format {

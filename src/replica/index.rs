@@ -51,7 +51,7 @@ impl ContentIndex {
         };
         crate::state::make_state_dirs(path)?;
         let db = sled::Config::new().path(path).open().map_err(journal)?;
-        crate::state::make_private_tree(path);
+        crate::state::make_private_tree(path)?;
         let index = db.open_tree("index").map_err(journal)?;
         let files = db.open_tree("files").map_err(journal)?;
         Ok(ContentIndex {

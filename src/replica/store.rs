@@ -108,11 +108,7 @@ impl ReplicaStore {
         let root = root.canonicalize().at(root)?;
         let paths = ReplicaPaths::of(&root);
         crate::state::make_state_dirs(&paths.staging())?;
-        fs::set_permissions(
-            &paths.dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .at(&paths.dir)?;
+        crate::state::set_private(&paths.dir, crate::state::STATE_DIR_MODE)?;
         let store = ReplicaStore {
             index: ContentIndex::open(&paths.index())?,
             pair: Mutex::new(Pair::read(&paths)?),

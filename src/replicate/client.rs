@@ -206,3 +206,14 @@ pub fn remote_status(addr: &str, key: &AuthKey) -> Result<SecondaryCounters> {
         })
     })
 }
+
+/// Runs blocking tracking, journal or disk work off the async workers
+/// (`what` names it if the task dies).
+pub(super) async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| remote(what, e))?
+}

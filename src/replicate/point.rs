@@ -29,7 +29,7 @@ use crate::proto::journal::EpochState;
 use crate::state::hex;
 use crate::tracking::ClosedSet;
 
-use super::client::remote;
+use super::client::blocking;
 
 /// A cut point: the closed set it ships, its record (epoch and id), and
 /// the replica epoch it is based on.
@@ -71,16 +71,6 @@ pub struct Points {
     /// again unchanged, so the secondary can resume it. No `.await`
     /// happens under the lock.
     held: Mutex<Option<Point>>,
-}
-
-/// Runs blocking tracking or journal work off the async workers.
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| remote(what, e))?
 }
 
 impl Points {

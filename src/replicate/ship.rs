@@ -26,7 +26,7 @@ use crate::tracking::{ClosedSet, TrackedFile};
 use crate::wire::{MAX_BLOCKS, NO_PROGRESS_TIMEOUT, apply_timeout};
 
 use super::Replicator;
-use super::client::{Client, next_reply, remote, ship_status, unexpected, within};
+use super::client::{Client, blocking, next_reply, remote, ship_status, unexpected, within};
 use super::point::Point;
 use super::stats::ReplStats;
 
@@ -155,17 +155,16 @@ fn begin_message(ops: Vec<NamespaceOp>, point: &Point) -> ship_message::Body {
 /// The closed blocks of every file of `set`, listed on a blocking thread.
 async fn list_blocks(set: &ClosedSet) -> Result<Work> {
     let files = set.files.clone();
-    tokio::task::spawn_blocking(move || {
-        files
+    blocking("listing blocks", move || {
+        Ok(files
             .into_iter()
             .map(|f| {
                 let blocks = f.closed_blocks();
                 (f, blocks)
             })
-            .collect()
+            .collect())
     })
     .await
-    .map_err(|e| remote("listing blocks", e))
 }
 
 impl Replicator {

@@ -13,7 +13,8 @@ use crate::proto::replication::{StatusRequest, VerifyFile, VerifyRequest};
 use crate::tracking::TrackedFile;
 
 use super::Replicator;
-use super::client::{CONNECT_TIMEOUT, Client, connect, remote};
+use super::client::{CONNECT_TIMEOUT, Client, blocking, connect, remote, within};
+use crate::wire::{APPLY_TIMEOUT_BASE, NO_PROGRESS_TIMEOUT};
 
 /// Blocks hashed and compared per request.
 const CHUNK: u64 = 16_384;
@@ -35,7 +36,7 @@ async fn hash_clean(
     blocks: std::ops::Range<u64>,
     key: HashKey,
 ) -> Result<VerifyFile> {
-    tokio::task::spawn_blocking(move || {
+    blocking("reading blocks", move || {
         let mut vf = VerifyFile {
             file_id: file.id.0,
             size: file.size(),
@@ -51,7 +52,6 @@ async fn hash_clean(
         Ok(vf)
     })
     .await
-    .map_err(|e| remote("reading blocks", e))?
 }
 
 /// The row for a differing file: its blocks as runs.
@@ -136,10 +136,13 @@ impl Replicator {
     pub async fn verify(&self, repair: bool) -> Result<VerifyReport> {
         let _turn = self.turn.lock().await;
         let mut c = connect(&self.opts.addr, &self.opts.key, CONNECT_TIMEOUT).await?;
-        let applied = c
-            .status(StatusRequest {})
-            .await
-            .map_err(|s| remote("secondary", s.message()))?
+        let status = async {
+            c.status(StatusRequest {})
+                .await
+                .map_err(|s| remote("secondary", s.message()))
+        };
+        let applied = within(NO_PROGRESS_TIMEOUT, "(waiting for its status)", status)
+            .await?
             .into_inner()
             .last_applied_epoch;
         let shipped = self.points.last_shipped_epoch()?.0;
@@ -197,11 +200,20 @@ impl Replicator {
                 epoch: applied.0,
                 files: vec![vf],
             };
-            let reply = c
-                .verify(request)
-                .await
-                .map_err(|s| remote("secondary", s.message()))?
-                .into_inner();
+            // The secondary re-reads and hashes up to a chunk of blocks: as
+            // generous as an apply's base deadline.
+            let compared = async {
+                c.verify(request)
+                    .await
+                    .map_err(|s| remote("secondary", s.message()))
+            };
+            let reply = within(
+                APPLY_TIMEOUT_BASE,
+                "(waiting for a verify answer)",
+                compared,
+            )
+            .await?
+            .into_inner();
             for r in reply.files {
                 verdict.path = r.path;
                 verdict
