@@ -6,6 +6,7 @@
 mod crash;
 mod harness;
 mod passthrough;
+mod paths;
 mod posix;
 mod privacy;
 mod replication;

@@ -19,6 +19,11 @@ pub const MAX_OFFERS: usize = 65_536;
 pub const MAX_BLOCKS: usize = 4_096;
 /// Most namespace operations or files in one point.
 pub const MAX_ENTRIES: usize = 1 << 20;
+/// Longest path (relative to the datastore or replica root) a point may
+/// name, in bytes: PATH_MAX less its NUL, what one `*at` call accepts from
+/// a descriptor of the root. The primary refuses to make a deeper name
+/// (`ENAMETOOLONG`), so it never has to ship one.
+pub const MAX_PATH: usize = 4095;
 /// Largest file size accepted: ext4's limit with 4 KiB blocks (16 TiB
 /// less a block).
 pub const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;

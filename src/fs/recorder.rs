@@ -106,8 +106,10 @@ pub enum Change<'a> {
     Truncated {
         /// The file, if tracked.
         file: Option<FileId>,
-        /// Where.
-        path: &'a [u8],
+        /// Where, for a file that is not tracked; a tracked file's names
+        /// are the journal's (the node may have been reached by a name
+        /// removed since).
+        path: Option<&'a [u8]>,
         /// Its new size.
         size: u64,
     },
@@ -135,8 +137,9 @@ pub enum Change<'a> {
     Linked {
         /// The file, if tracked.
         file: Option<FileId>,
-        /// An existing name of it.
-        from: &'a [u8],
+        /// An existing name of it, for a file that is not tracked (a
+        /// tracked file's names are the journal's).
+        from: Option<&'a [u8]>,
         /// The new name.
         to: &'a [u8],
     },
@@ -151,9 +154,10 @@ impl Change<'_> {
             | Change::Mkdir { path }
             | Change::Rmdir { path }
             | Change::Symlink { path, .. }
-            | Change::Truncated { path, .. }
             | Change::Unlinked { path, .. } => path,
-            Change::Renamed { from, .. } | Change::Linked { from, .. } => from,
+            Change::Renamed { from, .. } => from,
+            Change::Linked { to, .. } => to,
+            Change::Truncated { path, .. } => path.unwrap_or_default(),
         }
     }
 }
@@ -256,7 +260,7 @@ impl Recording {
     pub fn tracking_for(
         &self,
         st: &libc::stat,
-        path: impl FnOnce() -> Vec<u8>,
+        path: impl FnOnce() -> Result<Vec<u8>>,
         reader: impl FnOnce() -> Result<File>,
     ) -> Option<Tracked> {
         let r = self.0.as_ref()?;
@@ -267,7 +271,7 @@ impl Recording {
         if let Some(found) = carry_on(what, r.tracked(st.st_ino)).flatten() {
             return Some(found);
         }
-        let path = path();
+        let path = carry_on(|| format!("the path of inode {}", st.st_ino), path())?;
         let shown = String::from_utf8_lossy(&path).into_owned();
         log::warn!(
             "{shown}: found without tracking state (changed outside hbrfs?): all of it is dirty"
