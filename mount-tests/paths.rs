@@ -120,6 +120,20 @@ fn top_level_decoy(m: &Mount, sec: &Secondary) -> Vec<u8> {
     top
 }
 
+/// The replica's deep file holds `deep` (`None`: it is not there), and
+/// its top-level file of the same name still holds `top`.
+fn assert_replica(sec: &Secondary, deep: Option<&[u8]>, top: &[u8]) {
+    let bottom = walk_down(&sec.replica, &deep_names(), false);
+    assert!(
+        read_at(&bottom, DEEP_FILE).as_deref() == deep,
+        "the deep file on the replica is not as on the primary"
+    );
+    assert!(
+        read(&sec.rep(DEEP_FILE)) == top,
+        "the top-level file was touched"
+    );
+}
+
 /// Writes one more file and waits for it on the replica: replication
 /// keeps going.
 fn replication_goes_on(m: &Mount, sec: &Secondary) {
@@ -140,16 +154,7 @@ fn long_path_a_file_at_4095_bytes_is_created_written_and_unlinked_on_the_replica
     let data = pattern(3 * BLOCK as usize + 100, 2);
     write_at(&bottom, DEEP_FILE, &data);
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
-    let replica_bottom = walk_down(&sec.replica, &deep_names(), false);
-    assert!(
-        read_at(&replica_bottom, DEEP_FILE) == Some(data),
-        "the deep file differs on the replica"
-    );
-    assert_eq!(
-        read(&sec.rep(DEEP_FILE)),
-        top,
-        "the top-level file was touched"
-    );
+    assert_replica(&sec, Some(&data), &top);
 
     let name = cstr(DEEP_FILE);
     // SAFETY: a valid C string.
@@ -158,16 +163,7 @@ fn long_path_a_file_at_4095_bytes_is_created_written_and_unlinked_on_the_replica
         "unlinkat",
     );
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
-    assert_eq!(
-        read_at(&replica_bottom, DEEP_FILE),
-        None,
-        "unlinked on the replica"
-    );
-    assert_eq!(
-        read(&sec.rep(DEEP_FILE)),
-        top,
-        "the top-level file was touched"
-    );
+    assert_replica(&sec, None, &top);
     replication_goes_on(&m, &sec);
 }
 
@@ -181,16 +177,7 @@ fn long_path_a_deep_tree_made_while_unmounted_is_scanned_mounted_and_shipped() {
     write_at(&bottom, DEEP_FILE, &data);
     m.restart();
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
-    let replica_bottom = walk_down(&sec.replica, &deep_names(), false);
-    assert!(
-        read_at(&replica_bottom, DEEP_FILE) == Some(data),
-        "the deep file differs on the replica"
-    );
-    assert_eq!(
-        read(&sec.rep(DEEP_FILE)),
-        top,
-        "the top-level file was touched"
-    );
+    assert_replica(&sec, Some(&data), &top);
     replication_goes_on(&m, &sec);
 }
 

@@ -368,6 +368,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn paths_beneath_a_root_go_past_path_max_and_never_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = open_root(dir.path()).unwrap();
+        let name = "n".repeat(255);
+        let deep: Vec<u8> = vec![name.as_str(); 15].join("/").into_bytes();
+        let folder = dir_beneath(root.as_fd(), &deep, Some(0o755)).unwrap();
+        assert!(dir.path().as_os_str().len() + deep.len() + 8 > libc::PATH_MAX as usize);
+        let file = [&deep[..], b"/f"].concat();
+        let made = open_beneath(root.as_fd(), &file, libc::O_CREAT | libc::O_WRONLY, 0o600);
+        drop(made.unwrap());
+        assert_eq!(
+            stat_beneath(root.as_fd(), &file).unwrap().st_mode & libc::S_IFMT,
+            libc::S_IFREG
+        );
+        drop(folder);
+        let mut found = Vec::new();
+        walk_files(dir.path(), &mut |rel, _| found.push(rel)).unwrap();
+        assert_eq!(found, [file]);
+
+        std::os::unix::fs::symlink("/tmp", dir.path().join("link")).unwrap();
+        let through = dir_beneath(root.as_fd(), b"link/x", Some(0o755)).unwrap_err();
+        assert_eq!(through.raw_os_error(), Some(libc::ELOOP));
+        let up = dir_beneath(root.as_fd(), b"a/../b", None).unwrap_err();
+        assert_eq!(up.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    #[test]
     fn hex_round_trips_and_rejects_odd_or_non_hex() {
         assert_eq!(hex(&[0, 0xab, 0xff]), "00abff");
         assert_eq!(unhex("00abff"), Some(vec![0, 0xab, 0xff]));

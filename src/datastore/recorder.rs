@@ -258,6 +258,13 @@ mod tests {
     use super::*;
     use crate::datastore::Access;
 
+    /// Records that the name `path` of the file with backing inode `ino`
+    /// went away.
+    fn unlink(ds: &Datastore, path: &[u8], ino: u64, last_link: bool) {
+        let file = Some(Gone { ino, last_link });
+        ds.record(&Change::Unlinked { path, file }).unwrap();
+    }
+
     #[test]
     fn recorded_rename_moves_tracked_paths_and_unlinking_the_last_name_forgets_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -281,15 +288,7 @@ mod tests {
         ds.record(&rename).unwrap();
         assert_eq!(ds.journal.file(id).unwrap().unwrap().path, b"b/img");
 
-        let gone = Some(Gone {
-            ino,
-            last_link: true,
-        });
-        ds.record(&Change::Unlinked {
-            path: b"b/img",
-            file: gone,
-        })
-        .unwrap();
+        unlink(&ds, b"b/img", ino, true);
         assert!(ds.tracked(ino).unwrap().is_none());
         assert!(ds.journal.file(id).unwrap().is_none());
         let ops: Vec<_> = ds
@@ -342,23 +341,12 @@ mod tests {
         assert_eq!(names(&ds), [b"a".to_vec(), b"c".to_vec()]);
 
         // The name it ships under goes: the other one takes its place.
-        let gone = Some(Gone {
-            ino,
-            last_link: false,
-        });
-        ds.record(&Change::Unlinked {
-            path: b"a",
-            file: gone,
-        })
-        .unwrap();
+        unlink(&ds, b"a", ino, false);
         assert_eq!(names(&ds), [b"c".to_vec()]);
         ds.tracker.cut().unwrap();
         assert_eq!(ds.tracker.file(id).unwrap().at_cut().0, b"c");
-        let link = ds.journal.ops().unwrap().into_iter().map(|(_, op)| op);
-        let link = link
-            .filter(|op| op.kind == OpKind::Link as i32)
-            .last()
-            .unwrap();
+        let mut ops = ds.journal.ops().unwrap().into_iter().map(|(_, op)| op);
+        let link = ops.rfind(|op| op.kind == OpKind::Link as i32).unwrap();
         assert_eq!((&link.path[..], &link.target[..]), (&b"a"[..], &b"b"[..]));
     }
 }

@@ -18,35 +18,18 @@ use crate::state::{open_beneath, open_root, walk_files};
 use crate::tracking::FileSource;
 use crate::wire::MAX_PATH;
 
+/// A regular file the scan found: its names and its size.
+type Found = (Vec<Vec<u8>>, u64);
+
 impl Datastore {
     pub(super) fn reconcile(&self) -> Result<ScanReport> {
-        // Every name of every regular file, by backing inode: a file with
-        // several links is one file with several names.
-        let mut found: HashMap<u64, (Vec<Vec<u8>>, u64)> = HashMap::new();
-        let mut too_long = None;
-        walk_files(&self.root, &mut |rel, st| {
-            if rel.len() > MAX_PATH {
-                too_long.get_or_insert(rel.clone());
-            }
-            let entry = found.entry(st.st_ino).or_default();
-            entry.0.push(rel);
-            entry.1 = st.st_size as u64;
-        })?;
-        if let Some(rel) = too_long {
-            return Err(Error::BadState {
-                path: self.root.join(OsStr::from_bytes(&rel)),
-                reason: format!(
-                    "a path longer than {MAX_PATH} bytes below the datastore cannot be replicated; move it higher up"
-                ),
-            });
-        }
+        let mut found = self.found_files()?;
         let mut report = ScanReport::default();
         let bs = self.format.block_size.bytes();
         let root = open_root(&self.root).at(&self.root)?;
         for (id, mut record) in self.journal.files()? {
             match found.remove(&record.backing_ino) {
-                Some((mut names, size)) => {
-                    names.sort();
+                Some((names, size)) => {
                     if self.rename_found(id, &mut record, &names)? {
                         report.moved += 1;
                     }
@@ -76,7 +59,6 @@ impl Datastore {
             }
         }
         for (ino, (mut names, size)) in found {
-            names.sort();
             let path = names.remove(0);
             let reader = self.open_reader(root.as_fd(), &path)?;
             let file = self.track_file(ino, &path, size, reader)?;
@@ -100,6 +82,35 @@ impl Datastore {
             );
         }
         Ok(report)
+    }
+
+    /// Every name of every regular file below the root (sorted), by
+    /// backing inode (a file with several links is one file with several
+    /// names), with its size. A path longer than [`MAX_PATH`] refuses the mount: it
+    /// could not be replicated.
+    fn found_files(&self) -> Result<HashMap<u64, Found>> {
+        let mut found: HashMap<u64, Found> = HashMap::new();
+        let mut too_long = None;
+        walk_files(&self.root, &mut |rel, st| {
+            if rel.len() > MAX_PATH {
+                too_long.get_or_insert(rel.clone());
+            }
+            let entry = found.entry(st.st_ino).or_default();
+            entry.0.push(rel);
+            entry.1 = st.st_size as u64;
+        })?;
+        if let Some(rel) = too_long {
+            return Err(Error::BadState {
+                path: self.root.join(OsStr::from_bytes(&rel)),
+                reason: format!(
+                    "a path longer than {MAX_PATH} bytes below the datastore cannot be replicated; move it higher up"
+                ),
+            });
+        }
+        for (names, _) in found.values_mut() {
+            names.sort();
+        }
+        Ok(found)
     }
 
     /// Removes bitmaps whose file id the journal no longer knows (a crash
