@@ -211,19 +211,20 @@ fn assert_links(m: &Mount, sec: &Secondary, names: &[&str], gone: &[&str]) {
     }
 }
 
-/// Write `a`, ship, `ln a b; rm a`, write to `b`, ship; `restart`: the
-/// primary is unmounted and mounted again between the link and the write.
-fn link_then_remove_the_first_name(restart: bool) {
-    let (sec, mut m) = pair(&[]);
-    fs::write(m.mnt("a"), pattern(3 * BLOCK as usize, 1)).expect("write a");
+/// A pair whose replica has `a`, written through the primary.
+fn a_shipped(blocks: usize, seed: u64) -> (Secondary, Mount) {
+    let (sec, m) = pair(&[]);
+    fs::write(m.mnt("a"), pattern(blocks * BLOCK as usize, seed)).expect("write a");
     sync_file(&m.mnt("a"));
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    (sec, m)
+}
+
+#[test]
+fn hard_link_writes_to_the_remaining_name_land_after_the_first_is_removed() {
+    let (sec, m) = a_shipped(3, 1);
     fs::hard_link(m.mnt("a"), m.mnt("b")).expect("ln a b");
     fs::remove_file(m.mnt("a")).expect("rm a");
-    if restart {
-        m.stop();
-        m.restart();
-    }
     rewrite_block(&m.mnt("b"), 11);
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
     assert_links(&m, &sec, &["b"], &["a"]);
@@ -231,21 +232,24 @@ fn link_then_remove_the_first_name(restart: bool) {
 }
 
 #[test]
-fn hard_link_writes_to_the_remaining_name_land_after_the_first_is_removed() {
-    link_then_remove_the_first_name(false);
-}
-
-#[test]
-fn hard_link_writes_to_the_remaining_name_land_across_a_restart_of_the_primary() {
-    link_then_remove_the_first_name(true);
+fn hard_link_writes_to_the_last_name_land_after_a_restart_and_the_others_removed() {
+    let (sec, mut m) = a_shipped(3, 1);
+    fs::hard_link(m.mnt("a"), m.mnt("b")).expect("ln a b");
+    // The scan at the next mount finds both names of one inode.
+    m.stop();
+    m.restart();
+    fs::hard_link(m.mnt("b"), m.mnt("c")).expect("ln b c");
+    fs::remove_file(m.mnt("a")).expect("rm a");
+    fs::remove_file(m.mnt("b")).expect("rm b");
+    rewrite_block(&m.mnt("c"), 11);
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_links(&m, &sec, &["c"], &["a", "b"]);
+    replication_goes_on(&m, &sec);
 }
 
 #[test]
 fn hard_link_both_names_share_one_inode_on_the_replica_also_when_found_by_the_scan() {
-    let (sec, mut m) = pair(&[]);
-    fs::write(m.mnt("a"), pattern(2 * BLOCK as usize, 3)).expect("write a");
-    sync_file(&m.mnt("a"));
-    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let (sec, mut m) = a_shipped(2, 3);
     fs::hard_link(m.mnt("a"), m.mnt("b")).expect("ln a b");
     rewrite_block(&m.mnt("b"), 12);
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
