@@ -251,12 +251,13 @@ pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> 
 /// `ELOOP`, a `.` or `..` component `EINVAL`.
 pub fn dir_beneath(root: BorrowedFd<'_>, rel: &[u8], make: Option<u32>) -> io::Result<OwnedFd> {
     let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+    let parts = || rel.split(|&b| b == b'/').filter(|p| !p.is_empty());
+    if parts().any(|p| p == b"." || p == b"..") {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let mut dir = sys::openat(Some(root), OsStr::new("."), flags, 0)?;
-    for part in rel.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
+    for part in parts() {
         let name = OsStr::from_bytes(part);
-        if part == b"." || part == b".." {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
         let next = match (sys::openat(Some(dir.as_fd()), name, flags, 0), make) {
             (Err(e), Some(mode)) if e.raw_os_error() == Some(libc::ENOENT) => {
                 match sys::mkdirat(dir.as_fd(), name, mode) {
@@ -372,7 +373,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = open_root(dir.path()).unwrap();
         let name = "n".repeat(255);
-        let deep: Vec<u8> = vec![name.as_str(); 15].join("/").into_bytes();
+        let deep: Vec<u8> = vec![name.as_str(); 16].join("/").into_bytes();
         let folder = dir_beneath(root.as_fd(), &deep, Some(0o755)).unwrap();
         assert!(dir.path().as_os_str().len() + deep.len() + 8 > libc::PATH_MAX as usize);
         let file = [&deep[..], b"/f"].concat();
