@@ -55,7 +55,7 @@ fn sample(m: &BTreeMap<String, f64>, name: &str) -> f64 {
 }
 
 /// `hbrfs status --check -d dir`: its exit code and its output.
-pub(crate) fn check(dir: &std::path::Path) -> (i32, String) {
+fn check(dir: &std::path::Path) -> (i32, String) {
     let out = Command::new(hbrfs())
         .args(["status", "--check", "--max-age", "30s", "-d", path_str(dir)])
         .stdin(Stdio::null())
@@ -64,6 +64,17 @@ pub(crate) fn check(dir: &std::path::Path) -> (i32, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(text.lines().count(), 1, "--check prints one line: {text:?}");
     (out.status.code().expect("an exit code"), text)
+}
+
+/// A monitor sees a stall: `status --check -d dir` is critical, says
+/// `stalled for N s:` and names `cause`.
+pub(crate) fn assert_stalled(dir: &std::path::Path, cause: &str) {
+    let (code, line) = check(dir);
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.starts_with("CRITICAL: stalled for ") && line.contains(cause),
+        "{line}"
+    );
 }
 
 /// Polls `status --check -d dir` until it exits `code` with `needle` in

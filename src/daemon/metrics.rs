@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::datastore::Datastore;
 use crate::error::{Error, ErrorCounts, IoContext, Result};
 use crate::replica::ReplicaStore;
-use crate::replicate::ReplStats;
+use crate::replicate::{ReplStats, ReplicationReport};
 use crate::state::now_ns;
 
 /// The longest request head read before answering 400: a scrape sends a
@@ -69,191 +69,209 @@ impl Collector for PrimaryMetrics {
             return Ok(());
         };
         let r = stats.report();
-        let counters = [
-            ("hbrfs_points_cut", "Points cut.", r.points_cut),
-            (
-                "hbrfs_points_shipped",
-                "Points shipped and applied at the secondary.",
-                r.epochs_shipped,
-            ),
-            (
-                "hbrfs_retries",
-                "Points shipped again after their stream broke.",
-                r.retries,
-            ),
-            (
-                "hbrfs_blocks_offered",
-                "Block hashes offered.",
-                r.blocks_offered,
-            ),
-            (
-                "hbrfs_blocks_sent",
-                "Blocks the secondary wanted and got.",
-                r.blocks_sent,
-            ),
-            (
-                "hbrfs_blocks_have",
-                "Non-zero blocks the secondary held already.",
-                r.blocks_have,
-            ),
-            (
-                "hbrfs_blocks_zero",
-                "Offered blocks that were all zeros.",
-                r.blocks_zero,
-            ),
-            (
-                "hbrfs_bytes_offered",
-                "Bytes of the blocks offered.",
-                r.bytes_offered,
-            ),
-            (
-                "hbrfs_bytes_sent",
-                "Uncompressed bytes of the blocks sent.",
-                r.raw_bytes_sent,
-            ),
-            (
-                "hbrfs_bytes_have",
-                "Bytes the secondary held already (dedup).",
-                r.bytes_have,
-            ),
-            (
-                "hbrfs_bytes_zero",
-                "Bytes of the zero blocks offered.",
-                r.bytes_zero,
-            ),
-            (
-                "hbrfs_bytes_compressed",
-                "Compressed bytes of the blocks sent.",
-                r.compressed_bytes_sent,
-            ),
-            (
-                "hbrfs_wire_bytes",
-                "Bytes put on the replication stream.",
-                r.wire_bytes,
-            ),
-        ];
-        for (name, help, v) in counters {
-            counter(&mut e, name, help, v)?;
-        }
-        let gauges = [
-            (
-                "hbrfs_connected",
-                "1 while a stream to the secondary is up.",
-                Some(f64::from(u8::from(r.connected))),
-            ),
-            (
-                "hbrfs_last_applied_epoch",
-                "The newest epoch the secondary applied.",
-                Some(r.last_applied_epoch as f64),
-            ),
-            (
-                "hbrfs_replica_age_seconds",
-                "How far the replica lags the primary.",
-                r.replica_age_ms.map(|ms| ms as f64 / 1e3),
-            ),
-            (
-                "hbrfs_seconds_since_progress",
-                "Seconds since the secondary last answered or took a message.",
-                r.seconds_since_progress,
-            ),
-            (
-                "hbrfs_compression_ratio",
-                "Raw / compressed bytes of the blocks sent.",
-                Some(r.compression_ratio),
-            ),
-            (
-                "hbrfs_dedup_ratio",
-                "Share of non-zero offered blocks that were not sent.",
-                Some(r.dedup_ratio),
-            ),
-        ];
-        for (name, help, v) in gauges {
-            gauge(&mut e, name, help, v)?;
-        }
+        counters(&mut e, &primary_counters(&r))?;
+        gauges(&mut e, &primary_gauges(&r))?;
         errors(&mut e, &r.errors)
     }
+}
+
+/// The primary's counters, from its replication report.
+fn primary_counters(r: &ReplicationReport) -> [Sample<u64>; 13] {
+    [
+        ("hbrfs_points_cut", "Points cut.", r.points_cut),
+        (
+            "hbrfs_points_shipped",
+            "Points shipped and applied at the secondary.",
+            r.epochs_shipped,
+        ),
+        (
+            "hbrfs_retries",
+            "Points shipped again after their stream broke.",
+            r.retries,
+        ),
+        (
+            "hbrfs_blocks_offered",
+            "Block hashes offered.",
+            r.blocks_offered,
+        ),
+        (
+            "hbrfs_blocks_sent",
+            "Blocks the secondary wanted and got.",
+            r.blocks_sent,
+        ),
+        (
+            "hbrfs_blocks_have",
+            "Non-zero blocks the secondary held already.",
+            r.blocks_have,
+        ),
+        (
+            "hbrfs_blocks_zero",
+            "Offered blocks that were all zeros.",
+            r.blocks_zero,
+        ),
+        (
+            "hbrfs_bytes_offered",
+            "Bytes of the blocks offered.",
+            r.bytes_offered,
+        ),
+        (
+            "hbrfs_bytes_sent",
+            "Uncompressed bytes of the blocks sent.",
+            r.raw_bytes_sent,
+        ),
+        (
+            "hbrfs_bytes_have",
+            "Bytes the secondary held already (dedup).",
+            r.bytes_have,
+        ),
+        (
+            "hbrfs_bytes_zero",
+            "Bytes of the zero blocks offered.",
+            r.bytes_zero,
+        ),
+        (
+            "hbrfs_bytes_compressed",
+            "Compressed bytes of the blocks sent.",
+            r.compressed_bytes_sent,
+        ),
+        (
+            "hbrfs_wire_bytes",
+            "Bytes put on the replication stream.",
+            r.wire_bytes,
+        ),
+    ]
+}
+
+/// The primary's gauges, from its replication report (one without a
+/// value yet is left out).
+fn primary_gauges(r: &ReplicationReport) -> [Sample<Option<f64>>; 6] {
+    [
+        (
+            "hbrfs_connected",
+            "1 while a stream to the secondary is up.",
+            Some(f64::from(u8::from(r.connected))),
+        ),
+        (
+            "hbrfs_last_applied_epoch",
+            "The newest epoch the secondary applied.",
+            Some(r.last_applied_epoch as f64),
+        ),
+        (
+            "hbrfs_replica_age_seconds",
+            "How far the replica lags the primary.",
+            r.replica_age_ms.map(|ms| ms as f64 / 1e3),
+        ),
+        (
+            "hbrfs_seconds_since_progress",
+            "Seconds since the secondary last answered or took a message.",
+            r.seconds_since_progress,
+        ),
+        (
+            "hbrfs_compression_ratio",
+            "Raw / compressed bytes of the blocks sent.",
+            Some(r.compression_ratio),
+        ),
+        (
+            "hbrfs_dedup_ratio",
+            "Share of non-zero offered blocks that were not sent.",
+            Some(r.dedup_ratio),
+        ),
+    ]
 }
 
 impl Collector for SecondaryMetrics {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let stats = &self.store.stats;
         let c = stats.counts();
-        let counters = [
-            (
-                "hbrfs_points_applied",
-                "Points applied whole.",
-                stats.points_applied.load(Ordering::Relaxed),
-            ),
-            (
-                "hbrfs_bytes_received",
-                "Compressed bytes of the blocks received.",
-                c.bytes_received,
-            ),
-            (
-                "hbrfs_blocks_received",
-                "Blocks the primary had to send.",
-                c.blocks_sent,
-            ),
-            (
-                "hbrfs_blocks_have",
-                "Offered blocks filled from content held already.",
-                c.blocks_have,
-            ),
-            (
-                "hbrfs_blocks_resumed",
-                "Blocks kept from broken streams, not sent again.",
-                c.blocks_resumed,
-            ),
-        ];
-        for (name, help, v) in counters {
-            counter(&mut e, name, help, v)?;
-        }
+        let points = stats.points_applied.load(Ordering::Relaxed);
+        counters(
+            &mut e,
+            &[
+                ("hbrfs_points_applied", "Points applied whole.", points),
+                (
+                    "hbrfs_bytes_received",
+                    "Compressed bytes of the blocks received.",
+                    c.bytes_received,
+                ),
+                (
+                    "hbrfs_blocks_received",
+                    "Blocks the primary had to send.",
+                    c.blocks_sent,
+                ),
+                (
+                    "hbrfs_blocks_have",
+                    "Offered blocks filled from content held already.",
+                    c.blocks_have,
+                ),
+                (
+                    "hbrfs_blocks_resumed",
+                    "Blocks kept from broken streams, not sent again.",
+                    c.blocks_resumed,
+                ),
+            ],
+        )?;
         let applied = self.store.applied();
         let since = |ns: u64| (ns != 0).then(|| now_ns().saturating_sub(ns) as f64 / 1e9);
         let progress = stats.last_progress_ns.load(Ordering::Relaxed);
         let pending = f64::from(u8::from(self.store.apply_pending()));
-        let gauges = [
-            (
-                "hbrfs_last_applied_epoch",
-                "The newest epoch applied.",
-                Some(applied.epoch.0 as f64),
-            ),
-            (
-                "hbrfs_seconds_since_apply",
-                "Seconds since the last point was applied.",
-                since(applied.at_ns),
-            ),
-            (
-                "hbrfs_seconds_since_progress",
-                "Seconds since a primary last said hello or sent a message.",
-                since(progress),
-            ),
-            (
-                "hbrfs_apply_pending",
-                "1 while a failed apply waits to be retried.",
-                Some(pending),
-            ),
-        ];
-        for (name, help, v) in gauges {
-            gauge(&mut e, name, help, v)?;
-        }
+        gauges(
+            &mut e,
+            &[
+                (
+                    "hbrfs_last_applied_epoch",
+                    "The newest epoch applied.",
+                    Some(applied.epoch.0 as f64),
+                ),
+                (
+                    "hbrfs_seconds_since_apply",
+                    "Seconds since the last point was applied.",
+                    since(applied.at_ns),
+                ),
+                (
+                    "hbrfs_seconds_since_progress",
+                    "Seconds since a primary last said hello or sent a message.",
+                    since(progress),
+                ),
+                (
+                    "hbrfs_apply_pending",
+                    "1 while a failed apply waits to be retried.",
+                    Some(pending),
+                ),
+            ],
+        )?;
         errors(&mut e, &stats.errors.report())
     }
 }
 
-/// Encodes one counter (the text format adds `_total` to `name`).
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
-    ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+/// A metric's name, its help and its value.
+type Sample<T> = (&'static str, &'static str, T);
+
+/// Encodes counters (the text format adds `_total` to each name).
+fn counters(e: &mut DescriptorEncoder, samples: &[Sample<u64>]) -> fmt::Result {
+    for &(name, help, v) in samples {
+        ConstCounter::new(v).encode(e.encode_descriptor(
+            name,
+            help,
+            None,
+            MetricType::Counter,
+        )?)?;
+    }
+    Ok(())
 }
 
-/// Encodes one gauge; one without a value yet (`None`) is left out.
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: Option<f64>) -> fmt::Result {
-    match v {
-        Some(v) => {
-            ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+/// Encodes gauges; one without a value yet (`None`) is left out.
+fn gauges(e: &mut DescriptorEncoder, samples: &[Sample<Option<f64>>]) -> fmt::Result {
+    for &(name, help, v) in samples {
+        if let Some(v) = v {
+            ConstGauge::new(v).encode(e.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)?;
         }
-        None => Ok(()),
     }
+    Ok(())
 }
 
 /// Encodes `hbrfs_errors_total{kind}`, one series per error kind.
