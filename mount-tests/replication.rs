@@ -243,6 +243,23 @@ impl Secondary {
         (n[0], n[1])
     }
 
+    /// The running secondary's peak resident memory (`VmHWM` of
+    /// `/proc/PID/status`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let pid = self.child.as_ref().expect("secondary running").id();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .expect("a VmHWM line");
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .expect("VmHWM in kB");
+        kib * 1024
+    }
+
     /// `hbrfs status -d REPLICA --json`.
     pub fn status(&self) -> Value {
         status_json(&self.replica)

@@ -48,7 +48,7 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// itself. Pings are answered by the peer's HTTP/2 layer, not its work, so
 /// a long apply never delays them.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest wait for a reply while a point ships (hello, Begin → Resumed,
+/// Longest wait for a reply while a point ships (hello, Manifest → Resumed,
 /// Offers → Wants) and for the stream to take the next message: each
 /// answer is a few index lookups away and each message a few MiB, so 20 s
 /// without one is a stalled connection (or a link slower than ~200 KiB/s),

@@ -211,11 +211,12 @@ impl Apply<'_> {
     }
 
     /// Gives every file of the epoch its final size, one at a time, and
-    /// records its path in the index; returns the files, none synced yet.
+    /// records its path in the index; returns the files (size, and
+    /// whether synced: none yet).
     /// Any failure (EMFILE, ENOSPC, EIO, EFBIG, a path that cannot be
     /// made) fails the apply: the redo record stays and the whole apply is
     /// retried, nothing is skipped.
-    fn size_files(&self, epoch: Epoch) -> Result<HashMap<u64, bool>> {
+    fn size_files(&self, epoch: Epoch) -> Result<HashMap<u64, (u64, bool)>> {
         let mut files = HashMap::new();
         read_lists(self.paths, epoch, |chunk| {
             for f in &chunk.files {
@@ -225,7 +226,7 @@ impl Apply<'_> {
                 }
                 open_for_write(&path)?.set_len(f.size).at(&path)?;
                 self.index.set_path(FileId(f.file_id), &f.path)?;
-                files.insert(f.file_id, false);
+                files.insert(f.file_id, (f.size, false));
             }
             Ok(())
         })?;
@@ -248,8 +249,10 @@ impl Apply<'_> {
     /// by file): each file is opened once, gets its blocks (holes punched
     /// for zero blocks, content indexed), and is fsynced and closed before
     /// the next is opened, so an apply holds one file open whatever the
-    /// size of its point. `files` notes each file synced.
-    fn write_blocks(&self, epoch: Epoch, files: &mut HashMap<u64, bool>) -> Result<()> {
+    /// size of its point. `files` notes each file synced. A file's size is
+    /// set again after its blocks, as when each file was sized and written
+    /// in turn: of two files of the point at one path, the later wins.
+    fn write_blocks(&self, epoch: Epoch, files: &mut HashMap<u64, (u64, bool)>) -> Result<()> {
         let data_path = self.paths.staged_data();
         let data = File::open(&data_path).at(&data_path)?;
         let offers = self.paths.staged_offers();
@@ -258,14 +261,16 @@ impl Apply<'_> {
             let wrong = format!("offers of epoch {} where {epoch} is applied", header.epoch);
             return Err(bad(&offers, wrong));
         }
-        let mut open: Option<(u64, File, PathBuf)> = None;
+        // The file being written: its id, size, descriptor and path.
+        let mut open: Option<(u64, u64, File, PathBuf)> = None;
+        let done = |(_, size, file, path): (u64, u64, File, PathBuf)| {
+            file.set_len(size).and_then(|_| file.sync_all()).at(&path)
+        };
         let mut buf = Vec::new();
         while let Some(b) = records.read::<StagedBlock>()? {
             if open.as_ref().is_none_or(|(id, ..)| *id != b.file_id) {
-                if let Some((_, file, path)) = open.take() {
-                    file.sync_all().at(&path)?;
-                }
-                let Some(synced) = files.get_mut(&b.file_id) else {
+                open.take().map(done).transpose()?;
+                let Some((size, synced)) = files.get_mut(&b.file_id) else {
                     let id = b.file_id;
                     let wrong =
                         format!("staged blocks of file {id}, which the epoch does not list");
@@ -273,21 +278,18 @@ impl Apply<'_> {
                 };
                 *synced = true;
                 let path = self.file_path(b.file_id)?;
-                open = Some((b.file_id, open_for_write(&path)?, path));
+                open = Some((b.file_id, *size, open_for_write(&path)?, path));
             }
-            let (_, file, path) = open.as_ref().expect("opened above");
+            let (_, _, file, path) = open.as_ref().expect("opened above");
             self.write_block(file, path, &b, &data, &data_path, &mut buf)?;
         }
-        match open {
-            Some((_, file, path)) => file.sync_all().at(&path),
-            None => Ok(()),
-        }
+        open.map(done).transpose().map(drop)
     }
 
     /// Syncs the files of the epoch that got no block (their size and
     /// existence), so every file is durable before `applied` is written.
-    fn sync_files(&self, files: &HashMap<u64, bool>) -> Result<()> {
-        for (&id, _) in files.iter().filter(|(_, synced)| !**synced) {
+    fn sync_files(&self, files: &HashMap<u64, (u64, bool)>) -> Result<()> {
+        for (&id, _) in files.iter().filter(|(_, (_, synced))| !*synced) {
             let path = self.file_path(id)?;
             File::open(&path).and_then(|f| f.sync_all()).at(&path)?;
         }

@@ -1154,6 +1154,124 @@ fn refuses_huge_sizes_in_files_and_truncates_and_too_many_entries() {
     fx.finish();
 }
 
+/// The lists of `msgs` split into one Manifest chunk per operation and
+/// per file state, then an empty chunk that ends them.
+fn split_lists(msgs: &mut Vec<ShipMessage>) {
+    let whole = lists_of(&mut msgs[LISTS]).clone();
+    let ops = whole
+        .ops
+        .into_iter()
+        .map(|o| chunk(vec![o], Vec::new(), false));
+    let files = whole
+        .files
+        .into_iter()
+        .map(|f| chunk(Vec::new(), vec![f], false));
+    let chunks: Vec<ShipMessage> = ops
+        .chain(files)
+        .chain([chunk(Vec::new(), Vec::new(), true)])
+        .collect();
+    msgs.splice(LISTS..=LISTS, chunks);
+}
+
+/// A point's lists may come in any number of Manifest chunks (the primary
+/// cuts a backlog into chunks of a few MiB): the point applies as if they
+/// came in one, and only the last chunk is answered.
+#[test]
+fn lists_split_across_many_manifest_chunks_apply_like_one_chunk() {
+    let mut fx = Fixture::new();
+    let mut m = fx.next_epoch();
+    split_lists(&mut m);
+    assert_eq!(
+        m.len(),
+        fx.next_epoch().len() + 3,
+        "1 op and 2 files, then the end"
+    );
+    let run = fx.drive(m.clone());
+    assert_eq!(run.refused, None, "{run:?}");
+    assert_eq!(run.resumed_after, Some(0));
+    assert_eq!(run.wants, vec![vec![0, 2], vec![0, 1]]);
+    assert_eq!(run.applied, Some(2));
+    assert_applied_as_offered(&fx, &m, 2);
+    fx.mark_applied(2);
+    fx.finish();
+}
+
+#[test]
+fn refuses_manifest_chunks_out_of_place_and_entries_beyond_the_limit_across_chunks() {
+    let mut fx = Fixture::new();
+    fx.refuse_changed(
+        "Manifest before Begin",
+        &["Manifest chunk before Begin"],
+        |m, _| {
+            m.remove(BEGIN);
+        },
+    );
+    fx.refuse_changed(
+        "Manifest after the chunk that ended the lists",
+        &["after the end of its lists"],
+        |m, _| m.insert(LISTS + 1, chunk(Vec::new(), Vec::new(), true)),
+    );
+    fx.refuse_changed(
+        "operations after file states",
+        &["operations after file states"],
+        |m, _| {
+            let whole = lists_of(&mut m[LISTS]).clone();
+            let files_first = chunk(Vec::new(), whole.files, false);
+            m.splice(
+                LISTS..=LISTS,
+                [files_first, chunk(whole.ops, Vec::new(), true)],
+            );
+        },
+    );
+    fx.refuse_changed(
+        "Offers before the lists ended",
+        &["Offers before Begin and the end of its lists"],
+        |m, _| lists_of(&mut m[LISTS]).end = false,
+    );
+    fx.refuse_changed(
+        "Commit before the lists ended",
+        &["Commit before Begin"],
+        |m, _| {
+            lists_of(&mut m[LISTS]).end = false;
+            m.drain(OFFERS_A..COMMIT);
+        },
+    );
+    // Each chunk within the limit, together beyond it.
+    fx.refuse_changed(
+        "MAX_ENTRIES + 2 operations in two chunks",
+        &["at most"],
+        |m, _| {
+            let half = vec![op(OpKind::Mkdir, 0, "vms", "", 0); MAX_ENTRIES / 2 + 1];
+            let chunks = [
+                chunk(half.clone(), Vec::new(), false),
+                chunk(half, Vec::new(), true),
+            ];
+            m.splice(LISTS..=LISTS, chunks);
+        },
+    );
+    fx.finish();
+}
+
+/// Offers go file by file, blocks ascending, so that the secondary knows
+/// a block offered twice from the last offer alone (no set of every offer
+/// made): one out of order is refused like one offered twice.
+#[test]
+fn refuses_offers_out_of_order_within_a_file_or_back_to_a_file_left() {
+    let mut fx = Fixture::new();
+    fx.refuse_changed("blocks 2 then 0 of a.img", &["out of order"], |m, _| {
+        offers_of(&mut m[OFFERS_A]).swap(0, 1);
+    });
+    fx.refuse_changed(
+        "back to a.img after c.img",
+        &["offered twice or out of order"],
+        |m, key| {
+            let late = offer(key, 1, 1, &content(4, 4096));
+            offers_of(&mut m[OFFERS_C]).push(late);
+        },
+    );
+    fx.finish();
+}
+
 #[test]
 fn refuses_files_listed_twice_and_a_second_begin() {
     let mut fx = Fixture::new();

@@ -4,13 +4,19 @@
 //! message naming what is wrong; nothing reaches the replica before the
 //! commit, so the replica stays at its last consistent point.
 //!
+//! Bounded: Begin is a header; the point's lists arrive in Manifest chunks,
+//! each checked (`preflight`) and spilled to `staging/point`; offers go
+//! file by file, blocks ascending, and each one complete is appended to
+//! the offer manifest `staging/offers` (`resume`). So what a session holds
+//! in memory does not grow with the operations or offers of the point.
+//!
 //! Resuming: a stream that breaks before its commit leaves what it staged
 //! behind (`Carried`), so a reconnect loop always moves forward even when
 //! the connection breaks faster than a whole point ships:
 //! - the point itself, up to the first offer whose block has not arrived:
 //!   a stream of the same point (same point id: the primary retries a
-//!   point unchanged) starts there, and Begin's answer says where. It is
-//!   also logged to disk every `CHECKPOINT_BYTES` (`resume`), so a
+//!   point unchanged) starts there, and the answer to its lists says
+//!   where. The offer manifest is synced every `CHECKPOINT_BYTES`, so a
 //!   restart of the secondary resumes it too. A refused stream keeps no
 //!   point (a primary never resends a refused one);
 //! - its content by hash: a stream of another point (the primary folded

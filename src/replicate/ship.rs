@@ -131,10 +131,11 @@ fn read_and_hash(file: &TrackedFile, blocks: &[BlockNo], key: &HashKey) -> Resul
 /// `work` without its first `n` blocks (in order: files, then blocks).
 fn skip_blocks(work: Work, mut n: usize) -> Work {
     work.into_iter()
-        .filter_map(|(file, blocks)| {
+        .filter_map(|(file, mut blocks)| {
             let skip = n.min(blocks.len());
             n -= skip;
-            (skip < blocks.len()).then(|| (file, blocks[skip..].to_vec()))
+            blocks.drain(..skip);
+            (!blocks.is_empty()).then_some((file, blocks))
         })
         .collect()
 }
@@ -265,7 +266,7 @@ impl Replicator {
         let work = skip_blocks(work, offers_done as usize);
         self.stats
             .start_ship(total, offers_done, point.base() == Epoch(0));
-        let result = self.ship_blocks(&work, &mut stream).await;
+        let result = self.ship_blocks(work, &mut stream).await;
         self.stats.end_ship();
         result?;
         let epoch = point.epoch().0;
@@ -309,12 +310,14 @@ impl Replicator {
         Ok(offers_done)
     }
 
-    /// Offers every block of `work` chunk by chunk and sends what is wanted.
-    async fn ship_blocks(&self, work: &Work, stream: &mut Stream<'_>) -> Result<()> {
+    /// Offers every block of `work` chunk by chunk and sends what is
+    /// wanted. `work` (8 bytes per dirty block: the one list the primary
+    /// holds that grows with the point) moves to the reader, not copied.
+    async fn ship_blocks(&self, work: Work, stream: &mut Stream<'_>) -> Result<()> {
         // Chunks are read and hashed ahead on a blocking thread while the
         // previous one is answered, compressed and sent.
         let (chunk_tx, mut chunks) = mpsc::channel::<Result<Vec<ReadBlock>>>(READ_AHEAD);
-        let (work, key) = (work.clone(), self.key.clone());
+        let key = self.key.clone();
         let reader = tokio::task::spawn_blocking(move || {
             for (file, blocks) in work {
                 for chunk in blocks.chunks(OFFER_CHUNK) {
