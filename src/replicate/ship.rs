@@ -28,7 +28,7 @@ use crate::proto::replication::{
 };
 use crate::throttle::Throttle;
 use crate::tracking::{ClosedSet, TrackedFile};
-use crate::wire::{MAX_BLOCKS, NO_PROGRESS_TIMEOUT, apply_timeout};
+use crate::wire::{MAX_BLOCKS, NO_PROGRESS_TIMEOUT, apply_timeout, manifest_timeout};
 
 use super::Replicator;
 use super::client::{Client, blocking, next_reply, remote, ship_status, unexpected, within};
@@ -293,10 +293,12 @@ impl Replicator {
         };
         stream.send(ship_message::Body::Begin(begin)).await?;
         let mut chunks = manifest_chunks(self.ds.clone(), point);
+        let mut sent = 0;
         while let Some(chunk) = chunks.recv().await {
             stream.send(ship_message::Body::Manifest(chunk?)).await?;
+            sent += 1;
         }
-        let offers_done = match stream.reply("Manifest", NO_PROGRESS_TIMEOUT).await? {
+        let offers_done = match stream.reply("Manifest", manifest_timeout(sent)).await? {
             ship_reply::Body::Resumed(r) => r.offers_done,
             other => return Err(unexpected("Manifest", &other)),
         };
