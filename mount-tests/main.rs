@@ -6,6 +6,7 @@
 mod bounded;
 mod crash;
 mod harness;
+mod health;
 mod passthrough;
 mod posix;
 mod privacy;

@@ -34,12 +34,13 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::preflight::Walk;
 use super::refused::Refused;
 use super::resume::{Carried, Content, OffersLog, PartialPoint, Place, hint};
 use super::spill::Spill;
-use super::store::ReplicaStore;
+use super::store::{ReplicaCounts, ReplicaStore};
 use crate::block::{self, BlockHash, HashKey};
 use crate::ids::{BlockNo, Epoch, FileId};
 use crate::proto::replica::StagedBlock;
@@ -85,6 +86,9 @@ struct Slot {
 #[derive(Debug)]
 pub struct Session<'a> {
     store: &'a ReplicaStore,
+    /// When the stream started and the store's counters then, for the
+    /// point's log line.
+    opened: (Instant, ReplicaCounts),
     key: HashKey,
     block_size: u64,
     /// The point's header, once Begin came.
@@ -155,6 +159,7 @@ impl<'a> Session<'a> {
         }
         Ok(Session {
             store,
+            opened: (Instant::now(), store.stats.counts()),
             key: pair.key,
             block_size: u64::from(pair.block_size),
             begin: None,
@@ -559,6 +564,7 @@ impl<'a> Session<'a> {
             .map_err(|e| Refused::staging(&self.data_path, e))?;
         let mut log = self.log.take().expect("checked by check_commit");
         log.sync().map_err(Refused::Spill)?;
+        let blocks = log.progress().done;
         let mut listed = self
             .listed
             .take()
@@ -567,9 +573,23 @@ impl<'a> Session<'a> {
         let epoch = begin.epoch;
         // From here the staging belongs to the apply (or its redo record).
         self.committed = true;
+        let applying = Instant::now();
         self.store
             .commit(Epoch(epoch))
             .map_err(|source| Refused::Apply { epoch, source })?;
+        let (opened, before) = &self.opened;
+        let c = self.store.stats.counts().since(before);
+        log::info!(
+            "epoch {epoch} applied: {} blocks ({} received, {} held already, {} resumed), {} bytes \
+             received, in {:.3} s ({:.3} s applying)",
+            blocks,
+            c.blocks_sent,
+            c.blocks_have,
+            c.blocks_resumed,
+            c.bytes_received,
+            opened.elapsed().as_secs_f64(),
+            applying.elapsed().as_secs_f64(),
+        );
         Ok(Applied { epoch })
     }
 
