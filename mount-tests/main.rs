@@ -3,6 +3,7 @@
 //! (qemu-img, qemu-io, fio, coreutils, util-linux). Run as root with
 //! /dev/fuse: `cargo test --test mount -- --test-threads=2`.
 
+mod bounded;
 mod crash;
 mod harness;
 mod health;

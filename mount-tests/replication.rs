@@ -237,20 +237,32 @@ impl Secondary {
         );
     }
 
+    /// The numbers on the line starting with `key` of the running
+    /// secondary's `/proc/PID/NAME`.
+    fn proc_numbers(&self, name: &str, key: &str) -> Vec<u64> {
+        let pid = self.child.as_ref().expect("secondary running").id();
+        let text = fs::read_to_string(format!("/proc/{pid}/{name}"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/{name}: {e}"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} line in /proc/{pid}/{name}"));
+        line.split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    }
+
     /// The running secondary's open-file limits (soft, hard), from
     /// `/proc/PID/limits`.
     pub fn open_file_limits(&self) -> (u64, u64) {
-        let pid = self.child.as_ref().expect("secondary running").id();
-        let limits = fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
-        let line = limits
-            .lines()
-            .find(|l| l.starts_with("Max open files"))
-            .expect("a Max open files line");
-        let n: Vec<u64> = line
-            .split_whitespace()
-            .filter_map(|w| w.parse().ok())
-            .collect();
+        let n = self.proc_numbers("limits", "Max open files");
         (n[0], n[1])
+    }
+
+    /// The running secondary's peak resident memory (`VmHWM` of
+    /// `/proc/PID/status`, in kB), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        self.proc_numbers("status", "VmHWM:")[0] * 1024
     }
 
     /// `hbrfs status -d REPLICA --json`.

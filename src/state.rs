@@ -104,13 +104,20 @@ impl ReplicaPaths {
     pub fn staged_data(&self) -> PathBuf {
         self.staging().join("data")
     }
-    /// The staged point's manifest (operations, files, blocks).
-    pub fn staged_manifest(&self) -> PathBuf {
-        self.staging().join("manifest")
+    /// The staged point's header and lists: its Begin, then its Manifest
+    /// chunks (operations, files), as received.
+    pub fn staged_point(&self) -> PathBuf {
+        self.staging().join("point")
     }
-    /// The log of the point being received (resume after a restart).
-    pub fn partial(&self) -> PathBuf {
-        self.staging().join("partial")
+    /// The staged point's offers, one record per complete offer: the
+    /// manifest of its blocks, and the log a restart resumes it from.
+    pub fn staged_offers(&self) -> PathBuf {
+        self.staging().join("offers")
+    }
+    /// How many of the staged point's operations the apply has done: the
+    /// file's length (see `replica::apply`).
+    pub fn ops_done(&self) -> PathBuf {
+        self.staging().join("ops-done")
     }
     /// The content index (sled).
     pub fn index(&self) -> PathBuf {

@@ -10,14 +10,19 @@
 use std::time::Duration;
 
 /// The protocol version this build speaks; Hello refuses any other.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3: Begin is a header and a point's lists travel in Manifest
+/// chunks; offers go file by file, blocks ascending.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest gRPC message either side accepts.
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Most offers in one message.
 pub const MAX_OFFERS: usize = 65_536;
 /// Most blocks in one message.
 pub const MAX_BLOCKS: usize = 4_096;
-/// Most namespace operations or files in one point.
+/// Most namespace operations or files in one point (across its Manifest
+/// chunks). The secondary spills the lists to disk; what it keeps in
+/// memory per entry is a few dozen bytes (a file's size, a hash of each
+/// path an operation touches), so this bounds that memory.
 pub const MAX_ENTRIES: usize = 1 << 20;
 /// Longest path (relative to the datastore or replica root) a point may
 /// name, in bytes: 16 × PATH_MAX less one. A path relative to the root
@@ -52,12 +57,27 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// itself. Pings are answered by the peer's HTTP/2 layer, not its work, so
 /// a long apply never delays them.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest wait for a reply while a point ships (hello, Begin → Resumed,
-/// Offers → Wants) and for the stream to take the next message: each
+/// Longest wait for a reply while a point ships (hello, Offers → Wants;
+/// Manifest → Resumed has [`manifest_timeout`]) and for the stream to take the next message: each
 /// answer is a few index lookups away and each message a few MiB, so 20 s
 /// without one is a stalled connection (or a link slower than ~200 KiB/s),
 /// noticed within the 30 s of the contract.
 pub const NO_PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
+/// What the answer to a point's last Manifest chunk may take per chunk
+/// sent, on top of [`NO_PROGRESS_TIMEOUT`]: the secondary checks every
+/// operation against the replica (a few `lstat`s each) before it answers,
+/// and chunks the connection buffered (flow control lets several MiB
+/// through) are checked after the primary sent the last one. A 4 MiB chunk
+/// is some 25,000 operations, well under a second on an idle disk; 5 s
+/// leaves room for a loaded one. The keepalive meanwhile watches the
+/// connection, so a stall is still noticed within 30 s.
+pub const MANIFEST_CHUNK_WAIT: Duration = Duration::from_secs(5);
+
+/// The deadline of the answer to a point's lists sent in `chunks` chunks.
+pub fn manifest_timeout(chunks: u32) -> Duration {
+    NO_PROGRESS_TIMEOUT + MANIFEST_CHUNK_WAIT * chunks
+}
+
 /// Commit → Applied: the apply of a big point writes every staged block
 /// into the replica and syncs it, which can take minutes. The deadline is
 /// generous, this base plus the point's bytes at [`APPLY_MIN_RATE`]; the

@@ -1,13 +1,16 @@
 //! The atomic apply of a staged epoch: redo → apply → applied.
 //!
-//! An epoch is first staged completely (block data and a manifest,
+//! An epoch is first staged completely (block data, the lists of its
+//! Begin and Manifest chunks in `point`, its offers in `offers`, all
 //! fsynced) in `REPLICA/.hbrfs/staging/`; then a `redo` record naming it
 //! is written durably — the commit point ([`write_commit_point`]); then it
-//! is applied in place and the replica fsynced ([`Apply::run`]); then
-//! `applied` is updated and the redo record and staging removed (by the
-//! store, which owns the in-memory state). A restart that finds a redo
-//! record applies the staged epoch again (every step is idempotent;
-//! namespace operations count their progress in the redo record). So after
+//! is applied in place and the replica fsynced ([`Apply::run`]), reading
+//! the staged lists and offers back one record at a time, so the apply's
+//! memory does not grow with the point; then `applied` is updated and the
+//! redo record and staging removed (by the store, which owns the in-memory
+//! state). A restart that finds a redo record applies the staged epoch
+//! again (every step is idempotent; namespace operations count their
+//! progress in `staging/ops-done`). So after
 //! a crash at any instant the replica is at the previous point or, after
 //! the replay at start, at the new one — never between. The mirrored mount
 //! is kept out of the replica (the store's `view` lock) while an epoch
@@ -21,15 +24,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 
-use prost::Message;
-
 use super::confine;
 use super::index::ContentIndex;
 use super::records::{Applied, Redo, bad};
+use super::resume::read_offers;
+use super::spill::Records;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::{BlockNo, Epoch, FileId};
-use crate::proto::replica::{StagedBlock, StagedEpoch};
-use crate::proto::replication::{Begin, NamespaceOp, OpKind};
+use crate::proto::replica::StagedBlock;
+use crate::proto::replication::{Begin, Manifest, NamespaceOp, OpKind};
 use crate::state::{self, ReplicaPaths, now_ns, write_durably};
 use crate::sys;
 
@@ -80,19 +83,52 @@ fn resource_failure(e: &Error) -> bool {
     )
 }
 
-/// The commit point: the staged manifest, then the redo record, each
-/// written durably. From here a crash replays the apply.
-pub fn write_commit_point(paths: &ReplicaPaths, staged: &StagedEpoch, epoch: Epoch) -> Result<()> {
-    write_durably(&paths.staged_manifest(), &staged.encode_to_vec())?;
+/// The commit point: the operations-done count at zero, then the redo
+/// record, each written durably (the session synced the staging first:
+/// block data, lists, offers). From here a crash replays the apply.
+pub fn write_commit_point(paths: &ReplicaPaths, epoch: Epoch) -> Result<()> {
+    write_durably(&paths.ops_done(), b"")?;
     Redo { epoch, ops_done: 0 }.write(paths)
 }
 
-/// The manifest an interrupted apply staged, to apply it again.
-pub fn read_manifest(paths: &ReplicaPaths) -> Result<StagedEpoch> {
-    let manifest = paths.staged_manifest();
-    let bytes = fs::read(&manifest).at(&manifest)?;
-    StagedEpoch::decode(bytes.as_slice())
-        .map_err(|e| bad(&manifest, format!("corrupt staged manifest: {e}")))
+/// How many operations of the staged point an interrupted apply did: the
+/// length of the `ops-done` file (or the count of an older build's redo
+/// record).
+pub fn ops_done(paths: &ReplicaPaths, redo: &Redo) -> usize {
+    let len = fs::metadata(paths.ops_done()).map_or(0, |m| m.len());
+    redo.ops_done
+        .max(usize::try_from(len).unwrap_or(usize::MAX))
+}
+
+/// Reads the staged point's lists back one Manifest chunk at a time,
+/// handing each to `each`; returns the point's header. Lists that do not
+/// end, or a header of another epoch than `epoch`, are damaged staging.
+fn read_lists(
+    paths: &ReplicaPaths,
+    epoch: Epoch,
+    mut each: impl FnMut(Manifest) -> Result<()>,
+) -> Result<Begin> {
+    let path = paths.staged_point();
+    let mut records = Records::open(&path)?;
+    let begin: Begin = records
+        .read()?
+        .ok_or_else(|| bad(&path, "a staged point without its Begin"))?;
+    if begin.epoch != epoch.0 {
+        return Err(bad(
+            &path,
+            format!("staged epoch {} where {epoch} is applied", begin.epoch),
+        ));
+    }
+    loop {
+        let chunk: Manifest = records
+            .read()?
+            .ok_or_else(|| bad(&path, "the staged lists do not end"))?;
+        let end = chunk.end;
+        each(chunk)?;
+        if end {
+            return Ok(begin);
+        }
+    }
 }
 
 /// What an apply works on: the replica root, its state folder and its
@@ -112,83 +148,155 @@ pub struct Apply<'a> {
 impl Apply<'_> {
     /// Applies the staged epoch in place from operation `ops_done` on and
     /// records it durably as applied; returns that record. The redo record
-    /// and the staging are the caller's to remove.
-    pub fn run(&self, staged: &StagedEpoch, epoch: Epoch, ops_done: usize) -> Result<Applied> {
-        let begin = staged.begin.clone().unwrap_or_default();
-        self.apply_ops(&begin, epoch, ops_done)?;
-        self.write_files(staged, &begin)?;
-        self.sync_dirs(&begin)?;
+    /// and the staging are the caller's to remove. The staged lists and
+    /// offers are read back from disk one record at a time, however large
+    /// the point.
+    pub fn run(&self, epoch: Epoch, ops_done: usize) -> Result<Applied> {
+        let begin = self.apply_ops(epoch, ops_done)?;
+        let mut files = self.size_files(epoch)?;
+        self.write_blocks(epoch, &mut files)?;
+        self.sync_files(&files)?;
+        self.sync_dirs(epoch)?;
         self.index.flush()?;
         let applied = Applied {
             epoch,
             at_ns: now_ns(),
-            point: begin.point.clone(),
+            point: begin.point,
         };
         applied.write(self.paths)?;
         Ok(applied)
     }
 
     /// The namespace operations from `ops_done` on, each counted in the
-    /// redo record. Preflight refused every point it could tell would
+    /// `ops-done` file. Preflight refused every point it could tell would
     /// fail; what an earlier operation of the same point makes impossible
     /// (a conflict: ENOENT, EEXIST, ENOTEMPTY…) is logged and skipped,
     /// so that a bad point can never wedge the replica. A failure of the
     /// replica's file system itself ([`resource_failure`]: no space, no
-    /// descriptors, an IO error) fails the apply: the redo record stays at
-    /// this operation, and the retry starts there.
-    fn apply_ops(&self, begin: &Begin, epoch: Epoch, ops_done: usize) -> Result<()> {
-        for (i, op) in begin.ops.iter().enumerate().skip(ops_done) {
-            match self.apply_op(op) {
-                Ok(()) => {}
-                Err(e) if resource_failure(&e) => return Err(e),
-                Err(e) => {
-                    log::error!(
-                        "epoch {epoch}: operation {i} conflicts with an earlier one, skipped: {e}"
-                    )
+    /// descriptors, an IO error) fails the apply: the count stays at this
+    /// operation, and the retry starts there.
+    ///
+    /// The count is the file's length, set by one `ftruncate` per
+    /// operation and synced once after the last: cheap enough for a
+    /// backlog of 300,000 operations (a durable write per operation cost
+    /// a few ms each). A length is metadata, which a journaling file
+    /// system (ext4, XFS: what is assumed of the replica's) commits in
+    /// order with the folder changes of the operations themselves, so
+    /// after a crash the count matches what the replica holds; after a
+    /// `kill -9` it is exact.
+    fn apply_ops(&self, epoch: Epoch, ops_done: usize) -> Result<Begin> {
+        let path = self.paths.ops_done();
+        let progress = crate::state::state_file_options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .at(&path)?;
+        let mut i = 0usize;
+        let begin = read_lists(self.paths, epoch, |chunk| {
+            for op in &chunk.ops {
+                if i >= ops_done {
+                    match self.apply_op(op) {
+                        Ok(()) => {}
+                        Err(e) if resource_failure(&e) => return Err(e),
+                        Err(e) => log::error!(
+                            "epoch {epoch}: operation {i} conflicts with an earlier one, skipped: {e}"
+                        ),
+                    }
+                    progress.set_len(i as u64 + 1).at(&path)?;
                 }
+                i += 1;
             }
-            Redo {
-                epoch,
-                ops_done: i + 1,
-            }
-            .write(self.paths)?;
-        }
-        Ok(())
+            Ok(())
+        })?;
+        progress.sync_all().at(&path)?;
+        Ok(begin)
     }
 
-    /// Writes the epoch's files one at a time: each is opened at its final
-    /// size, gets its staged blocks (holes punched for zero blocks, content
-    /// indexed), is fsynced and closed before the next is opened. So an
-    /// apply holds one file open whatever the size of its point, and each
-    /// file is durable before `applied` is written. Any failure (EMFILE,
-    /// ENOSPC, EIO, EFBIG, a path that cannot be made) fails the apply:
-    /// the redo record stays and the whole apply is retried, nothing is
-    /// skipped.
-    fn write_files(&self, staged: &StagedEpoch, begin: &Begin) -> Result<()> {
+    /// Gives every file of the epoch its final size, one at a time, and
+    /// records its path in the index; returns the files (size, and
+    /// whether synced: none yet).
+    /// Any failure (EMFILE, ENOSPC, EIO, EFBIG, a path that cannot be
+    /// made) fails the apply: the redo record stays and the whole apply is
+    /// retried, nothing is skipped.
+    fn size_files(&self, epoch: Epoch) -> Result<HashMap<u64, (u64, bool)>> {
+        let mut files = HashMap::new();
+        read_lists(self.paths, epoch, |chunk| {
+            for f in &chunk.files {
+                let path = self.shown(&f.path)?;
+                let (dir, name) = self.parent(&f.path, true)?;
+                let file = open_for_write(dir.as_fd(), name).at(&path)?;
+                file.set_len(f.size).at(&path)?;
+                self.index.set_path(FileId(f.file_id), &f.path)?;
+                files.insert(f.file_id, (f.size, false));
+            }
+            Ok(())
+        })?;
+        Ok(files)
+    }
+
+    /// Opens file `id` of the epoch for writing, where it lies (its path
+    /// was recorded by [`Apply::size_files`]), walked by descriptors.
+    fn open_file(&self, id: u64) -> Result<(File, PathBuf)> {
+        let rel = self.index.file_path(FileId(id))?.ok_or_else(|| {
+            bad(
+                &self.paths.staged_offers(),
+                format!("file {id} has no path"),
+            )
+        })?;
+        let path = self.shown(&rel)?;
+        let (dir, name) = self.parent(&rel, true)?;
+        let file = open_for_write(dir.as_fd(), name).at(&path)?;
+        Ok((file, path))
+    }
+
+    /// Writes the staged blocks, read from the offers log in order (file
+    /// by file): each file is opened once, gets its blocks (holes punched
+    /// for zero blocks, content indexed), and is fsynced and closed before
+    /// the next is opened, so an apply holds one file open whatever the
+    /// size of its point. `files` notes each file synced. A file's size is
+    /// set again after its blocks, as when each file was sized and written
+    /// in turn: of two files of the point at one path, the later wins.
+    fn write_blocks(&self, epoch: Epoch, files: &mut HashMap<u64, (u64, bool)>) -> Result<()> {
         let data_path = self.paths.staged_data();
         let data = File::open(&data_path).at(&data_path)?;
-        let mut by_file: HashMap<u64, Vec<&StagedBlock>> = HashMap::new();
-        for b in &staged.blocks {
-            by_file.entry(b.file_id).or_default().push(b);
+        let offers = self.paths.staged_offers();
+        let (header, mut records) = read_offers(self.paths)?;
+        if header.epoch != epoch.0 {
+            let wrong = format!("offers of epoch {} where {epoch} is applied", header.epoch);
+            return Err(bad(&offers, wrong));
         }
+        // The file being written: its id, size, descriptor and path.
+        let mut open: Option<(u64, u64, File, PathBuf)> = None;
+        let done = |(_, size, file, path): (u64, u64, File, PathBuf)| {
+            file.set_len(size).and_then(|_| file.sync_all()).at(&path)
+        };
         let mut buf = Vec::new();
-        for f in &begin.files {
-            let path = self.shown(&f.path)?;
-            let (dir, name) = self.parent(&f.path, true)?;
-            let file = open_for_write(dir.as_fd(), name).at(&path)?;
-            file.set_len(f.size).at(&path)?;
-            let id = FileId(f.file_id);
-            self.index.set_path(id, &f.path)?;
-            for b in by_file.remove(&f.file_id).unwrap_or_default() {
-                self.write_block(&file, &path, b, &data, &data_path, &mut buf)?;
+        while let Some(b) = records.read::<StagedBlock>()? {
+            if open.as_ref().is_none_or(|(id, ..)| *id != b.file_id) {
+                open.take().map(done).transpose()?;
+                let Some((size, synced)) = files.get_mut(&b.file_id) else {
+                    let id = b.file_id;
+                    let wrong =
+                        format!("staged blocks of file {id}, which the epoch does not list");
+                    return Err(bad(&offers, wrong));
+                };
+                *synced = true;
+                let (file, path) = self.open_file(b.file_id)?;
+                open = Some((b.file_id, *size, file, path));
             }
-            file.sync_all().at(&path)?;
+            let (_, _, file, path) = open.as_ref().expect("opened above");
+            self.write_block(file, path, &b, &data, &data_path, &mut buf)?;
         }
-        if let Some(id) = by_file.keys().next() {
-            return Err(bad(
-                &self.paths.staged_manifest(),
-                format!("staged blocks of file {id}, which the epoch does not list"),
-            ));
+        open.map(done).transpose().map(drop)
+    }
+
+    /// Syncs the files of the epoch that got no block (their size and
+    /// existence), so every file is durable before `applied` is written.
+    fn sync_files(&self, files: &HashMap<u64, (u64, bool)>) -> Result<()> {
+        for (&id, _) in files.iter().filter(|(_, (_, synced))| !*synced) {
+            let (file, path) = self.open_file(id)?;
+            file.sync_all().at(&path)?;
         }
         Ok(())
     }
@@ -230,19 +338,22 @@ impl Apply<'_> {
     /// fsynced as they were written): only what it touched, not the whole
     /// file system. A folder a later operation removed is not there to
     /// sync; any other failure fails the apply.
-    fn sync_dirs(&self, begin: &Begin) -> Result<()> {
-        let mut dirs: BTreeSet<&[u8]> = BTreeSet::from([&b""[..]]);
-        let raw_paths = begin.ops.iter().flat_map(|op| [&op.path, &op.target]);
-        for raw in raw_paths.chain(begin.files.iter().map(|f| &f.path)) {
-            if confine::join(self.root, raw).is_ok() {
-                let ends = raw.iter().enumerate().filter(|(_, b)| **b == b'/');
-                dirs.extend(ends.map(|(at, _)| &raw[..at]));
+    fn sync_dirs(&self, epoch: Epoch) -> Result<()> {
+        let mut dirs: BTreeSet<Vec<u8>> = BTreeSet::from([Vec::new()]);
+        read_lists(self.paths, epoch, |chunk| {
+            let raw_paths = chunk.ops.iter().flat_map(|op| [&op.path, &op.target]);
+            for raw in raw_paths.chain(chunk.files.iter().map(|f| &f.path)) {
+                if confine::join(self.root, raw).is_ok() {
+                    let ends = raw.iter().enumerate().filter(|(_, b)| **b == b'/');
+                    dirs.extend(ends.map(|(at, _)| raw[..at].to_vec()));
+                }
             }
-        }
+            Ok(())
+        })?;
         let root = self.root_fd()?;
         for rel in dirs {
-            let shown = self.root.join(OsStr::from_bytes(rel));
-            let dir = match state::dir_beneath(root.as_fd(), rel, None) {
+            let shown = self.root.join(OsStr::from_bytes(&rel));
+            let dir = match state::dir_beneath(root.as_fd(), &rel, None) {
                 Err(e) if missing(&e) => continue,
                 opened => opened.at(&shown)?,
             };

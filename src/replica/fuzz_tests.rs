@@ -34,8 +34,8 @@ use super::store::ReplicaStore;
 use crate::block::{self, HashKey};
 use crate::ids::Epoch;
 use crate::proto::replication::{
-    Begin, Block, Blocks, Commit, FileState, NamespaceOp, Offer, Offers, OpKind, ShipMessage,
-    ship_message, ship_reply,
+    Begin, Block, Blocks, Commit, FileState, Manifest, NamespaceOp, Offer, Offers, OpKind,
+    ShipMessage, ship_message, ship_reply,
 };
 use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_FILE_SIZE, MAX_OFFERS};
 
@@ -85,14 +85,21 @@ fn msg(body: ship_message::Body) -> ShipMessage {
     ShipMessage { body: Some(body) }
 }
 
-fn begin(epoch: u64, base: u64, ops: Vec<NamespaceOp>, files: Vec<FileState>) -> ShipMessage {
+fn begin(epoch: u64, base: u64) -> ShipMessage {
     msg(ship_message::Body::Begin(Begin {
         epoch,
         base_epoch: base,
-        ops,
-        files,
         point: point_id(epoch),
     }))
+}
+
+/// A point's lists in one Manifest chunk, the last.
+fn lists(ops: Vec<NamespaceOp>, files: Vec<FileState>) -> ShipMessage {
+    chunk(ops, files, true)
+}
+
+fn chunk(ops: Vec<NamespaceOp>, files: Vec<FileState>, end: bool) -> ShipMessage {
+    msg(ship_message::Body::Manifest(Manifest { ops, files, end }))
 }
 
 /// The offer a primary makes for `data` (a zero marker when all zero).
@@ -152,6 +159,13 @@ fn begin_of(m: &mut ShipMessage) -> &mut Begin {
     }
 }
 
+fn lists_of(m: &mut ShipMessage) -> &mut Manifest {
+    match &mut m.body {
+        Some(ship_message::Body::Manifest(l)) => l,
+        other => panic!("not a Manifest: {other:?}"),
+    }
+}
+
 fn offers_of(m: &mut ShipMessage) -> &mut Vec<Offer> {
     match &mut m.body {
         Some(ship_message::Body::Offers(o)) => &mut o.offers,
@@ -173,9 +187,8 @@ fn first_epoch(key: &HashKey) -> Vec<ShipMessage> {
     let (a0, a2, a3) = (content(10, 4096), content(12, 4096), content(13, 100));
     let (b0, b1) = (content(20, 4096), content(21, 4096));
     vec![
-        begin(
-            1,
-            0,
+        begin(1, 0),
+        lists(
             vec![
                 op(OpKind::Mkdir, 0, "vms", "", 0),
                 op(OpKind::Create, 1, "vms/a.img", "", 0),
@@ -203,10 +216,13 @@ fn first_epoch(key: &HashKey) -> Vec<ShipMessage> {
 }
 
 // Where each message stands in [`next_epoch`].
-/// `Begin`: creates `c.img`; files `vms/a.img` (id 1) and `c.img` (id 3).
+/// `Begin`: the header.
 const BEGIN: usize = 0;
+/// Its lists in one Manifest chunk: creates `c.img`; files `vms/a.img`
+/// (id 1) and `c.img` (id 3).
+const LISTS: usize = BEGIN + 1;
 /// Offers for `vms/a.img`: data, a zero block, the short last block.
-const OFFERS_A: usize = BEGIN + 1;
+const OFFERS_A: usize = LISTS + 1;
 /// The two data blocks of `vms/a.img`.
 const BLOCKS_A: usize = OFFERS_A + 1;
 /// Offers for `c.img`: a full block and a 10-byte one.
@@ -226,9 +242,8 @@ fn next_epoch(key: &HashKey, base: u64) -> Vec<ShipMessage> {
     let (a0, a3) = (content(seed, 4096), content(seed + 3, 100));
     let (c0, c1) = (content(seed + 10, 4096), content(seed + 11, 10));
     vec![
-        begin(
-            epoch,
-            base,
+        begin(epoch, base),
+        lists(
             vec![op(OpKind::Create, 3, "c.img", "", 0)],
             vec![file(1, "vms/a.img", A_SIZE), file(3, "c.img", C_SIZE)],
         ),
@@ -636,19 +651,20 @@ fn assert_applied_as_offered(fx: &Fixture, msgs: &[ShipMessage], epoch: u64) {
         fs::read_dir(&fx.outside).expect("outside").next().is_none(),
         "an accepted epoch wrote outside the root"
     );
-    let begin = msgs
+    let files: Vec<&FileState> = msgs
         .iter()
-        .find_map(|m| match &m.body {
-            Some(ship_message::Body::Begin(b)) => Some(b),
+        .filter_map(|m| match &m.body {
+            Some(ship_message::Body::Manifest(l)) => Some(&l.files),
             _ => None,
         })
-        .expect("an applied epoch has a Begin");
+        .flatten()
+        .collect();
+    assert!(!files.is_empty(), "an applied epoch lists its files");
     let mut uses: HashMap<&[u8], usize> = HashMap::new();
-    for f in &begin.files {
+    for f in &files {
         *uses.entry(&f.path).or_default() += 1;
     }
-    let paths: HashMap<u64, PathBuf> = begin
-        .files
+    let paths: HashMap<u64, PathBuf> = files
         .iter()
         .filter(|f| uses[f.path.as_slice()] == 1)
         .map(|f| {
@@ -772,7 +788,7 @@ fn a_failed_apply_keeps_its_redo_and_the_next_stream_finishes_it_once_the_cause_
 fn a_stream_of_the_same_point_broken_after_its_first_blocks_resumes_after_them() {
     let mut fx = Fixture::new();
     let msgs = fx.next_epoch();
-    let broken = fx.drive(msgs[..3].to_vec());
+    let broken = fx.drive(msgs[..=BLOCKS_A].to_vec());
     assert_eq!((broken.refused.as_deref(), broken.applied), (None, None));
     assert_eq!(broken.resumed_after, Some(0));
     assert_eq!(broken.wants, vec![vec![0, 2]]);
@@ -794,8 +810,8 @@ fn a_stream_of_the_same_point_broken_after_its_first_blocks_resumes_after_them()
 fn a_stream_broken_inside_a_chunk_resumes_at_the_first_block_that_had_not_arrived() {
     let mut fx = Fixture::new();
     let msgs = fx.next_epoch();
-    let mut broken = msgs[..5].to_vec();
-    let Some(ship_message::Body::Blocks(b)) = &mut broken[4].body else {
+    let mut broken = msgs[..=BLOCKS_C].to_vec();
+    let Some(ship_message::Body::Blocks(b)) = &mut broken[BLOCKS_C].body else {
         panic!("message 4 is the second Blocks");
     };
     b.blocks.truncate(1);
@@ -826,7 +842,7 @@ fn a_stream_broken_inside_a_chunk_resumes_at_the_first_block_that_had_not_arrive
 fn a_point_interrupted_by_a_restart_of_the_secondary_resumes_from_its_log() {
     let mut fx = Fixture::new();
     let msgs = fx.next_epoch();
-    let broken = fx.drive(msgs[..3].to_vec());
+    let broken = fx.drive(msgs[..=BLOCKS_A].to_vec());
     assert_eq!(broken.applied, None);
     fx.reopen();
     let resumed = drive_honest(fx.store(), msgs.clone());
@@ -841,7 +857,7 @@ fn a_point_interrupted_by_a_restart_of_the_secondary_resumes_from_its_log() {
     assert_applied_as_offered(&fx, &msgs, 2);
     fx.mark_applied(2);
     assert!(
-        !fx.store().paths.partial().exists(),
+        !fx.store().paths.staged_offers().exists(),
         "the log outlived the apply"
     );
     fx.finish();
@@ -853,7 +869,7 @@ fn a_point_interrupted_by_a_restart_of_the_secondary_resumes_from_its_log() {
 fn a_log_over_damaged_staging_is_trusted_only_up_to_the_damage() {
     let mut fx = Fixture::new();
     let msgs = fx.next_epoch();
-    fx.drive(msgs[..3].to_vec());
+    fx.drive(msgs[..=BLOCKS_A].to_vec());
     let data = fx.store().paths.staged_data();
     let len = fs::metadata(&data).expect("staged data").len();
     fs::write(&data, vec![0x5a; len as usize]).expect("damage staging");
@@ -871,7 +887,7 @@ fn a_log_over_damaged_staging_is_trusted_only_up_to_the_damage() {
 /// The first stream of an epoch, with another point id than `msgs`, cut
 /// after its first Blocks message.
 fn break_another_point(fx: &Fixture, msgs: &[ShipMessage]) {
-    let mut other = msgs[..3].to_vec();
+    let mut other = msgs[..=BLOCKS_A].to_vec();
     begin_of(&mut other[BEGIN]).point = vec![0xee; 16];
     let broken = fx.drive(other);
     assert_eq!((broken.refused.as_deref(), broken.applied), (None, None));
@@ -938,7 +954,7 @@ fn refuses_a_session_before_any_primary_said_hello() {
 /// target, a file's path at the cut.
 fn with_path(fx: &Fixture, place: &str, path: &str) -> Vec<ShipMessage> {
     let mut m = fx.next_epoch();
-    let b = begin_of(&mut m[BEGIN]);
+    let b = lists_of(&mut m[LISTS]);
     match place {
         "op path" => b.ops.push(op(OpKind::Create, 9, path, "", 0)),
         "mkdir path" => b.ops.push(op(OpKind::Mkdir, 0, path, "", 0)),
@@ -1037,7 +1053,7 @@ fn refuses_paths_through_a_symlink_made_earlier_in_the_same_epoch() {
             let outside = fx.outside.to_str().expect("utf-8").to_string();
             let link_target = link_target.replace("OUTSIDE", &outside);
             let mut m = with_path(&fx, place, through);
-            begin_of(&mut m[BEGIN])
+            lists_of(&mut m[LISTS])
                 .ops
                 .insert(0, op(OpKind::Symlink, 0, "newlink", &link_target, 0));
             fx.assert_refused(
@@ -1058,7 +1074,7 @@ fn refuses_file_paths_naming_a_symlink_or_a_folder() {
             &format!("file path {path:?}"),
             &[path.trim_end_matches('/')],
             |m, _| {
-                begin_of(&mut m[BEGIN]).files[1].path = path.as_bytes().to_vec();
+                lists_of(&mut m[LISTS]).files[1].path = path.as_bytes().to_vec();
             },
         );
     }
@@ -1072,7 +1088,7 @@ fn refuses_namespace_operations_of_unknown_kind_0_and_99() {
         fx.refuse_changed(&format!("op kind {kind}"), &["kind"], |m, _| {
             let mut bad = op(OpKind::Create, 4, "d.img", "", 0);
             bad.kind = kind;
-            begin_of(&mut m[BEGIN]).ops.push(bad);
+            lists_of(&mut m[LISTS]).ops.push(bad);
         });
     }
     fx.finish();
@@ -1095,7 +1111,7 @@ fn refuses_namespace_operations_the_replica_cannot_apply_rmdir_nonempty_unlink_f
         ),
     ] {
         fx.refuse_changed(what, &[], |m, _| {
-            begin_of(&mut m[BEGIN]).ops.push(bad);
+            lists_of(&mut m[LISTS]).ops.push(bad);
         });
     }
     fx.finish();
@@ -1109,7 +1125,7 @@ fn refuses_huge_sizes_in_files_and_truncates_and_too_many_entries() {
             &format!("file size {size}"),
             &["beyond the limit"],
             |m, _| {
-                begin_of(&mut m[BEGIN]).files.push(file(5, "big.img", size));
+                lists_of(&mut m[LISTS]).files.push(file(5, "big.img", size));
             },
         );
     }
@@ -1117,24 +1133,142 @@ fn refuses_huge_sizes_in_files_and_truncates_and_too_many_entries() {
     // not a failed apply.
     let size = 1u64 << 45;
     fx.refuse_changed(&format!("file size {size}"), &[], |m, _| {
-        begin_of(&mut m[BEGIN]).files.push(file(5, "big.img", size));
+        lists_of(&mut m[LISTS]).files.push(file(5, "big.img", size));
     });
     for size in [u64::MAX, 1 << 63, MAX_FILE_SIZE + 1] {
         fx.refuse_changed(&format!("truncate to {size}"), &[], |m, _| {
-            begin_of(&mut m[BEGIN])
+            lists_of(&mut m[LISTS])
                 .ops
                 .push(op(OpKind::Truncate, 2, "b.img", "", size));
         });
     }
     fx.refuse_changed("MAX_ENTRIES + 1 operations", &["at most"], |m, _| {
         let many = op(OpKind::Mkdir, 0, "", "", 0);
-        begin_of(&mut m[BEGIN]).ops = vec![many; MAX_ENTRIES + 1];
+        lists_of(&mut m[LISTS]).ops = vec![many; MAX_ENTRIES + 1];
     });
     fx.refuse_changed("MAX_ENTRIES + 1 files", &["at most"], |m, _| {
-        begin_of(&mut m[BEGIN]).files = (0..=MAX_ENTRIES as u64)
+        lists_of(&mut m[LISTS]).files = (0..=MAX_ENTRIES as u64)
             .map(|i| file(10 + i, "", 0))
             .collect();
     });
+    fx.finish();
+}
+
+/// The lists of `msgs` split into one Manifest chunk per operation and
+/// per file state, then an empty chunk that ends them.
+fn split_lists(msgs: &mut Vec<ShipMessage>) {
+    let whole = lists_of(&mut msgs[LISTS]).clone();
+    let ops = whole
+        .ops
+        .into_iter()
+        .map(|o| chunk(vec![o], Vec::new(), false));
+    let files = whole
+        .files
+        .into_iter()
+        .map(|f| chunk(Vec::new(), vec![f], false));
+    let chunks: Vec<ShipMessage> = ops
+        .chain(files)
+        .chain([chunk(Vec::new(), Vec::new(), true)])
+        .collect();
+    msgs.splice(LISTS..=LISTS, chunks);
+}
+
+/// A point's lists may come in any number of Manifest chunks (the primary
+/// cuts a backlog into chunks of a few MiB): the point applies as if they
+/// came in one, and only the last chunk is answered.
+#[test]
+fn lists_split_across_many_manifest_chunks_apply_like_one_chunk() {
+    let mut fx = Fixture::new();
+    let mut m = fx.next_epoch();
+    split_lists(&mut m);
+    assert_eq!(
+        m.len(),
+        fx.next_epoch().len() + 3,
+        "1 op and 2 files, then the end"
+    );
+    let run = fx.drive(m.clone());
+    assert_eq!(run.refused, None, "{run:?}");
+    assert_eq!(run.resumed_after, Some(0));
+    assert_eq!(run.wants, vec![vec![0, 2], vec![0, 1]]);
+    assert_eq!(run.applied, Some(2));
+    assert_applied_as_offered(&fx, &m, 2);
+    fx.mark_applied(2);
+    fx.finish();
+}
+
+#[test]
+fn refuses_manifest_chunks_out_of_place_and_entries_beyond_the_limit_across_chunks() {
+    let mut fx = Fixture::new();
+    fx.refuse_changed(
+        "Manifest before Begin",
+        &["Manifest chunk before Begin"],
+        |m, _| {
+            m.remove(BEGIN);
+        },
+    );
+    fx.refuse_changed(
+        "Manifest after the chunk that ended the lists",
+        &["after the end of its lists"],
+        |m, _| m.insert(LISTS + 1, chunk(Vec::new(), Vec::new(), true)),
+    );
+    fx.refuse_changed(
+        "operations after file states",
+        &["operations after file states"],
+        |m, _| {
+            let whole = lists_of(&mut m[LISTS]).clone();
+            let files_first = chunk(Vec::new(), whole.files, false);
+            m.splice(
+                LISTS..=LISTS,
+                [files_first, chunk(whole.ops, Vec::new(), true)],
+            );
+        },
+    );
+    fx.refuse_changed(
+        "Offers before the lists ended",
+        &["Offers before Begin and the end of its lists"],
+        |m, _| lists_of(&mut m[LISTS]).end = false,
+    );
+    fx.refuse_changed(
+        "Commit before the lists ended",
+        &["Commit before Begin"],
+        |m, _| {
+            lists_of(&mut m[LISTS]).end = false;
+            m.drain(OFFERS_A..COMMIT);
+        },
+    );
+    // Each chunk within the limit, together beyond it.
+    fx.refuse_changed(
+        "MAX_ENTRIES + 2 operations in two chunks",
+        &["at most"],
+        |m, _| {
+            let half = vec![op(OpKind::Mkdir, 0, "vms", "", 0); MAX_ENTRIES / 2 + 1];
+            let chunks = [
+                chunk(half.clone(), Vec::new(), false),
+                chunk(half, Vec::new(), true),
+            ];
+            m.splice(LISTS..=LISTS, chunks);
+        },
+    );
+    fx.finish();
+}
+
+/// Offers go file by file, blocks ascending, so that the secondary knows
+/// a block offered twice from the last offer alone (no set of every offer
+/// made): one out of order is refused like one offered twice.
+#[test]
+fn refuses_offers_out_of_order_within_a_file_or_back_to_a_file_left() {
+    let mut fx = Fixture::new();
+    fx.refuse_changed("blocks 2 then 0 of a.img", &["out of order"], |m, _| {
+        offers_of(&mut m[OFFERS_A]).swap(0, 1);
+    });
+    fx.refuse_changed(
+        "back to a.img after c.img",
+        &["offered twice or out of order"],
+        |m, key| {
+            let late = offer(key, 1, 1, &content(4, 4096));
+            offers_of(&mut m[OFFERS_C]).push(late);
+        },
+    );
     fx.finish();
 }
 
@@ -1142,8 +1276,8 @@ fn refuses_huge_sizes_in_files_and_truncates_and_too_many_entries() {
 fn refuses_files_listed_twice_and_a_second_begin() {
     let mut fx = Fixture::new();
     fx.refuse_changed("file 3 listed twice", &["listed twice"], |m, _| {
-        let dup = begin_of(&mut m[BEGIN]).files[1].clone();
-        begin_of(&mut m[BEGIN]).files.push(dup);
+        let dup = lists_of(&mut m[LISTS]).files[1].clone();
+        lists_of(&mut m[LISTS]).files.push(dup);
     });
     fx.refuse_changed("a second Begin", &["second Begin"], |m, _| {
         m.insert(1, m[BEGIN].clone());
@@ -1440,14 +1574,13 @@ fn a_hash_reference_to_content_changed_behind_the_index_is_asked_for_not_copied(
     offers_of(&mut m[OFFERS_C])[0] = offer(&fx.key, 3, 0, &b0);
     blocks_of(&mut m[BLOCKS_C])[0] = data_block(3, 0, &b0);
     // b.img's block 1 is intact: a reference to it is filled locally.
-    let mut extra = offer(&fx.key, 1, 1, &b1);
-    extra.block = 1;
-    offers_of(&mut m[OFFERS_A]).push(extra);
+    // Offers go file by file, blocks ascending: between blocks 0 and 2.
+    offers_of(&mut m[OFFERS_A]).insert(1, offer(&fx.key, 1, 1, &b1));
     let run = fx.drive(m.clone());
     assert_eq!(run.refused, None, "{run:?}");
     assert_eq!(
         run.wants,
-        vec![vec![0, 2], vec![0, 1]],
+        vec![vec![0, 3], vec![0, 1]],
         "the changed block must be asked for, the intact one answered \"have\""
     );
     assert_applied_as_offered(&fx, &m, 2);
@@ -1514,7 +1647,7 @@ fn refuses_commit_before_begin_with_missing_blocks_or_for_another_epoch() {
         },
     );
     fx.refuse_changed("Offers before Begin", &["Offers before Begin"], |m, _| {
-        m.remove(BEGIN);
+        m.drain(BEGIN..=LISTS);
     });
     // A stream that ends without its Commit applies nothing.
     let mut m = fx.next_epoch();
@@ -1530,7 +1663,7 @@ fn refuses_messages_after_commit_and_keeps_the_applied_point() {
     let mut fx = Fixture::new();
     for extra in [
         commit(fx.applied + 1),
-        begin(9, 8, Vec::new(), Vec::new()),
+        begin(9, 8),
         offers(Vec::new()),
         blocks(Vec::new()),
         ShipMessage { body: None },

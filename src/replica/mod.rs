@@ -6,8 +6,11 @@
 //! - `service`: the tonic service; maps the parts' errors to statuses.
 //! - `session`: one point being received; refusals are `refused::Refused`.
 //! - `preflight`: refuses a point that cannot be applied, before staging.
-//! - `resume`: what a broken stream leaves for the next (`Carried`) and
-//!   the on-disk log of a point being received.
+//! - `resume`: the offers log of a point being received (its offer
+//!   manifest, and what a restart resumes from) and what a broken stream
+//!   leaves for the next (`Carried`).
+//! - `spill`: append-only files of records in staging, read back one at a
+//!   time: how a point's lists and offers stay out of memory.
 //! - `store`: the replica folder as one object, wiring the parts below.
 //! - `apply`: redo → apply → applied, and the replay after a crash.
 //! - `verify`: `hbrfs verify` against the applied point.
@@ -17,10 +20,11 @@
 //! - `confine`: every received path confined to the replica root.
 //!
 //! Imports run one way, with no circle: service → {session, store,
-//! verify, records, refused}; session → {store, resume, preflight,
+//! verify, records, refused}; session → {store, resume, spill, preflight,
 //! refused}; verify → {store, confine}; store → {apply, index, seed,
-//! records, resume, refused}; apply → {index, records, confine}; seed → index;
-//! refused → preflight; index, preflight → confine. Nothing but the
+//! records, resume, refused}; apply → {index, records, resume, spill,
+//! confine}; resume → spill; spill → records; seed → index; refused →
+//! preflight; index, preflight → confine. Nothing but the
 //! service (and the fuzz tests) imports session.
 
 #![warn(missing_docs)]
@@ -35,6 +39,7 @@ pub mod resume;
 pub mod seed;
 pub mod service;
 pub mod session;
+pub mod spill;
 pub mod store;
 pub mod verify;
 

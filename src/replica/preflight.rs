@@ -1,5 +1,5 @@
 //! Checks a point's namespace operations and file states against the
-//! replica before anything is staged, so that a point an honest primary
+//! replica as their Manifest chunks arrive, before any block is staged, so that a point an honest primary
 //! could never send (an operation of unknown kind, a path through a
 //! symlink, a folder where a file must be, a non-empty folder to remove)
 //! is refused with a clear message instead of failing halfway through its
@@ -8,13 +8,14 @@
 //! see `apply`, which logs and skips an operation that conflicts with an
 //! earlier one, and fails on a file-system or resource error).
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::confine::{self, PathError};
-use crate::proto::replication::{Begin, FileState, NamespaceOp, OpKind};
+use crate::proto::replication::{FileState, NamespaceOp, OpKind};
 use crate::wire::MAX_FILE_SIZE;
 use crate::{state, sys};
 
@@ -118,13 +119,17 @@ fn empty_dir(root: &Path, path: &Path) -> bool {
     listed.is_ok_and(|mut d| d.next().is_none())
 }
 
+/// The folders strictly above `path`, up to `root` (excluded).
+fn folders_above<'p>(root: &'p Path, path: &'p Path) -> impl Iterator<Item = &'p Path> {
+    path.ancestors()
+        .skip(1)
+        .take_while(move |a| a.starts_with(root) && *a != root)
+}
+
 /// Refuses a path below something that exists and is not a folder.
 fn no_file_on_the_way(root: &Path, path: &Path, shown: &str) -> Result<(), PreflightError> {
-    let blocked = path
-        .ancestors()
-        .skip(1)
-        .take_while(|a| a.starts_with(root) && *a != root)
-        .find(|a| exists(root, a).is_some_and(|m| m != libc::S_IFDIR));
+    let blocked =
+        folders_above(root, path).find(|a| exists(root, a).is_some_and(|m| m != libc::S_IFDIR));
     match blocked {
         Some(a) => Err(PreflightError::FileOnTheWay {
             path: shown.to_string(),
@@ -150,24 +155,51 @@ fn wrong_kind(kind: OpKind, root: &Path, path: &Path, m: u32) -> Option<&'static
     }
 }
 
-/// The walk through one point: the paths its operations touched so far
-/// (their state is the apply's business) and the symlinks they made.
-struct Walk<'a> {
-    root: &'a Path,
-    touched: Vec<PathBuf>,
-    links: Vec<PathBuf>,
+/// A path as the walk remembers it: a 128-bit (unkeyed) hash of its
+/// bytes (16 bytes however long the path). A collision can only make a
+/// path look touched, which skips a check against the disk (the apply
+/// then decides, and confines every path again): never a path let
+/// through.
+fn remembered(p: &Path) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(p.as_os_str().as_bytes())
 }
 
-impl Walk<'_> {
+/// The walk through one point, fed its operations and then its file
+/// states as their Manifest chunks arrive: the paths its operations
+/// touched so far (their state is the apply's business) and the symlinks
+/// they made. Memory is a hash per distinct path touched (and per folder
+/// above one), never the operations themselves, and each check costs the
+/// depth of its path, not the number of operations before it.
+#[derive(Debug)]
+pub struct Walk<'a> {
+    root: &'a Path,
+    /// Paths an earlier operation touched.
+    touched: HashSet<u128>,
+    /// Every folder above a touched path: something below it was touched.
+    above: HashSet<u128>,
+    /// Symlinks an earlier operation made.
+    links: HashSet<PathBuf>,
+    /// Operations walked so far.
+    ops: usize,
+}
+
+impl<'a> Walk<'a> {
+    /// A walk of a point to be applied to the replica at `root`.
+    pub fn new(root: &'a Path) -> Walk<'a> {
+        Walk {
+            root,
+            touched: HashSet::new(),
+            above: HashSet::new(),
+            links: HashSet::new(),
+            ops: 0,
+        }
+    }
+
     /// Confines `raw`, refusing a path through a symlink made earlier in
     /// the point.
     fn resolve(&self, raw: &[u8]) -> Result<PathBuf, PreflightError> {
         let path = confine::resolve(self.root, raw)?;
-        if let Some(link) = self
-            .links
-            .iter()
-            .find(|l| path.starts_with(l) && path != **l)
-        {
+        if let Some(link) = folders_above(self.root, &path).find(|a| self.links.contains(*a)) {
             return Err(PreflightError::ThroughNewSymlink {
                 path: String::from_utf8_lossy(raw).into_owned(),
                 link: link.strip_prefix(self.root).unwrap_or(link).to_path_buf(),
@@ -180,18 +212,33 @@ impl Walk<'_> {
     /// then it is checked against the disk, and `shown` must not lie
     /// below a file.
     fn untouched(&self, path: &Path, shown: &str) -> Result<bool, PreflightError> {
-        let untouched = !self
-            .touched
-            .iter()
-            .any(|t| path.starts_with(t) || t.starts_with(path));
-        if untouched {
+        let touched = self.above.contains(&remembered(path))
+            || path
+                .ancestors()
+                .take_while(|a| a.starts_with(self.root))
+                .any(|a| self.touched.contains(&remembered(a)));
+        if !touched {
             no_file_on_the_way(self.root, path, shown)?;
         }
-        Ok(untouched)
+        Ok(!touched)
     }
 
-    /// Operation `i`.
-    fn op(&mut self, i: usize, op: &NamespaceOp) -> Result<(), PreflightError> {
+    /// Remembers that an operation touched `path`.
+    fn touch(&mut self, path: &Path) {
+        self.touched.insert(remembered(path));
+        let above: Vec<u128> = folders_above(self.root, path).map(remembered).collect();
+        for folder in above {
+            // Its own folders are in already.
+            if !self.above.insert(folder) {
+                break;
+            }
+        }
+    }
+
+    /// The point's next operation.
+    pub fn op(&mut self, op: &NamespaceOp) -> Result<(), PreflightError> {
+        let i = self.ops;
+        self.ops += 1;
         let kind = OpKind::try_from(op.kind)
             .ok()
             .filter(|k| *k != OpKind::Unspecified)
@@ -229,15 +276,17 @@ impl Walk<'_> {
             });
         }
         if kind == OpKind::Symlink {
-            self.links.push(path.clone());
+            self.links.insert(path.clone());
         }
-        self.touched.push(path);
-        self.touched.extend(target);
+        self.touch(&path);
+        if let Some(target) = target {
+            self.touch(&target);
+        }
         Ok(())
     }
 
     /// A file's final state, after every operation.
-    fn file(&self, f: &FileState) -> Result<(), PreflightError> {
+    pub fn file(&self, f: &FileState) -> Result<(), PreflightError> {
         let path = self.resolve(&f.path)?;
         if f.size > MAX_FILE_SIZE {
             return Err(PreflightError::FileTooLarge {
@@ -256,20 +305,4 @@ impl Walk<'_> {
         }
         Ok(())
     }
-}
-
-/// Refuses `begin` when applying it on the replica at `root` cannot work.
-pub fn check(root: &Path, begin: &Begin) -> Result<(), PreflightError> {
-    let mut walk = Walk {
-        root,
-        touched: Vec::new(),
-        links: Vec::new(),
-    };
-    for (i, op) in begin.ops.iter().enumerate() {
-        walk.op(i, op)?;
-    }
-    for f in &begin.files {
-        walk.file(f)?;
-    }
-    Ok(())
 }

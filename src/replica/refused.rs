@@ -41,6 +41,9 @@ pub enum Refused {
         #[source]
         source: std::io::Error,
     },
+    /// The point's spill files in staging (its lists, its offers) failed.
+    #[error("staging the point: {0}")]
+    Spill(#[source] Error),
     /// A message without a body.
     #[error("empty ship message")]
     EmptyMessage,
@@ -73,6 +76,13 @@ pub enum Refused {
         /// The replica's applied epoch.
         applied: u64,
     },
+    /// A Manifest chunk before Begin or after the chunk that ended the
+    /// lists.
+    #[error("a Manifest chunk before Begin or after the end of its lists")]
+    ManifestOutsideLists,
+    /// Operations after file states: every operation comes first.
+    #[error("namespace operations after file states in the Manifest chunks")]
+    OpsAfterFiles,
     /// More operations or files than [`MAX_ENTRIES`].
     #[error("epoch {epoch} carries {ops} operations and {files} files; at most {MAX_ENTRIES} each")]
     TooManyEntries {
@@ -89,9 +99,14 @@ pub enum Refused {
     /// A file state listed twice.
     #[error("file {0} listed twice")]
     FileTwice(u64),
-    /// Offers before Begin.
-    #[error("Offers before Begin")]
+    /// Offers before Begin and the end of its lists.
+    #[error("Offers before Begin and the end of its lists")]
     OffersBeforeBegin,
+    /// Offers while blocks the previous Offers wanted were not sent.
+    #[error(
+        "Offers with {0} wanted blocks never sent (the blocks of one Offers come before the next)"
+    )]
+    OffersBeforeBlocks(usize),
     /// More offers than [`MAX_OFFERS`] in one message.
     #[error("{0} offers in one message; at most {MAX_OFFERS}")]
     TooManyOffers(usize),
@@ -120,8 +135,12 @@ pub enum Refused {
         /// The length the file's size gives.
         expected: u32,
     },
-    /// The same block offered twice in one point.
-    #[error("block {block} of file {file} offered twice")]
+    /// The same block offered twice in one point, or an offer out of
+    /// order (offers go file by file, blocks ascending, so an offer out of
+    /// order may be one made before).
+    #[error(
+        "block {block} of file {file} offered twice or out of order (file by file, blocks ascending)"
+    )]
     OfferedTwice {
         /// The block.
         block: u64,

@@ -1,26 +1,29 @@
-//! What a stream that broke before its commit leaves for the next one
-//! ([`Carried`]: its content by hash and the point in part, see `session`),
-//! and the on-disk log of a point being received (`staging/partial`), so
-//! that a secondary restarted (even by `kill -9`) in the middle of a long
-//! point resumes it instead of asking for it all again.
+//! The offer manifest of the point being received (`staging/offers`),
+//! which is also the log a restarted secondary (even after `kill -9`)
+//! resumes the point from, and what a stream that broke before its commit
+//! leaves for the next one ([`Carried`]: its content by hash and the point
+//! in part, see `session`).
 //!
 //! Format: a length-delimited `PartialHeader` (point id, epoch), then one
 //! length-delimited `StagedBlock` per complete offer, in the primary's
-//! order. Records are appended at checkpoints, after the staging data file
-//! was synced, and synced themselves: every record names data that is on
-//! disk. A torn last record (a crash mid-append) ends the log; what is
-//! loaded is re-hashed before use ([`Carried::from_log`]).
+//! order (`spill`). Records are appended as offers complete and synced at
+//! checkpoints, after the staging data file; at the commit everything is
+//! synced before the redo record. After a crash a record may name data
+//! that never reached the disk, or be torn: what is loaded is re-hashed
+//! before use and the log ends at the first record that does not check
+//! out ([`Carried::from_log`]).
+//!
+//! Memory does not grow with the point: the log is read and written one
+//! record at a time, and the content kept by hash is capped at
+//! [`CONTENT_HINTS`] entries.
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 
-use prost::Message;
-
+use super::spill::{Records, Spill};
 use crate::block::{BlockHash, HashKey};
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 use crate::ids::{BlockNo, Epoch, FileId};
 use crate::proto::replica::{PartialHeader, StagedBlock};
 use crate::state::ReplicaPaths;
@@ -36,6 +39,44 @@ pub fn place_of(b: &StagedBlock) -> Place {
 /// Content in the staging data file by hash: (offset, length).
 pub type Content = HashMap<BlockHash, (u64, u32)>;
 
+/// Most entries a [`Content`] map keeps (a few MiB): content by hash is a
+/// hint that saves sending a block again, so a hint not kept costs bytes
+/// on the wire, never correctness, and memory stays bounded however many
+/// blocks a point stages.
+pub const CONTENT_HINTS: usize = 1 << 16;
+
+/// Keeps the hint that content of `hash` lies at `at`, unless `content`
+/// is full.
+pub fn hint(content: &mut Content, hash: BlockHash, at: (u64, u32)) {
+    if content.len() < CONTENT_HINTS {
+        content.insert(hash, at);
+    }
+}
+
+/// Where the offers of a point stand: how many are complete (in the
+/// primary's order), and what the next one must follow.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Offers complete.
+    pub done: u64,
+    /// The last of them.
+    pub last: Option<Place>,
+    /// Files whose offers are over (offers go file by file): one entry
+    /// per file of the point, never per offer.
+    pub left: HashSet<FileId>,
+}
+
+impl Progress {
+    /// One more offer complete, at `place`.
+    fn advance(&mut self, place: Place) {
+        if let Some((file, _)) = self.last.filter(|l| l.0 != place.0) {
+            self.left.insert(file);
+        }
+        self.last = Some(place);
+        self.done += 1;
+    }
+}
+
 /// A point a broken stream staged in part.
 #[derive(Debug)]
 pub struct PartialPoint {
@@ -43,19 +84,16 @@ pub struct PartialPoint {
     pub point: Vec<u8>,
     /// Its epoch.
     pub epoch: Epoch,
-    /// Its offers in the primary's order, each complete.
-    pub offers: Vec<Place>,
-    /// Their staged blocks.
-    pub blocks: Vec<StagedBlock>,
-    /// How many of the offers the on-disk log holds, and its length after
-    /// them; `None` when there is no log.
-    pub logged: Option<(usize, u64)>,
+    /// Its complete offers.
+    pub progress: Progress,
+    /// The offers log's length after them.
+    pub log_len: u64,
 }
 
 /// What streams that broke before their commit staged, for the next one.
 #[derive(Debug, Default)]
 pub struct Carried {
-    /// Their verified content by hash.
+    /// Their verified content by hash (at most [`CONTENT_HINTS`]).
     pub content: Content,
     /// The point the last one broke in, unless it was refused.
     pub point: Option<PartialPoint>,
@@ -64,7 +102,7 @@ pub struct Carried {
 impl std::fmt::Display for Carried {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.point {
-            Some(p) => write!(f, "{} offers of epoch {}", p.offers.len(), p.epoch),
+            Some(p) => write!(f, "{} offers of epoch {}", p.progress.done, p.epoch),
             None => write!(f, "{} blocks of content", self.content.len()),
         }
     }
@@ -72,146 +110,107 @@ impl std::fmt::Display for Carried {
 
 impl Carried {
     /// The point a stream of an earlier run of the secondary left in its
-    /// log, each block's staged content re-read and re-hashed: the log
-    /// ends at the first that does not match.
+    /// log, read one record at a time, each block's staged content re-read
+    /// and re-hashed: the log ends at the first that does not match.
     pub fn from_log(paths: &ReplicaPaths, key: &HashKey) -> Option<Carried> {
-        let loaded = load(paths)?;
+        let mut records = Records::open(&paths.staged_offers()).ok()?;
+        let header: PartialHeader = records.read().ok()??;
         let data = File::open(paths.staged_data()).ok()?;
         let mut carried = Carried::default();
-        let mut blocks = Vec::new();
-        let mut len = loaded.header_len;
-        for (b, end) in loaded.blocks {
+        let mut progress = Progress::default();
+        let mut log_len = records.at();
+        let mut buf = Vec::new();
+        while let Ok(Some(b)) = records.read::<StagedBlock>() {
             if !b.zero {
-                let mut buf = vec![0u8; b.length as usize];
-                let hash = BlockHash::from_bytes(&b.hash)?;
+                buf.resize(b.length as usize, 0);
+                let Some(hash) = BlockHash::from_bytes(&b.hash) else {
+                    break;
+                };
                 if data.read_exact_at(&mut buf, b.offset).is_err() || key.hash(&buf) != hash {
                     break;
                 }
-                carried.content.insert(hash, (b.offset, b.length));
+                hint(&mut carried.content, hash, (b.offset, b.length));
             }
-            blocks.push(b);
-            len = end;
+            progress.advance(place_of(&b));
+            log_len = records.at();
         }
         carried.point = Some(PartialPoint {
-            point: loaded.point,
-            epoch: loaded.epoch,
-            offers: blocks.iter().map(place_of).collect(),
-            logged: Some((blocks.len(), len)),
-            blocks,
+            point: header.point,
+            epoch: Epoch(header.epoch),
+            progress,
+            log_len,
         });
         Some(carried)
     }
 }
 
-/// An open log, appended to at checkpoints.
+/// The open offers log of the point being received.
 #[derive(Debug)]
-pub struct PartialLog {
-    path: PathBuf,
-    file: File,
-    /// Offers recorded so far.
-    logged: usize,
-    /// The log's length after them.
-    len: u64,
+pub struct OffersLog {
+    spill: Spill,
+    progress: Progress,
 }
 
-impl PartialLog {
+impl OffersLog {
     /// A new log for `point` (replacing any other).
-    pub fn start(paths: &ReplicaPaths, point: &[u8], epoch: Epoch) -> Result<PartialLog> {
-        let path = paths.partial();
-        let mut file = crate::state::state_file_options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .at(&path)?;
-        let header = PartialHeader {
+    pub fn start(paths: &ReplicaPaths, point: &[u8], epoch: Epoch) -> Result<OffersLog> {
+        let mut spill = Spill::create(&paths.staged_offers())?;
+        spill.push(&PartialHeader {
             point: point.to_vec(),
             epoch: epoch.0,
-        };
-        let bytes = header.encode_length_delimited_to_vec();
-        file.write_all(&bytes).at(&path)?;
-        Ok(PartialLog {
-            path,
-            file,
-            logged: 0,
-            len: bytes.len() as u64,
+        })?;
+        Ok(OffersLog {
+            spill,
+            progress: Progress::default(),
         })
     }
 
-    /// The log of a point resumed: `logged` offers in its first `len`
-    /// bytes (anything after them is cut off).
-    pub fn resume(paths: &ReplicaPaths, logged: usize, len: u64) -> Result<PartialLog> {
-        let path = paths.partial();
-        let file = OpenOptions::new().append(true).open(&path).at(&path)?;
-        file.set_len(len).at(&path)?;
-        Ok(PartialLog {
-            path,
-            file,
-            logged,
-            len,
+    /// The log of a point resumed (anything after its complete offers is
+    /// cut off).
+    pub fn resume(paths: &ReplicaPaths, p: PartialPoint) -> Result<OffersLog> {
+        Ok(OffersLog {
+            spill: Spill::reopen(&paths.staged_offers(), p.log_len)?,
+            progress: p.progress,
         })
     }
 
-    /// Offers recorded so far, and the log's length after them.
-    pub fn logged(&self) -> (usize, u64) {
-        (self.logged, self.len)
+    /// Where the offers stand.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
     }
 
-    /// Stops logging: the log is removed, so that no restart trusts a log
-    /// that misses what was staged since.
-    pub fn abandon(self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-
-    /// Records `blocks` (the next complete offers) durably.
-    pub fn append(&mut self, blocks: &[&StagedBlock]) -> Result<()> {
-        let mut bytes = Vec::new();
-        for b in blocks {
-            b.encode_length_delimited(&mut bytes)
-                .expect("a Vec grows as needed");
-        }
-        self.file
-            .write_all(&bytes)
-            .and_then(|_| self.file.sync_data())
-            .at(&self.path)?;
-        self.logged += blocks.len();
-        self.len += bytes.len() as u64;
+    /// Records the next complete offer.
+    pub fn push(&mut self, block: &StagedBlock) -> Result<()> {
+        self.spill.push(block)?;
+        self.progress.advance(place_of(block));
         Ok(())
     }
-}
 
-/// What a log holds (up to a torn last record); `None` without a
-/// readable header.
-#[derive(Debug)]
-pub struct Loaded {
-    /// The point's id and epoch.
-    pub point: Vec<u8>,
-    /// Its epoch.
-    pub epoch: Epoch,
-    /// The length of the header.
-    pub header_len: u64,
-    /// Each complete offer's block, with the log's length after it.
-    pub blocks: Vec<(StagedBlock, u64)>,
-}
-
-/// Reads the log of the replica at `paths`.
-pub fn load(paths: &ReplicaPaths) -> Option<Loaded> {
-    let bytes = std::fs::read(paths.partial()).ok()?;
-    let mut rest = bytes.as_slice();
-    let header = PartialHeader::decode_length_delimited(&mut rest).ok()?;
-    let at = |rest: &[u8]| (bytes.len() - rest.len()) as u64;
-    let header_len = at(rest);
-    let mut blocks = Vec::new();
-    while !rest.is_empty() {
-        match StagedBlock::decode_length_delimited(&mut rest) {
-            Ok(b) => blocks.push((b, at(rest))),
-            Err(_) => break,
-        }
+    /// Makes every offer pushed durable.
+    pub fn sync(&mut self) -> Result<()> {
+        self.spill.sync()
     }
-    Some(Loaded {
-        point: header.point,
-        epoch: Epoch(header.epoch),
-        header_len,
-        blocks,
-    })
+
+    /// What a broken stream leaves of the point: its complete offers,
+    /// written out (not synced: a restart re-hashes what it loads).
+    pub fn into_partial(mut self, point: Vec<u8>, epoch: Epoch) -> Result<PartialPoint> {
+        self.spill.flush()?;
+        Ok(PartialPoint {
+            point,
+            epoch,
+            log_len: self.spill.written(),
+            progress: self.progress,
+        })
+    }
+}
+
+/// The offers of the staged point at `paths`: the log's header (checked
+/// against `epoch` by the caller) and its records, read one at a time.
+pub fn read_offers(paths: &ReplicaPaths) -> Result<(PartialHeader, Records)> {
+    let path = paths.staged_offers();
+    let mut records = Records::open(&path)?;
+    let header = records
+        .read()?
+        .ok_or_else(|| super::records::bad(&path, "an offers log without its header"))?;
+    Ok((header, records))
 }

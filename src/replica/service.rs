@@ -104,8 +104,12 @@ fn handle_body(
     };
     let s = session.as_mut().ok_or(Refused::AfterCommit)?;
     Ok(match body {
-        ship_message::Body::Begin(b) => Some(ShipReply {
-            body: Some(ship_reply::Body::Resumed(s.begin(b)?)),
+        ship_message::Body::Begin(b) => {
+            s.begin(b)?;
+            None
+        }
+        ship_message::Body::Manifest(m) => s.manifest(m)?.map(|r| ShipReply {
+            body: Some(ship_reply::Body::Resumed(r)),
         }),
         ship_message::Body::Offers(o) => Some(ShipReply {
             body: Some(ship_reply::Body::Wants(s.offers(o)?)),

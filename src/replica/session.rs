@@ -4,13 +4,19 @@
 //! message naming what is wrong; nothing reaches the replica before the
 //! commit, so the replica stays at its last consistent point.
 //!
+//! Bounded: Begin is a header; the point's lists arrive in Manifest chunks,
+//! each checked (`preflight`) and spilled to `staging/point`; offers go
+//! file by file, blocks ascending, and each one complete is appended to
+//! the offer manifest `staging/offers` (`resume`). So what a session holds
+//! in memory does not grow with the operations or offers of the point.
+//!
 //! Resuming: a stream that breaks before its commit leaves what it staged
 //! behind (`Carried`), so a reconnect loop always moves forward even when
 //! the connection breaks faster than a whole point ships:
 //! - the point itself, up to the first offer whose block has not arrived:
 //!   a stream of the same point (same point id: the primary retries a
-//!   point unchanged) starts there, and Begin's answer says where. It is
-//!   also logged to disk every `CHECKPOINT_BYTES` (`resume`), so a
+//!   point unchanged) starts there, and the answer to its lists says
+//!   where. The offer manifest is synced every `CHECKPOINT_BYTES`, so a
 //!   restart of the secondary resumes it too. A refused stream keeps no
 //!   point (a primary never resends a refused one);
 //! - its content by hash: a stream of another point (the primary folded
@@ -23,37 +29,60 @@
 //! it is started afresh, so staging never needs more than twice the size
 //! of the point's files.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::preflight;
+use super::preflight::Walk;
 use super::refused::Refused;
-use super::resume::{Carried, Content, PartialLog, PartialPoint, Place, place_of};
+use super::resume::{Carried, Content, OffersLog, PartialPoint, Place, hint};
+use super::spill::Spill;
 use super::store::{ReplicaCounts, ReplicaStore};
 use crate::block::{self, BlockHash, HashKey};
-use crate::error::IoContext;
 use crate::ids::{BlockNo, Epoch, FileId};
-use crate::proto::replica::{StagedBlock, StagedEpoch};
-use crate::proto::replication::{Applied, Begin, Blocks, Commit, Offer, Offers, Resumed, Wants};
+use crate::proto::replica::StagedBlock;
+use crate::proto::replication::{
+    Applied, Begin, Blocks, Commit, Manifest, Offer, Offers, Resumed, Wants,
+};
 use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS};
 
 /// Staged bytes between two checkpoints of the point's log (every message
 /// in unit tests, so that the fuzz suite exercises the log too).
 const CHECKPOINT_BYTES: u64 = if cfg!(test) { 1 } else { 32 * 1024 * 1024 };
 
-/// Blocks awaiting data: place → (hash, length).
-type Pending = HashMap<Place, (BlockHash, u32)>;
-
 /// The place an offer or a block names.
 fn place(file_id: u64, block: u64) -> Place {
     (FileId(file_id), BlockNo(block))
 }
 
-/// The state of one epoch being received.
+/// The lists of a point while its Manifest chunks arrive: spilled to
+/// `staging/point` as they are checked.
+#[derive(Debug)]
+struct Lists<'a> {
+    spill: Spill,
+    walk: Walk<'a>,
+    ops: usize,
+    files: usize,
+}
+
+/// One offer of the Offers message being answered, until it is complete
+/// and logged.
+#[derive(Debug)]
+struct Slot {
+    block: StagedBlock,
+    /// Its content is staged (or it is a zero block).
+    ready: bool,
+}
+
+/// The state of one epoch being received. What it holds in memory is
+/// bounded whatever the point's size: a size per file of the point, the
+/// offers of one message, [`CONTENT_HINTS`] hints by hash; the lists and
+/// the offers themselves are spilled to the staging folder.
+///
+/// [`CONTENT_HINTS`]: super::resume::CONTENT_HINTS
 #[derive(Debug)]
 pub struct Session<'a> {
     store: &'a ReplicaStore,
@@ -62,30 +91,37 @@ pub struct Session<'a> {
     opened: (Instant, ReplicaCounts),
     key: HashKey,
     block_size: u64,
+    /// The point's header, once Begin came.
     begin: Option<Begin>,
+    /// Its lists, from Begin to the Manifest chunk that ends them.
+    lists: Option<Lists<'a>>,
+    /// Their spill once they ended, synced at the commit.
+    listed: Option<Spill>,
+    /// Every file of the point, with its size at the cut.
     sizes: HashMap<FileId, u64>,
     data_path: PathBuf,
     data: File,
     data_len: u64,
-    blocks: Vec<StagedBlock>,
-    pending: Pending,
+    /// The offers of the message being answered not yet logged, the first
+    /// being the log's next.
+    window: VecDeque<Slot>,
+    /// Wanted blocks awaiting data: place → (hash, the offer's number in
+    /// the point; minus the offers logged, its position in `window`).
+    pending: HashMap<Place, (BlockHash, u64)>,
     /// Content staged in this epoch by hash, so a repeated block is
-    /// staged once.
+    /// staged once (a hint: capped).
     staged: Content,
     /// Content staged by earlier streams that broke, not yet used here.
     carried: Content,
-    /// The point an earlier stream broke in, until Begin says whether
-    /// this stream ships the same one.
+    /// The point an earlier stream broke in, until the manifest says
+    /// whether this stream ships the same one.
     partial: Option<PartialPoint>,
-    /// Every offer in the primary's order: a stream that breaks resumes
-    /// at the first whose block has not arrived.
-    offer_log: Vec<Place>,
-    /// Where in `blocks` each offer's block is (with `pending`, every
-    /// offer made).
-    block_at: HashMap<Place, usize>,
-    /// The point's on-disk log, and the staged bytes since its last
-    /// checkpoint.
-    log: Option<PartialLog>,
+    /// The offer manifest (and the log a restart resumes from), once the
+    /// lists are complete: every complete offer in the primary's order.
+    log: Option<OffersLog>,
+    /// Files whose offers are over (offers go file by file).
+    left: HashSet<FileId>,
+    /// Staged bytes since the last checkpoint.
     unlogged_bytes: u64,
     /// Set once the epoch is applied: nothing is left to carry.
     committed: bool,
@@ -127,27 +163,27 @@ impl<'a> Session<'a> {
             key: pair.key,
             block_size: u64::from(pair.block_size),
             begin: None,
+            lists: None,
+            listed: None,
             sizes: HashMap::new(),
             data_path,
             data,
             data_len,
-            blocks: Vec::new(),
+            window: VecDeque::new(),
             pending: HashMap::new(),
             staged: HashMap::new(),
             carried,
             partial,
-            offer_log: Vec::new(),
-            block_at: HashMap::new(),
             log: None,
+            left: HashSet::new(),
             unlogged_bytes: 0,
             committed: false,
             refused: false,
         })
     }
 
-    /// Refuses a Begin that does not follow the applied point, exceeds
-    /// the limits, or cannot be applied here; records its file sizes.
-    fn check_begin(&mut self, begin: &Begin) -> Result<(), Refused> {
+    /// Refuses a Begin that does not follow the applied point.
+    fn check_begin(&self, begin: &Begin) -> Result<(), Refused> {
         if self.begin.is_some() {
             return Err(Refused::SecondBegin);
         }
@@ -168,33 +204,69 @@ impl<'a> Session<'a> {
                 applied,
             });
         }
-        if begin.ops.len() > MAX_ENTRIES || begin.files.len() > MAX_ENTRIES {
+        Ok(())
+    }
+
+    /// The header of an epoch; its lists follow in Manifest chunks, the
+    /// last of which is answered.
+    pub fn begin(&mut self, begin: Begin) -> Result<(), Refused> {
+        self.check_begin(&begin)?;
+        let mut spill = Spill::create(&self.store.paths.staged_point()).map_err(Refused::Spill)?;
+        spill.push(&begin).map_err(Refused::Spill)?;
+        self.lists = Some(Lists {
+            spill,
+            walk: Walk::new(&self.store.root),
+            ops: 0,
+            files: 0,
+        });
+        self.begin = Some(begin);
+        Ok(())
+    }
+
+    /// One chunk of the epoch's lists: checked against the limits and the
+    /// replica (operations first, then file states), then spilled. The
+    /// last chunk is answered with how many offers an earlier, broken
+    /// stream of the same point left complete.
+    pub fn manifest(&mut self, chunk: Manifest) -> Result<Option<Resumed>, Refused> {
+        let epoch = self.begin.as_ref().map_or(0, |b| b.epoch);
+        let lists = self.lists.as_mut().ok_or(Refused::ManifestOutsideLists)?;
+        if !chunk.ops.is_empty() && lists.files > 0 {
+            return Err(Refused::OpsAfterFiles);
+        }
+        lists.ops += chunk.ops.len();
+        lists.files += chunk.files.len();
+        if lists.ops > MAX_ENTRIES || lists.files > MAX_ENTRIES {
             return Err(Refused::TooManyEntries {
-                epoch: begin.epoch,
-                ops: begin.ops.len(),
-                files: begin.files.len(),
+                epoch,
+                ops: lists.ops,
+                files: lists.files,
             });
         }
-        preflight::check(&self.store.root, begin)?;
-        for f in &begin.files {
+        for op in &chunk.ops {
+            lists.walk.op(op)?;
+        }
+        for f in &chunk.files {
+            lists.walk.file(f)?;
             if self.sizes.insert(FileId(f.file_id), f.size).is_some() {
                 return Err(Refused::FileTwice(f.file_id));
             }
         }
-        Ok(())
+        lists.spill.push(&chunk).map_err(Refused::Spill)?;
+        if !chunk.end {
+            return Ok(None);
+        }
+        self.listed = self.lists.take().map(|l| l.spill);
+        self.start_offers().map(Some)
     }
 
-    /// The start of an epoch: operations and file states. The answer says
-    /// how many of its offers an earlier, broken stream of the same point
-    /// left complete.
-    pub fn begin(&mut self, begin: Begin) -> Result<Resumed, Refused> {
-        self.check_begin(&begin)?;
-        let epoch = Epoch(begin.epoch);
+    /// The lists are complete: takes up the point an earlier stream of
+    /// the same point left, or starts its offers afresh.
+    fn start_offers(&mut self) -> Result<Resumed, Refused> {
+        let begin = self.begin.as_ref().expect("lists follow a Begin");
+        let (epoch, point) = (Epoch(begin.epoch), begin.point.clone());
         let partial = self.partial.take();
-        if let Some(p) = partial.filter(|p| p.point == begin.point && p.epoch == epoch) {
-            let offers_done = self.resume_point(p, epoch);
-            self.begin = Some(begin);
-            return Ok(Resumed { offers_done });
+        if let Some(p) = partial.filter(|p| p.point == point && p.epoch == epoch) {
+            return self.resume_point(p, epoch);
         }
         let point_bytes = self.sizes.values().fold(0u64, |a, s| a.saturating_add(*s));
         if self.data_len > point_bytes {
@@ -209,41 +281,26 @@ impl<'a> Session<'a> {
                 .map_err(|e| Refused::staging(&self.data_path, e))?;
             self.data_len = 0;
         }
-        self.log = PartialLog::start(&self.store.paths, &begin.point, epoch)
-            .inspect_err(|e| log::warn!("not logging epoch {epoch}: {e}"))
-            .ok();
-        self.begin = Some(begin);
+        let log = OffersLog::start(&self.store.paths, &point, epoch).map_err(Refused::Spill)?;
+        self.log = Some(log);
         Ok(Resumed { offers_done: 0 })
     }
 
     /// Takes up the point an earlier, broken stream of the same point left:
-    /// its complete offers and their blocks, and its log; returns how many
-    /// offers are done.
-    fn resume_point(&mut self, p: PartialPoint, epoch: Epoch) -> u64 {
+    /// its complete offers, logged; returns how many they are.
+    fn resume_point(&mut self, p: PartialPoint, epoch: Epoch) -> Result<Resumed, Refused> {
+        let offers_done = p.progress.done;
         log::info!(
-            "epoch {epoch}: resuming after {} offers a broken stream left complete",
-            p.offers.len()
+            "epoch {epoch}: resuming after {offers_done} offers a broken stream left complete"
         );
-        self.offer_log = p.offers;
-        self.blocks = p.blocks;
-        self.block_at = (self.blocks.iter().enumerate())
-            .map(|(i, b)| (place_of(b), i))
-            .collect();
-        self.log = match p.logged {
-            Some((logged, len)) => PartialLog::resume(&self.store.paths, logged, len)
-                .inspect_err(|e| log::warn!("not logging epoch {epoch}: {e}"))
-                .ok(),
-            None => None,
-        };
-        if self.log.is_none() {
-            let _ = fs::remove_file(self.store.paths.partial());
-        }
-        let offers_done = self.offer_log.len() as u64;
+        self.left = p.progress.left.clone();
+        let log = OffersLog::resume(&self.store.paths, p).map_err(Refused::Spill)?;
+        self.log = Some(log);
         self.store
             .stats
             .blocks_resumed
             .fetch_add(offers_done, Ordering::Relaxed);
-        offers_done
+        Ok(Resumed { offers_done })
     }
 
     /// Content for `hash` that an earlier, broken stream staged, checked
@@ -257,7 +314,7 @@ impl<'a> Session<'a> {
         {
             return None;
         }
-        self.staged.insert(hash, (offset, len));
+        hint(&mut self.staged, hash, (offset, len));
         Some((offset, len))
     }
 
@@ -271,78 +328,49 @@ impl<'a> Session<'a> {
         Ok(at)
     }
 
-    fn push_block(&mut self, block: StagedBlock) {
-        self.block_at.insert(place_of(&block), self.blocks.len());
-        self.blocks.push(block);
+    fn log(&mut self) -> Result<&mut OffersLog, Refused> {
+        self.log.as_mut().ok_or(Refused::OffersBeforeBegin)
     }
 
-    /// How many offers, in order, have their block.
-    fn complete(&self) -> usize {
-        self.offer_log
-            .iter()
-            .position(|o| self.pending.contains_key(o))
-            .unwrap_or(self.offer_log.len())
-    }
-
-    /// Every `CHECKPOINT_BYTES` staged: syncs the data file and logs the
-    /// offers completed since the last checkpoint. A failure stops the
-    /// logging (a restart then starts the point afresh), not the stream.
-    fn checkpoint(&mut self) {
-        if self.unlogged_bytes < CHECKPOINT_BYTES {
-            return;
+    /// Logs the offers at the front of the window that are complete.
+    fn log_complete(&mut self) -> Result<(), Refused> {
+        let log = self.log.as_mut().ok_or(Refused::OffersBeforeBegin)?;
+        while self.window.front().is_some_and(|s| s.ready) {
+            let slot = self.window.pop_front().expect("checked");
+            log.push(&slot.block).map_err(Refused::Spill)?;
         }
-        self.unlogged_bytes = 0;
-        let complete = self.complete();
-        let Some(log) = self.log.as_mut() else {
-            return;
-        };
-        let newly: Vec<&StagedBlock> = self.offer_log[log.logged().0.min(complete)..complete]
-            .iter()
-            .filter_map(|o| self.block_at.get(o).map(|&i| &self.blocks[i]))
-            .collect();
-        let logged = self
-            .data
-            .sync_data()
-            .at(&self.data_path)
-            .and_then(|_| log.append(&newly));
-        if let Err(e) = logged {
-            log::warn!("logging the point being received: {e}");
-            if let Some(log) = self.log.take() {
-                log.abandon();
-            }
-        }
-    }
-
-    /// Stages `data` (once per hash) for block `block` of file `file_id`.
-    fn stage(
-        &mut self,
-        file_id: u64,
-        block: u64,
-        hash: BlockHash,
-        data: &[u8],
-    ) -> Result<(), Refused> {
-        let (offset, length) = match self.staged.get(&hash) {
-            Some(&at) => at,
-            None => {
-                let at = (self.append(data)?, data.len() as u32);
-                self.staged.insert(hash, at);
-                at
-            }
-        };
-        self.push_block(StagedBlock {
-            file_id,
-            block,
-            zero: false,
-            offset,
-            length,
-            hash: hash.to_bytes().to_vec(),
-        });
         Ok(())
     }
 
+    /// Every `CHECKPOINT_BYTES` staged: syncs the data file, then the log
+    /// of the offers complete so far, so a restart resumes after them.
+    fn checkpoint(&mut self) -> Result<(), Refused> {
+        if self.unlogged_bytes < CHECKPOINT_BYTES {
+            return Ok(());
+        }
+        self.unlogged_bytes = 0;
+        self.log_complete()?;
+        self.data
+            .sync_data()
+            .map_err(|e| Refused::staging(&self.data_path, e))?;
+        self.log()?.sync().map_err(Refused::Spill)
+    }
+
+    /// Stages `data` (once per hash); its place in the data file.
+    fn stage(&mut self, hash: BlockHash, data: &[u8]) -> Result<(u64, u32), Refused> {
+        if let Some(&at) = self.staged.get(&hash) {
+            return Ok(at);
+        }
+        let at = (self.append(data)?, data.len() as u32);
+        hint(&mut self.staged, hash, at);
+        Ok(at)
+    }
+
     /// Refuses an offer for a file not in the epoch, past its end, of the
-    /// wrong length, or made before; its place otherwise.
-    fn check_offer(&self, o: &Offer) -> Result<Place, Refused> {
+    /// wrong length, or made before (offers go file by file, blocks
+    /// ascending, so "before" is known from the last offer alone); its
+    /// place otherwise.
+    fn check_offer(&self, o: &Offer, last: Option<Place>) -> Result<Place, Refused> {
         let (file, block) = (o.file_id, o.block);
         let Some(&size) = self.sizes.get(&FileId(file)) else {
             return Err(Refused::NotInEpoch(file));
@@ -360,9 +388,12 @@ impl<'a> Session<'a> {
                 expected,
             });
         }
-        // An offer already made has its block, or waits for it.
         let key = place(file, block);
-        if self.block_at.contains_key(&key) || self.pending.contains_key(&key) {
+        let again = match last {
+            Some((f, b)) if f == key.0 => key.1 <= b,
+            _ => self.left.contains(&key.0),
+        };
+        if again {
             return Err(Refused::OfferedTwice { block, file });
         }
         Ok(key)
@@ -383,37 +414,55 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Hash offers: answers which blocks must be sent.
+    /// Hash offers: answers which blocks must be sent. The blocks wanted
+    /// by the previous Offers must all have come: the window of offers
+    /// held in memory is one message.
     pub fn offers(&mut self, offers: Offers) -> Result<Wants, Refused> {
-        if self.begin.is_none() {
+        if self.log.is_none() {
             return Err(Refused::OffersBeforeBegin);
         }
         if offers.offers.len() > MAX_OFFERS {
             return Err(Refused::TooManyOffers(offers.offers.len()));
         }
+        if !self.pending.is_empty() {
+            return Err(Refused::OffersBeforeBlocks(self.pending.len()));
+        }
+        self.log_complete()?;
         let mut wants = Vec::new();
         for (i, o) in offers.offers.into_iter().enumerate() {
             if self.offer(o)? {
                 wants.push(i as u32);
             }
         }
-        self.checkpoint();
+        self.checkpoint()?;
         Ok(Wants { positions: wants })
+    }
+
+    /// The last offer made: the window's last, or the log's.
+    fn last_offer(&self) -> Option<Place> {
+        match self.window.back() {
+            Some(slot) => Some(place(slot.block.file_id, slot.block.block)),
+            None => self.log.as_ref().and_then(|l| l.progress().last),
+        }
     }
 
     /// One offer: staged from content at hand, or (`true`) wanted.
     fn offer(&mut self, o: Offer) -> Result<bool, Refused> {
-        let key = self.check_offer(&o)?;
-        self.offer_log.push(key);
+        let last = self.last_offer();
+        let key = self.check_offer(&o, last)?;
+        if let Some((file, _)) = last.filter(|l| l.0 != key.0) {
+            self.left.insert(file);
+        }
+        let mut block = StagedBlock {
+            file_id: o.file_id,
+            block: o.block,
+            zero: o.zero,
+            offset: 0,
+            length: o.length,
+            hash: Vec::new(),
+        };
         if o.zero {
-            self.push_block(StagedBlock {
-                file_id: o.file_id,
-                block: o.block,
-                zero: true,
-                offset: 0,
-                length: o.length,
-                hash: Vec::new(),
-            });
+            self.window.push_back(Slot { block, ready: true });
             return Ok(false);
         }
         let Some(hash) = BlockHash::from_bytes(&o.hash) else {
@@ -423,33 +472,25 @@ impl<'a> Session<'a> {
                 len: o.hash.len(),
             });
         };
-        if let Some((offset, length)) = self.staged_content(hash, o.length) {
-            self.push_block(StagedBlock {
-                file_id: o.file_id,
-                block: o.block,
-                zero: false,
-                offset,
-                length,
-                hash: o.hash,
-            });
+        block.hash = o.hash;
+        let at = match self.staged_content(hash, o.length) {
+            Some(at) => Some(at),
+            None => match self.store.find(&self.key, hash, o.length as usize) {
+                Ok(Some(data)) => Some(self.stage(hash, &data)?),
+                Ok(None) => None,
+                Err(e) => return Err(Refused::Index(e)),
+            },
+        };
+        let ready = at.is_some();
+        if let Some((offset, _)) = at {
+            block.offset = offset;
             self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+        } else {
+            let number = self.log()?.progress().done + self.window.len() as u64;
+            self.pending.insert(key, (hash, number));
         }
-        let held = self
-            .store
-            .find(&self.key, hash, o.length as usize)
-            .map_err(Refused::Index)?;
-        match held {
-            Some(data) => {
-                self.stage(o.file_id, o.block, hash, &data)?;
-                self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
-                Ok(false)
-            }
-            None => {
-                self.pending.insert(key, (hash, o.length));
-                Ok(true)
-            }
-        }
+        self.window.push_back(Slot { block, ready });
+        Ok(!ready)
     }
 
     /// Wanted blocks: decompressed within bounds and checked against the
@@ -460,17 +501,19 @@ impl<'a> Session<'a> {
         }
         for b in blocks.blocks {
             let (block, file) = (b.block, b.file_id);
-            let Some((hash, length)) = self.pending.remove(&place(file, block)) else {
+            let Some((hash, number)) = self.pending.remove(&place(file, block)) else {
                 return Err(Refused::NotAskedFor { block, file });
             };
-            let data = block::decompress(&b.zstd, length as usize).map_err(|source| {
-                Refused::Decompress {
+            let done = self.log()?.progress().done;
+            let slot = &self.window[(number - done) as usize];
+            let length = slot.block.length as usize;
+            let data =
+                block::decompress(&b.zstd, length).map_err(|source| Refused::Decompress {
                     block,
                     file,
                     source,
-                }
-            })?;
-            if data.len() != length as usize || self.key.hash(&data) != hash {
+                })?;
+            if data.len() != length || self.key.hash(&data) != hash {
                 return Err(Refused::HashMismatch { block, file });
             }
             self.store
@@ -478,15 +521,17 @@ impl<'a> Session<'a> {
                 .bytes_received
                 .fetch_add(b.zstd.len() as u64, Ordering::Relaxed);
             self.store.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
-            self.stage(file, block, hash, &data)?;
+            let (offset, _) = self.stage(hash, &data)?;
+            let slot = &mut self.window[(number - done) as usize];
+            slot.block.offset = offset;
+            slot.ready = true;
         }
-        self.checkpoint();
-        Ok(())
+        self.checkpoint()
     }
 
     /// The epoch's Begin, if `commit` may end it.
     fn check_commit(&mut self, commit: &Commit) -> Result<Begin, Refused> {
-        let Some(begin) = self.begin.take() else {
+        let Some(begin) = self.begin.take().filter(|_| self.log.is_some()) else {
             return Err(Refused::CommitBeforeBegin);
         };
         if commit.epoch != begin.epoch {
@@ -508,30 +553,36 @@ impl<'a> Session<'a> {
         self.refused = true;
     }
 
-    /// The end of the epoch: applies it atomically.
+    /// The end of the epoch: makes its staging durable (data, lists,
+    /// offers) and applies it atomically.
     pub fn commit(mut self, commit: Commit) -> Result<Applied, Refused> {
         let checked = self.check_commit(&commit);
         let begin = checked.inspect_err(|_| self.refused = true)?;
+        self.log_complete()?;
         self.data
             .sync_all()
             .map_err(|e| Refused::staging(&self.data_path, e))?;
+        let mut log = self.log.take().expect("checked by check_commit");
+        log.sync().map_err(Refused::Spill)?;
+        let blocks = log.progress().done;
+        let mut listed = self
+            .listed
+            .take()
+            .expect("the lists ended before the offers");
+        listed.sync().map_err(Refused::Spill)?;
         let epoch = begin.epoch;
-        let staged = StagedEpoch {
-            begin: Some(begin),
-            blocks: std::mem::take(&mut self.blocks),
-        };
         // From here the staging belongs to the apply (or its redo record).
         self.committed = true;
         let applying = Instant::now();
         self.store
-            .commit(&staged, Epoch(epoch))
+            .commit(Epoch(epoch))
             .map_err(|source| Refused::Apply { epoch, source })?;
         let (opened, before) = &self.opened;
         let c = self.store.stats.counts().since(before);
         log::info!(
             "epoch {epoch} applied: {} blocks ({} received, {} held already, {} resumed), {} bytes \
              received, in {:.3} s ({:.3} s applying)",
-            staged.blocks.len(),
+            blocks,
             c.blocks_sent,
             c.blocks_have,
             c.blocks_resumed,
@@ -540,6 +591,23 @@ impl<'a> Session<'a> {
             applying.elapsed().as_secs_f64(),
         );
         Ok(Applied { epoch })
+    }
+
+    /// What this stream leaves of its point for the next stream: its
+    /// complete offers, up to the first still waiting for its block; or,
+    /// when its lists did not end, the point an earlier stream left.
+    fn leave_point(&mut self) -> Option<PartialPoint> {
+        let (Some(b), Some(mut log)) = (self.begin.take(), self.log.take()) else {
+            return self.partial.take();
+        };
+        while let Some(slot) = self.window.pop_front().filter(|s| s.ready) {
+            if log.push(&slot.block).is_err() {
+                return None;
+            }
+        }
+        log.into_partial(b.point, Epoch(b.epoch))
+            .inspect_err(|e| log::warn!("keeping the point being received: {e}"))
+            .ok()
     }
 }
 
@@ -551,29 +619,18 @@ impl Drop for Session<'_> {
             return;
         }
         let mut content = std::mem::take(&mut self.carried);
-        content.extend(self.staged.drain());
-        if self.refused {
-            self.begin = None;
-            self.partial = None;
-            let _ = fs::remove_file(self.store.paths.partial());
+        for (hash, at) in self.staged.drain() {
+            hint(&mut content, hash, at);
         }
-        let point = match self.begin.take() {
-            Some(b) => {
-                // Up to the first offer still waiting for its block.
-                let complete = self.complete();
-                let after: HashSet<Place> = self.offer_log.drain(complete..).collect();
-                self.blocks.retain(|b| !after.contains(&place_of(b)));
-                Some(PartialPoint {
-                    point: b.point,
-                    epoch: Epoch(b.epoch),
-                    offers: std::mem::take(&mut self.offer_log),
-                    blocks: std::mem::take(&mut self.blocks),
-                    logged: self.log.as_ref().map(PartialLog::logged),
-                })
-            }
-            // The stream ended before a Begin: the earlier point stays.
-            None => self.partial.take(),
+        let point = if self.refused {
+            let _ = fs::remove_file(self.store.paths.staged_offers());
+            None
+        } else {
+            self.leave_point()
         };
+        if point.is_none() {
+            let _ = fs::remove_file(self.store.paths.staged_offers());
+        }
         if !content.is_empty() || point.is_some() {
             self.store.keep_carried(Carried { content, point });
         }

@@ -19,7 +19,6 @@ use super::seed;
 use crate::block::{BlockHash, HashKey};
 use crate::error::{Error, ErrorCounters, IoContext, Result};
 use crate::ids::{Epoch, FileId};
-use crate::proto::replica::StagedEpoch;
 use crate::state::{ReplicaPaths, now_ns};
 
 /// Counters for `hbrfs status` and the metrics endpoint on the secondary.
@@ -266,10 +265,11 @@ impl ReplicaStore {
             .find(&self.root, self.block_size(), key, hash, length)
     }
 
-    /// Applies the staged epoch durably; see `apply` for the order.
-    pub fn commit(&self, staged: &StagedEpoch, epoch: Epoch) -> Result<()> {
-        apply::write_commit_point(&self.paths, staged, epoch)?;
-        self.apply(staged, epoch, 0)
+    /// Applies the epoch staged (and synced) by a session durably; see
+    /// `apply` for the order.
+    pub fn commit(&self, epoch: Epoch) -> Result<()> {
+        apply::write_commit_point(&self.paths, epoch)?;
+        self.apply(epoch, 0)
     }
 
     /// Finishes an apply that failed earlier (its redo record waits), if
@@ -320,8 +320,7 @@ impl ReplicaStore {
             Redo::remove(&self.paths)?;
             return self.clear_staging();
         }
-        let staged = apply::read_manifest(&self.paths)?;
-        self.apply(&staged, epoch, redo.ops_done)
+        self.apply(epoch, apply::ops_done(&self.paths, &redo))
     }
 
     fn clear_staging(&self) -> Result<()> {
@@ -333,7 +332,7 @@ impl ReplicaStore {
 
     /// Applies the staged epoch with the mirror kept out, then retires
     /// the redo record and the staging.
-    fn apply(&self, staged: &StagedEpoch, epoch: Epoch, ops_done: usize) -> Result<()> {
+    fn apply(&self, epoch: Epoch, ops_done: usize) -> Result<()> {
         let _view = self.view.write().expect("view lock");
         let applied = Apply {
             root: &self.root,
@@ -341,7 +340,7 @@ impl ReplicaStore {
             index: &self.index,
             block_size: self.block_size(),
         }
-        .run(staged, epoch, ops_done)?;
+        .run(epoch, ops_done)?;
         *self.applied.lock().expect("applied lock") = applied;
         self.stats.points_applied.fetch_add(1, Ordering::Relaxed);
         Redo::remove(&self.paths)?;

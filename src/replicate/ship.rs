@@ -1,5 +1,7 @@
-//! Shipping one point over one stream: Begin (namespace operations, file
-//! sizes and paths at the cut), then chunk by chunk a keyed hash per dirty
+//! Shipping one point over one stream: Begin (a small header), its lists
+//! in Manifest chunks of a few MiB (namespace operations read from the
+//! journal one at a time, then file sizes and paths at the cut), then
+//! chunk by chunk a keyed hash per dirty
 //! block, the secondary's wants, the wanted blocks zstd-compressed (zero
 //! blocks travel as markers in the offer), and Commit, answered once the
 //! point is applied. A resumed stream skips the offers the secondary holds.
@@ -17,13 +19,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::block::{self, HashKey};
 use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, Epoch};
+use prost::Message;
+
+use crate::datastore::Datastore;
 use crate::proto::replication::{
-    Begin, Block, Blocks, Commit, FileState, NamespaceOp, Offer, Offers, ShipMessage, ShipReply,
-    ship_message, ship_reply,
+    Begin, Block, Blocks, Commit, FileState, Manifest, NamespaceOp, Offer, Offers, ShipMessage,
+    ShipReply, ship_message, ship_reply,
 };
 use crate::throttle::Throttle;
 use crate::tracking::{ClosedSet, TrackedFile};
-use crate::wire::{MAX_BLOCKS, NO_PROGRESS_TIMEOUT, apply_timeout};
+use crate::wire::{MAX_BLOCKS, NO_PROGRESS_TIMEOUT, apply_timeout, manifest_timeout};
 
 use super::Replicator;
 use super::client::{Client, blocking, next_reply, remote, ship_status, unexpected, within};
@@ -36,6 +41,12 @@ const OFFER_CHUNK: usize = 256;
 const READ_AHEAD: usize = 2;
 /// Compressed bytes per Blocks message (well under the message limit).
 const BLOCKS_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Encoded bytes of operations and file states per Manifest chunk (well
+/// under the message limit, whatever the backlog).
+const MANIFEST_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// What an entry of a repeated field costs beyond its own encoding (its
+/// tag and length), counted generously.
+const ENTRY_OVERHEAD: usize = 8;
 
 /// The blocks to offer, file by file, in the order they are offered.
 type Work = Vec<(Arc<TrackedFile>, Vec<BlockNo>)>;
@@ -61,6 +72,7 @@ impl Stream<'_> {
     async fn send(&self, body: ship_message::Body) -> Result<()> {
         let what = match &body {
             ship_message::Body::Begin(_) => "Begin",
+            ship_message::Body::Manifest(_) => "Manifest",
             ship_message::Body::Offers(_) => "Offers",
             ship_message::Body::Blocks(_) => "Blocks",
             ship_message::Body::Commit(_) => "Commit",
@@ -119,37 +131,92 @@ fn read_and_hash(file: &TrackedFile, blocks: &[BlockNo], key: &HashKey) -> Resul
 /// `work` without its first `n` blocks (in order: files, then blocks).
 fn skip_blocks(work: Work, mut n: usize) -> Work {
     work.into_iter()
-        .filter_map(|(file, blocks)| {
+        .filter_map(|(file, mut blocks)| {
             let skip = n.min(blocks.len());
             n -= skip;
-            (skip < blocks.len()).then(|| (file, blocks[skip..].to_vec()))
+            blocks.drain(..skip);
+            (!blocks.is_empty()).then_some((file, blocks))
         })
         .collect()
 }
 
-/// The Begin message of a point: the operations since its base, every
-/// file's path and size at the cut.
-fn begin_message(ops: Vec<NamespaceOp>, point: &Point) -> ship_message::Body {
-    let files = point
-        .set()
-        .files
-        .iter()
-        .map(|f| {
+/// A point's lists being cut into Manifest chunks of about
+/// [`MANIFEST_CHUNK_BYTES`], each sent as soon as it is full.
+struct Chunker {
+    tx: mpsc::Sender<Result<Manifest>>,
+    chunk: Manifest,
+    bytes: usize,
+}
+
+impl Chunker {
+    /// Counts `added` bytes just put in the chunk and sends the chunk once
+    /// full; `false` once nobody receives (the stream failed).
+    fn added(&mut self, added: usize) -> bool {
+        self.bytes += added;
+        if self.bytes < MANIFEST_CHUNK_BYTES {
+            return true;
+        }
+        self.bytes = 0;
+        let chunk = std::mem::take(&mut self.chunk);
+        self.tx.blocking_send(Ok(chunk)).is_ok()
+    }
+
+    /// The namespace operations of the point, one journal record at a
+    /// time, then every file's path and size at the cut, then the end.
+    fn run(mut self, ds: &Datastore, base: Epoch, end: Epoch, files: &[Arc<TrackedFile>]) {
+        for op in ds.journal.ops_between(base, end) {
+            let op = match op {
+                Ok(op) => NamespaceOp {
+                    kind: op.kind,
+                    file_id: op.file_id,
+                    path: op.path,
+                    // Rename flags or the new size travel in `size`.
+                    arg: op.size,
+                    target: op.target,
+                },
+                Err(e) => {
+                    let _ = self.tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            let len = op.encoded_len() + ENTRY_OVERHEAD;
+            self.chunk.ops.push(op);
+            if !self.added(len) {
+                return;
+            }
+        }
+        for f in files {
             let (path, size) = f.at_cut();
-            FileState {
+            let file = FileState {
                 file_id: f.id.0,
                 path,
                 size,
+            };
+            let len = file.encoded_len() + ENTRY_OVERHEAD;
+            self.chunk.files.push(file);
+            if !self.added(len) {
+                return;
             }
-        })
-        .collect();
-    ship_message::Body::Begin(Begin {
-        epoch: point.epoch().0,
-        base_epoch: point.base().0,
-        ops,
-        files,
-        point: point.id().to_vec(),
-    })
+        }
+        self.chunk.end = true;
+        let _ = self.tx.blocking_send(Ok(self.chunk));
+    }
+}
+
+/// The Manifest chunks of `point`, made on a blocking thread (journal
+/// reads) a couple ahead of the one being sent: the primary holds one or
+/// two chunks of a point's lists at a time, however long its backlog.
+fn manifest_chunks(ds: Arc<Datastore>, point: &Point) -> mpsc::Receiver<Result<Manifest>> {
+    let (tx, rx) = mpsc::channel(2);
+    let (base, end) = (point.base(), point.epoch());
+    let files = point.set().files.clone();
+    let chunker = Chunker {
+        tx,
+        chunk: Manifest::default(),
+        bytes: 0,
+    };
+    tokio::task::spawn_blocking(move || chunker.run(&ds, base, end, &files));
+    rx
 }
 
 /// The closed blocks of every file of `set`, listed on a blocking thread.
@@ -199,7 +266,7 @@ impl Replicator {
         let work = skip_blocks(work, offers_done as usize);
         self.stats
             .start_ship(total, offers_done, point.base() == Epoch(0));
-        let result = self.ship_blocks(&work, &mut stream).await;
+        let result = self.ship_blocks(work, &mut stream).await;
         self.stats.end_ship();
         result?;
         let epoch = point.epoch().0;
@@ -216,27 +283,24 @@ impl Replicator {
         }
     }
 
-    /// Sends Begin; returns how many offers the secondary already holds
-    /// from a broken stream of the same point.
+    /// Sends Begin and the point's lists; returns how many offers the
+    /// secondary already holds from a broken stream of the same point.
     async fn begin(&self, stream: &mut Stream<'_>, point: &Point) -> Result<u64> {
-        let ops = self
-            .ds
-            .journal
-            .ops_between(point.base(), point.epoch())?
-            .into_iter()
-            .map(|op| NamespaceOp {
-                kind: op.kind,
-                file_id: op.file_id,
-                path: op.path,
-                // Rename flags or the new size travel in `size`.
-                arg: op.size,
-                target: op.target,
-            })
-            .collect();
-        stream.send(begin_message(ops, point)).await?;
-        let offers_done = match stream.reply("Begin", NO_PROGRESS_TIMEOUT).await? {
+        let begin = Begin {
+            epoch: point.epoch().0,
+            base_epoch: point.base().0,
+            point: point.id().to_vec(),
+        };
+        stream.send(ship_message::Body::Begin(begin)).await?;
+        let mut chunks = manifest_chunks(self.ds.clone(), point);
+        let mut sent = 0;
+        while let Some(chunk) = chunks.recv().await {
+            stream.send(ship_message::Body::Manifest(chunk?)).await?;
+            sent += 1;
+        }
+        let offers_done = match stream.reply("Manifest", manifest_timeout(sent)).await? {
             ship_reply::Body::Resumed(r) => r.offers_done,
-            other => return Err(unexpected("Begin", &other)),
+            other => return Err(unexpected("Manifest", &other)),
         };
         if offers_done > 0 {
             log::info!(
@@ -248,12 +312,14 @@ impl Replicator {
         Ok(offers_done)
     }
 
-    /// Offers every block of `work` chunk by chunk and sends what is wanted.
-    async fn ship_blocks(&self, work: &Work, stream: &mut Stream<'_>) -> Result<()> {
+    /// Offers every block of `work` chunk by chunk and sends what is
+    /// wanted. `work` (8 bytes per dirty block: the one list the primary
+    /// holds that grows with the point) moves to the reader, not copied.
+    async fn ship_blocks(&self, work: Work, stream: &mut Stream<'_>) -> Result<()> {
         // Chunks are read and hashed ahead on a blocking thread while the
         // previous one is answered, compressed and sent.
         let (chunk_tx, mut chunks) = mpsc::channel::<Result<Vec<ReadBlock>>>(READ_AHEAD);
-        let (work, key) = (work.clone(), self.key.clone());
+        let key = self.key.clone();
         let reader = tokio::task::spawn_blocking(move || {
             for (file, blocks) in work {
                 for chunk in blocks.chunks(OFFER_CHUNK) {
