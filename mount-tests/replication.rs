@@ -57,6 +57,9 @@ pub struct Secondary {
     log_path: PathBuf,
     /// An open-file limit (soft and hard) to run it under, via `prlimit`.
     nofile: Option<u64>,
+    /// More `serve` arguments (e.g. `--allow-devices`), kept across
+    /// restarts.
+    extra: Vec<String>,
     /// Dropped last, after `Drop` has unmounted the mirror.
     _dir: TempDir,
 }
@@ -65,17 +68,23 @@ impl Secondary {
     /// Starts a secondary on a fresh replica folder, listening on a free
     /// port of 127.0.0.1 (read back from `REPLICA/.hbrfs/listen`).
     pub fn start() -> Secondary {
-        Secondary::start_limited(None)
+        Secondary::start_limited(None, &[])
+    }
+
+    /// Starts a secondary like [`Secondary::start`], with more `serve`
+    /// arguments.
+    pub fn start_with_args(extra: &[&str]) -> Secondary {
+        Secondary::start_limited(None, extra)
     }
 
     /// Starts a secondary like [`Secondary::start`], under an open-file
     /// limit of `nofile`, soft and hard (so the daemon cannot raise it),
     /// kept across restarts.
     pub fn start_with_nofile(nofile: u64) -> Secondary {
-        Secondary::start_limited(Some(nofile))
+        Secondary::start_limited(Some(nofile), &[])
     }
 
-    fn start_limited(nofile: Option<u64>) -> Secondary {
+    fn start_limited(nofile: Option<u64>, extra: &[&str]) -> Secondary {
         let dir = temp_dir();
         let replica = dir.path().join("replica");
         let mirror = dir.path().join("mirror");
@@ -87,6 +96,7 @@ impl Secondary {
             child: None,
             log_path: dir.path().join("serve.log"),
             nofile,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             _dir: dir,
         };
         s.spawn_and_wait();
@@ -136,6 +146,7 @@ impl Secondary {
             .arg(&self.replica)
             .args(["--listen", &self.addr, "--mount"])
             .arg(&self.mirror)
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())

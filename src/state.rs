@@ -2,16 +2,17 @@
 //! needs: the state folders' names ([`StatePaths`] on the primary,
 //! [`ReplicaPaths`] on the secondary — no path literal of a state folder
 //! lives outside them), durable small-file writes, timestamps, hex and the
-//! walk of a datastore tree. A leaf: it imports only `error`.
+//! walk of a datastore tree, and the check that a state folder is a real
+//! folder of the daemon's user. It imports only `error` and `sys`.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// Name of the state folder inside a backing directory or a replica
 /// folder; hidden from every mount.
@@ -148,6 +149,45 @@ pub fn make_state_dirs(path: &Path) -> Result<()> {
         .mode(STATE_DIR_MODE)
         .create(path)
         .at(path)
+}
+
+/// Makes the state folder `dir` (0700) if it is missing, and refuses it
+/// when it is a symlink or belongs to another user: state followed through
+/// a planted symlink, or kept in a folder someone else controls, could be
+/// read or replaced by that user. The folder is opened with `O_NOFOLLOW`
+/// and its owner compared with the daemon's effective user; the error
+/// names the folder and what is wrong.
+pub fn open_state_dir(dir: &Path) -> Result<()> {
+    match fs::DirBuilder::new().mode(STATE_DIR_MODE).create(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e).at(dir),
+        _ => {}
+    }
+    let refuse = |reason: String| Error::BadState {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir);
+    let folder = match opened {
+        Ok(f) => f,
+        Err(_) if fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) => {
+            return Err(refuse(
+                "the state folder is a symlink; hbrfs refuses to follow it (replace it with a real folder)"
+                    .into(),
+            ));
+        }
+        Err(e) => return Err(e).at(dir),
+    };
+    let owner = folder.metadata().at(dir)?.uid();
+    let me = crate::sys::euid();
+    if owner != me {
+        return Err(refuse(format!(
+            "the state folder belongs to uid {owner}, not to this daemon's user (uid {me});              hbrfs refuses state another user controls (chown it or remove it)"
+        )));
+    }
+    Ok(())
 }
 
 /// Options for creating a private state file (0600); add access flags.

@@ -10,14 +10,14 @@
 use std::time::Duration;
 
 /// The protocol version this build speaks; Hello refuses any other.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest gRPC message either side accepts.
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Most offers in one message.
 pub const MAX_OFFERS: usize = 65_536;
 /// Most blocks in one message.
 pub const MAX_BLOCKS: usize = 4_096;
-/// Most namespace operations or files in one point.
+/// Most namespace operations, files or paths' metadata in one point.
 pub const MAX_ENTRIES: usize = 1 << 20;
 /// Largest file size accepted: ext4's limit with 4 KiB blocks (16 TiB
 /// less a block).

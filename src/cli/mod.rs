@@ -87,6 +87,11 @@ enum Command {
         /// (FUSE allow_other); by default only the daemon's user sees it.
         #[arg(long, requires = "mount")]
         mirror_allow_other: bool,
+        /// Create the character and block device nodes points carry. Off
+        /// by default: a replica must not grow device nodes a primary
+        /// chose; each one left out shows in `status` and the log.
+        #[arg(long)]
+        allow_devices: bool,
     },
     /// Mount a replica folder read-only (when no secondary serves it).
     MountReplica {
@@ -276,12 +281,14 @@ fn run(cli: Cli) -> Result<()> {
             mount,
             auth_key,
             mirror_allow_other,
+            allow_devices,
         } => daemon::run_serve(&ServeOptions {
             replica,
             listen,
             mount,
             auth_key,
             mirror_allow_other,
+            allow_devices,
         }),
         Command::MountReplica {
             replica,

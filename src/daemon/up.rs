@@ -37,6 +37,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         mount: Some(replica_mnt.clone()),
         auth_key: None,
         mirror_allow_other: false,
+        allow_devices: false,
     })?;
     let key = AuthKey::load(&default_key_path(&dir.join("replica")))?;
     let listen_path = ReplicaPaths::of(&dir.join("replica")).listen();

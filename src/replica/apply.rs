@@ -24,6 +24,7 @@ use prost::Message;
 
 use super::confine;
 use super::index::ContentIndex;
+use super::meta::{self, Refusals};
 use super::records::{Applied, Redo, bad};
 use crate::error::{Error, IoContext, Result};
 use crate::ids::{BlockNo, Epoch, FileId};
@@ -32,12 +33,13 @@ use crate::proto::replication::{Begin, NamespaceOp, OpKind};
 use crate::state::{ReplicaPaths, now_ns, write_durably};
 use crate::sys;
 
-/// Replica folders and files get fixed modes (0755, 0644): the primary's
-/// modes are not shipped yet, and the secondary's umask must not decide.
+/// Replica folders and files are made private (0700, 0600) whatever the
+/// secondary's umask, and keep that mode until the point's metadata
+/// (applied last, see `meta`) gives them the primary's.
 pub fn make_dirs(path: &Path) -> Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o755)
+        .mode(0o700)
         .create(path)
         .at(path)
 }
@@ -47,7 +49,7 @@ fn open_for_write(path: &Path) -> Result<File> {
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
+        .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .at(path)
@@ -104,17 +106,29 @@ pub struct Apply<'a> {
     pub index: &'a ContentIndex,
     /// The pair's block size in bytes.
     pub block_size: u64,
+    /// Whether device nodes are made (`serve --allow-devices`).
+    pub allow_devices: bool,
 }
 
 impl Apply<'_> {
     /// Applies the staged epoch in place from operation `ops_done` on and
-    /// records it durably as applied; returns that record. The redo record
-    /// and the staging are the caller's to remove.
-    pub fn run(&self, staged: &StagedEpoch, epoch: Epoch, ops_done: usize) -> Result<Applied> {
+    /// records it durably as applied; returns that record and what the
+    /// apply refused to do (see `meta`). The redo record and the staging
+    /// are the caller's to remove.
+    pub fn run(
+        &self,
+        staged: &StagedEpoch,
+        epoch: Epoch,
+        ops_done: usize,
+    ) -> Result<(Applied, Refusals)> {
         let begin = staged.begin.clone().unwrap_or_default();
-        self.apply_ops(&begin, epoch, ops_done)?;
+        let mut refusals = Refusals::new();
+        self.apply_ops(&begin, epoch, ops_done, &mut refusals)?;
         self.write_files(staged, &begin)?;
+        meta::apply_metas(self.root, &begin.metas, &mut refusals)?;
         self.sync_dirs(&begin)?;
+        let root = File::open(self.root).at(self.root)?;
+        sys::syncfs(root.as_fd()).at(self.root)?;
         self.index.flush()?;
         let applied = Applied {
             epoch,
@@ -122,7 +136,7 @@ impl Apply<'_> {
             point: begin.point.clone(),
         };
         applied.write(self.paths)?;
-        Ok(applied)
+        Ok((applied, refusals))
     }
 
     /// The namespace operations from `ops_done` on, each counted in the
@@ -133,9 +147,15 @@ impl Apply<'_> {
     /// replica's file system itself ([`resource_failure`]: no space, no
     /// descriptors, an IO error) fails the apply: the redo record stays at
     /// this operation, and the retry starts there.
-    fn apply_ops(&self, begin: &Begin, epoch: Epoch, ops_done: usize) -> Result<()> {
+    fn apply_ops(
+        &self,
+        begin: &Begin,
+        epoch: Epoch,
+        ops_done: usize,
+        refusals: &mut Refusals,
+    ) -> Result<()> {
         for (i, op) in begin.ops.iter().enumerate().skip(ops_done) {
-            match self.apply_op(op) {
+            match self.apply_op(op, refusals) {
                 Ok(()) => {}
                 Err(e) if resource_failure(&e) => return Err(e),
                 Err(e) => {
@@ -264,7 +284,7 @@ impl Apply<'_> {
 
     /// Applies one namespace operation; each is a no-op when it finds its
     /// effect already done, so a replay after a crash is harmless.
-    fn apply_op(&self, op: &NamespaceOp) -> Result<()> {
+    fn apply_op(&self, op: &NamespaceOp, refusals: &mut Refusals) -> Result<()> {
         let path = self.resolve(&op.path)?;
         let exists = |p: &Path| fs::symlink_metadata(p).is_ok();
         match op.kind() {
@@ -296,6 +316,10 @@ impl Apply<'_> {
                 }
             }
             OpKind::Rename => self.rename(op, &path)?,
+            OpKind::Mknod => {
+                make_dirs(&self.parent_of(&path))?;
+                meta::mknod(&path, op.arg, self.allow_devices, refusals)?;
+            }
             OpKind::Symlink => {
                 if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
                     fs::remove_file(&path).at(&path)?;

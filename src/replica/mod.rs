@@ -10,6 +10,8 @@
 //!   the on-disk log of a point being received.
 //! - `store`: the replica folder as one object, wiring the parts below.
 //! - `apply`: redo → apply → applied, and the replay after a crash.
+//! - `meta`: a point's metadata (modes, owners, xattrs, times) and its
+//!   FIFOs, sockets and device nodes, with what this secondary refuses.
 //! - `verify`: `hbrfs verify` against the applied point.
 //! - `index`: the content index (hints only: every use re-reads and
 //!   re-hashes); `seed`: indexes a folder's existing content.
@@ -18,8 +20,8 @@
 //!
 //! Imports run one way, with no circle: service → {session, store,
 //! verify, records, refused}; session → {store, resume, preflight,
-//! refused}; verify → {store, confine}; store → {apply, index, seed,
-//! records, resume, refused}; apply → {index, records, confine}; seed → index;
+//! refused}; verify → {store, confine}; store → {apply, meta, index, seed,
+//! records, resume, refused}; apply → {index, records, confine, meta}; meta → {records, confine}; seed → index;
 //! refused → preflight; index, preflight → confine. Nothing but the
 //! service (and the fuzz tests) imports session.
 
@@ -28,6 +30,7 @@
 pub mod apply;
 pub mod confine;
 pub mod index;
+pub mod meta;
 pub mod preflight;
 pub mod records;
 pub mod refused;

@@ -245,5 +245,9 @@ pub fn check(root: &Path, begin: &Begin) -> Result<(), PreflightError> {
     for f in &begin.files {
         walk.file(f)?;
     }
+    // Metadata goes to paths below the root, or to the root itself (empty).
+    for m in begin.metas.iter().filter(|m| !m.path.is_empty()) {
+        confine::join(root, &m.path)?;
+    }
     Ok(())
 }

@@ -73,7 +73,7 @@ pub enum Refused {
         /// The replica's applied epoch.
         applied: u64,
     },
-    /// More operations or files than [`MAX_ENTRIES`].
+    /// More operations, files or paths' metadata than [`MAX_ENTRIES`].
     #[error("epoch {epoch} carries {ops} operations and {files} files; at most {MAX_ENTRIES} each")]
     TooManyEntries {
         /// The point's epoch.

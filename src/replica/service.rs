@@ -264,6 +264,7 @@ impl Replication for ReplicaService {
         let applied = self.store.applied();
         let (epoch, at) = (applied.epoch.0, applied.at_ns);
         let stats = &self.store.stats;
+        let (refusals, last_refusal) = stats.refusals();
         Ok(Response::new(StatusReply {
             last_applied_epoch: epoch,
             applied_at_ns: at,
@@ -272,6 +273,8 @@ impl Replication for ReplicaService {
             blocks_have: stats.blocks_have.load(Ordering::Relaxed),
             blocks_sent: stats.blocks_sent.load(Ordering::Relaxed),
             blocks_resumed: stats.blocks_resumed.load(Ordering::Relaxed),
+            refusals,
+            last_refusal,
         }))
     }
 }

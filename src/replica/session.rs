@@ -163,7 +163,12 @@ impl<'a> Session<'a> {
                 applied,
             });
         }
-        if begin.ops.len() > MAX_ENTRIES || begin.files.len() > MAX_ENTRIES {
+        let most = begin
+            .ops
+            .len()
+            .max(begin.files.len())
+            .max(begin.metas.len());
+        if most > MAX_ENTRIES {
             return Err(Refused::TooManyEntries {
                 epoch: begin.epoch,
                 ops: begin.ops.len(),
@@ -517,10 +522,11 @@ impl<'a> Session<'a> {
         };
         // From here the staging belongs to the apply (or its redo record).
         self.committed = true;
-        self.store
+        let refusals = self
+            .store
             .commit(&staged, Epoch(epoch))
             .map_err(|source| Refused::Apply { epoch, source })?;
-        Ok(Applied { epoch })
+        Ok(Applied { epoch, refusals })
     }
 }
 

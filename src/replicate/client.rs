@@ -177,6 +177,11 @@ pub struct SecondaryCounters {
     pub blocks_sent: u64,
     /// Blocks kept from broken streams and not sent again.
     pub blocks_resumed: u64,
+    /// Things it refused to do in points it applied (device nodes without
+    /// `--allow-devices`, owners it may not set), since it started.
+    pub refusals: u64,
+    /// The last of them, empty when none.
+    pub last_refusal: String,
 }
 
 /// Asks a running secondary for its counters (for `hbrfs status`).
@@ -203,6 +208,8 @@ pub fn remote_status(addr: &str, key: &AuthKey) -> Result<SecondaryCounters> {
             blocks_have: s.blocks_have,
             blocks_sent: s.blocks_sent,
             blocks_resumed: s.blocks_resumed,
+            refusals: s.refusals,
+            last_refusal: s.last_refusal,
         })
     })
 }

@@ -1,5 +1,5 @@
 //! Shipping one point over one stream: Begin (namespace operations, file
-//! sizes and paths at the cut), then chunk by chunk a keyed hash per dirty
+//! sizes and paths at the cut, the metadata the point changed), then chunk by chunk a keyed hash per dirty
 //! block, the secondary's wants, the wanted blocks zstd-compressed (zero
 //! blocks travel as markers in the offer), and Commit, answered once the
 //! point is applied. A resumed stream skips the offers the secondary holds.
@@ -7,6 +7,7 @@
 //! Reading, hashing and compressing run on blocking threads, never on the
 //! FUSE threads and never on the async runtime's workers.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,18 +18,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::block::{self, HashKey};
 use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, Epoch};
+use crate::proto::journal::{OpKind as JournalOpKind, OpRecord};
 use crate::proto::replication::{
-    Begin, Block, Blocks, Commit, FileState, NamespaceOp, Offer, Offers, ShipMessage, ShipReply,
-    ship_message, ship_reply,
+    Begin, Block, Blocks, Commit, FileState, NamespaceOp, Offer, Offers, PathMeta, ShipMessage,
+    ShipReply, ship_message, ship_reply,
 };
 use crate::throttle::Throttle;
 use crate::tracking::{ClosedSet, TrackedFile};
 use crate::wire::{MAX_BLOCKS, NO_PROGRESS_TIMEOUT, apply_timeout};
 
-use super::Replicator;
 use super::client::{Client, blocking, next_reply, remote, ship_status, unexpected, within};
 use super::point::Point;
 use super::stats::ReplStats;
+use super::{Replicator, meta};
 
 /// Blocks read, hashed and offered per round trip.
 const OFFER_CHUNK: usize = 256;
@@ -127,9 +129,34 @@ fn skip_blocks(work: Work, mut n: usize) -> Work {
         .collect()
 }
 
+/// The namespace operations of `ops` as they travel: metadata records
+/// stay behind (they travel as the metadata itself, in `metas`).
+fn wire_ops(ops: Vec<OpRecord>) -> Vec<NamespaceOp> {
+    ops.into_iter()
+        .filter(|op| op.kind() != JournalOpKind::Meta)
+        .map(|op| NamespaceOp {
+            kind: op.kind,
+            file_id: op.file_id,
+            path: op.path,
+            // Rename flags, the new size or mknod's mode and device travel
+            // in `size`.
+            arg: op.size,
+            target: op.target,
+        })
+        .collect()
+}
+
+/// The metadata `point` carries (see `meta`), read from the backing at
+/// `root` on a blocking thread.
+async fn point_metas(root: PathBuf, ops: &[OpRecord], point: &Point) -> Result<Vec<PathMeta>> {
+    let files = point.set().files.iter().map(|f| f.at_cut().0);
+    let dirty = meta::dirty_paths(ops, files);
+    blocking("reading metadata", move || meta::read_metas(&root, dirty)).await
+}
+
 /// The Begin message of a point: the operations since its base, every
-/// file's path and size at the cut.
-fn begin_message(ops: Vec<NamespaceOp>, point: &Point) -> ship_message::Body {
+/// file's path and size at the cut, and the metadata it changed.
+fn begin_message(ops: Vec<NamespaceOp>, metas: Vec<PathMeta>, point: &Point) -> ship_message::Body {
     let files = point
         .set()
         .files
@@ -149,6 +176,7 @@ fn begin_message(ops: Vec<NamespaceOp>, point: &Point) -> ship_message::Body {
         ops,
         files,
         point: point.id().to_vec(),
+        metas,
     })
 }
 
@@ -211,7 +239,10 @@ impl Replicator {
         // grows with the point; the keepalive meanwhile notices a stall.
         let bytes = total.saturating_mul(self.ds.format.block_size.bytes());
         match stream.reply("Commit", apply_timeout(bytes)).await? {
-            ship_reply::Body::Applied(a) if a.epoch == epoch => Ok(()),
+            ship_reply::Body::Applied(a) if a.epoch == epoch => {
+                self.stats.secondary_refused(epoch, &a.refusals);
+                Ok(())
+            }
             other => Err(unexpected("Commit", &other)),
         }
     }
@@ -219,21 +250,11 @@ impl Replicator {
     /// Sends Begin; returns how many offers the secondary already holds
     /// from a broken stream of the same point.
     async fn begin(&self, stream: &mut Stream<'_>, point: &Point) -> Result<u64> {
-        let ops = self
-            .ds
-            .journal
-            .ops_between(point.base(), point.epoch())?
-            .into_iter()
-            .map(|op| NamespaceOp {
-                kind: op.kind,
-                file_id: op.file_id,
-                path: op.path,
-                // Rename flags or the new size travel in `size`.
-                arg: op.size,
-                target: op.target,
-            })
-            .collect();
-        stream.send(begin_message(ops, point)).await?;
+        let ops = self.ds.journal.ops_between(point.base(), point.epoch())?;
+        let metas = point_metas(self.ds.root.clone(), &ops, point).await?;
+        stream
+            .send(begin_message(wire_ops(ops), metas, point))
+            .await?;
         let offers_done = match stream.reply("Begin", NO_PROGRESS_TIMEOUT).await? {
             ship_reply::Body::Resumed(r) => r.offers_done,
             other => return Err(unexpected("Begin", &other)),
