@@ -5,6 +5,7 @@
 
 mod crash;
 mod harness;
+mod health;
 mod metadata;
 mod passthrough;
 mod posix;

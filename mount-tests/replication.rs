@@ -57,8 +57,7 @@ pub struct Secondary {
     log_path: PathBuf,
     /// An open-file limit (soft and hard) to run it under, via `prlimit`.
     nofile: Option<u64>,
-    /// More `serve` arguments (e.g. `--allow-devices`), kept across
-    /// restarts.
+    /// More arguments for `hbrfs serve`, kept across restarts.
     extra: Vec<String>,
     /// Dropped last, after `Drop` has unmounted the mirror.
     _dir: TempDir,
@@ -71,8 +70,8 @@ impl Secondary {
         Secondary::start_limited(None, &[])
     }
 
-    /// Starts a secondary like [`Secondary::start`], with more `serve`
-    /// arguments.
+    /// Starts a secondary like [`Secondary::start`], with more arguments
+    /// for `hbrfs serve`, kept across restarts.
     pub fn start_with_args(extra: &[&str]) -> Secondary {
         Secondary::start_limited(None, extra)
     }

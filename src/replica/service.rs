@@ -166,9 +166,11 @@ impl Replication for ReplicaService {
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|refused| {
                     log::error!("{refused}");
+                    self.store.stats.errors.count(refused.kind());
                     Status::from(refused)
                 })?;
         }
+        self.store.stats.progressed();
         let applied = self.store.applied();
         Ok(Response::new(HelloReply {
             protocol_version: PROTOCOL_VERSION,
@@ -193,6 +195,7 @@ impl Replication for ReplicaService {
             // fed by a bounded channel, so disk work stays off the runtime.
             let (msg_tx, mut msg_rx) = mpsc::channel::<ShipMessage>(4);
             let reply_tx = tx.clone();
+            let stats_store = store.clone();
             let worker = tokio::task::spawn_blocking(move || {
                 let mut session = match Session::new(&store) {
                     Ok(s) => Some(s),
@@ -210,6 +213,7 @@ impl Replication for ReplicaService {
             loop {
                 match incoming.message().await {
                     Ok(Some(msg)) => {
+                        stats_store.stats.progressed();
                         if msg_tx.send(msg).await.is_err() {
                             break;
                         }
@@ -228,8 +232,9 @@ impl Replication for ReplicaService {
                     if refused.is_retryable() {
                         log::error!("{refused}; the redo record stays, the apply is retried");
                     } else {
-                        log::warn!("refused an epoch: {refused}");
+                        log::error!("refused a point: {refused}");
                     }
+                    stats_store.stats.errors.count(refused.kind());
                     let _ = tx.send(Err(refused.into())).await;
                 }
                 Err(e) => {
@@ -264,15 +269,17 @@ impl Replication for ReplicaService {
         let applied = self.store.applied();
         let (epoch, at) = (applied.epoch.0, applied.at_ns);
         let stats = &self.store.stats;
+        let counts = stats.counts();
         let (refusals, last_refusal) = stats.refusals();
         Ok(Response::new(StatusReply {
             last_applied_epoch: epoch,
             applied_at_ns: at,
             files: self.store.file_count() as u64,
-            bytes_received: stats.bytes_received.load(Ordering::Relaxed),
-            blocks_have: stats.blocks_have.load(Ordering::Relaxed),
-            blocks_sent: stats.blocks_sent.load(Ordering::Relaxed),
-            blocks_resumed: stats.blocks_resumed.load(Ordering::Relaxed),
+            bytes_received: counts.bytes_received,
+            blocks_have: counts.blocks_have,
+            blocks_sent: counts.blocks_sent,
+            blocks_resumed: counts.blocks_resumed,
+            points_applied: stats.points_applied.load(Ordering::Relaxed),
             refusals,
             last_refusal,
         }))

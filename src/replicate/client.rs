@@ -177,6 +177,8 @@ pub struct SecondaryCounters {
     pub blocks_sent: u64,
     /// Blocks kept from broken streams and not sent again.
     pub blocks_resumed: u64,
+    /// Points applied since the secondary started.
+    pub points_applied: u64,
     /// Things it refused to do in points it applied (device nodes without
     /// `--allow-devices`, owners it may not set), since it started.
     pub refusals: u64,
@@ -208,6 +210,7 @@ pub fn remote_status(addr: &str, key: &AuthKey) -> Result<SecondaryCounters> {
             blocks_have: s.blocks_have,
             blocks_sent: s.blocks_sent,
             blocks_resumed: s.blocks_resumed,
+            points_applied: s.points_applied,
             refusals: s.refusals,
             last_refusal: s.last_refusal,
         })
