@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): makes sure what the mount tests drive
 # is installed — the FUSE helpers, fio, qemu-img/qemu-io, util-linux's
-# fallocate, openssl (a TLS client without the pair's certificate), the
-# pjdfstest suite — then runs every test. Needs root and
+# fallocate, openssl (a TLS client without the pair's certificate), rsync
+# and acl's setfacl (the replica comparison: rsync -aHAX, ACLs set through
+# the mount), the pjdfstest suite — then runs every test. Needs root and
 # /dev/fuse: the tests mount real file systems.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,8 @@ command -v fio >/dev/null || missing+=(fio)
 command -v qemu-io >/dev/null || missing+=(qemu-utils)
 command -v fallocate >/dev/null || missing+=(util-linux)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v rsync >/dev/null || missing+=(rsync)
+command -v setfacl >/dev/null || missing+=(acl)
 if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

@@ -587,3 +587,154 @@ pub fn errno(e: &io::Error) -> i32 {
     e.raw_os_error()
         .unwrap_or_else(|| panic!("no errno in {e}"))
 }
+
+/// What [`assert_replica_matches`] compares of one path: its whole
+/// `st_mode` (type and permissions), owner, mtime, device number, size,
+/// symlink target, extended attributes (POSIX ACLs among them) and, for a
+/// regular file, its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seen {
+    mode: u32,
+    owner: (u32, u32),
+    mtime: (i64, i64),
+    rdev: u64,
+    size: u64,
+    target: Option<PathBuf>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    bytes: Option<Vec<u8>>,
+}
+
+/// The extended attributes of `p` itself, sorted, read with `llistxattr`
+/// and `lgetxattr`.
+pub fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
+    let mut names = vec![0u8; 64 * 1024];
+    // SAFETY: c is a valid C string; names is writable for its length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(
+        n >= 0,
+        "llistxattr {}: {}",
+        p.display(),
+        io::Error::last_os_error()
+    );
+    let mut out = Vec::new();
+    for name in names[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+    {
+        let cn = std::ffi::CString::new(name).expect("xattr name");
+        let mut value = vec![0u8; 64 * 1024];
+        // SAFETY: both are valid C strings; value is writable for its length.
+        let len = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cn.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert!(
+            len >= 0,
+            "lgetxattr {}: {}",
+            p.display(),
+            io::Error::last_os_error()
+        );
+        value.truncate(len as usize);
+        out.push((name.to_vec(), value));
+    }
+    out.sort();
+    out
+}
+
+/// Every path under `root` ("" for `root` itself; the root's `.hbrfs`
+/// state folder left out) and what is compared of it.
+fn seen_tree(root: &Path) -> std::collections::BTreeMap<PathBuf, Seen> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let rel = p.strip_prefix(root).expect("below root").to_path_buf();
+        let m = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+        if m.is_dir() {
+            for e in fs::read_dir(&p).unwrap_or_else(|e| panic!("read_dir {}: {e}", p.display())) {
+                let child = e.expect("entry").path();
+                if p != root || child.file_name() != Some(std::ffi::OsStr::new(".hbrfs")) {
+                    todo.push(child);
+                }
+            }
+        }
+        let file = m.file_type().is_file();
+        let seen = Seen {
+            mode: m.mode(),
+            owner: (m.uid(), m.gid()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            rdev: m.rdev(),
+            size: if m.is_dir() { 0 } else { m.len() },
+            target: m
+                .file_type()
+                .is_symlink()
+                .then(|| fs::read_link(&p).expect("readlink")),
+            xattrs: xattrs(&p),
+            bytes: file.then(|| read(&p)),
+        };
+        out.insert(rel, seen);
+    }
+    out
+}
+
+/// Asserts that the replica at `replica` equals the primary's backing
+/// folder `backing` in content, modes, owners, mtimes, device numbers,
+/// symlink targets and xattrs/ACLs, path by path (state folders aside);
+/// then, when rsync is installed, that `rsync -aHAX --dry-run
+/// --itemize-changes` finds nothing to do. Panics listing every
+/// difference.
+pub fn assert_replica_matches(backing: &Path, replica: &Path) {
+    let (want, got) = (seen_tree(backing), seen_tree(replica));
+    let mut diffs = Vec::new();
+    for (path, w) in &want {
+        match got.get(path) {
+            None => diffs.push(format!("{}: missing on the replica", path.display())),
+            Some(g) if g != w => {
+                let short = |s: &Seen| {
+                    let mut s = s.clone();
+                    s.bytes = s.bytes.map(|b| b[..b.len().min(16)].to_vec());
+                    s
+                };
+                diffs.push(format!(
+                    "{}:\n    primary {:?}\n    replica {:?}",
+                    path.display(),
+                    short(w),
+                    short(g)
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    for path in got.keys().filter(|p| !want.contains_key(*p)) {
+        diffs.push(format!("{}: only on the replica", path.display()));
+    }
+    assert!(
+        diffs.is_empty(),
+        "the replica differs:\n{}",
+        diffs.join("\n")
+    );
+    let Ok(out) = Command::new("rsync")
+        .args([
+            "-aHAX",
+            "--dry-run",
+            "--itemize-changes",
+            "--exclude=/.hbrfs",
+        ])
+        .arg(format!("{}/", backing.display()))
+        .arg(format!("{}/", replica.display()))
+        .output()
+    else {
+        return;
+    };
+    assert!(out.status.success(), "rsync failed: {}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.trim().is_empty(),
+        "rsync -aHAX finds differences:\n{said}"
+    );
+}

@@ -7,6 +7,7 @@ mod bounded;
 mod crash;
 mod harness;
 mod health;
+mod metadata;
 mod passthrough;
 mod paths;
 mod posix;

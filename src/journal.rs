@@ -465,6 +465,8 @@ pub fn op_name(kind: OpKind) -> &'static str {
         OpKind::Truncate => "truncate",
         OpKind::Symlink => "symlink",
         OpKind::Link => "link",
+        OpKind::Mknod => "mknod",
+        OpKind::Meta => "meta",
     }
 }
 

@@ -2,19 +2,20 @@
 //! needs: the state folders' names ([`StatePaths`] on the primary,
 //! [`ReplicaPaths`] on the secondary — no path literal of a state folder
 //! lives outside them), durable small-file writes, timestamps, hex and the
-//! walk of a datastore tree, and paths below a root resolved by
-//! descriptors (`*_beneath`). It imports only `error` and `sys`.
+//! walk of a datastore tree, paths below a root resolved by descriptors
+//! (`*_beneath`), and the check that a state folder is a real folder of
+//! the daemon's user. It imports only `error` and `sys`.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::sys;
 
 /// Name of the state folder inside a backing directory or a replica
@@ -159,6 +160,45 @@ pub fn make_state_dirs(path: &Path) -> Result<()> {
         .mode(STATE_DIR_MODE)
         .create(path)
         .at(path)
+}
+
+/// Makes the state folder `dir` (0700) if it is missing, and refuses it
+/// when it is a symlink or belongs to another user: state followed through
+/// a planted symlink, or kept in a folder someone else controls, could be
+/// read or replaced by that user. The folder is opened with `O_NOFOLLOW`
+/// and its owner compared with the daemon's effective user; the error
+/// names the folder and what is wrong.
+pub fn open_state_dir(dir: &Path) -> Result<()> {
+    match fs::DirBuilder::new().mode(STATE_DIR_MODE).create(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e).at(dir),
+        _ => {}
+    }
+    let refuse = |reason: String| Error::BadState {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir);
+    let folder = match opened {
+        Ok(f) => f,
+        Err(_) if fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) => {
+            return Err(refuse(
+                "the state folder is a symlink; hbrfs refuses to follow it (replace it with a real folder)"
+                    .into(),
+            ));
+        }
+        Err(e) => return Err(e).at(dir),
+    };
+    let owner = folder.metadata().at(dir)?.uid();
+    let me = crate::sys::euid();
+    if owner != me {
+        return Err(refuse(format!(
+            "the state folder belongs to uid {owner}, not to this daemon's user (uid {me});              hbrfs refuses state another user controls (chown it or remove it)"
+        )));
+    }
+    Ok(())
 }
 
 /// Options for creating a private state file (0600); add access flags.
@@ -321,6 +361,40 @@ pub fn open_beneath(
 pub fn stat_beneath(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<libc::stat> {
     let (dir, name) = parent_beneath(root, rel, None)?;
     sys::statat(dir.as_fd(), name)
+}
+
+/// A path below a root reached by a short name, for the calls that take
+/// only a path (`lchown`, `l*xattr`, `utimensat` on a name, `read_dir`):
+/// the `/proc/self/fd` path of its folder's descriptor (walked as by
+/// [`dir_beneath`]) joined to its last name, valid while this lives. So a
+/// path longer than PATH_MAX below the root is reached too.
+#[derive(Debug)]
+pub struct ShortPath {
+    _dir: OwnedFd,
+    path: PathBuf,
+}
+
+impl ShortPath {
+    /// `rel` below `root` (the root itself for an empty `rel`); `make`
+    /// creates missing folders on the way with that mode.
+    pub fn beneath(root: BorrowedFd<'_>, rel: &[u8], make: Option<u32>) -> io::Result<ShortPath> {
+        let (dir, name) = if rel.is_empty() {
+            (dir_beneath(root, rel, None)?, OsStr::new(""))
+        } else {
+            parent_beneath(root, rel, make)?
+        };
+        let at = sys::proc_path(dir.as_fd());
+        let mut path = PathBuf::from(OsStr::from_bytes(at.to_bytes()));
+        if !name.is_empty() {
+            path.push(name);
+        }
+        Ok(ShortPath { _dir: dir, path })
+    }
+
+    /// The short path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// An `O_PATH` descriptor of the folder `root`, for the `*_beneath` calls.

@@ -442,3 +442,123 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(lim.rlim_cur)
 }
+
+// Path-based calls that never follow a final symlink: what reading and
+// setting the metadata of a replicated path needs (a symlink's own owner,
+// times and xattrs), on the primary's backing and on the replica.
+
+/// The C string of `path`.
+fn cpath(path: &Path) -> io::Result<CString> {
+    cstr(path.as_os_str())
+}
+
+/// Every extended attribute of `path` itself (`llistxattr` and
+/// `lgetxattr`), as (name, value) pairs in the order listed. An attribute
+/// removed between the list and the read is left out.
+pub fn xattrs_of(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let p = cpath(path)?;
+    let names = read_sized(|buf| {
+        // SAFETY: p is a valid C string; buf is writable for its length.
+        check_size(unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+    })?;
+    let mut out = Vec::new();
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let n = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let value = read_sized(|buf| {
+            // SAFETY: both are valid C strings; buf is writable for its length.
+            check_size(unsafe {
+                libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            })
+        });
+        match value {
+            Ok(v) => out.push((name.to_vec(), v)),
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a size-probing read (an empty buffer asks for the size) until the
+/// buffer holds the whole answer (it may grow between the two calls).
+fn read_sized(mut read: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Vec<u8>> {
+    loop {
+        let size = read(&mut [])?;
+        let mut buf = vec![0u8; size];
+        match read(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `lsetxattr(2)`: sets `name` on `path` itself.
+pub fn set_xattr_at(path: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
+    let (p, n) = (cpath(path)?, cstr(OsStr::from_bytes(name))?);
+    // SAFETY: both are valid C strings; value is readable for its length.
+    check(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// `lremovexattr(2)`: removes `name` from `path` itself.
+pub fn remove_xattr_at(path: &Path, name: &[u8]) -> io::Result<()> {
+    let (p, n) = (cpath(path)?, cstr(OsStr::from_bytes(name))?);
+    // SAFETY: both are valid C strings.
+    check(unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) }).map(drop)
+}
+
+/// `lchown(2)`: the owner of `path` itself.
+pub fn lchown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let p = cpath(path)?;
+    // SAFETY: p is a valid C string.
+    check(unsafe { libc::lchown(p.as_ptr(), uid, gid) }).map(drop)
+}
+
+/// `utimensat(AT_FDCWD, path, …, AT_SYMLINK_NOFOLLOW)`: the times of
+/// `path` itself.
+pub fn utimens_nofollow(path: &Path, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
+    let p = cpath(path)?;
+    let times = [atime.to_timespec(), mtime.to_timespec()];
+    // SAFETY: p is a valid C string and times has two entries.
+    check(unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// `mknod(2)` at `path`: a FIFO, socket or device node.
+pub fn mknod_path(path: &Path, mode: u32, rdev: u64) -> io::Result<()> {
+    let p = cpath(path)?;
+    // SAFETY: p is a valid C string.
+    check(unsafe { libc::mknod(p.as_ptr(), mode, rdev) }).map(drop)
+}
+
+/// `syncfs(2)` of the file system holding `fd`: makes the metadata an
+/// apply set (modes, owners, times, xattrs) durable in one call.
+pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fd is a valid open descriptor.
+    check(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}

@@ -19,7 +19,7 @@ pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 pub const MAX_OFFERS: usize = 65_536;
 /// Most blocks in one message.
 pub const MAX_BLOCKS: usize = 4_096;
-/// Most namespace operations or files in one point (across its Manifest
+/// Most namespace operations, files or paths' metadata in one point (across its Manifest
 /// chunks). The secondary spills the lists to disk; what it keeps in
 /// memory per entry is a few dozen bytes (a file's size, a hash of each
 /// path an operation touches), so this bounds that memory.

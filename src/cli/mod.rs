@@ -93,6 +93,11 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9471).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Create the character and block device nodes points carry. Off
+        /// by default: a replica must not grow device nodes a primary
+        /// chose; each one left out shows in `status` and the log.
+        #[arg(long)]
+        allow_devices: bool,
     },
     /// Mount a replica folder read-only (when no secondary serves it).
     MountReplica {
@@ -303,6 +308,7 @@ fn run(cli: Cli) -> Result<()> {
             auth_key,
             mirror_allow_other,
             metrics,
+            allow_devices,
         } => daemon::run_serve(&ServeOptions {
             replica,
             listen,
@@ -310,6 +316,7 @@ fn run(cli: Cli) -> Result<()> {
             auth_key,
             mirror_allow_other,
             metrics,
+            allow_devices,
         }),
         Command::MountReplica {
             replica,

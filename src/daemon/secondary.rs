@@ -37,6 +37,9 @@ pub struct ServeOptions {
     pub mirror_allow_other: bool,
     /// Serve Prometheus metrics at `http://ADDR/metrics`.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Create the device nodes points carry (`--allow-devices`); without
+    /// it each is refused, visibly.
+    pub allow_devices: bool,
 }
 
 /// Where a secondary keeps its key unless told otherwise.
@@ -55,7 +58,7 @@ pub(super) struct Secondary {
 
 pub(super) fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
     raise_fd_limit();
-    let store = Arc::new(ReplicaStore::open(&opts.replica)?);
+    let store = Arc::new(ReplicaStore::open(&opts.replica, opts.allow_devices)?);
     let epoch = store.applied().epoch;
     let rt = runtime()?;
     let listener = rt

@@ -38,6 +38,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         auth_key: None,
         mirror_allow_other: false,
         metrics: None,
+        allow_devices: false,
     })?;
     let key = AuthKey::load(&default_key_path(&dir.join("replica")))?;
     let listen_path = ReplicaPaths::of(&dir.join("replica")).listen();

@@ -120,6 +120,10 @@ pub struct Datastore {
     _lock: Option<File>,
     /// Whether the state folder was made by this open.
     pub fresh: bool,
+    /// The paths whose metadata change the open epoch already recorded:
+    /// the kernel sends a setattr for the times of every written-back
+    /// file, so one record per path and epoch keeps the journal small.
+    meta_noted: recorder::MetaNoted,
 }
 
 impl Datastore {
@@ -137,6 +141,7 @@ impl Datastore {
         let fresh = !paths.format().exists();
         let (format, lock) = match access {
             Access::Daemon { block_size } => {
+                crate::state::open_state_dir(&paths.dir)?;
                 crate::state::make_state_dirs(&paths.bitmaps())?;
                 // The state is the daemon's alone, whatever the umask.
                 crate::state::set_private(&paths.dir, crate::state::STATE_DIR_MODE)?;
@@ -169,6 +174,7 @@ impl Datastore {
                         root.display()
                     )));
                 }
+                crate::state::open_state_dir(&paths.dir)?;
                 (read_format(&paths)?, None)
             }
         };
@@ -192,6 +198,7 @@ impl Datastore {
             tracker,
             _lock: lock,
             fresh,
+            meta_noted: recorder::MetaNoted::default(),
         })
     }
 

@@ -2,10 +2,13 @@
 //! to the journal in the open epoch, and tracked files follow renames and
 //! removals.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use super::Datastore;
 use crate::error::{Error, Result};
 use crate::fs::recorder::{Change, ChangeRecorder, Gate, Gone, NewFile, Tracked};
-use crate::ids::FileId;
+use crate::ids::{Epoch, FileId};
 use crate::journal;
 use crate::proto::journal::{OpKind, OpRecord};
 use crate::state::now_ns;
@@ -77,7 +80,17 @@ impl ChangeRecorder for Datastore {
             Change::Created { file, path } => {
                 self.record_op(OpKind::Create, Some(file), path, b"", 0)
             }
-            Change::Node { path } => self.record_op(OpKind::Create, None, path, b"", 0),
+            Change::Node { path, mode, rdev } => {
+                let arg = u64::from(mode) | u64::from(rdev) << 32;
+                self.record_op(OpKind::Mknod, None, path, b"", arg)
+            }
+            Change::Meta { path } => {
+                let epoch = self.tracker.current_epoch();
+                if !self.meta_noted.first(epoch, path) {
+                    return Ok(());
+                }
+                self.record_op(OpKind::Meta, None, path, b"", 0)
+            }
             Change::Mkdir { path } => self.record_op(OpKind::Mkdir, None, path, b"", 0),
             Change::Rmdir { path } => self.record_op(OpKind::Rmdir, None, path, b"", 0),
             Change::Symlink { path, target } => {
@@ -121,6 +134,26 @@ impl ChangeRecorder for Datastore {
 
     fn flush(&self) -> Result<()> {
         self.journal.flush()
+    }
+}
+
+/// The paths whose metadata change one epoch recorded (see
+/// `Datastore::meta_noted`). Forgotten when the epoch changes.
+#[derive(Debug, Default)]
+pub(super) struct MetaNoted {
+    /// The epoch (its number) and its paths; no `.await` happens under
+    /// the lock.
+    noted: Mutex<(u64, HashSet<Vec<u8>>)>,
+}
+
+impl MetaNoted {
+    /// Whether `path` is noted for the first time in `epoch`.
+    fn first(&self, epoch: Epoch, path: &[u8]) -> bool {
+        let mut noted = self.noted.lock().expect("meta lock");
+        if noted.0 != epoch.0 {
+            *noted = (epoch.0, HashSet::new());
+        }
+        noted.1.insert(path.to_vec())
     }
 }
 

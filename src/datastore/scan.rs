@@ -68,6 +68,10 @@ impl Datastore {
             report.untracked += 1;
             report.tracked += 1;
         }
+        // Modes, owners, times and xattrs may have changed while nothing
+        // was mounted, unseen: the next point reads the metadata of every
+        // path (a metadata record of the root found at mount says so).
+        self.found_op(OpKind::Meta, None, b"", b"")?;
         self.remove_orphan_bitmaps()?;
         if report.untracked > 0 {
             let why = if self.fresh {

@@ -84,6 +84,17 @@ pub enum Change<'a> {
     Node {
         /// Where.
         path: &'a [u8],
+        /// Its `st_mode` (type and permission bits).
+        mode: u32,
+        /// Its device number (devices only).
+        rdev: u32,
+    },
+    /// The mode, owner, times or extended attributes of a node were set
+    /// (chmod, chown, utimens, setxattr, removexattr): its metadata ships
+    /// with the point.
+    Meta {
+        /// Where.
+        path: &'a [u8],
     },
     /// A directory was made.
     Mkdir {
@@ -150,7 +161,8 @@ impl Change<'_> {
     fn path(&self) -> &[u8] {
         match *self {
             Change::Created { path, .. }
-            | Change::Node { path }
+            | Change::Node { path, .. }
+            | Change::Meta { path }
             | Change::Mkdir { path }
             | Change::Rmdir { path }
             | Change::Symlink { path, .. }
@@ -165,7 +177,9 @@ impl Change<'_> {
 impl fmt::Display for Change<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self {
-            Change::Created { .. } | Change::Node { .. } => "create",
+            Change::Created { .. } => "create",
+            Change::Node { .. } => "mknod",
+            Change::Meta { .. } => "set metadata of",
             Change::Mkdir { .. } => "mkdir",
             Change::Rmdir { .. } => "rmdir",
             Change::Symlink { .. } => "symlink",

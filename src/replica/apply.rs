@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use super::confine;
 use super::index::ContentIndex;
+use super::meta::{self, Refusals};
 use super::records::{Applied, Redo, bad};
 use super::resume::read_offers;
 use super::spill::Records;
@@ -36,21 +37,22 @@ use crate::proto::replication::{Begin, Manifest, NamespaceOp, OpKind};
 use crate::state::{self, ReplicaPaths, now_ns, write_durably};
 use crate::sys;
 
-/// Replica folders and files get fixed modes (0755, 0644): the primary's
-/// modes are not shipped yet, and the secondary's umask must not decide.
+/// Replica folders and files are made private (0700, 0600) whatever the
+/// secondary's umask, and keep that mode until the point's metadata
+/// (applied last, see `meta`) gives them the primary's.
 pub fn make_dirs(path: &Path) -> Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o755)
+        .mode(0o700)
         .create(path)
         .at(path)
 }
 
-/// Opens (creating, 0644) the regular file `name` in `dir` for writing,
+/// Opens (creating, 0600 until its metadata arrives) the regular file `name` in `dir` for writing,
 /// never following a symlink.
 fn open_for_write(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<File> {
     let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW;
-    sys::openat(Some(dir), name, flags, 0o644).map(File::from)
+    sys::openat(Some(dir), name, flags, 0o600).map(File::from)
 }
 
 /// Whether `e` says a path is not there (a missing name or folder on the
@@ -143,20 +145,28 @@ pub struct Apply<'a> {
     pub index: &'a ContentIndex,
     /// The pair's block size in bytes.
     pub block_size: u64,
+    /// Whether device nodes are made (`serve --allow-devices`).
+    pub allow_devices: bool,
 }
 
 impl Apply<'_> {
     /// Applies the staged epoch in place from operation `ops_done` on and
-    /// records it durably as applied; returns that record. The redo record
-    /// and the staging are the caller's to remove. The staged lists and
-    /// offers are read back from disk one record at a time, however large
-    /// the point.
-    pub fn run(&self, epoch: Epoch, ops_done: usize) -> Result<Applied> {
-        let begin = self.apply_ops(epoch, ops_done)?;
+    /// records it durably as applied; returns that record and what the
+    /// apply refused to do (see `meta`). The redo record and the staging
+    /// are the caller's to remove. The staged lists and offers are read
+    /// back from disk one record at a time, however large the point.
+    pub fn run(&self, epoch: Epoch, ops_done: usize) -> Result<(Applied, Refusals)> {
+        let mut refusals = Refusals::new();
+        let begin = self.apply_ops(epoch, ops_done, &mut refusals)?;
         let mut files = self.size_files(epoch)?;
         self.write_blocks(epoch, &mut files)?;
         self.sync_files(&files)?;
+        read_lists(self.paths, epoch, |chunk| {
+            meta::apply_metas(self.root, &chunk.metas, &mut refusals)
+        })?;
         self.sync_dirs(epoch)?;
+        let root = File::open(self.root).at(self.root)?;
+        sys::syncfs(root.as_fd()).at(self.root)?;
         self.index.flush()?;
         let applied = Applied {
             epoch,
@@ -164,7 +174,7 @@ impl Apply<'_> {
             point: begin.point,
         };
         applied.write(self.paths)?;
-        Ok(applied)
+        Ok((applied, refusals))
     }
 
     /// The namespace operations from `ops_done` on, each counted in the
@@ -184,7 +194,7 @@ impl Apply<'_> {
     /// order with the folder changes of the operations themselves, so
     /// after a crash the count matches what the replica holds; after a
     /// `kill -9` it is exact.
-    fn apply_ops(&self, epoch: Epoch, ops_done: usize) -> Result<Begin> {
+    fn apply_ops(&self, epoch: Epoch, ops_done: usize, refusals: &mut Refusals) -> Result<Begin> {
         let path = self.paths.ops_done();
         let progress = crate::state::state_file_options()
             .write(true)
@@ -196,7 +206,7 @@ impl Apply<'_> {
         let begin = read_lists(self.paths, epoch, |chunk| {
             for op in &chunk.ops {
                 if i >= ops_done {
-                    match self.apply_op(op) {
+                    match self.apply_op(op, refusals) {
                         Ok(()) => {}
                         Err(e) if resource_failure(&e) => return Err(e),
                         Err(e) => log::error!(
@@ -375,13 +385,13 @@ impl Apply<'_> {
         confine::join(self.root, raw).map_err(|e| bad(self.root, e.to_string()))
     }
 
-    /// The folder holding `raw` (made, 0755, when `make`) and its last
+    /// The folder holding `raw` (made, 0700 until its metadata arrives, when `make`) and its last
     /// name, walked by descriptors from the root; a symlink on the way is
     /// refused (`ELOOP`).
     fn parent<'r>(&self, raw: &'r [u8], make: bool) -> Result<(OwnedFd, &'r OsStr)> {
         let shown = self.shown(raw)?;
         let root = self.root_fd()?;
-        state::parent_beneath(root.as_fd(), raw, make.then_some(0o755)).at(shown)
+        state::parent_beneath(root.as_fd(), raw, make.then_some(0o700)).at(shown)
     }
 
     /// The folder holding `raw` and its last name, when something is
@@ -403,7 +413,7 @@ impl Apply<'_> {
     /// Applies one namespace operation; each is a no-op when it finds its
     /// effect already done, so a replay after a crash is harmless. Every
     /// path is walked by descriptors from the root (see [`Apply::parent`]).
-    fn apply_op(&self, op: &NamespaceOp) -> Result<()> {
+    fn apply_op(&self, op: &NamespaceOp, refusals: &mut Refusals) -> Result<()> {
         let path = self.shown(&op.path)?;
         match op.kind() {
             OpKind::Create => {
@@ -414,7 +424,7 @@ impl Apply<'_> {
             }
             OpKind::Mkdir => {
                 let root = self.root_fd()?;
-                state::dir_beneath(root.as_fd(), &op.path, Some(0o755)).at(&path)?;
+                state::dir_beneath(root.as_fd(), &op.path, Some(0o700)).at(&path)?;
             }
             OpKind::Rmdir | OpKind::Unlink => {
                 if let Some((dir, name)) = self.existing(&op.path)? {
@@ -431,6 +441,11 @@ impl Apply<'_> {
                 }
             }
             OpKind::Rename => self.rename(op, &path)?,
+            OpKind::Mknod => {
+                let node = meta::Node::at(self.root, &op.path, true)?;
+                let node = node.ok_or_else(|| bad(&path, "its folder could not be made"))?;
+                meta::mknod(&node, op.arg, self.allow_devices, refusals)?;
+            }
             OpKind::Symlink => {
                 let (dir, name) = self.parent(&op.path, true)?;
                 let st = sys::statat(dir.as_fd(), name);

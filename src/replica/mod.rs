@@ -13,6 +13,8 @@
 //!   time: how a point's lists and offers stay out of memory.
 //! - `store`: the replica folder as one object, wiring the parts below.
 //! - `apply`: redo → apply → applied, and the replay after a crash.
+//! - `meta`: a point's metadata (modes, owners, xattrs, times) and its
+//!   FIFOs, sockets and device nodes, with what this secondary refuses.
 //! - `verify`: `hbrfs verify` against the applied point.
 //! - `index`: the content index (hints only: every use re-reads and
 //!   re-hashes); `seed`: indexes a folder's existing content.
@@ -21,10 +23,11 @@
 //!
 //! Imports run one way, with no circle: service → {session, store,
 //! verify, records, refused}; session → {store, resume, spill, preflight,
-//! refused}; verify → {store, confine}; store → {apply, index, seed,
+//! refused}; verify → {store, confine}; store → {apply, meta, index, seed,
 //! records, resume, refused}; apply → {index, records, resume, spill,
-//! confine}; resume → spill; spill → records; seed → index; refused →
-//! preflight; index, preflight → confine. Nothing but the
+//! confine, meta}; meta → {records, confine}; resume → spill; spill →
+//! records; seed → index; refused → preflight; index, preflight → confine.
+//! Nothing but the
 //! service (and the fuzz tests) imports session.
 
 #![warn(missing_docs)]
@@ -32,6 +35,7 @@
 pub mod apply;
 pub mod confine;
 pub mod index;
+pub mod meta;
 pub mod preflight;
 pub mod records;
 pub mod refused;

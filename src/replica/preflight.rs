@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::confine::{self, PathError};
-use crate::proto::replication::{FileState, NamespaceOp, OpKind};
+use crate::proto::replication::{FileState, NamespaceOp, OpKind, PathMeta};
 use crate::wire::MAX_FILE_SIZE;
 use crate::{state, sys};
 
@@ -302,6 +302,15 @@ impl<'a> Walk<'a> {
                 file_id: f.file_id,
                 path: shown.into_owned(),
             });
+        }
+        Ok(())
+    }
+
+    /// A path's metadata: it goes to a path confined below the root, or
+    /// to the root itself (an empty path).
+    pub fn meta(&self, m: &PathMeta) -> Result<(), PreflightError> {
+        if !m.path.is_empty() {
+            confine::join(self.root, &m.path)?;
         }
         Ok(())
     }

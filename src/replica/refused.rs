@@ -80,11 +80,15 @@ pub enum Refused {
     /// lists.
     #[error("a Manifest chunk before Begin or after the end of its lists")]
     ManifestOutsideLists,
-    /// Operations after file states: every operation comes first.
-    #[error("namespace operations after file states in the Manifest chunks")]
-    OpsAfterFiles,
-    /// More operations or files than [`MAX_ENTRIES`].
-    #[error("epoch {epoch} carries {ops} operations and {files} files; at most {MAX_ENTRIES} each")]
+    /// The lists out of their order: operations, then file states, then
+    /// metadata.
+    #[error("the Manifest chunks' lists are out of order (operations, files, then metadata)")]
+    ListsOutOfOrder,
+    /// More operations, files or paths' metadata than [`MAX_ENTRIES`].
+    #[error(
+        "epoch {epoch} carries {ops} operations, {files} files and {metas} paths' metadata; \
+         at most {MAX_ENTRIES} each"
+    )]
     TooManyEntries {
         /// The point's epoch.
         epoch: u64,
@@ -92,6 +96,8 @@ pub enum Refused {
         ops: usize,
         /// Its files.
         files: usize,
+        /// Its paths' metadata.
+        metas: usize,
     },
     /// The point cannot be applied on this replica.
     #[error(transparent)]

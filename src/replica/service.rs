@@ -274,6 +274,7 @@ impl Replication for ReplicaService {
         let (epoch, at) = (applied.epoch.0, applied.at_ns);
         let stats = &self.store.stats;
         let counts = stats.counts();
+        let (refusals, last_refusal) = stats.refusals();
         Ok(Response::new(StatusReply {
             last_applied_epoch: epoch,
             applied_at_ns: at,
@@ -283,6 +284,8 @@ impl Replication for ReplicaService {
             blocks_sent: counts.blocks_sent,
             blocks_resumed: counts.blocks_resumed,
             points_applied: stats.points_applied.load(Ordering::Relaxed),
+            refusals,
+            last_refusal,
         }))
     }
 }

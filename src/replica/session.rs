@@ -66,6 +66,7 @@ struct Lists<'a> {
     walk: Walk<'a>,
     ops: usize,
     files: usize,
+    metas: usize,
 }
 
 /// One offer of the Offers message being answered, until it is complete
@@ -218,28 +219,34 @@ impl<'a> Session<'a> {
             walk: Walk::new(&self.store.root),
             ops: 0,
             files: 0,
+            metas: 0,
         });
         self.begin = Some(begin);
         Ok(())
     }
 
     /// One chunk of the epoch's lists: checked against the limits and the
-    /// replica (operations first, then file states), then spilled. The
+    /// replica (operations first, then file states, then metadata), then
+    /// spilled. The
     /// last chunk is answered with how many offers an earlier, broken
     /// stream of the same point left complete.
     pub fn manifest(&mut self, chunk: Manifest) -> Result<Option<Resumed>, Refused> {
         let epoch = self.begin.as_ref().map_or(0, |b| b.epoch);
         let lists = self.lists.as_mut().ok_or(Refused::ManifestOutsideLists)?;
-        if !chunk.ops.is_empty() && lists.files > 0 {
-            return Err(Refused::OpsAfterFiles);
+        if !chunk.ops.is_empty() && lists.files + lists.metas > 0
+            || !chunk.files.is_empty() && lists.metas > 0
+        {
+            return Err(Refused::ListsOutOfOrder);
         }
         lists.ops += chunk.ops.len();
         lists.files += chunk.files.len();
-        if lists.ops > MAX_ENTRIES || lists.files > MAX_ENTRIES {
+        lists.metas += chunk.metas.len();
+        if lists.ops.max(lists.files).max(lists.metas) > MAX_ENTRIES {
             return Err(Refused::TooManyEntries {
                 epoch,
                 ops: lists.ops,
                 files: lists.files,
+                metas: lists.metas,
             });
         }
         for op in &chunk.ops {
@@ -250,6 +257,9 @@ impl<'a> Session<'a> {
             if self.sizes.insert(FileId(f.file_id), f.size).is_some() {
                 return Err(Refused::FileTwice(f.file_id));
             }
+        }
+        for m in &chunk.metas {
+            lists.walk.meta(m)?;
         }
         lists.spill.push(&chunk).map_err(Refused::Spill)?;
         if !chunk.end {
@@ -574,7 +584,8 @@ impl<'a> Session<'a> {
         // From here the staging belongs to the apply (or its redo record).
         self.committed = true;
         let applying = Instant::now();
-        self.store
+        let refusals = self
+            .store
             .commit(Epoch(epoch))
             .map_err(|source| Refused::Apply { epoch, source })?;
         let (opened, before) = &self.opened;
@@ -590,7 +601,7 @@ impl<'a> Session<'a> {
             opened.elapsed().as_secs_f64(),
             applying.elapsed().as_secs_f64(),
         );
-        Ok(Applied { epoch })
+        Ok(Applied { epoch, refusals })
     }
 
     /// What this stream leaves of its point for the next stream: its

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::apply::{self, Apply, make_dirs};
 use super::index::ContentIndex;
+use super::meta::Refusals;
 use super::records::{Applied, Pair, Redo};
 use super::refused::Refused;
 use super::resume::Carried;
@@ -41,6 +42,30 @@ pub struct ReplicaStats {
     /// Blocks filled from content staged by a stream that broke before
     /// its commit (a reconnect resuming, not resending).
     pub blocks_resumed: AtomicU64,
+    /// What applies refused to do (see `meta`), and the last of them: a
+    /// refusal never fails a point, so it must show here.
+    refusals: AtomicU64,
+    last_refusal: Mutex<String>,
+}
+
+impl ReplicaStats {
+    /// Counts and logs what an apply refused to do.
+    fn refused(&self, epoch: Epoch, refusals: &[String]) {
+        for r in refusals {
+            log::error!("epoch {epoch}: refused: {r}");
+        }
+        if let Some(last) = refusals.last() {
+            self.refusals
+                .fetch_add(refusals.len() as u64, Ordering::Relaxed);
+            *self.last_refusal.lock().expect("refusal lock") = last.clone();
+        }
+    }
+
+    /// How many refusals there were, and the last one.
+    pub fn refusals(&self) -> (u64, String) {
+        let last = self.last_refusal.lock().expect("refusal lock").clone();
+        (self.refusals.load(Ordering::Relaxed), last)
+    }
 }
 
 /// The data counters of [`ReplicaStats`] at one moment.
@@ -149,15 +174,19 @@ pub struct ReplicaStore {
     pub view: Arc<RwLock<()>>,
     /// Counters.
     pub stats: ReplicaStats,
+    /// Whether points may make device nodes (`serve --allow-devices`).
+    allow_devices: bool,
 }
 
 impl ReplicaStore {
     /// Opens (creating if needed) the replica at `root`, finishing an
-    /// apply a crash interrupted.
-    pub fn open(root: &Path) -> Result<ReplicaStore> {
+    /// apply a crash interrupted; device nodes are made only with
+    /// `allow_devices`.
+    pub fn open(root: &Path, allow_devices: bool) -> Result<ReplicaStore> {
         make_dirs(root)?;
         let root = root.canonicalize().at(root)?;
         let paths = ReplicaPaths::of(&root);
+        crate::state::open_state_dir(&paths.dir)?;
         crate::state::make_state_dirs(&paths.staging())?;
         crate::state::set_private(&paths.dir, crate::state::STATE_DIR_MODE)?;
         let store = ReplicaStore {
@@ -167,6 +196,7 @@ impl ReplicaStore {
             carried: Mutex::new(None),
             view: Arc::new(RwLock::new(())),
             stats: ReplicaStats::default(),
+            allow_devices,
             root,
             paths,
         };
@@ -265,9 +295,9 @@ impl ReplicaStore {
             .find(&self.root, self.block_size(), key, hash, length)
     }
 
-    /// Applies the epoch staged (and synced) by a session durably; see
-    /// `apply` for the order.
-    pub fn commit(&self, epoch: Epoch) -> Result<()> {
+    /// Applies the epoch staged (and synced) by a session durably (see
+    /// `apply` for the order); returns what it refused to do.
+    pub fn commit(&self, epoch: Epoch) -> Result<Refusals> {
         apply::write_commit_point(&self.paths, epoch)?;
         self.apply(epoch, 0)
     }
@@ -321,6 +351,7 @@ impl ReplicaStore {
             return self.clear_staging();
         }
         self.apply(epoch, apply::ops_done(&self.paths, &redo))
+            .map(drop)
     }
 
     fn clear_staging(&self) -> Result<()> {
@@ -331,19 +362,23 @@ impl ReplicaStore {
     }
 
     /// Applies the staged epoch with the mirror kept out, then retires
-    /// the redo record and the staging.
-    fn apply(&self, epoch: Epoch, ops_done: usize) -> Result<()> {
+    /// the redo record and the staging; returns what it refused to do
+    /// (counted and logged here).
+    fn apply(&self, epoch: Epoch, ops_done: usize) -> Result<Refusals> {
         let _view = self.view.write().expect("view lock");
-        let applied = Apply {
+        let (applied, refusals) = Apply {
             root: &self.root,
             paths: &self.paths,
             index: &self.index,
             block_size: self.block_size(),
+            allow_devices: self.allow_devices,
         }
         .run(epoch, ops_done)?;
+        self.stats.refused(epoch, &refusals);
         *self.applied.lock().expect("applied lock") = applied;
         self.stats.points_applied.fetch_add(1, Ordering::Relaxed);
         Redo::remove(&self.paths)?;
-        self.clear_staging()
+        self.clear_staging()?;
+        Ok(refusals)
     }
 }

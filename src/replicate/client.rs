@@ -179,6 +179,11 @@ pub struct SecondaryCounters {
     pub blocks_resumed: u64,
     /// Points applied since the secondary started.
     pub points_applied: u64,
+    /// Things it refused to do in points it applied (device nodes without
+    /// `--allow-devices`, owners it may not set), since it started.
+    pub refusals: u64,
+    /// The last of them, empty when none.
+    pub last_refusal: String,
 }
 
 /// Asks a running secondary for its counters (for `hbrfs status`).
@@ -206,6 +211,8 @@ pub fn remote_status(addr: &str, key: &AuthKey) -> Result<SecondaryCounters> {
             blocks_sent: s.blocks_sent,
             blocks_resumed: s.blocks_resumed,
             points_applied: s.points_applied,
+            refusals: s.refusals,
+            last_refusal: s.last_refusal,
         })
     })
 }

@@ -12,11 +12,13 @@
 //!   status query of a running secondary.
 //! - [`point`]: a point's life (cut → pending → shipping → applied), its one
 //!   owner and the only writer of the point record in the journal.
+//! - `meta`: which paths' metadata a point changed, read from the backing.
 //! - `ship`: one point over one stream: Begin, offers, wants, blocks, Commit.
 //! - `verify`: `hbrfs verify`, the clean blocks against the replica.
 //! - [`stats`]: the counters and their typed report for `hbrfs status`.
 
 pub mod client;
+mod meta;
 pub mod point;
 mod ship;
 pub mod stats;

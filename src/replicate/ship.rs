@@ -1,7 +1,8 @@
 //! Shipping one point over one stream: Begin (a small header), its lists
 //! in Manifest chunks of a few MiB (namespace operations read from the
-//! journal one at a time, then file sizes and paths at the cut), then
-//! chunk by chunk a keyed hash per dirty
+//! journal one at a time, then file sizes and paths at the cut, then the
+//! metadata the point changed, deepest paths first), then chunk by chunk
+//! a keyed hash per dirty
 //! block, the secondary's wants, the wanted blocks zstd-compressed (zero
 //! blocks travel as markers in the offer), and Commit, answered once the
 //! point is applied. A resumed stream skips the offers the secondary holds.
@@ -22,6 +23,7 @@ use crate::ids::{BlockNo, Epoch};
 use prost::Message;
 
 use crate::datastore::Datastore;
+use crate::proto::journal::{OpKind as JournalOpKind, OpRecord};
 use crate::proto::replication::{
     Begin, Block, Blocks, Commit, FileState, Manifest, NamespaceOp, Offer, Offers, ShipMessage,
     ShipReply, ship_message, ship_reply,
@@ -30,10 +32,10 @@ use crate::throttle::Throttle;
 use crate::tracking::{ClosedSet, TrackedFile};
 use crate::wire::{MAX_BLOCKS, NO_PROGRESS_TIMEOUT, apply_timeout, manifest_timeout};
 
-use super::Replicator;
 use super::client::{Client, blocking, next_reply, remote, ship_status, unexpected, within};
 use super::point::Point;
 use super::stats::ReplStats;
+use super::{Replicator, meta};
 
 /// Blocks read, hashed and offered per round trip.
 const OFFER_CHUNK: usize = 256;
@@ -161,23 +163,25 @@ impl Chunker {
         self.tx.blocking_send(Ok(chunk)).is_ok()
     }
 
+    /// Sends `error` in place of the next chunk: the stream fails with it.
+    fn failed(self, error: crate::error::Error) {
+        let _ = self.tx.blocking_send(Err(error));
+    }
+
     /// The namespace operations of the point, one journal record at a
-    /// time, then every file's path and size at the cut, then the end.
+    /// time (metadata records stay behind: they travel as the metadata
+    /// itself), then every file's path and size at the cut, then the
+    /// metadata the point changed (see `meta`), then the end.
     fn run(mut self, ds: &Datastore, base: Epoch, end: Epoch, files: &[Arc<TrackedFile>]) {
+        let mut dirty = meta::Dirty::default();
         for op in ds.journal.ops_between(base, end) {
             let op = match op {
-                Ok(op) => NamespaceOp {
-                    kind: op.kind,
-                    file_id: op.file_id,
-                    path: op.path,
-                    // Rename flags or the new size travel in `size`.
-                    arg: op.size,
-                    target: op.target,
-                },
-                Err(e) => {
-                    let _ = self.tx.blocking_send(Err(e));
-                    return;
-                }
+                Ok(op) => op,
+                Err(e) => return self.failed(e),
+            };
+            dirty.add_op(&op);
+            let Some(op) = wire_op(op) else {
+                continue;
             };
             let len = op.encoded_len() + ENTRY_OVERHEAD;
             self.chunk.ops.push(op);
@@ -186,6 +190,7 @@ impl Chunker {
             }
         }
         for f in files {
+            dirty.paths.insert(f.at_cut().0);
             let (path, size) = f.at_cut();
             let file = FileState {
                 file_id: f.id.0,
@@ -194,6 +199,17 @@ impl Chunker {
             };
             let len = file.encoded_len() + ENTRY_OVERHEAD;
             self.chunk.files.push(file);
+            if !self.added(len) {
+                return;
+            }
+        }
+        let metas = match meta::read_metas(&ds.root, dirty) {
+            Ok(metas) => metas,
+            Err(e) => return self.failed(e),
+        };
+        for m in metas {
+            let len = m.encoded_len() + ENTRY_OVERHEAD;
+            self.chunk.metas.push(m);
             if !self.added(len) {
                 return;
             }
@@ -217,6 +233,20 @@ fn manifest_chunks(ds: Arc<Datastore>, point: &Point) -> mpsc::Receiver<Result<M
     };
     tokio::task::spawn_blocking(move || chunker.run(&ds, base, end, &files));
     rx
+}
+
+/// A namespace operation as it travels; `None` for a metadata record (it
+/// travels as the metadata itself, in the point's metas).
+fn wire_op(op: OpRecord) -> Option<NamespaceOp> {
+    (op.kind() != JournalOpKind::Meta).then_some(NamespaceOp {
+        kind: op.kind,
+        file_id: op.file_id,
+        path: op.path,
+        // Rename flags, the new size or mknod's mode and device travel in
+        // `size`.
+        arg: op.size,
+        target: op.target,
+    })
 }
 
 /// The closed blocks of every file of `set`, listed on a blocking thread.
@@ -278,7 +308,10 @@ impl Replicator {
         // grows with the point; the keepalive meanwhile notices a stall.
         let bytes = total.saturating_mul(self.ds.format.block_size.bytes());
         match stream.reply("Commit", apply_timeout(bytes)).await? {
-            ship_reply::Body::Applied(a) if a.epoch == epoch => Ok(()),
+            ship_reply::Body::Applied(a) if a.epoch == epoch => {
+                self.stats.secondary_refused(epoch, &a.refusals);
+                Ok(())
+            }
             other => Err(unexpected("Commit", &other)),
         }
     }

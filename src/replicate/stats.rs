@@ -50,6 +50,10 @@ pub struct ReplStats {
     pub(super) baseline: AtomicBool,
     /// When the secondary last answered or took a message (0 before).
     pub(super) last_progress_ns: AtomicU64,
+    /// What the secondary refused to do in applied points (a device node
+    /// without `--allow-devices`, an owner it may not set), and the last.
+    secondary_refusals: AtomicU64,
+    last_secondary_refusal: Mutex<String>,
 }
 
 /// What `hbrfs status` shows of the replicator: the counters with the
@@ -108,6 +112,11 @@ pub struct ReplicationReport {
     /// Seconds since then, null before the first: with `last_error`, how
     /// long replication has been stuck and why.
     pub seconds_since_progress: Option<f64>,
+    /// Things the secondary refused to do in points it applied (they
+    /// applied without them), since the daemon started.
+    pub secondary_refusals: u64,
+    /// The last of them, empty when none.
+    pub last_secondary_refusal: String,
 }
 
 /// The ship in progress, so an operator can tell a long baseline from a
@@ -176,6 +185,12 @@ impl ReplStats {
             last_progress_ns: progress,
             seconds_since_progress: (progress != 0)
                 .then(|| now_ns().saturating_sub(progress) as f64 / 1e9),
+            secondary_refusals: load(&self.secondary_refusals),
+            last_secondary_refusal: self
+                .last_secondary_refusal
+                .lock()
+                .expect("refusal lock")
+                .clone(),
         }
     }
 
@@ -205,6 +220,19 @@ impl ReplStats {
     /// message.
     pub(super) fn progressed(&self) {
         self.last_progress_ns.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// Records what the secondary refused to do in the applied `epoch`:
+    /// logged as errors and shown by `status`.
+    pub(super) fn secondary_refused(&self, epoch: u64, refusals: &[String]) {
+        for r in refusals {
+            log::error!("epoch {epoch}: the secondary refused: {r}");
+        }
+        if let Some(last) = refusals.last() {
+            self.secondary_refusals
+                .fetch_add(refusals.len() as u64, Ordering::Relaxed);
+            *self.last_secondary_refusal.lock().expect("refusal lock") = last.clone();
+        }
     }
 
     /// Records a failure: the stream is down and `status` says why. A
@@ -273,8 +301,14 @@ mod tests {
         assert_eq!(v["dedup_ratio"], 0.0);
         assert!(v["seconds_since_progress"].is_null());
         assert_eq!(v["last_progress_ns"], 0);
-        assert_eq!(v.as_object().unwrap().len(), 25);
+        assert_eq!(v.as_object().unwrap().len(), 27);
         assert_eq!(v["errors"]["remote"], 0);
+        stats.secondary_refused(3, &["a".into(), "b".into()]);
+        let r = stats.report();
+        assert_eq!(
+            (r.secondary_refusals, &r.last_secondary_refusal[..]),
+            (2, "b")
+        );
         stats.start_ship(10, 2, true);
         stats.max_rate.store(5, Ordering::Relaxed);
         let v = serde_json::to_value(stats.report()).unwrap();

@@ -4,11 +4,14 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use fuser::{Errno, FileHandle, INodeNo, TimeOrNow};
 
 use super::{Passthrough, stat};
 use crate::fs::attr::time_spec;
+use crate::fs::inodes::Inode;
+use crate::fs::recorder::Change;
 use crate::fs::reply::{Entry, Res, Xattr, io_errno};
 use crate::sys;
 
@@ -55,11 +58,27 @@ impl Passthrough {
         if let Some(size) = set.size {
             self.truncate(&node, set.fh, size)?;
         }
-        if set.atime.is_some() || set.mtime.is_some() {
+        let times = set.atime.is_some() || set.mtime.is_some();
+        if times {
             sys::utimens_fd(node.fd(), time_spec(set.atime), time_spec(set.mtime))
                 .map_err(io_errno)?;
         }
+        if times || set.mode.is_some() || set.uid.is_some() || set.gid.is_some() {
+            self.meta_changed(&node)?;
+        }
         Ok(self.entry(node.ino, &stat(node.fd())?))
+    }
+
+    /// Records that the metadata of `node` changed. Taken after the change,
+    /// in a gate of its own: a cut in between puts the record in the next
+    /// epoch, which reads the metadata when it ships, so nothing is missed.
+    /// A path that cannot be known fails the call (`ENAMETOOLONG`, `EIO`).
+    fn meta_changed(&self, node: &Arc<Inode>) -> Res<()> {
+        if let Some(_gate) = self.recording.gate() {
+            let path = self.path_of(node)?;
+            self.recording.record(Change::Meta { path: &path });
+        }
+        Ok(())
     }
 
     /// The target of the symlink `ino`.
@@ -84,7 +103,9 @@ impl Passthrough {
     /// Sets the extended attribute `name` of `ino`.
     pub fn op_setxattr(&self, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32) -> Res<()> {
         let fd = self.xattr_fd(ino)?;
-        sys::setxattr(fd.as_fd(), name, value, flags).map_err(io_errno)
+        sys::setxattr(fd.as_fd(), name, value, flags).map_err(io_errno)?;
+        let node = self.inode(ino)?;
+        self.meta_changed(&node)
     }
 
     /// The extended attribute `name` of `ino` (its size if `size` is 0).
@@ -102,7 +123,9 @@ impl Passthrough {
     /// Removes the extended attribute `name` of `ino`.
     pub fn op_removexattr(&self, ino: INodeNo, name: &OsStr) -> Res<()> {
         let fd = self.xattr_fd(ino)?;
-        sys::removexattr(fd.as_fd(), name).map_err(io_errno)
+        sys::removexattr(fd.as_fd(), name).map_err(io_errno)?;
+        let node = self.inode(ino)?;
+        self.meta_changed(&node)
     }
 }
 

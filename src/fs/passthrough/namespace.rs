@@ -100,7 +100,7 @@ impl Passthrough {
             self.handles.remove(fh);
             return Ok(entry);
         }
-        let record = |path: &[u8]| self.recording.record(Change::Node { path });
+        let record = |path: &[u8]| self.recording.record(Change::Node { path, mode, rdev });
         self.make_node(req, parent, name, record, |p| {
             sys::mknodat(p.fd(), name, mode, u64::from(rdev))
         })
