@@ -378,16 +378,15 @@ impl ShortPath {
     /// `rel` below `root` (the root itself for an empty `rel`); `make`
     /// creates missing folders on the way with that mode.
     pub fn beneath(root: BorrowedFd<'_>, rel: &[u8], make: Option<u32>) -> io::Result<ShortPath> {
+        // The root itself is "." in its descriptor's folder: the
+        // `/proc/self/fd` link alone would be the link, to an `lstat`.
         let (dir, name) = if rel.is_empty() {
-            (dir_beneath(root, rel, None)?, OsStr::new(""))
+            (dir_beneath(root, rel, None)?, OsStr::new("."))
         } else {
             parent_beneath(root, rel, make)?
         };
         let at = sys::proc_path(dir.as_fd());
-        let mut path = PathBuf::from(OsStr::from_bytes(at.to_bytes()));
-        if !name.is_empty() {
-            path.push(name);
-        }
+        let path = Path::new(OsStr::from_bytes(at.to_bytes())).join(name);
         Ok(ShortPath { _dir: dir, path })
     }
 

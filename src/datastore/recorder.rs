@@ -84,12 +84,13 @@ impl ChangeRecorder for Datastore {
                 let arg = u64::from(mode) | u64::from(rdev) << 32;
                 self.record_op(OpKind::Mknod, None, path, b"", arg)
             }
-            Change::Meta { path } => {
+            Change::Meta { file, path } => {
+                let path = self.name_of(file, path)?;
                 let epoch = self.tracker.current_epoch();
-                if !self.meta_noted.first(epoch, path) {
+                if !self.meta_noted.first(epoch, &path) {
                     return Ok(());
                 }
-                self.record_op(OpKind::Meta, None, path, b"", 0)
+                self.record_op(OpKind::Meta, None, &path, b"", 0)
             }
             Change::Mkdir { path } => self.record_op(OpKind::Mkdir, None, path, b"", 0),
             Change::Rmdir { path } => self.record_op(OpKind::Rmdir, None, path, b"", 0),

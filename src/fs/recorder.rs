@@ -93,8 +93,11 @@ pub enum Change<'a> {
     /// (chmod, chown, utimens, setxattr, removexattr): its metadata ships
     /// with the point.
     Meta {
-        /// Where.
-        path: &'a [u8],
+        /// The file, if tracked.
+        file: Option<FileId>,
+        /// Where, for a node that is not a tracked file (a tracked file's
+        /// names are the journal's, as for `Truncated`).
+        path: Option<&'a [u8]>,
     },
     /// A directory was made.
     Mkdir {
@@ -162,14 +165,13 @@ impl Change<'_> {
         match *self {
             Change::Created { path, .. }
             | Change::Node { path, .. }
-            | Change::Meta { path }
             | Change::Mkdir { path }
             | Change::Rmdir { path }
             | Change::Symlink { path, .. }
             | Change::Unlinked { path, .. } => path,
             Change::Renamed { from, .. } => from,
             Change::Linked { to, .. } => to,
-            Change::Truncated { path, .. } => path.unwrap_or_default(),
+            Change::Truncated { path, .. } | Change::Meta { path, .. } => path.unwrap_or_default(),
         }
     }
 }

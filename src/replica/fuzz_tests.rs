@@ -1216,18 +1216,14 @@ fn refuses_manifest_chunks_out_of_place_and_entries_beyond_the_limit_across_chun
         &["after the end of its lists"],
         |m, _| m.insert(LISTS + 1, chunk(Vec::new(), Vec::new(), true)),
     );
-    fx.refuse_changed(
-        "operations after file states",
-        &["out of order"],
-        |m, _| {
-            let whole = lists_of(&mut m[LISTS]).clone();
-            let files_first = chunk(Vec::new(), whole.files, false);
-            m.splice(
-                LISTS..=LISTS,
-                [files_first, chunk(whole.ops, Vec::new(), true)],
-            );
-        },
-    );
+    fx.refuse_changed("operations after file states", &["out of order"], |m, _| {
+        let whole = lists_of(&mut m[LISTS]).clone();
+        let files_first = chunk(Vec::new(), whole.files, false);
+        m.splice(
+            LISTS..=LISTS,
+            [files_first, chunk(whole.ops, Vec::new(), true)],
+        );
+    });
     fx.refuse_changed(
         "Offers before the lists ended",
         &["Offers before Begin and the end of its lists"],

@@ -75,8 +75,11 @@ impl Passthrough {
     /// A path that cannot be known fails the call (`ENAMETOOLONG`, `EIO`).
     fn meta_changed(&self, node: &Arc<Inode>) -> Res<()> {
         if let Some(_gate) = self.recording.gate() {
-            let path = self.path_of(node)?;
-            self.recording.record(Change::Meta { path: &path });
+            let path = self.untracked_path(node)?;
+            self.recording.record(Change::Meta {
+                file: node.tracked.as_ref().map(|t| t.id()),
+                path: path.as_deref(),
+            });
         }
         Ok(())
     }
