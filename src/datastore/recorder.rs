@@ -114,6 +114,13 @@ impl ChangeRecorder for Datastore {
     fn flush(&self) -> Result<()> {
         self.journal.flush()
     }
+
+    fn unrecorded(&self, change: &Change<'_>, error: &Error) {
+        let mut slot = self.unrecorded.lock().expect("unrecorded lock");
+        slot.get_or_insert_with(|| {
+            format!("a namespace change ({change}) is not in the journal: {error}")
+        });
+    }
 }
 
 /// The failures of the steps of one recorded change: every step runs, the

@@ -220,8 +220,7 @@ impl Passthrough {
             file: node.tracked.as_ref().map(|t| t.id()),
             path: &self.path_of(node),
             size,
-        });
-        Ok(())
+        })
     }
 
     /// Allocates, punches or zeroes a range; punched and zeroed blocks are

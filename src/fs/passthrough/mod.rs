@@ -199,11 +199,7 @@ impl Passthrough {
             .map_err(io_errno)?;
         let st = stat(fd.as_fd())?;
         let key = (st.st_dev, st.st_ino);
-        let known = self.inodes.known(key);
         let node = self.inodes.lookup(fd, key, st.st_mode & libc::S_IFMT, || {
-            if known {
-                return None;
-            }
             let reader = || {
                 let flags = libc::O_RDONLY | libc::O_NOFOLLOW;
                 sys::openat(Some(parent.fd()), name, flags, 0)
@@ -212,7 +208,7 @@ impl Passthrough {
             };
             let path = || self.child_path(parent, name);
             self.recording.tracking_for(&st, path, reader)
-        });
+        })?;
         Ok(self.entry(node.ino, &st))
     }
 

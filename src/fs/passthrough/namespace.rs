@@ -67,11 +67,12 @@ impl Passthrough {
         let id = tracked.as_ref().map(|t| t.id());
         let path_fd = sys::openat(Some(parent.fd()), name, libc::O_PATH | libc::O_NOFOLLOW, 0)
             .map_err(io_errno)?;
-        let node = self
-            .inodes
-            .lookup(path_fd, (st.st_dev, st.st_ino), libc::S_IFREG, || tracked);
+        let node = (self.inodes).lookup(path_fd, (st.st_dev, st.st_ino), libc::S_IFREG, || {
+            Ok::<_, Errno>(tracked)
+        })?;
         if let Some(file) = id {
-            self.recording.record(Change::Created { file, path: &path });
+            self.recording
+                .record(Change::Created { file, path: &path })?;
         }
         // The new file's id must be on disk before its first write is
         // acknowledged: a crash must not leave marked blocks of a file the
@@ -124,7 +125,7 @@ impl Passthrough {
     ) -> Res<Entry> {
         let record = |path: &[u8]| {
             let target = target.as_os_str().as_bytes();
-            self.recording.record(Change::Symlink { path, target });
+            self.recording.record(Change::Symlink { path, target })
         };
         self.make_node(req, parent, name, record, |p| {
             sys::symlinkat(target, p.fd(), name)
@@ -138,7 +139,7 @@ impl Passthrough {
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        record: impl FnOnce(&[u8]),
+        record: impl FnOnce(&[u8]) -> Res<()>,
         make: impl FnOnce(&Inode) -> io::Result<()>,
     ) -> Res<Entry> {
         let parent = self.inode(parent)?;
@@ -149,7 +150,7 @@ impl Passthrough {
             .map_err(io_errno)?;
         self.set_owner(req, &parent, &fd)?;
         drop(fd);
-        record(&self.child_path(&parent, name));
+        record(&self.child_path(&parent, name))?;
         self.lookup_in(&parent, name)
     }
 
@@ -176,8 +177,7 @@ impl Passthrough {
                 path,
                 file: Self::gone(&st),
             }
-        });
-        Ok(())
+        })
     }
 
     /// Moves `name` in `parent` to `newname` in `newparent` (`renameat2`
@@ -208,8 +208,7 @@ impl Passthrough {
             flags,
             ino: src.st_ino,
             replaced: replaced.as_ref().and_then(Self::gone),
-        });
-        Ok(())
+        })
     }
 
     /// Links `ino` as `newname` in `newparent`.
@@ -223,7 +222,7 @@ impl Passthrough {
             file: node.tracked.as_ref().map(|t| t.id()),
             from: &self.path_of(&node),
             to: &self.child_path(&newparent, newname),
-        });
+        })?;
         self.lookup_in(&newparent, newname)
     }
 
