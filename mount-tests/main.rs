@@ -10,4 +10,5 @@ mod posix;
 mod privacy;
 mod replication;
 mod resilience;
+mod space;
 mod tracking;

@@ -1,10 +1,10 @@
 //! The tonic service a primary ships to: Hello pairs, Ship receives one
 //! point per stream (one stream at a time, each on a blocking thread that
 //! owns its `Session`), Verify and Status answer from the store. Errors of
-//! the parts become statuses here, and only here: refusals
-//! InvalidArgument, a failed apply Unavailable (the primary keeps the
-//! point and ships it again; the apply is retried from its redo record at
-//! the next hello or stream), a hello or verify that cannot be answered
+//! the parts become statuses here, and only here (`failed`): refusals
+//! InvalidArgument, a failed staging or apply Unavailable with its cause
+//! (the primary keeps the point and ships it again; the apply is retried
+//! from its redo record at the next hello or stream), a hello or verify that cannot be answered
 //! FailedPrecondition, a failed task Internal.
 
 use std::pin::Pin;
@@ -29,16 +29,21 @@ use crate::proto::replication::{
 };
 use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
 
-impl From<Refused> for Status {
-    /// A refusal is InvalidArgument: the primary tells "refused" (never
-    /// send this point again as it is) from "failed" by the code. A failed
-    /// apply is Unavailable: retryable, with its cause.
-    fn from(refused: Refused) -> Status {
-        if refused.is_retryable() {
-            Status::unavailable(refused.to_string())
-        } else {
-            Status::invalid_argument(refused.to_string())
-        }
+/// Ends a stream (or a hello retrying an apply) with `refused`. A
+/// refusal is InvalidArgument: the primary tells "refused" (never send
+/// this point again as it is) from "failed" by the code. A failure of
+/// this secondary (staging or applying: a full disk, an IO error) is
+/// Unavailable: retryable, with its cause. Either is logged and kept as
+/// the secondary's `last_error` for `status` until a point applies.
+fn failed(store: &ReplicaStore, refused: Refused) -> Status {
+    let cause = refused.cause(&store.root);
+    store.stats.failed(&cause);
+    if refused.is_retryable() {
+        log::error!("{cause}; the point is kept and retried");
+        Status::unavailable(cause)
+    } else {
+        log::warn!("refused an epoch: {cause}");
+        Status::invalid_argument(cause)
     }
 }
 
@@ -89,7 +94,9 @@ pub(super) fn handle(
     msg: ShipMessage,
 ) -> Result<Option<ShipReply>, Refused> {
     let result = handle_body(session, msg);
-    if let (Err(_), Some(s)) = (&result, session.as_mut()) {
+    if let (Err(e), Some(s)) = (&result, session.as_mut())
+        && !e.is_retryable()
+    {
         s.mark_refused();
     }
     result
@@ -164,10 +171,7 @@ impl Replication for ReplicaService {
             tokio::task::spawn_blocking(move || store.finish_pending())
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|refused| {
-                    log::error!("{refused}");
-                    Status::from(refused)
-                })?;
+                .map_err(|refused| failed(&self.store, refused))?;
         }
         let applied = self.store.applied();
         Ok(Response::new(HelloReply {
@@ -186,6 +190,7 @@ impl Replication for ReplicaService {
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let store = self.store.clone();
+        let shared = self.store.clone();
         let shipping = self.shipping.clone();
         tokio::spawn(async move {
             let _turn = shipping.lock().await;
@@ -225,12 +230,7 @@ impl Replication for ReplicaService {
             match worker.await {
                 Ok(Ok(())) => {}
                 Ok(Err(refused)) => {
-                    if refused.is_retryable() {
-                        log::error!("{refused}; the redo record stays, the apply is retried");
-                    } else {
-                        log::warn!("refused an epoch: {refused}");
-                    }
-                    let _ = tx.send(Err(refused.into())).await;
+                    let _ = tx.send(Err(failed(&shared, refused))).await;
                 }
                 Err(e) => {
                     let _ = tx
@@ -272,6 +272,7 @@ impl Replication for ReplicaService {
             blocks_have: stats.blocks_have.load(Ordering::Relaxed),
             blocks_sent: stats.blocks_sent.load(Ordering::Relaxed),
             blocks_resumed: stats.blocks_resumed.load(Ordering::Relaxed),
+            last_error: stats.last_error(),
         }))
     }
 }

@@ -271,11 +271,13 @@ impl<'a> Session<'a> {
         self.blocks.push(block);
     }
 
-    /// How many offers, in order, have their block.
+    /// How many offers, in order, have their block staged (a block whose
+    /// staging failed, on a full disk, is no longer pending but not staged
+    /// either).
     fn complete(&self) -> usize {
         self.offer_log
             .iter()
-            .position(|o| self.pending.contains_key(o))
+            .position(|o| self.pending.contains_key(o) || !self.block_at.contains_key(o))
             .unwrap_or(self.offer_log.len())
     }
 
