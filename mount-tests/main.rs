@@ -5,6 +5,7 @@
 
 mod crash;
 mod harness;
+mod health;
 mod passthrough;
 mod posix;
 mod privacy;

@@ -59,6 +59,8 @@ pub struct Secondary {
     nofile: Option<u64>,
     /// Whether the replica folder is a tmpfs of its own (unmounted on drop).
     tmpfs: bool,
+    /// More arguments for `hbrfs serve`, kept across restarts.
+    extra: Vec<String>,
     /// Dropped last, after `Drop` has unmounted the mirror.
     _dir: TempDir,
 }
@@ -67,28 +69,34 @@ impl Secondary {
     /// Starts a secondary on a fresh replica folder, listening on a free
     /// port of 127.0.0.1 (read back from `REPLICA/.hbrfs/listen`).
     pub fn start() -> Secondary {
-        Secondary::start_limited(None)
+        Secondary::start_limited(None, &[])
+    }
+
+    /// Starts a secondary like [`Secondary::start`], with more arguments
+    /// for `hbrfs serve`, kept across restarts.
+    pub fn start_with_args(extra: &[&str]) -> Secondary {
+        Secondary::start_limited(None, extra)
     }
 
     /// Starts a secondary like [`Secondary::start`], under an open-file
     /// limit of `nofile`, soft and hard (so the daemon cannot raise it),
     /// kept across restarts.
     pub fn start_with_nofile(nofile: u64) -> Secondary {
-        Secondary::start_limited(Some(nofile))
+        Secondary::start_limited(Some(nofile), &[])
     }
 
     /// Starts a secondary like [`Secondary::start`] whose replica folder
     /// (its state folder with it) is a tmpfs of `size` (`mount -o size=`),
     /// so a larger point fills it; [`Secondary::resize`] grows it.
     pub fn start_on_tmpfs(size: &str) -> Secondary {
-        Secondary::start_with(None, Some(size))
+        Secondary::start_with(None, &[], Some(size))
     }
 
-    fn start_limited(nofile: Option<u64>) -> Secondary {
-        Secondary::start_with(nofile, None)
+    fn start_limited(nofile: Option<u64>, extra: &[&str]) -> Secondary {
+        Secondary::start_with(nofile, extra, None)
     }
 
-    fn start_with(nofile: Option<u64>, tmpfs: Option<&str>) -> Secondary {
+    fn start_with(nofile: Option<u64>, extra: &[&str], tmpfs: Option<&str>) -> Secondary {
         let dir = temp_dir();
         let replica = dir.path().join("replica");
         let mirror = dir.path().join("mirror");
@@ -108,6 +116,7 @@ impl Secondary {
             log_path: dir.path().join("serve.log"),
             nofile,
             tmpfs: tmpfs.is_some(),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             _dir: dir,
         };
         s.spawn_and_wait();
@@ -164,6 +173,7 @@ impl Secondary {
             .arg(&self.replica)
             .args(["--listen", &self.addr, "--mount"])
             .arg(&self.mirror)
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())

@@ -532,6 +532,7 @@ fn a_proxy_that_stalls_without_closing_is_noticed_within_30_s_and_the_point_resu
     sleep(Duration::from_secs(6));
     let s = primary_status(&m);
     assert_eq!(s["replication"]["connected"], false, "{s:#}");
+    crate::health::assert_stalled(&m.backing, "the connection stalled");
 
     // The path works again: the held point ships again and lands.
     proxy.stall(false);

@@ -3,6 +3,9 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
 
 /// Errors of the state folder, the journal and the tracking files.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,79 @@ pub enum ErrorKind {
     Refused,
     /// The user asked for something that cannot be done as asked.
     Usage,
+}
+
+impl ErrorKind {
+    /// Every kind, in the order [`ErrorCounts`] lists them.
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::Io,
+        ErrorKind::State,
+        ErrorKind::Remote,
+        ErrorKind::Refused,
+        ErrorKind::Usage,
+    ];
+
+    /// The kind's name as status and metrics show it (the `kind` label).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Io => "io",
+            ErrorKind::State => "state",
+            ErrorKind::Remote => "remote",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Usage => "usage",
+        }
+    }
+}
+
+/// Failures counted by kind since the daemon started: bumped where a
+/// failure is reported, read by `status` and the metrics endpoint, so a
+/// monitor sees failures that recovered before anyone looked.
+#[derive(Debug, Default)]
+pub struct ErrorCounters([AtomicU64; 5]);
+
+impl ErrorCounters {
+    /// Counts one failure of `kind`.
+    pub fn count(&self, kind: ErrorKind) {
+        let i = ErrorKind::ALL.iter().position(|k| *k == kind);
+        self.0[i.expect("every kind is listed")].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts, as `status` shows them.
+    pub fn report(&self) -> ErrorCounts {
+        let [io, state, remote, refused, usage] =
+            self.0.each_ref().map(|a| a.load(Ordering::Relaxed));
+        ErrorCounts {
+            io,
+            state,
+            remote,
+            refused,
+            usage,
+        }
+    }
+}
+
+/// Failures by [`ErrorKind`] since the daemon started (`errors` in
+/// `hbrfs status --json`, `hbrfs_errors_total{kind}` in the metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorCounts {
+    /// Local file or device failures.
+    pub io: u64,
+    /// Local state not accepted.
+    pub state: u64,
+    /// The peer failed or could not be reached.
+    pub remote: u64,
+    /// The peer refused what was shipped.
+    pub refused: u64,
+    /// Asked for something that cannot be done.
+    pub usage: u64,
+}
+
+impl ErrorCounts {
+    /// Each kind with its count, in [`ErrorKind::ALL`]'s order.
+    pub fn by_kind(&self) -> [(ErrorKind, u64); 5] {
+        let counts = [self.io, self.state, self.remote, self.refused, self.usage];
+        std::array::from_fn(|i| (ErrorKind::ALL[i], counts[i]))
+    }
 }
 
 impl Error {

@@ -14,7 +14,7 @@
 //!
 //! Commands and process wiring:
 //! - [`cli`]: clap commands and how their typed answers render; `main.rs` only calls [`cli::main`].
-//! - [`daemon`]: process wiring: the primary (`mount`), the secondary (`serve`, `mount-replica`), `up`; mounts and signals.
+//! - [`daemon`]: process wiring: the primary (`mount`), the secondary (`serve`, `mount-replica`), `up`; mounts and signals; the `--metrics` endpoint.
 //! - [`control`]: the daemon's control socket: one request enum, one typed answer per request.
 //!
 //! Primary wing (top to bottom):

@@ -68,6 +68,9 @@ enum Command {
         /// The secondary's pre-shared key (a copy of its REPLICA/.hbrfs/auth.key).
         #[arg(long, value_name = "FILE")]
         auth_key: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9470).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Run a secondary: receive points into REPLICA_DIR and apply them atomically.
     Serve {
@@ -87,6 +90,9 @@ enum Command {
         /// (FUSE allow_other); by default only the daemon's user sees it.
         #[arg(long, requires = "mount")]
         mirror_allow_other: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9471).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Mount a replica folder read-only (when no secondary serves it).
     MountReplica {
@@ -110,8 +116,15 @@ enum Command {
         target: Target,
         /// Keep watching: a progress bar while a point (or the baseline)
         /// ships, a line when it is applied. Ctrl-C ends it.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "check")]
         watch: bool,
+        /// For monitoring (Nagios-style): print one line and exit 0 (ok),
+        /// 1 (warning) or 2 (critical); see README "Monitoring".
+        #[arg(long)]
+        check: bool,
+        /// With --check: the replica age that warns (twice it is critical).
+        #[arg(long, value_parser = parse_duration, default_value = "30s", requires = "check")]
+        max_age: Duration,
     },
     /// Compare primary and replica by block hashes at the last applied point;
     /// exits non-zero when they differ.
@@ -219,6 +232,17 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("hbrfs=info,warn"))
         .init();
+    if let Command::Status {
+        target,
+        check: true,
+        max_age,
+        ..
+    } = &cli.command
+    {
+        // A monitor reads the exit code: no path out of a check is 1 by
+        // accident.
+        return status::check(target, *max_age).code();
+    }
     match run(cli) {
         Ok(()) => 0,
         Err(e) => {
@@ -242,6 +266,7 @@ fn run(cli: Cli) -> Result<()> {
             zstd_level,
             max_rate,
             auth_key,
+            metrics,
         } => {
             let replicate = match (replicate_to, auth_key) {
                 (Some(addr), Some(key)) => Some(ReplicateOptions {
@@ -268,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
                 cut_every,
                 tracking: !no_tracking,
                 replicate,
+                metrics,
             })
         }
         Command::Serve {
@@ -276,19 +302,21 @@ fn run(cli: Cli) -> Result<()> {
             mount,
             auth_key,
             mirror_allow_other,
+            metrics,
         } => daemon::run_serve(&ServeOptions {
             replica,
             listen,
             mount,
             auth_key,
             mirror_allow_other,
+            metrics,
         }),
         Command::MountReplica {
             replica,
             mountpoint,
         } => daemon::run_mount_replica(&replica, &mountpoint),
         Command::Up { dir, rpo } => daemon::run_up(&dir, rpo),
-        Command::Status { target, watch } => status::run(&target, watch),
+        Command::Status { target, watch, .. } => status::run(&target, watch),
         Command::Verify { target, repair } => verify(&target, repair),
         Command::Journal { target, what } => journal(&target, what),
         Command::Cut { target } => {

@@ -98,6 +98,137 @@ fn secondary(dir: &Path) -> Result<SecondaryStatus> {
     Ok(status)
 }
 
+/// What `status --check` found, as a monitor reads it from the exit code
+/// (Nagios plugin convention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Health {
+    /// Exit 0: replicating, the replica younger than `--max-age`.
+    Ok,
+    /// Exit 1: the replica older than `--max-age`, or no point yet.
+    Warning,
+    /// Exit 2: stalled, not connected with an error, older than twice
+    /// `--max-age`, or no daemon answers.
+    Critical,
+}
+
+impl Health {
+    /// The exit code.
+    pub(super) fn code(self) -> i32 {
+        match self {
+            Health::Ok => 0,
+            Health::Warning => 1,
+            Health::Critical => 2,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Health::Ok => "OK",
+            Health::Warning => "WARNING",
+            Health::Critical => "CRITICAL",
+        }
+    }
+}
+
+/// A ship making no progress for this long is stalled, whatever the
+/// connection says: the failure contract notices a stall within 30 s.
+const STALL_AFTER_S: f64 = 30.0;
+
+/// Runs `hbrfs status --check`: prints one line and returns the health.
+/// Every failure to find out is critical, so a broken check never passes.
+pub(super) fn check(target: &Target, max_age: Duration) -> Health {
+    let (health, line) = check_target(&target.datastore, max_age)
+        .unwrap_or_else(|e| (Health::Critical, e.to_string()));
+    println!("{}: {line}", health.label());
+    health
+}
+
+fn check_target(given: &Path, max_age: Duration) -> Result<(Health, String)> {
+    let dir = resolve_datastore(given)?;
+    let paths = StatePaths::of(&dir);
+    if !paths.format().exists() {
+        let s = secondary(&dir)?;
+        return Ok(match (s.serving, s.listen) {
+            (true, Some(addr)) => (
+                Health::Ok,
+                format!(
+                    "secondary serving on {addr}, epoch {} applied",
+                    s.last_applied_epoch
+                ),
+            ),
+            (_, addr) => (
+                Health::Critical,
+                format!(
+                    "secondary {} is not serving (no answer at {})",
+                    dir.display(),
+                    addr.as_deref().unwrap_or("any recorded address")
+                ),
+            ),
+        });
+    }
+    let Some(answer) = crate::control::ask(&paths.socket(), &Request::Status)? else {
+        return Ok((
+            Health::Critical,
+            format!("no hbrfs daemon answers for {}", dir.display()),
+        ));
+    };
+    let Answer::Status(status) = answer else {
+        return Err(unexpected(&dir));
+    };
+    Ok(match status.replication {
+        Some(r) => judge(&r, max_age),
+        None => (
+            Health::Critical,
+            format!(
+                "{} does not replicate (mounted without --replicate-to)",
+                dir.display()
+            ),
+        ),
+    })
+}
+
+/// Judges a primary's replication against `max_age`: stalled or
+/// disconnected with an error is critical, and so is a replica older than
+/// twice `max_age`; older than `max_age`, or no point applied yet, warns.
+fn judge(r: &ReplicationReport, max_age: Duration) -> (Health, String) {
+    let max = max_age.as_secs_f64();
+    let cause = if r.last_error.is_empty() {
+        "no answer from the secondary"
+    } else {
+        &r.last_error
+    };
+    let stalled = || match r.seconds_since_progress {
+        Some(s) => format!("stalled for {s:.0} s: {cause}"),
+        None => format!("stalled, no progress yet: {cause}"),
+    };
+    let shipping_stuck =
+        r.shipping.is_some() && r.seconds_since_progress.is_some_and(|s| s > STALL_AFTER_S);
+    if (!r.connected && !r.last_error.is_empty()) || shipping_stuck {
+        return (Health::Critical, stalled());
+    }
+    let Some(age) = r.replica_age_ms.map(|ms| ms as f64 / 1e3) else {
+        let why = if r.connected {
+            "connected, no point applied yet (the baseline is shipping)"
+        } else {
+            "not connected to the secondary yet"
+        };
+        return (Health::Warning, why.into());
+    };
+    let line = format!(
+        "replica age {age:.1} s (max {max:.0} s), epoch {} applied | replica_age={age:.3}s;{max};{}",
+        r.last_applied_epoch,
+        2.0 * max
+    );
+    let health = if age > 2.0 * max {
+        Health::Critical
+    } else if age > max {
+        Health::Warning
+    } else {
+        Health::Ok
+    };
+    (health, line)
+}
+
 /// Follows a primary's replication: a progress bar per point shipped.
 fn watch_primary(dir: &Path) -> Result<()> {
     let mut watch = Watch::default();
@@ -174,5 +305,72 @@ impl Watch {
         let rate = p.wire_bytes_per_s as u64;
         let eta = p.eta_s.map_or("-".into(), |s| format!("{s:.0} s"));
         b.set_message(format!("{}/s  ETA {eta}", render::bytes(rate)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicate::ReplStats;
+
+    fn report(
+        connected: bool,
+        age_s: Option<u64>,
+        since: Option<f64>,
+        error: &str,
+    ) -> ReplicationReport {
+        let mut r = ReplStats::default().report();
+        r.connected = connected;
+        r.replica_age_ms = age_s.map(|s| s * 1000);
+        r.seconds_since_progress = since;
+        r.last_error = error.into();
+        r
+    }
+
+    #[test]
+    fn check_thresholds() {
+        let max = Duration::from_secs(30);
+        let judged = |r: &ReplicationReport| judge(r, max);
+        assert_eq!(judged(&report(true, Some(3), Some(1.0), "")).0, Health::Ok);
+        assert_eq!(judged(&report(true, Some(30), Some(1.0), "")).0, Health::Ok);
+        assert_eq!(
+            judged(&report(true, Some(31), Some(1.0), "")).0,
+            Health::Warning
+        );
+        assert_eq!(
+            judged(&report(true, Some(61), Some(1.0), "")).0,
+            Health::Critical
+        );
+        // An old error on a connection that works again does not count.
+        assert_eq!(
+            judged(&report(true, Some(3), Some(1.0), "old")).0,
+            Health::Ok
+        );
+        assert_eq!(judged(&report(false, None, None, "")).0, Health::Warning);
+        assert_eq!(
+            judged(&report(true, None, Some(1.0), "")).0,
+            Health::Warning
+        );
+        let (h, line) = judged(&report(false, Some(3), Some(12.4), "connecting: refused"));
+        assert_eq!(h, Health::Critical);
+        assert_eq!(line, "stalled for 12 s: connecting: refused");
+        let mut stuck = report(true, Some(3), Some(31.0), "");
+        stuck.shipping = Some(ShipProgress {
+            baseline: false,
+            blocks_done: 1,
+            blocks_total: 2,
+            seconds: 40.0,
+            wire_bytes_per_s: 0.0,
+            eta_s: None,
+        });
+        let (h, line) = judged(&stuck);
+        assert_eq!(h, Health::Critical);
+        assert_eq!(line, "stalled for 31 s: no answer from the secondary");
+        stuck.seconds_since_progress = Some(2.0);
+        assert_eq!(judged(&stuck).0, Health::Ok);
+        assert_eq!(
+            [Health::Ok, Health::Warning, Health::Critical].map(Health::code),
+            [0, 1, 2]
+        );
     }
 }

@@ -10,7 +10,9 @@
 //! - `primary`: `hbrfs mount`.
 //! - `secondary`: `hbrfs serve` and `hbrfs mount-replica`.
 //! - `up`: `hbrfs up`.
+//! - `metrics`: the `--metrics` endpoint of `mount` and `serve`.
 
+mod metrics;
 mod primary;
 mod secondary;
 mod up;

@@ -2,6 +2,7 @@
 //! serves the control socket and runs the cut timer or the replicator
 //! (`hbrfs mount`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use fuser::Session;
 use tokio::sync::watch;
 
+use super::metrics::{self, PrimaryMetrics};
 use super::{
     MountKind, check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, runtime, unmount,
 };
@@ -37,6 +39,8 @@ pub struct MountOptions {
     pub tracking: bool,
     /// Ship points to a secondary.
     pub replicate: Option<ReplicateOptions>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The primary, started: what `mount` and `up` wait on and stop.
@@ -44,12 +48,11 @@ pub(super) struct Primary {
     ds: Arc<Datastore>,
     pub(super) session: Session<Passthrough>,
     pub(super) mountpoint: PathBuf,
-    /// Stops the replicator (and the runtime it runs on).
-    replication: Option<(
-        tokio::runtime::Runtime,
-        watch::Sender<bool>,
-        tokio::task::JoinHandle<()>,
-    )>,
+    /// The runtime of the replicator and the metrics endpoint, when
+    /// either runs.
+    rt: Option<tokio::runtime::Runtime>,
+    /// Stops the replicator.
+    replication: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
 pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
@@ -75,11 +78,13 @@ pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
     let recorder = opts.tracking.then(|| ds.clone() as Arc<dyn ChangeRecorder>);
     let fs = Passthrough::new(&backing, recorder, Cache::Kernel).at(&backing)?;
     let session = mount(fs, &backing, &mountpoint, MountKind::Primary, opts.threads)?;
+    let rt = (opts.replicate.is_some() || opts.metrics.is_some())
+        .then(runtime)
+        .transpose()?;
     let mut replication = None;
     let mut stats = None;
-    if let Some(r) = &opts.replicate {
+    if let (Some(r), Some(rt)) = (&opts.replicate, &rt) {
         let replicator = Arc::new(Replicator::new(ds.clone(), r.clone())?);
-        let rt = runtime()?;
         stats = Some(control::Replication {
             replicator: replicator.clone(),
             runtime: rt.handle().clone(),
@@ -87,20 +92,16 @@ pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
         let (stop, stopped) = watch::channel(false);
         let task = rt.spawn(replicator.run(stopped));
         log::info!("replicating to {} every {:?}", r.addr, r.rpo);
-        replication = Some((rt, stop, task));
+        replication = Some((stop, task));
     } else if let Some(every) = opts.cut_every {
-        let ds = ds.clone();
-        std::thread::Builder::new()
-            .name("hbrfs-cut".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(every);
-                    if let Err(e) = ds.tracker.cut() {
-                        log::error!("cutting an epoch: {e}");
-                    }
-                }
-            })
-            .at("cut thread")?;
+        start_cut_timer(ds.clone(), every)?;
+    }
+    if let (Some(addr), Some(rt)) = (opts.metrics, &rt) {
+        let collector = PrimaryMetrics {
+            ds: ds.clone(),
+            stats: stats.as_ref().map(|s| s.replicator.stats.clone()),
+        };
+        metrics::serve(addr, collector, rt.handle())?;
     }
     control::serve(control::Context {
         ds: ds.clone(),
@@ -115,8 +116,26 @@ pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
         ds,
         session,
         mountpoint,
+        rt,
         replication,
     })
+}
+
+/// Cuts an epoch every `every` on a thread of its own (a primary that does
+/// not replicate, for `hbrfs journal` and tests).
+fn start_cut_timer(ds: Arc<Datastore>, every: Duration) -> Result<()> {
+    std::thread::Builder::new()
+        .name("hbrfs-cut".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                if let Err(e) = ds.tracker.cut() {
+                    log::error!("cutting an epoch: {e}");
+                }
+            }
+        })
+        .at("cut thread")?;
+    Ok(())
 }
 
 impl Primary {
@@ -126,10 +145,11 @@ impl Primary {
             ds,
             session,
             mountpoint,
+            rt,
             replication,
         } = self;
         let result = session.run();
-        if let Some((rt, stop, task)) = replication {
+        if let (Some((stop, task)), Some(rt)) = (replication, &rt) {
             let _ = stop.send(true);
             let _ =
                 rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await });

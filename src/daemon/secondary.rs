@@ -8,6 +8,7 @@ use std::sync::Arc;
 use fuser::SessionUnmounter;
 use tokio::sync::watch;
 
+use super::metrics::{self, SecondaryMetrics};
 use super::{
     MountKind, check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, runtime, unmount,
 };
@@ -34,6 +35,8 @@ pub struct ServeOptions {
     /// `allow_other`); off by default: the replica is as private as the
     /// primary's backing folder.
     pub mirror_allow_other: bool,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Where a secondary keeps its key unless told otherwise.
@@ -72,6 +75,12 @@ pub(super) fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
         key_path.display()
     );
     let tls = crate::tls::server_config(&key)?;
+    if let Some(addr) = opts.metrics {
+        let collector = SecondaryMetrics {
+            store: store.clone(),
+        };
+        metrics::serve(addr, collector, rt.handle())?;
+    }
     let server = rt.spawn(crate::replica::serve_on(
         store.clone(),
         key,

@@ -37,6 +37,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         mount: Some(replica_mnt.clone()),
         auth_key: None,
         mirror_allow_other: false,
+        metrics: None,
     })?;
     let key = AuthKey::load(&default_key_path(&dir.join("replica")))?;
     let listen_path = ReplicaPaths::of(&dir.join("replica")).listen();
@@ -55,6 +56,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
             key,
             max_rate: None,
         }),
+        metrics: None,
     })?;
     let mnt = primary.mountpoint.clone();
     eprintln!(

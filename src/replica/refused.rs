@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use super::preflight::PreflightError;
 use crate::block::BlockError;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS};
 
 /// Why a stream was refused.
@@ -234,6 +234,18 @@ impl Refused {
                 format!("no space left on {} ({self})", replica.display())
             }
             _ => self.to_string(),
+        }
+    }
+
+    /// The kind of this failure for the error counters: a failed apply
+    /// is its cause's kind, a staging failure is IO, anything else is a
+    /// refusal of the point.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Refused::Apply { source, .. } | Refused::ApplyPending { source, .. } => source.kind(),
+            Refused::Staging { .. } => ErrorKind::Io,
+            Refused::Index(source) => source.kind(),
+            _ => ErrorKind::Refused,
         }
     }
 

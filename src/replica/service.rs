@@ -38,11 +38,12 @@ use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
 fn failed(store: &ReplicaStore, refused: Refused) -> Status {
     let cause = refused.cause(&store.root);
     store.stats.failed(&cause);
+    store.stats.errors.count(refused.kind());
     if refused.is_retryable() {
         log::error!("{cause}; the point is kept and retried");
         Status::unavailable(cause)
     } else {
-        log::warn!("refused an epoch: {cause}");
+        log::error!("refused a point: {cause}");
         Status::invalid_argument(cause)
     }
 }
@@ -173,6 +174,7 @@ impl Replication for ReplicaService {
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|refused| failed(&self.store, refused))?;
         }
+        self.store.stats.progressed();
         let applied = self.store.applied();
         Ok(Response::new(HelloReply {
             protocol_version: PROTOCOL_VERSION,
@@ -190,7 +192,6 @@ impl Replication for ReplicaService {
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let store = self.store.clone();
-        let shared = self.store.clone();
         let shipping = self.shipping.clone();
         tokio::spawn(async move {
             let _turn = shipping.lock().await;
@@ -198,6 +199,7 @@ impl Replication for ReplicaService {
             // fed by a bounded channel, so disk work stays off the runtime.
             let (msg_tx, mut msg_rx) = mpsc::channel::<ShipMessage>(4);
             let reply_tx = tx.clone();
+            let stats_store = store.clone();
             let worker = tokio::task::spawn_blocking(move || {
                 let mut session = match Session::new(&store) {
                     Ok(s) => Some(s),
@@ -215,6 +217,7 @@ impl Replication for ReplicaService {
             loop {
                 match incoming.message().await {
                     Ok(Some(msg)) => {
+                        stats_store.stats.progressed();
                         if msg_tx.send(msg).await.is_err() {
                             break;
                         }
@@ -230,7 +233,7 @@ impl Replication for ReplicaService {
             match worker.await {
                 Ok(Ok(())) => {}
                 Ok(Err(refused)) => {
-                    let _ = tx.send(Err(failed(&shared, refused))).await;
+                    let _ = tx.send(Err(failed(&stats_store, refused))).await;
                 }
                 Err(e) => {
                     let _ = tx
@@ -264,14 +267,16 @@ impl Replication for ReplicaService {
         let applied = self.store.applied();
         let (epoch, at) = (applied.epoch.0, applied.at_ns);
         let stats = &self.store.stats;
+        let counts = stats.counts();
         Ok(Response::new(StatusReply {
             last_applied_epoch: epoch,
             applied_at_ns: at,
             files: self.store.file_count() as u64,
-            bytes_received: stats.bytes_received.load(Ordering::Relaxed),
-            blocks_have: stats.blocks_have.load(Ordering::Relaxed),
-            blocks_sent: stats.blocks_sent.load(Ordering::Relaxed),
-            blocks_resumed: stats.blocks_resumed.load(Ordering::Relaxed),
+            bytes_received: counts.bytes_received,
+            blocks_have: counts.blocks_have,
+            blocks_sent: counts.blocks_sent,
+            blocks_resumed: counts.blocks_resumed,
+            points_applied: stats.points_applied.load(Ordering::Relaxed),
             last_error: stats.last_error(),
         }))
     }

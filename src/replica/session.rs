@@ -28,11 +28,12 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::preflight;
 use super::refused::Refused;
 use super::resume::{Carried, Content, PartialLog, PartialPoint, Place, place_of};
-use super::store::ReplicaStore;
+use super::store::{ReplicaCounts, ReplicaStore};
 use crate::block::{self, BlockHash, HashKey};
 use crate::error::IoContext;
 use crate::ids::{BlockNo, Epoch, FileId};
@@ -56,6 +57,9 @@ fn place(file_id: u64, block: u64) -> Place {
 #[derive(Debug)]
 pub struct Session<'a> {
     store: &'a ReplicaStore,
+    /// When the stream started and the store's counters then, for the
+    /// point's log line.
+    opened: (Instant, ReplicaCounts),
     key: HashKey,
     block_size: u64,
     begin: Option<Begin>,
@@ -119,6 +123,7 @@ impl<'a> Session<'a> {
         }
         Ok(Session {
             store,
+            opened: (Instant::now(), store.stats.counts()),
             key: pair.key,
             block_size: u64::from(pair.block_size),
             begin: None,
@@ -519,9 +524,23 @@ impl<'a> Session<'a> {
         };
         // From here the staging belongs to the apply (or its redo record).
         self.committed = true;
+        let applying = Instant::now();
         self.store
             .commit(&staged, Epoch(epoch))
             .map_err(|source| Refused::Apply { epoch, source })?;
+        let (opened, before) = &self.opened;
+        let c = self.store.stats.counts().since(before);
+        log::info!(
+            "epoch {epoch} applied: {} blocks ({} received, {} held already, {} resumed), {} bytes \
+             received, in {:.3} s ({:.3} s applying)",
+            staged.blocks.len(),
+            c.blocks_sent,
+            c.blocks_have,
+            c.blocks_resumed,
+            c.bytes_received,
+            opened.elapsed().as_secs_f64(),
+            applying.elapsed().as_secs_f64(),
+        );
         Ok(Applied { epoch })
     }
 }

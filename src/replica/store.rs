@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::apply::{self, Apply, make_dirs};
@@ -17,14 +17,22 @@ use super::refused::Refused;
 use super::resume::Carried;
 use super::seed;
 use crate::block::{BlockHash, HashKey};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorCounters, IoContext, Result};
 use crate::ids::{Epoch, FileId};
 use crate::proto::replica::StagedEpoch;
-use crate::state::ReplicaPaths;
+use crate::state::{ReplicaPaths, now_ns};
 
-/// Counters for `hbrfs status` on the secondary.
+/// Counters for `hbrfs status` and the metrics endpoint on the secondary.
 #[derive(Debug, Default)]
 pub struct ReplicaStats {
+    /// Points applied whole since the daemon started (by a stream, a
+    /// retry or the recovery at start).
+    pub points_applied: AtomicU64,
+    /// Refusals and failed applies, by kind.
+    pub errors: ErrorCounters,
+    /// When a primary last said hello or sent a message on a ship stream
+    /// (unix ns, 0 before).
+    pub last_progress_ns: AtomicU64,
     /// Bytes of block data received (compressed).
     pub bytes_received: AtomicU64,
     /// Blocks filled from content the replica already held.
@@ -49,6 +57,50 @@ impl ReplicaStats {
     /// The last error, empty since a point applied.
     pub fn last_error(&self) -> String {
         self.last_error.lock().expect("last_error lock").clone()
+    }
+}
+
+/// The data counters of [`ReplicaStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaCounts {
+    /// Bytes of block data received (compressed).
+    pub bytes_received: u64,
+    /// Blocks filled from content the replica already held.
+    pub blocks_have: u64,
+    /// Blocks the primary had to send.
+    pub blocks_sent: u64,
+    /// Blocks filled from content a broken stream staged.
+    pub blocks_resumed: u64,
+}
+
+impl ReplicaCounts {
+    /// What was counted between `before` and these counts (one point's
+    /// share, for its log line).
+    pub fn since(&self, before: &ReplicaCounts) -> ReplicaCounts {
+        ReplicaCounts {
+            bytes_received: self.bytes_received.saturating_sub(before.bytes_received),
+            blocks_have: self.blocks_have.saturating_sub(before.blocks_have),
+            blocks_sent: self.blocks_sent.saturating_sub(before.blocks_sent),
+            blocks_resumed: self.blocks_resumed.saturating_sub(before.blocks_resumed),
+        }
+    }
+}
+
+impl ReplicaStats {
+    /// The data counters now.
+    pub fn counts(&self) -> ReplicaCounts {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ReplicaCounts {
+            bytes_received: load(&self.bytes_received),
+            blocks_have: load(&self.blocks_have),
+            blocks_sent: load(&self.blocks_sent),
+            blocks_resumed: load(&self.blocks_resumed),
+        }
+    }
+
+    /// A primary made progress: said hello or sent a message.
+    pub fn progressed(&self) {
+        self.last_progress_ns.store(now_ns(), Ordering::Relaxed);
     }
 }
 
@@ -379,6 +431,7 @@ impl ReplicaStore {
         }
         .run(staged, epoch, ops_done)?;
         *self.applied.lock().expect("applied lock") = applied;
+        self.stats.points_applied.fetch_add(1, Ordering::Relaxed);
         self.stats.failed("");
         Redo::remove(&self.paths)?;
         self.clear_staging()?;

@@ -177,6 +177,8 @@ pub struct SecondaryCounters {
     pub blocks_sent: u64,
     /// Blocks kept from broken streams and not sent again.
     pub blocks_resumed: u64,
+    /// Points applied since the secondary started.
+    pub points_applied: u64,
     /// Why its last stream failed or was refused, empty once a point
     /// applied since (the primary's `last_error` shows the same cause).
     pub last_error: String,
@@ -206,6 +208,7 @@ pub fn remote_status(addr: &str, key: &AuthKey) -> Result<SecondaryCounters> {
             blocks_have: s.blocks_have,
             blocks_sent: s.blocks_sent,
             blocks_resumed: s.blocks_resumed,
+            points_applied: s.points_applied,
             last_error: s.last_error,
         })
     })

@@ -99,8 +99,8 @@ impl Replicator {
     /// A replicator for `ds`; makes the pair key on first use.
     pub fn new(ds: Arc<Datastore>, opts: ReplicateOptions) -> Result<Replicator> {
         let key = pair_key(&ds)?;
-        let points = Points::new(ds.clone());
         let stats = Arc::new(ReplStats::default());
+        let points = Points::new(ds.clone(), stats.clone());
         stats
             .max_rate
             .store(opts.max_rate.unwrap_or(0), Ordering::Relaxed);
@@ -202,6 +202,7 @@ impl Replicator {
                 .store(now_ns(), Ordering::Relaxed);
             return Ok(applied);
         };
+        let (before, started) = (self.stats.report(), std::time::Instant::now());
         match self.ship(client, &point).await {
             Ok(()) => {
                 // The secondary holds the point: say so before the blocks
@@ -213,6 +214,7 @@ impl Replicator {
                 self.stats.last_applied.store(now_at.0, Ordering::Relaxed);
                 self.stats.last_applied_cut_ns.store(cut, Ordering::Relaxed);
                 self.stats.epochs_shipped.fetch_add(1, Ordering::Relaxed);
+                self.stats.log_shipped(end, &before, started.elapsed());
                 self.points.applied(point).await?;
                 Ok(now_at)
             }

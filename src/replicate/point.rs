@@ -19,6 +19,7 @@
 //! This is the only writer of the point record in the journal; `tracking`
 //! knows only sets of blocks.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use crate::datastore::Datastore;
@@ -30,6 +31,7 @@ use crate::state::hex;
 use crate::tracking::ClosedSet;
 
 use super::client::blocking;
+use super::stats::ReplStats;
 
 /// A cut point: the closed set it ships, its record (epoch and id), and
 /// the replica epoch it is based on.
@@ -67,6 +69,8 @@ impl Point {
 #[derive(Debug)]
 pub struct Points {
     ds: Arc<Datastore>,
+    /// Where cuts and retries are counted.
+    stats: Arc<ReplStats>,
     /// A point whose stream broke, kept (with its pre-images) to ship
     /// again unchanged, so the secondary can resume it. No `.await`
     /// happens under the lock.
@@ -74,10 +78,11 @@ pub struct Points {
 }
 
 impl Points {
-    /// The points of `ds`.
-    pub fn new(ds: Arc<Datastore>) -> Points {
+    /// The points of `ds`, counted in `stats`.
+    pub fn new(ds: Arc<Datastore>, stats: Arc<ReplStats>) -> Points {
         Points {
             ds,
+            stats,
             held: Mutex::new(None),
         }
     }
@@ -143,6 +148,11 @@ impl Points {
         let held = self.held.lock().expect("held lock").take();
         if let Some(point) = held {
             if point.base == applied {
+                let retry = self.stats.retries.fetch_add(1, Ordering::Relaxed) + 1;
+                log::warn!(
+                    "epoch {}: shipping the point again after its stream broke (retry {retry} since start)",
+                    point.epoch()
+                );
                 return Ok(Some(point));
             }
             if applied == point.epoch() {
@@ -172,6 +182,7 @@ impl Points {
             set: Arc::new(set),
             base: applied,
         };
+        self.stats.points_cut.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.ds.journal.set_pending_point(&point.record) {
             self.refused(point);
             return Err(e);

@@ -286,10 +286,21 @@ impl Replicator {
         let count = read.len() as u64;
         let offers: Vec<Offer> = read.iter().map(|r| r.offer.clone()).collect();
         let zeros = offers.iter().filter(|o| o.zero).count() as u64;
-        self.stats
+        let bytes = |zero_only: bool| {
+            (offers.iter())
+                .filter(|o| o.zero || !zero_only)
+                .map(|o| u64::from(o.length))
+                .sum::<u64>()
+        };
+        let stats = &self.stats;
+        stats
             .blocks_offered
             .fetch_add(offers.len() as u64, Ordering::Relaxed);
-        self.stats.blocks_zero.fetch_add(zeros, Ordering::Relaxed);
+        stats.blocks_zero.fetch_add(zeros, Ordering::Relaxed);
+        stats
+            .bytes_offered
+            .fetch_add(bytes(false), Ordering::Relaxed);
+        stats.bytes_zero.fetch_add(bytes(true), Ordering::Relaxed);
         stream
             .send(ship_message::Body::Offers(Offers { offers }))
             .await?;

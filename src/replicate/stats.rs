@@ -5,10 +5,12 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
+use crate::error::{Error, ErrorCounters, ErrorCounts, ErrorKind};
+use crate::ids::Epoch;
 use crate::state::now_ns;
 
 /// Counters for `hbrfs status`, shared by the replicator and the control
@@ -21,13 +23,22 @@ pub struct ReplStats {
     /// from here.
     pub(super) last_applied_cut_ns: AtomicU64,
     pub(super) epochs_shipped: AtomicU64,
+    /// Points cut (a held point shipped again is not a new cut).
+    pub(super) points_cut: AtomicU64,
+    /// Ships of a held point again after its stream broke.
+    pub(super) retries: AtomicU64,
     pub(super) blocks_offered: AtomicU64,
     pub(super) blocks_zero: AtomicU64,
+    /// Bytes of the blocks offered, and of those that were zero.
+    pub(super) bytes_offered: AtomicU64,
+    pub(super) bytes_zero: AtomicU64,
     pub(super) blocks_sent: AtomicU64,
     pub(super) raw_bytes_sent: AtomicU64,
     pub(super) compressed_bytes_sent: AtomicU64,
     pub(super) wire_bytes: AtomicU64,
     last_error: Mutex<String>,
+    /// Every failure, by kind.
+    errors: ErrorCounters,
     /// `--max-rate`, 0 for none.
     pub(super) max_rate: AtomicU64,
     /// The ship in progress: blocks to offer, blocks offered so far, when
@@ -55,6 +66,10 @@ pub struct ReplicationReport {
     pub replica_age_ms: Option<u64>,
     /// Points applied since the daemon started.
     pub epochs_shipped: u64,
+    /// Points cut since the daemon started.
+    pub points_cut: u64,
+    /// Times a point was shipped again after its stream broke.
+    pub retries: u64,
     /// Block hashes offered.
     pub blocks_offered: u64,
     /// Offered blocks that were all zeros (sent as markers).
@@ -65,6 +80,12 @@ pub struct ReplicationReport {
     pub blocks_have: u64,
     /// Share of non-zero offered blocks that did not have to be sent.
     pub dedup_ratio: f64,
+    /// Bytes of the blocks offered.
+    pub bytes_offered: u64,
+    /// Bytes of the offered blocks that were all zeros.
+    pub bytes_zero: u64,
+    /// Bytes of the non-zero offered blocks the secondary already held.
+    pub bytes_have: u64,
     /// Uncompressed bytes of the blocks sent.
     pub raw_bytes_sent: u64,
     /// Compressed bytes of the blocks sent.
@@ -79,6 +100,8 @@ pub struct ReplicationReport {
     pub shipping: Option<ShipProgress>,
     /// The last failure, empty when none.
     pub last_error: String,
+    /// Failures since the daemon started, by kind.
+    pub errors: ErrorCounts,
     /// When the secondary last answered or took a message on the
     /// replication channel (ns since the epoch), 0 before the first.
     pub last_progress_ns: u64,
@@ -121,12 +144,15 @@ impl ReplStats {
             load(&self.raw_bytes_sent),
             load(&self.compressed_bytes_sent),
         );
+        let (bytes_offered, bytes_zero) = (load(&self.bytes_offered), load(&self.bytes_zero));
         ReplicationReport {
             connected: self.connected.load(Ordering::Relaxed),
             last_applied_epoch: load(&self.last_applied),
             last_applied_cut_ns: cut,
             replica_age_ms: (cut != 0).then(|| now_ns().saturating_sub(cut) / 1_000_000),
             epochs_shipped: load(&self.epochs_shipped),
+            points_cut: load(&self.points_cut),
+            retries: load(&self.retries),
             blocks_offered: offered,
             blocks_zero: load(&self.blocks_zero),
             blocks_sent: sent,
@@ -136,6 +162,9 @@ impl ReplStats {
             } else {
                 (nonzero - sent) as f64 / nonzero as f64
             },
+            bytes_offered,
+            bytes_zero,
+            bytes_have: bytes_offered.saturating_sub(bytes_zero).saturating_sub(raw),
             raw_bytes_sent: raw,
             compressed_bytes_sent: compressed,
             compression_ratio: ratio(raw, compressed),
@@ -143,6 +172,7 @@ impl ReplStats {
             max_rate_bytes_per_s: Some(load(&self.max_rate)).filter(|&r| r != 0),
             shipping: self.progress(),
             last_error: self.last_error.lock().expect("error lock").clone(),
+            errors: self.errors.report(),
             last_progress_ns: progress,
             seconds_since_progress: (progress != 0)
                 .then(|| now_ns().saturating_sub(progress) as f64 / 1e9),
@@ -177,11 +207,35 @@ impl ReplStats {
         self.last_progress_ns.store(now_ns(), Ordering::Relaxed);
     }
 
-    /// Records a failure: the stream is down and `status` says why.
+    /// Records a failure: the stream is down and `status` says why. A
+    /// refusal is an error (that point is never sent again as it was);
+    /// anything else is retried, so it warns.
     pub(super) fn fail(&self, e: &Error) {
-        log::warn!("replication: {e}");
+        if e.kind() == ErrorKind::Refused {
+            log::error!("replication: {e}; the point is folded into the next cut");
+        } else {
+            log::warn!("replication: {e}; retrying");
+        }
+        self.errors.count(e.kind());
         self.connected.store(false, Ordering::Relaxed);
         *self.last_error.lock().expect("error lock") = e.to_string();
+    }
+
+    /// Logs the one info line of a point applied at the secondary, with
+    /// what its ship added to the counters since `before`.
+    pub(super) fn log_shipped(&self, epoch: Epoch, before: &ReplicationReport, took: Duration) {
+        let now = self.report();
+        let offered = now.blocks_offered - before.blocks_offered;
+        let zero = now.blocks_zero - before.blocks_zero;
+        let sent = now.blocks_sent - before.blocks_sent;
+        log::info!(
+            "epoch {epoch} shipped and applied in {:.3} s: {offered} blocks offered ({sent} sent, {} held by \
+             the secondary, {zero} zero), {} bytes of data as {} bytes on the wire",
+            took.as_secs_f64(),
+            offered.saturating_sub(zero).saturating_sub(sent),
+            now.raw_bytes_sent - before.raw_bytes_sent,
+            now.wire_bytes - before.wire_bytes,
+        );
     }
 
     /// Starts the progress of a ship of `total` blocks, `done` of them
@@ -219,7 +273,8 @@ mod tests {
         assert_eq!(v["dedup_ratio"], 0.0);
         assert!(v["seconds_since_progress"].is_null());
         assert_eq!(v["last_progress_ns"], 0);
-        assert_eq!(v.as_object().unwrap().len(), 19);
+        assert_eq!(v.as_object().unwrap().len(), 25);
+        assert_eq!(v["errors"]["remote"], 0);
         stats.start_ship(10, 2, true);
         stats.max_rate.store(5, Ordering::Relaxed);
         let v = serde_json::to_value(stats.report()).unwrap();
@@ -229,7 +284,14 @@ mod tests {
         let back: ReplicationReport = serde_json::from_value(v).unwrap();
         assert_eq!(back.shipping.unwrap().blocks_done, 2);
         stats.progressed();
+        stats.fail(&Error::Remote("gone".into()));
+        stats.bytes_offered.store(30, Ordering::Relaxed);
+        stats.bytes_zero.store(10, Ordering::Relaxed);
+        stats.raw_bytes_sent.store(5, Ordering::Relaxed);
         let r = stats.report();
+        assert_eq!(r.errors.remote, 1);
+        assert_eq!(r.bytes_have, 15);
+        assert!(!r.connected);
         assert!(r.last_progress_ns > 0);
         assert!(r.seconds_since_progress.unwrap() < 60.0);
     }

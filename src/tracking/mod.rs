@@ -34,6 +34,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, BlockSize, Epoch, FileId};
 use crate::journal::Journal;
@@ -41,6 +43,14 @@ use crate::proto::journal::{EpochRecord, EpochState};
 use crate::state::{StatePaths, now_ns};
 use bitmap::{Bitmap, Slot};
 pub use file::TrackedFile;
+
+/// Upper bounds of the cut-stall histogram, in seconds: 1 µs to ~1 s by
+/// factors of 4, since a cut should hold writes for microseconds and a
+/// hold of milliseconds is what an operator must see.
+const STALL_BUCKETS: [f64; 11] = [
+    1e-6, 4e-6, 1.6e-5, 6.4e-5, 2.56e-4, 1.024e-3, 4.096e-3, 1.6384e-2, 6.5536e-2, 0.262144,
+    1.048576,
+];
 
 /// What a cut did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +150,9 @@ pub struct Tracker {
     /// How long recent cuts held the gate (writes wait at most this), in
     /// nanoseconds; the newest 4096.
     cut_stalls: Mutex<std::collections::VecDeque<u64>>,
+    /// Every cut's gate hold since the daemon started, in seconds, for
+    /// the metrics endpoint (the ring above forgets; a histogram does not).
+    stall_histogram: Histogram,
     /// Whether this process may change the bitmaps (the daemon) or only
     /// read them (`hbrfs journal` with no daemon running).
     writable: bool,
@@ -189,6 +202,7 @@ impl Tracker {
             protected: AtomicBool::new(false),
             ops_in_epoch: AtomicU64::new(0),
             cut_stalls: Mutex::new(std::collections::VecDeque::new()),
+            stall_histogram: Histogram::new(STALL_BUCKETS),
             writable,
         })
     }
@@ -225,6 +239,11 @@ impl Tracker {
     pub fn last_cut_stall(&self) -> Option<Duration> {
         let stalls = self.cut_stalls.lock().expect("stall lock");
         stalls.back().map(|&ns| Duration::from_nanos(ns))
+    }
+
+    /// How long every cut since the start held writes, in seconds.
+    pub fn cut_stall_histogram(&self) -> &Histogram {
+        &self.stall_histogram
     }
 
     /// Holds the cut gate shared for one write or namespace operation.
@@ -423,11 +442,13 @@ impl Tracker {
     }
 
     fn note_stall(&self, held: Instant) {
+        let took = held.elapsed();
+        self.stall_histogram.observe(took.as_secs_f64());
         let mut stalls = self.cut_stalls.lock().expect("stall lock");
         if stalls.len() == 4096 {
             stalls.pop_front();
         }
-        stalls.push_back(held.elapsed().as_nanos() as u64);
+        stalls.push_back(took.as_nanos() as u64);
     }
 
     /// Records the cut of `closed` in the journal: closed, or merged into
