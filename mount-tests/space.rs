@@ -76,17 +76,24 @@ fn assert_not_applied(m: &Mount, sec: &Secondary, stuck: u64) {
     assert_eq!(sec.applied_epoch(), stuck, "{}", sec.log());
 }
 
-#[test]
-fn a_full_secondary_says_so_on_both_sides_and_catches_up_once_space_is_freed_across_a_kill() {
-    let mut sec = Secondary::start_on_tmpfs("40m");
+/// A secondary on a tmpfs of `size` that a 64 MiB point overfills (at
+/// staging or, with `redo`, at the apply after its commit point), killed
+/// and restarted while stuck, then given space: the point lands whole.
+fn overfill_kill_and_free(size: &str, redo: bool) -> (Secondary, Mount) {
+    let mut sec = Secondary::start_on_tmpfs(size);
     let m = primary_for(&sec, &sec.addr, &[]);
     baseline(&m, &sec);
-
-    // 64 MiB cannot even be staged on 40 MiB.
     write_big(&m, "big.img", 64);
     let stuck = assert_stuck_on_space(&m, &sec);
+    assert_eq!(
+        sec.replica.join(".hbrfs/redo").exists(),
+        redo,
+        "the apply did (not) fail after its commit point\n{}",
+        sec.log()
+    );
 
-    // A crash of the secondary while stuck changes nothing.
+    // A crash of the secondary while stuck changes nothing: a redo replay
+    // at start fails again, and the secondary serves anyway.
     sec.kill9();
     sec.restart();
     assert_eq!(assert_stuck_on_space(&m, &sec), stuck);
@@ -94,37 +101,25 @@ fn a_full_secondary_says_so_on_both_sides_and_catches_up_once_space_is_freed_acr
 
     sec.resize("256m");
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
-    assert_same_bytes(&m.back("big.img"), &sec.rep("big.img"));
-    assert_same_bytes(&m.back("small.img"), &sec.rep("small.img"));
+    for f in ["big.img", "small.img"] {
+        assert_same_bytes(&m.back(f), &sec.rep(f));
+    }
     assert_eq!(sec.status()["counters"]["last_error"], "");
     assert!(!m.log().contains("full resync"), "{}", m.log());
+    (sec, m)
+}
+
+#[test]
+fn a_full_secondary_says_so_on_both_sides_and_catches_up_once_space_is_freed_across_a_kill() {
+    // 64 MiB cannot even be staged on 40 MiB.
+    overfill_kill_and_free("40m", false);
 }
 
 #[test]
 fn an_apply_that_fails_for_space_keeps_its_redo_across_a_restart_and_lands_once_space_is_freed() {
-    let mut sec = Secondary::start_on_tmpfs("100m");
-    let m = primary_for(&sec, &sec.addr, &[]);
-    baseline(&m, &sec);
-
-    // 64 MiB stages, but staging and the applied file do not both fit.
-    write_big(&m, "big.img", 64);
-    let stuck = assert_stuck_on_space(&m, &sec);
-    assert!(
-        sec.replica.join(".hbrfs/redo").exists(),
-        "the apply did not fail after its commit point\n{}",
-        sec.log()
-    );
-
-    // A restart replays the redo, fails again, and serves anyway.
-    sec.kill9();
-    sec.restart();
-    assert_eq!(assert_stuck_on_space(&m, &sec), stuck);
-    assert_not_applied(&m, &sec, stuck);
-
-    sec.resize("256m");
-    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
-    assert_same_bytes(&m.back("big.img"), &sec.rep("big.img"));
-    assert!(!m.log().contains("full resync"), "{}", m.log());
+    // 64 MiB stages on 100 MiB, but staging and the applied file do not
+    // both fit.
+    overfill_kill_and_free("100m", true);
 }
 
 /// A tmpfs of `size` mounted at `path` (made if needed) for as long as it
