@@ -7,6 +7,7 @@ mod crash;
 mod harness;
 mod health;
 mod passthrough;
+mod paths;
 mod posix;
 mod privacy;
 mod replication;

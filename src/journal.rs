@@ -22,7 +22,8 @@
 //!   path with two prefix scans ([`Journal::files_under`]) instead of
 //!   decoding every file record. A path has no NUL byte, so `a\0…` is only
 //!   `a` itself and `a/…` only what is below it, never `ab`. Several ids may
-//!   share a path (a rename onto a tracked file). [`Journal::put_file`]
+//!   share a path (a rename onto a tracked file), and a file with several
+//!   links has an entry per name. [`Journal::put_file`]
 //!   writes the new entry before the record and drops the old one after, so
 //!   a crash can leave an extra entry but never miss one; `files_under`
 //!   checks each hit against its record, and [`Journal::open`] repairs the
@@ -77,6 +78,11 @@ fn path_key(path: &[u8], id: FileId) -> Vec<u8> {
 /// The file id at the end of a `paths` key.
 fn path_key_id(k: &[u8]) -> FileId {
     FileId(key_of(&k[k.len().saturating_sub(8)..]))
+}
+
+/// Every name of a tracked file: its path, then its other links.
+pub fn names(record: &FileRecord) -> impl Iterator<Item = &[u8]> {
+    std::iter::once(&record.path[..]).chain(record.more_names.iter().map(|n| &n[..]))
 }
 
 /// Whether `path` is `prefix` or below it (`prefix/…`, not `prefix…`).
@@ -155,7 +161,7 @@ impl Journal {
         let want: BTreeSet<Vec<u8>> = self
             .files()?
             .iter()
-            .map(|(id, rec)| path_key(&rec.path, *id))
+            .flat_map(|(id, rec)| names(rec).map(|n| path_key(n, *id)))
             .collect();
         let mut have = BTreeSet::new();
         for k in self.paths.iter().keys() {
@@ -208,18 +214,19 @@ impl Journal {
         Ok(FileId(self.sled(self.db.generate_id())? + 1))
     }
 
-    /// Records (or updates) a tracked file, and its path in the path index
-    /// (new entry first, old one dropped last: a crash leaves an extra
-    /// entry, never a missing one).
+    /// Records (or updates) a tracked file, and each of its names in the
+    /// path index (new entries first, old ones dropped last: a crash leaves
+    /// an extra entry, never a missing one).
     pub fn put_file(&self, id: FileId, record: &FileRecord) -> Result<()> {
-        let entry = path_key(&record.path, id);
-        self.sled(self.paths.insert(&entry[..], &[][..]))?;
+        for name in names(record) {
+            self.sled(self.paths.insert(path_key(name, id), &[][..]))?;
+        }
         let old = self.sled(self.files.insert(key(id.0), record.encode_to_vec()))?;
         self.sled(self.inodes.insert(key(record.backing_ino), &key(id.0)))?;
         if let Some(old) = old {
             let old: FileRecord = self.decode("files", &old)?;
-            if old.path != record.path {
-                self.sled(self.paths.remove(path_key(&old.path, id)))?;
+            for name in names(&old).filter(|n| !names(record).any(|m| m == *n)) {
+                self.sled(self.paths.remove(path_key(name, id)))?;
             }
         }
         Ok(())
@@ -233,13 +240,16 @@ impl Journal {
             if self.sled(self.inodes.get(ino))?.as_deref() == Some(&key(id.0)[..]) {
                 self.sled(self.inodes.remove(ino))?;
             }
-            self.sled(self.paths.remove(path_key(&record.path, id)))?;
+            for name in names(&record) {
+                self.sled(self.paths.remove(path_key(name, id)))?;
+            }
         }
         Ok(())
     }
 
-    /// The tracked files whose path is `prefix` or below it (`prefix/…`;
-    /// `a` matches `a` and `a/x`, not `ab`), by id: what a rename of
+    /// The tracked files with a name (any of their links) that is `prefix`
+    /// or below it (`prefix/…`; `a` matches `a` and `a/x`, not `ab`), by
+    /// id: what a rename of
     /// `prefix` moves. Two prefix scans of the path index; only the hits
     /// are decoded, and each is checked against its record. An empty
     /// `prefix` (the root) is every file.
@@ -256,7 +266,7 @@ impl Journal {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(rec) = self.file(id)? {
-                if is_under(&rec.path, prefix) {
+                if names(&rec).any(|n| is_under(n, prefix)) {
                     out.push((id, rec));
                 }
             }
@@ -498,6 +508,7 @@ mod tests {
             path: path.as_bytes().to_vec(),
             backing_ino: ino,
             created_ns: 0,
+            more_names: Vec::new(),
         }
     }
 
@@ -614,6 +625,27 @@ mod tests {
     }
 
     #[test]
+    fn every_name_of_a_file_is_indexed() {
+        let dir = fresh("names");
+        let j = Journal::open(&dir).unwrap();
+        let mut rec = file("a", 11);
+        rec.more_names = vec![b"d/b".to_vec(), b"e".to_vec()];
+        j.put_file(FileId(1), &rec).unwrap();
+        assert_eq!(under(&j, "d"), [(1, "a".into())]);
+        assert_eq!(under(&j, "e"), [(1, "a".into())]);
+        // A name dropped from the record leaves the index.
+        rec.more_names = vec![b"e".to_vec()];
+        j.put_file(FileId(1), &rec).unwrap();
+        assert!(under(&j, "d").is_empty());
+        assert_eq!(j.paths.len(), 2);
+        drop(j);
+        let j = Journal::open(&dir).unwrap();
+        assert_eq!(j.paths.len(), 2, "the repair at open keeps every name");
+        j.remove_file(FileId(1)).unwrap();
+        assert_eq!(j.paths.len(), 0);
+    }
+
+    #[test]
     fn the_path_index_is_built_and_repaired_at_open() {
         let dir = fresh("repair");
         {
@@ -688,6 +720,7 @@ mod tests {
                 path: b"a.img".to_vec(),
                 backing_ino: 42,
                 created_ns: 1,
+                more_names: Vec::new(),
             };
             j.put_file(id, &rec).unwrap();
             let op = OpRecord {

@@ -2,16 +2,20 @@
 //! needs: the state folders' names ([`StatePaths`] on the primary,
 //! [`ReplicaPaths`] on the secondary — no path literal of a state folder
 //! lives outside them), durable small-file writes, timestamps, hex and the
-//! walk of a datastore tree. A leaf: it imports only `error`.
+//! walk of a datastore tree, and paths below a root resolved by
+//! descriptors (`*_beneath`). It imports only `error` and `sys`.
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{IoContext, Result};
+use crate::sys;
 
 /// Name of the state folder inside a backing directory or a replica
 /// folder; hidden from every mount.
@@ -234,30 +238,128 @@ pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> 
     Ok(done)
 }
 
-/// Calls `found` with the path relative to `root` and the metadata of
-/// every regular file below `root`, skipping the state folder.
-pub fn walk_files(root: &Path, found: &mut dyn FnMut(Vec<u8>, &fs::Metadata)) -> Result<()> {
-    walk_below(root, root, found)
+// Paths below a root, resolved one component at a time from a descriptor
+// of the root: a path relative to the root may be as long as PATH_MAX
+// itself, so the root's own path joined to it can exceed PATH_MAX, which
+// no path-taking call accepts. Each component is opened with `O_NOFOLLOW`,
+// so a symlink on the way is refused (`ELOOP`), never followed out of the
+// root.
+
+/// Opens the folder `rel` (`/`-separated, relative) below the folder
+/// `root` as an `O_PATH` descriptor, one component at a time; `make`
+/// creates missing folders with that mode. A symlink on the way is
+/// `ELOOP`, a `.` or `..` component `EINVAL`.
+pub fn dir_beneath(root: BorrowedFd<'_>, rel: &[u8], make: Option<u32>) -> io::Result<OwnedFd> {
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+    let parts = || rel.split(|&b| b == b'/').filter(|p| !p.is_empty());
+    if parts().any(|p| p == b"." || p == b"..") {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut dir = sys::openat(Some(root), OsStr::new("."), flags, 0)?;
+    for part in parts() {
+        let name = OsStr::from_bytes(part);
+        let next = match (sys::openat(Some(dir.as_fd()), name, flags, 0), make) {
+            (Err(e), Some(mode)) if e.raw_os_error() == Some(libc::ENOENT) => {
+                match sys::mkdirat(dir.as_fd(), name, mode) {
+                    Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+                    _ => sys::openat(Some(dir.as_fd()), name, flags, 0),
+                }
+            }
+            (Err(e), _) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                let st = sys::statat(dir.as_fd(), name)?;
+                let link = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
+                Err(io::Error::from_raw_os_error(if link {
+                    libc::ELOOP
+                } else {
+                    libc::ENOTDIR
+                }))
+            }
+            (other, _) => other,
+        }?;
+        dir = next;
+    }
+    Ok(dir)
+}
+
+/// The folder holding the last component of `rel` (opened as by
+/// [`dir_beneath`]) and that component, for the `*at` calls.
+pub fn parent_beneath<'a>(
+    root: BorrowedFd<'_>,
+    rel: &'a [u8],
+    make: Option<u32>,
+) -> io::Result<(OwnedFd, &'a OsStr)> {
+    let (parent, name) = match rel.iter().rposition(|&b| b == b'/') {
+        Some(at) => (&rel[..at], &rel[at + 1..]),
+        None => (&b""[..], rel),
+    };
+    if name.is_empty() || name == b"." || name == b".." {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok((dir_beneath(root, parent, make)?, OsStr::from_bytes(name)))
+}
+
+/// Opens `rel` below `root` with `flags` (and `O_NOFOLLOW`: the last
+/// component is not followed either).
+pub fn open_beneath(
+    root: BorrowedFd<'_>,
+    rel: &[u8],
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    let (dir, name) = parent_beneath(root, rel, None)?;
+    sys::openat(Some(dir.as_fd()), name, flags | libc::O_NOFOLLOW, mode)
+}
+
+/// `lstat` of `rel` below `root`.
+pub fn stat_beneath(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<libc::stat> {
+    let (dir, name) = parent_beneath(root, rel, None)?;
+    sys::statat(dir.as_fd(), name)
+}
+
+/// An `O_PATH` descriptor of the folder `root`, for the `*_beneath` calls.
+pub fn open_root(root: &Path) -> io::Result<OwnedFd> {
+    let flags = libc::O_PATH | libc::O_DIRECTORY;
+    sys::openat(None, root.as_os_str(), flags, 0)
+}
+
+/// Calls `found` with the path relative to `root` and the `lstat` of
+/// every regular file below `root` (once per name: a file with several
+/// links is found once per link), skipping the state folder. Walks by
+/// descriptors, so the depth of the tree is not bounded by PATH_MAX.
+pub fn walk_files(root: &Path, found: &mut dyn FnMut(Vec<u8>, &libc::stat)) -> Result<()> {
+    let fd = open_root(root).at(root)?;
+    walk_below(root, fd.as_fd(), &mut Vec::new(), found)
 }
 
 fn walk_below(
     root: &Path,
-    dir: &Path,
-    found: &mut dyn FnMut(Vec<u8>, &fs::Metadata),
+    dir: BorrowedFd<'_>,
+    rel: &mut Vec<u8>,
+    found: &mut dyn FnMut(Vec<u8>, &libc::stat),
 ) -> Result<()> {
-    for entry in fs::read_dir(dir).at(dir)? {
-        let entry = entry.at(dir)?;
-        if dir == root && entry.file_name() == STATE_DIR {
+    let here = |rel: &[u8]| root.join(OsStr::from_bytes(rel));
+    let listing = PathBuf::from(OsStr::from_bytes(sys::proc_path(dir).to_bytes()));
+    for entry in fs::read_dir(&listing).at(here(rel))? {
+        let name = entry.at(here(rel))?.file_name();
+        if rel.is_empty() && name == STATE_DIR {
             continue;
         }
-        let path = entry.path();
-        let meta = fs::symlink_metadata(&path).at(&path)?;
-        if meta.is_dir() {
-            walk_below(root, &path, found)?;
-        } else if meta.is_file() {
-            let rel = path.strip_prefix(root).unwrap_or(&path);
-            found(rel.as_os_str().as_bytes().to_vec(), &meta);
+        let len = rel.len();
+        if len > 0 {
+            rel.push(b'/');
         }
+        rel.extend_from_slice(name.as_bytes());
+        let st = sys::statat(dir, &name).at(here(rel))?;
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+                let sub = sys::openat(Some(dir), &name, flags, 0).at(here(rel))?;
+                walk_below(root, sub.as_fd(), rel, found)?;
+            }
+            libc::S_IFREG => found(rel.clone(), &st),
+            _ => {}
+        }
+        rel.truncate(len);
     }
     Ok(())
 }
@@ -265,6 +367,33 @@ fn walk_below(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_beneath_a_root_go_past_path_max_and_never_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = open_root(dir.path()).unwrap();
+        let name = "n".repeat(255);
+        let deep: Vec<u8> = vec![name.as_str(); 16].join("/").into_bytes();
+        let folder = dir_beneath(root.as_fd(), &deep, Some(0o755)).unwrap();
+        assert!(dir.path().as_os_str().len() + deep.len() + 8 > libc::PATH_MAX as usize);
+        let file = [&deep[..], b"/f"].concat();
+        let made = open_beneath(root.as_fd(), &file, libc::O_CREAT | libc::O_WRONLY, 0o600);
+        drop(made.unwrap());
+        assert_eq!(
+            stat_beneath(root.as_fd(), &file).unwrap().st_mode & libc::S_IFMT,
+            libc::S_IFREG
+        );
+        drop(folder);
+        let mut found = Vec::new();
+        walk_files(dir.path(), &mut |rel, _| found.push(rel)).unwrap();
+        assert_eq!(found, [file]);
+
+        std::os::unix::fs::symlink("/tmp", dir.path().join("link")).unwrap();
+        let through = dir_beneath(root.as_fd(), b"link/x", Some(0o755)).unwrap_err();
+        assert_eq!(through.raw_os_error(), Some(libc::ELOOP));
+        let up = dir_beneath(root.as_fd(), b"a/../b", None).unwrap_err();
+        assert_eq!(up.raw_os_error(), Some(libc::EINVAL));
+    }
 
     #[test]
     fn hex_round_trips_and_rejects_odd_or_non_hex() {

@@ -143,17 +143,30 @@ pub fn readlink(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// `linkat(2)` of an `O_PATH` descriptor to a new name (`AT_EMPTY_PATH`).
-pub fn linkat(fd: BorrowedFd<'_>, new_dir: BorrowedFd<'_>, new: &OsStr) -> io::Result<()> {
+/// `linkat(2)`: `old` in `old_dir` gets the new name `new` in `new_dir`;
+/// an empty `old` links the object `old_dir` refers to itself
+/// (`AT_EMPTY_PATH`, for an `O_PATH` descriptor of a file).
+pub fn linkat(
+    old_dir: BorrowedFd<'_>,
+    old: &OsStr,
+    new_dir: BorrowedFd<'_>,
+    new: &OsStr,
+) -> io::Result<()> {
+    let flags = if old.is_empty() {
+        libc::AT_EMPTY_PATH
+    } else {
+        0
+    };
+    let old = cstr(old)?;
     let new = cstr(new)?;
-    // SAFETY: new is a valid C string; "" with AT_EMPTY_PATH links fd itself.
+    // SAFETY: both are valid C strings; "" with AT_EMPTY_PATH links old_dir itself.
     check(unsafe {
         libc::linkat(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
+            old_dir.as_raw_fd(),
+            old.as_ptr(),
             new_dir.as_raw_fd(),
             new.as_ptr(),
-            libc::AT_EMPTY_PATH,
+            flags,
         )
     })
     .map(drop)

@@ -19,6 +19,15 @@ pub const MAX_OFFERS: usize = 65_536;
 pub const MAX_BLOCKS: usize = 4_096;
 /// Most namespace operations or files in one point.
 pub const MAX_ENTRIES: usize = 1 << 20;
+/// Longest path (relative to the datastore or replica root) a point may
+/// name, in bytes: 16 × PATH_MAX less one. A path relative to the root
+/// can be longer than PATH_MAX (a process below a deep folder names a
+/// PATH_MAX-long path relative to it, as POSIX test suites do), and both
+/// sides resolve paths one component at a time from a descriptor of the
+/// root, so PATH_MAX does not bound them; this bounds what the journal
+/// keeps and the secondary accepts. The primary refuses to make a deeper
+/// name (`ENAMETOOLONG`), so it never has to ship one.
+pub const MAX_PATH: usize = 16 * 4096 - 1;
 /// Largest file size accepted: ext4's limit with 4 KiB blocks (16 TiB
 /// less a block).
 pub const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;

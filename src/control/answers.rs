@@ -3,7 +3,7 @@
 //! CLI deserialises the same types, so a field cannot be renamed on one
 //! side only. Field names are the JSON keys `hbrfs ... --json` prints.
 
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsFd;
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +11,7 @@ use crate::datastore::Datastore;
 use crate::error::{Error, Result};
 use crate::journal::{epoch_state_name, op_name};
 use crate::replicate::{ReplStats, ReplicationReport};
+use crate::state;
 use crate::tracking::{CutOutcome, TrackedFile};
 
 fn lossy(bytes: &[u8]) -> String {
@@ -22,9 +23,12 @@ fn dirty_blocks(file: &TrackedFile) -> u64 {
     file.dirty_extents().iter().map(|r| r.end - r.start).sum()
 }
 
-/// The size of a journal path in the backing directory, 0 when it is gone.
+/// The size of a journal path in the backing directory, 0 when it is gone
+/// (looked up by descriptors: the root joined to it may exceed PATH_MAX).
 fn backing_size(ds: &Datastore, path: &[u8]) -> u64 {
-    std::fs::metadata(ds.root.join(std::ffi::OsStr::from_bytes(path))).map_or(0, |m| m.len())
+    state::open_root(&ds.root)
+        .and_then(|root| state::stat_beneath(root.as_fd(), path))
+        .map_or(0, |st| st.st_size as u64)
 }
 
 /// `journal ls`: every tracked file, so a user sees what will ship.

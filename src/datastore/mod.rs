@@ -232,6 +232,7 @@ impl Datastore {
                 path: path.to_vec(),
                 backing_ino: ino,
                 created_ns: now_ns(),
+                more_names: Vec::new(),
             },
         )?;
         Ok(file)

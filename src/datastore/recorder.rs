@@ -6,6 +6,7 @@ use super::Datastore;
 use crate::error::{Error, Result};
 use crate::fs::recorder::{Change, ChangeRecorder, Gate, Gone, NewFile, Tracked};
 use crate::ids::FileId;
+use crate::journal;
 use crate::proto::journal::{OpKind, OpRecord};
 use crate::state::now_ns;
 
@@ -83,12 +84,19 @@ impl ChangeRecorder for Datastore {
                 self.record_op(OpKind::Symlink, None, path, target, 0)
             }
             Change::Truncated { file, path, size } => {
-                self.record_op(OpKind::Truncate, file, path, b"", size)
+                let path = self.name_of(file, path)?;
+                self.record_op(OpKind::Truncate, file, &path, b"", size)
             }
-            Change::Linked { file, from, to } => self.record_op(OpKind::Link, file, from, to, 0),
+            Change::Linked { file, from, to } => {
+                let from = self.name_of(file, from)?;
+                if let Some(id) = file {
+                    self.name_added(id, to)?;
+                }
+                self.record_op(OpKind::Link, file, &from, to, 0)
+            }
             Change::Unlinked { path, file } => {
                 let mut failed = Failures::default();
-                let id = self.name_gone(file, &mut failed);
+                let id = self.name_gone(file, path, &mut failed);
                 failed.keep(self.record_op(OpKind::Unlink, id, path, b"", 0));
                 failed.result()
             }
@@ -100,7 +108,7 @@ impl ChangeRecorder for Datastore {
                 replaced,
             } => {
                 let mut failed = Failures::default();
-                self.name_gone(replaced, &mut failed);
+                self.name_gone(replaced, to, &mut failed);
                 let id = failed.keep(self.journal.file_by_ino(ino)).flatten();
                 let size = u64::from(flags);
                 failed.keep(self.record_op(OpKind::Rename, id, from, to, size));
@@ -143,19 +151,69 @@ impl Failures {
 }
 
 impl Datastore {
-    /// A name of a tracked regular file went away: returns its id (for the
-    /// record), and when no name is left, forgets the file.
-    fn name_gone(&self, gone: Option<Gone>, failed: &mut Failures) -> Option<FileId> {
+    /// A name of the file (the journal's name of a tracked `file`, else
+    /// `given`, the passthrough's): what an operation on it is recorded
+    /// under. No name known is an error, never a guess.
+    fn name_of(&self, file: Option<FileId>, given: Option<&[u8]>) -> Result<Vec<u8>> {
+        let known = match file {
+            Some(id) => self.journal.file(id)?.map(|rec| rec.path),
+            None => None,
+        };
+        known
+            .or_else(|| given.map(<[u8]>::to_vec))
+            .ok_or_else(|| Error::BadState {
+                path: self.root.clone(),
+                reason: format!("no known name for file {file:?}"),
+            })
+    }
+
+    /// `name` is a new link of the tracked file `id`.
+    fn name_added(&self, id: FileId, name: &[u8]) -> Result<()> {
+        let Some(mut rec) = self.journal.file(id)? else {
+            return Ok(());
+        };
+        if !journal::names(&rec).any(|n| n == name) {
+            rec.more_names.push(name.to_vec());
+            self.journal.put_file(id, &rec)?;
+        }
+        Ok(())
+    }
+
+    /// The name `path` of a tracked regular file went away: returns its id
+    /// (for the record). When no name is left the file is forgotten;
+    /// otherwise, if `path` was the name its blocks ship under, its next
+    /// name takes that place, so they never ship to a removed name.
+    fn name_gone(&self, gone: Option<Gone>, path: &[u8], failed: &mut Failures) -> Option<FileId> {
         let gone = gone?;
         let id = failed.keep(self.journal.file_by_ino(gone.ino)).flatten()?;
         if gone.last_link {
             failed.keep(self.journal.remove_file(id));
             self.tracker.forget(id);
+            return Some(id);
         }
+        let mut rec = failed.keep(self.journal.file(id)).flatten()?;
+        if rec.path == path {
+            if rec.more_names.is_empty() {
+                // Its other names were made behind hbrfs's back; the next
+                // mount's scan finds them.
+                log::warn!(
+                    "{}: removed, and no other name of file {id:?} is known: it keeps this name until the next mount",
+                    String::from_utf8_lossy(path)
+                );
+                return Some(id);
+            }
+            rec.path = rec.more_names.remove(0);
+            if let Some(t) = self.tracker.file(id) {
+                t.renamed(rec.path.clone());
+            }
+        } else {
+            rec.more_names.retain(|n| n != path);
+        }
+        failed.keep(self.journal.put_file(id, &rec));
         Some(id)
     }
 
-    /// Updates the paths of tracked files at or below `from` (and, for an
+    /// Updates the names of tracked files at or below `from` (and, for an
     /// exchange, below `to`) after a rename. Costs the files below the renamed path (the journal's path index),
     /// not every file of the datastore. Both sides of an exchange are
     /// looked up before any record moves.
@@ -176,15 +234,25 @@ impl Datastore {
             (rest.is_empty() || rest[0] == b'/').then(|| [b, rest].concat())
         };
         for (id, mut rec) in files {
-            let new = moved(&rec.path, from, to)
-                .or_else(|| exchange.then(|| moved(&rec.path, to, from)).flatten());
-            if let Some(new) = new {
+            let new_name = |name: &[u8]| {
+                moved(name, from, to)
+                    .or_else(|| exchange.then(|| moved(name, to, from)).flatten())
+                    .unwrap_or_else(|| name.to_vec())
+            };
+            let path = new_name(&rec.path);
+            let mut more: Vec<Vec<u8>> = rec.more_names.iter().map(|n| new_name(n)).collect();
+            // A rename onto another name of the same file leaves one name.
+            more.sort();
+            more.dedup();
+            more.retain(|n| *n != path);
+            if path != rec.path {
                 if let Some(t) = self.tracker.file(id) {
-                    t.renamed(new.clone());
+                    t.renamed(path.clone());
                 }
-                rec.path = new;
-                failed.keep(self.journal.put_file(id, &rec));
             }
+            rec.path = path;
+            rec.more_names = more;
+            failed.keep(self.journal.put_file(id, &rec));
         }
     }
 }
@@ -196,6 +264,13 @@ mod tests {
 
     use super::*;
     use crate::datastore::Access;
+
+    /// Records that the name `path` of the file with backing inode `ino`
+    /// went away.
+    fn unlink(ds: &Datastore, path: &[u8], ino: u64, last_link: bool) {
+        let file = Some(Gone { ino, last_link });
+        ds.record(&Change::Unlinked { path, file }).unwrap();
+    }
 
     #[test]
     fn recorded_rename_moves_tracked_paths_and_unlinking_the_last_name_forgets_the_file() {
@@ -220,15 +295,7 @@ mod tests {
         ds.record(&rename).unwrap();
         assert_eq!(ds.journal.file(id).unwrap().unwrap().path, b"b/img");
 
-        let gone = Some(Gone {
-            ino,
-            last_link: true,
-        });
-        ds.record(&Change::Unlinked {
-            path: b"b/img",
-            file: gone,
-        })
-        .unwrap();
+        unlink(&ds, b"b/img", ino, true);
         assert!(ds.tracked(ino).unwrap().is_none());
         assert!(ds.journal.file(id).unwrap().is_none());
         let ops: Vec<_> = ds
@@ -246,5 +313,47 @@ mod tests {
         );
         assert_eq!(last[1].kind, OpKind::Unlink as i32);
         assert_eq!(last[1].file_id, id.0);
+    }
+
+    #[test]
+    fn a_file_keeps_every_name_and_ships_under_one_that_remains() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        fs::write(&a, b"x").unwrap();
+        let ino = fs::metadata(&a).unwrap().ino();
+        let ds = Datastore::open(dir.path(), Access::Daemon { block_size: None }).unwrap();
+        ds.start().unwrap();
+        let id = ds.tracked(ino).unwrap().expect("found by the scan").id();
+        let names = |ds: &Datastore| {
+            let rec = ds.journal.file(id).unwrap().unwrap();
+            journal::names(&rec).map(<[u8]>::to_vec).collect::<Vec<_>>()
+        };
+
+        fs::hard_link(&a, dir.path().join("b")).unwrap();
+        let linked = Change::Linked {
+            file: Some(id),
+            from: None,
+            to: b"b",
+        };
+        ds.record(&linked).unwrap();
+        assert_eq!(names(&ds), [b"a".to_vec(), b"b".to_vec()]);
+        let rename = Change::Renamed {
+            from: b"b",
+            to: b"c",
+            flags: 0,
+            ino,
+            replaced: None,
+        };
+        ds.record(&rename).unwrap();
+        assert_eq!(names(&ds), [b"a".to_vec(), b"c".to_vec()]);
+
+        // The name it ships under goes: the other one takes its place.
+        unlink(&ds, b"a", ino, false);
+        assert_eq!(names(&ds), [b"c".to_vec()]);
+        ds.tracker.cut().unwrap();
+        assert_eq!(ds.tracker.file(id).unwrap().at_cut().0, b"c");
+        let mut ops = ds.journal.ops().unwrap().into_iter().map(|(_, op)| op);
+        let link = ops.rfind(|op| op.kind == OpKind::Link as i32).unwrap();
+        assert_eq!((&link.path[..], &link.target[..]), (&b"a"[..], &b"b"[..]));
     }
 }

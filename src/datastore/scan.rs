@@ -3,38 +3,39 @@
 //! removes orphan bitmaps, and reports what it found.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{self, File};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 
 use super::Datastore;
 use super::recorder::op_record;
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::ids::FileId;
-use crate::proto::journal::{OpKind, OpRecord};
-use crate::state::walk_files;
+use crate::journal::names;
+use crate::proto::journal::{FileRecord, OpKind, OpRecord};
+use crate::state::{open_beneath, open_root, walk_files};
 use crate::tracking::FileSource;
+use crate::wire::MAX_PATH;
+
+/// A regular file the scan found: its names and its size.
+type Found = (Vec<Vec<u8>>, u64);
 
 impl Datastore {
     pub(super) fn reconcile(&self) -> Result<ScanReport> {
-        let mut found: HashMap<u64, (Vec<u8>, u64)> = HashMap::new();
-        walk_files(&self.root, &mut |rel, meta| {
-            found.entry(meta.ino()).or_insert((rel, meta.len()));
-        })?;
+        let mut found = self.found_files()?;
         let mut report = ScanReport::default();
         let bs = self.format.block_size.bytes();
+        let root = open_root(&self.root).at(&self.root)?;
         for (id, mut record) in self.journal.files()? {
             match found.remove(&record.backing_ino) {
-                Some((path, size)) => {
-                    if path != record.path {
-                        self.found_op(OpKind::Rename, Some(id), &record.path, &path)?;
-                        record.path = path.clone();
-                        self.journal.put_file(id, &record)?;
+                Some((names, size)) => {
+                    if self.rename_found(id, &mut record, &names)? {
                         report.moved += 1;
                     }
                     let source = FileSource {
-                        reader: Some(self.open_reader(&path)?),
-                        path: path.clone(),
+                        reader: Some(self.open_reader(root.as_fd(), &record.path)?),
+                        path: record.path.clone(),
                         size,
                     };
                     let (_, problem) = self.tracker.load(id, source)?;
@@ -48,16 +49,21 @@ impl Datastore {
                     report.tracked += 1;
                 }
                 None => {
-                    self.found_op(OpKind::Unlink, Some(id), &record.path, b"")?;
+                    for name in names(&record) {
+                        self.found_op(OpKind::Unlink, Some(id), name, b"")?;
+                    }
                     self.journal.remove_file(id)?;
                     self.tracker.forget(id);
                     report.gone += 1;
                 }
             }
         }
-        for (ino, (path, size)) in found {
-            let file = self.track_file(ino, &path, size, self.open_reader(&path)?)?;
+        for (ino, (mut names, size)) in found {
+            let path = names.remove(0);
+            let reader = self.open_reader(root.as_fd(), &path)?;
+            let file = self.track_file(ino, &path, size, reader)?;
             self.found_op(OpKind::Create, Some(file.id), &path, b"")?;
+            self.links_found(file.id, &path, names)?;
             report.untracked_blocks += size.div_ceil(bs);
             report.untracked += 1;
             report.tracked += 1;
@@ -76,6 +82,35 @@ impl Datastore {
             );
         }
         Ok(report)
+    }
+
+    /// Every name of every regular file below the root (sorted), by
+    /// backing inode (a file with several links is one file with several
+    /// names), with its size. A path longer than [`MAX_PATH`] refuses the mount: it
+    /// could not be replicated.
+    fn found_files(&self) -> Result<HashMap<u64, Found>> {
+        let mut found: HashMap<u64, Found> = HashMap::new();
+        let mut too_long = None;
+        walk_files(&self.root, &mut |rel, st| {
+            if rel.len() > MAX_PATH {
+                too_long.get_or_insert(rel.clone());
+            }
+            let entry = found.entry(st.st_ino).or_default();
+            entry.0.push(rel);
+            entry.1 = st.st_size as u64;
+        })?;
+        if let Some(rel) = too_long {
+            return Err(Error::BadState {
+                path: self.root.join(OsStr::from_bytes(&rel)),
+                reason: format!(
+                    "a path longer than {MAX_PATH} bytes below the datastore cannot be replicated; move it higher up"
+                ),
+            });
+        }
+        for (names, _) in found.values_mut() {
+            names.sort();
+        }
+        Ok(found)
     }
 
     /// Removes bitmaps whose file id the journal no longer knows (a crash
@@ -97,9 +132,71 @@ impl Datastore {
         Ok(())
     }
 
-    fn open_reader(&self, rel: &[u8]) -> Result<File> {
-        let path = self.root.join(std::ffi::OsStr::from_bytes(rel));
-        File::open(&path).at(path)
+    /// Opens the backing file `rel` for reading, walking from `root` by
+    /// descriptors (the root's path joined to `rel` may exceed PATH_MAX).
+    fn open_reader(&self, root: BorrowedFd<'_>, rel: &[u8]) -> Result<File> {
+        let path = self.root.join(OsStr::from_bytes(rel));
+        open_beneath(root, rel, libc::O_RDONLY, 0)
+            .map(File::from)
+            .at(path)
+    }
+
+    /// Brings a known file's names in line with the `found` ones (sorted,
+    /// at least one), recording what changed as found at mount: its
+    /// shipping name stays if found, else another known name takes its
+    /// place, else it is renamed to the first found; names no longer there
+    /// are unlinked, new ones linked. Returns whether the shipping name
+    /// moved.
+    fn rename_found(&self, id: FileId, record: &mut FileRecord, found: &[Vec<u8>]) -> Result<bool> {
+        let known: Vec<Vec<u8>> = names(record).map(<[u8]>::to_vec).collect();
+        if known.iter().all(|n| found.contains(n)) && found.iter().all(|n| known.contains(n)) {
+            return Ok(false);
+        }
+        let kept = known.iter().find(|n| found.contains(n));
+        let path = match kept {
+            Some(name) => name.clone(),
+            None => {
+                self.found_op(OpKind::Rename, Some(id), &record.path, &found[0])?;
+                found[0].clone()
+            }
+        };
+        let mut new = found.to_vec();
+        new.retain(|n| *n != path && !known.contains(n));
+        for stale in known
+            .iter()
+            .filter(|n| !found.contains(n) && **n != record.path)
+        {
+            self.found_op(OpKind::Unlink, Some(id), stale, b"")?;
+        }
+        if kept.is_some_and(|k| *k != record.path) {
+            self.found_op(OpKind::Unlink, Some(id), &record.path, b"")?;
+        }
+        let moved = path != record.path;
+        record.more_names = found.iter().filter(|n| **n != path).cloned().collect();
+        record.path = path;
+        self.journal.put_file(id, record)?;
+        self.links_found(id, &record.path, new)?;
+        Ok(moved)
+    }
+
+    /// Records the other names `more` of the file `id` (at `path`) found
+    /// at mount: links on the secondary too, and names in the journal.
+    fn links_found(&self, id: FileId, path: &[u8], more: Vec<Vec<u8>>) -> Result<()> {
+        if more.is_empty() {
+            return Ok(());
+        }
+        for name in &more {
+            self.found_op(OpKind::Link, Some(id), path, name)?;
+        }
+        if let Some(mut rec) = self.journal.file(id)? {
+            for name in more {
+                if !names(&rec).any(|n| n == name) {
+                    rec.more_names.push(name);
+                }
+            }
+            self.journal.put_file(id, &rec)?;
+        }
+        Ok(())
     }
 
     /// Records what the scan found in the open epoch, marked as found at

@@ -1,8 +1,12 @@
 //! The inode table: FUSE inode numbers ↔ `O_PATH` descriptors of backing
 //! objects. Holding a descriptor (not a path) keeps a node valid across
-//! renames of it or its parents, as in virtiofsd.
+//! renames of it or its parents, as in virtiofsd. Each node also keeps the
+//! [`Link`] it was last reached by (its parent's node and its name there),
+//! so that a path relative to the root is built from nodes, never read
+//! back from `/proc/self/fd` (which fails beyond PATH_MAX).
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +17,19 @@ use super::recorder::Tracked;
 
 /// Identity of a backing object: (device, inode).
 pub type BackingKey = (u64, u64);
+
+/// Where a node was reached: its parent folder's node and its name there.
+/// A folder has one parent, and a rename through the mount moves its link
+/// ([`InodeTable::relink`]), so the chain of links from a folder up to the
+/// root is its path. A file's link is only the name it was last reached
+/// by (it may have several, and lose that one).
+#[derive(Clone, Debug)]
+pub struct Link {
+    /// The parent folder's node.
+    pub parent: Arc<Inode>,
+    /// The name in it.
+    pub name: OsString,
+}
 
 /// One node the kernel knows about.
 #[derive(Debug)]
@@ -27,6 +44,9 @@ pub struct Inode {
     pub kind: u32,
     /// Tracking state, for regular files when tracking is on.
     pub tracked: Option<Tracked>,
+    /// Where the node was last reached (`None` for the root). Its own lock:
+    /// a rename moves it while paths of other nodes are being built.
+    link: Mutex<Option<Link>>,
     /// Kernel references (lookups minus forgets).
     lookups: AtomicU64,
     /// Open handles through which the kernel may cache written pages (the
@@ -39,6 +59,11 @@ impl Inode {
     /// The descriptor, borrowed.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// Where the node was last reached (`None` for the root).
+    pub fn link(&self) -> Option<Link> {
+        self.link.lock().expect("link lock").clone()
     }
 
     /// Whether the node is a regular file.
@@ -103,6 +128,7 @@ impl InodeTable {
             key: root_key,
             kind: libc::S_IFDIR,
             tracked: None,
+            link: Mutex::new(None),
             lookups: AtomicU64::new(1),
             cached_writers: AtomicU64::new(0),
         });
@@ -127,22 +153,25 @@ impl InodeTable {
             .cloned()
     }
 
-    /// Takes one kernel reference on the node for `key`, creating it from
-    /// `fd` and `tracked` when it is new. `tracked` runs under the table's
-    /// lock, exactly when the node is built: a FORGET cannot drop the node
-    /// between "it exists" and "build it", so no node is ever built
-    /// without tracking state it should have. A failure of `tracked` fails
-    /// the lookup and builds nothing (tracking fails closed).
+    /// Takes one kernel reference on the node for `key`, reached by
+    /// `link`, creating it from `fd` and `tracked` when it is new.
+    /// `tracked` runs under the table's lock, exactly when the node is
+    /// built: a FORGET cannot drop the node between "it exists" and "build
+    /// it", so no node is ever built without tracking state it should
+    /// have. A failure of `tracked` fails the lookup and builds nothing
+    /// (tracking fails closed).
     pub fn lookup<E>(
         &self,
         fd: OwnedFd,
         key: BackingKey,
         kind: u32,
+        link: Link,
         tracked: impl FnOnce() -> Result<Option<Tracked>, E>,
     ) -> Result<Arc<Inode>, E> {
         let mut t = self.tables.lock().expect("inode lock");
         if let Some(node) = t.by_key.get(&key).and_then(|ino| t.by_ino.get(ino)) {
             node.lookups.fetch_add(1, Ordering::Relaxed);
+            *node.link.lock().expect("link lock") = Some(link);
             return Ok(node.clone());
         }
         let tracked = tracked()?;
@@ -154,12 +183,22 @@ impl InodeTable {
             key,
             kind,
             tracked,
+            link: Mutex::new(Some(link)),
             lookups: AtomicU64::new(1),
             cached_writers: AtomicU64::new(0),
         });
         t.by_key.insert(key, ino);
         t.by_ino.insert(ino, node.clone());
         Ok(node)
+    }
+
+    /// The node for `key`, if the kernel holds one, is now reached by
+    /// `link` (after a rename through the mount).
+    pub fn relink(&self, key: BackingKey, link: Link) {
+        let t = self.tables.lock().expect("inode lock");
+        if let Some(node) = t.by_key.get(&key).and_then(|ino| t.by_ino.get(ino)) {
+            *node.link.lock().expect("link lock") = Some(link);
+        }
     }
 
     /// Drops `n` kernel references; the node goes when none are left.

@@ -107,8 +107,10 @@ pub enum Change<'a> {
     Truncated {
         /// The file, if tracked.
         file: Option<FileId>,
-        /// Where.
-        path: &'a [u8],
+        /// Where, for a file that is not tracked; a tracked file's names
+        /// are the journal's (the node may have been reached by a name
+        /// removed since).
+        path: Option<&'a [u8]>,
         /// Its new size.
         size: u64,
     },
@@ -136,8 +138,9 @@ pub enum Change<'a> {
     Linked {
         /// The file, if tracked.
         file: Option<FileId>,
-        /// An existing name of it.
-        from: &'a [u8],
+        /// An existing name of it, for a file that is not tracked (a
+        /// tracked file's names are the journal's).
+        from: Option<&'a [u8]>,
         /// The new name.
         to: &'a [u8],
     },
@@ -152,9 +155,10 @@ impl Change<'_> {
             | Change::Mkdir { path }
             | Change::Rmdir { path }
             | Change::Symlink { path, .. }
-            | Change::Truncated { path, .. }
             | Change::Unlinked { path, .. } => path,
-            Change::Renamed { from, .. } | Change::Linked { from, .. } => from,
+            Change::Renamed { from, .. } => from,
+            Change::Linked { to, .. } => to,
+            Change::Truncated { path, .. } => path.unwrap_or_default(),
         }
     }
 }
@@ -281,7 +285,7 @@ impl Recording {
     pub fn tracking_for(
         &self,
         st: &libc::stat,
-        path: impl FnOnce() -> Vec<u8>,
+        path: impl FnOnce() -> Result<Vec<u8>>,
         reader: impl FnOnce() -> Result<File>,
     ) -> Res<Option<Tracked>> {
         let Some(r) = self.0.as_ref() else {
@@ -301,7 +305,7 @@ impl Recording {
         if let Some(found) = found.map_err(failed(format!("journal lookup of inode {ino}")))? {
             return Ok(Some(found));
         }
-        let path = path();
+        let path = path().map_err(failed(format!("the path of inode {ino}")))?;
         let shown = String::from_utf8_lossy(&path).into_owned();
         log::warn!(
             "{shown}: found without tracking state (changed outside hbrfs?): all of it is dirty"
@@ -375,7 +379,7 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         let st = crate::sys::statat(file.as_file().as_fd(), "".as_ref()).unwrap();
         let reader = || Ok(file.reopen().unwrap());
-        let found = recording.tracking_for(&st, || b"img".to_vec(), reader);
+        let found = recording.tracking_for(&st, || Ok(b"img".to_vec()), reader);
         assert_eq!(found.unwrap_err(), fuser::Errno::ENOSPC);
 
         let err = recording.record(Change::Mkdir { path: b"d" }).unwrap_err();

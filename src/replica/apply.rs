@@ -14,10 +14,11 @@
 //! applies.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsFd;
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -29,7 +30,7 @@ use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, Epoch, FileId};
 use crate::proto::replica::{StagedBlock, StagedEpoch};
 use crate::proto::replication::{Begin, NamespaceOp, OpKind};
-use crate::state::{ReplicaPaths, now_ns, write_durably};
+use crate::state::{self, ReplicaPaths, now_ns, write_durably};
 use crate::sys;
 
 /// Replica folders and files get fixed modes (0755, 0644): the primary's
@@ -42,15 +43,17 @@ pub fn make_dirs(path: &Path) -> Result<()> {
         .at(path)
 }
 
-fn open_for_write(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .at(path)
+/// Opens (creating, 0644) the regular file `name` in `dir` for writing,
+/// never following a symlink.
+fn open_for_write(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<File> {
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW;
+    sys::openat(Some(dir), name, flags, 0o644).map(File::from)
+}
+
+/// Whether `e` says a path is not there (a missing name or folder on the
+/// way): an operation finding its effect already done.
+fn missing(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
 /// The commit point: the staged manifest, then the redo record, each
@@ -149,11 +152,9 @@ impl Apply<'_> {
         }
         let mut buf = Vec::new();
         for f in &begin.files {
-            let path = self.resolve(&f.path)?;
-            if let Some(parent) = path.parent() {
-                make_dirs(parent)?;
-            }
-            let file = open_for_write(&path)?;
+            let path = self.shown(&f.path)?;
+            let (dir, name) = self.parent(&f.path, true)?;
+            let file = open_for_write(dir.as_fd(), name).at(&path)?;
             file.set_len(f.size).at(&path)?;
             let id = FileId(f.file_id);
             self.index.set_path(id, &f.path)?;
@@ -209,86 +210,105 @@ impl Apply<'_> {
     /// file system. A folder a later operation removed is not there to
     /// sync; any other failure fails the apply.
     fn sync_dirs(&self, begin: &Begin) -> Result<()> {
-        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut dirs: BTreeSet<&[u8]> = BTreeSet::from([&b""[..]]);
         let raw_paths = begin.ops.iter().flat_map(|op| [&op.path, &op.target]);
         for raw in raw_paths.chain(begin.files.iter().map(|f| &f.path)) {
-            if let Ok(p) = confine::join(self.root, raw) {
-                dirs.extend(
-                    p.ancestors()
-                        .skip(1)
-                        .take_while(|d| d.starts_with(self.root))
-                        .map(Path::to_path_buf),
-                );
+            if confine::join(self.root, raw).is_ok() {
+                let ends = raw.iter().enumerate().filter(|(_, b)| **b == b'/');
+                dirs.extend(ends.map(|(at, _)| &raw[..at]));
             }
         }
-        for dir in dirs {
-            match File::open(&dir) {
-                Ok(d) => d.sync_all().at(&dir)?,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {}
-                Err(e) => return Err(e).at(&dir),
-            }
+        let root = self.root_fd()?;
+        for rel in dirs {
+            let shown = self.root.join(OsStr::from_bytes(rel));
+            let dir = match state::dir_beneath(root.as_fd(), rel, None) {
+                Err(e) if missing(&e) => continue,
+                opened => opened.at(&shown)?,
+            };
+            let dir = sys::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).at(&shown)?;
+            File::from(dir).sync_all().at(&shown)?;
         }
         Ok(())
     }
 
-    fn resolve(&self, raw: &[u8]) -> Result<PathBuf> {
-        confine::resolve(self.root, raw).map_err(|e| bad(self.root, e.to_string()))
+    /// A descriptor of the replica root, which every path of a point is
+    /// resolved from (one component at a time: `root` joined to a path
+    /// of up to [`crate::wire::MAX_PATH`] bytes may exceed PATH_MAX).
+    fn root_fd(&self) -> Result<OwnedFd> {
+        state::open_root(self.root).at(self.root)
     }
 
-    fn parent_of(&self, p: &Path) -> PathBuf {
-        p.parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| self.root.to_path_buf())
+    /// `raw` confined to the root, as a path for messages.
+    fn shown(&self, raw: &[u8]) -> Result<PathBuf> {
+        confine::join(self.root, raw).map_err(|e| bad(self.root, e.to_string()))
+    }
+
+    /// The folder holding `raw` (made, 0755, when `make`) and its last
+    /// name, walked by descriptors from the root; a symlink on the way is
+    /// refused (`ELOOP`).
+    fn parent<'r>(&self, raw: &'r [u8], make: bool) -> Result<(OwnedFd, &'r OsStr)> {
+        let shown = self.shown(raw)?;
+        let root = self.root_fd()?;
+        state::parent_beneath(root.as_fd(), raw, make.then_some(0o755)).at(shown)
+    }
+
+    /// The folder holding `raw` and its last name, when something is
+    /// there (`None`: nothing is, nor maybe its folder).
+    fn existing<'r>(&self, raw: &'r [u8]) -> Result<Option<(OwnedFd, &'r OsStr)>> {
+        let shown = self.shown(raw)?;
+        let root = self.root_fd()?;
+        let (dir, name) = match state::parent_beneath(root.as_fd(), raw, None) {
+            Err(e) if missing(&e) => return Ok(None),
+            found => found.at(&shown)?,
+        };
+        match sys::statat(dir.as_fd(), name) {
+            Ok(_) => Ok(Some((dir, name))),
+            Err(e) if missing(&e) => Ok(None),
+            Err(e) => Err(e).at(shown),
+        }
     }
 
     /// Applies one namespace operation; each is a no-op when it finds its
-    /// effect already done, so a replay after a crash is harmless.
+    /// effect already done, so a replay after a crash is harmless. Every
+    /// path is walked by descriptors from the root (see [`Apply::parent`]).
     fn apply_op(&self, op: &NamespaceOp) -> Result<()> {
-        let path = self.resolve(&op.path)?;
-        let exists = |p: &Path| fs::symlink_metadata(p).is_ok();
+        let path = self.shown(&op.path)?;
         match op.kind() {
             OpKind::Create => {
-                if !exists(&path) {
-                    make_dirs(&self.parent_of(&path))?;
-                    open_for_write(&path)?;
+                let (dir, name) = self.parent(&op.path, true)?;
+                if sys::statat(dir.as_fd(), name).is_err() {
+                    open_for_write(dir.as_fd(), name).at(&path)?;
                 }
             }
-            OpKind::Mkdir => make_dirs(&path)?,
-            OpKind::Rmdir => {
-                if exists(&path) {
-                    fs::remove_dir(&path).at(&path)?;
-                }
+            OpKind::Mkdir => {
+                let root = self.root_fd()?;
+                state::dir_beneath(root.as_fd(), &op.path, Some(0o755)).at(&path)?;
             }
-            OpKind::Unlink => {
-                if exists(&path) {
-                    fs::remove_file(&path).at(&path)?;
+            OpKind::Rmdir | OpKind::Unlink => {
+                if let Some((dir, name)) = self.existing(&op.path)? {
+                    let rmdir = op.kind() == OpKind::Rmdir;
+                    sys::unlinkat(dir.as_fd(), name, rmdir).at(&path)?;
                 }
             }
             OpKind::Truncate => {
-                if exists(&path) {
-                    OpenOptions::new()
-                        .write(true)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&path)
-                        .and_then(|f| f.set_len(op.arg))
+                if let Some((dir, name)) = self.existing(&op.path)? {
+                    let flags = libc::O_WRONLY | libc::O_NOFOLLOW;
+                    sys::openat(Some(dir.as_fd()), name, flags, 0)
+                        .and_then(|f| sys::ftruncate(f.as_fd(), op.arg))
                         .at(&path)?;
                 }
             }
             OpKind::Rename => self.rename(op, &path)?,
             OpKind::Symlink => {
-                if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-                    fs::remove_file(&path).at(&path)?;
+                let (dir, name) = self.parent(&op.path, true)?;
+                let st = sys::statat(dir.as_fd(), name);
+                if st.is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK) {
+                    sys::unlinkat(dir.as_fd(), name, false).at(&path)?;
                 }
-                make_dirs(&self.parent_of(&path))?;
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&op.target), &path)
-                    .at(&path)?;
+                let target = Path::new(OsStr::from_bytes(&op.target));
+                sys::symlinkat(target, dir.as_fd(), name).at(&path)?;
             }
-            OpKind::Link => {
-                let target = self.resolve(&op.target)?;
-                if exists(&path) && !exists(&target) {
-                    fs::hard_link(&path, &target).at(&target)?;
-                }
-            }
+            OpKind::Link => self.link(op)?,
             OpKind::Unspecified => {
                 return Err(bad(self.root, "namespace operation of unknown kind"));
             }
@@ -296,29 +316,33 @@ impl Apply<'_> {
         Ok(())
     }
 
+    /// A hard link: `op.target` becomes another name of the file at
+    /// `path` (the same inode, as on the primary), unless it is there.
+    fn link(&self, op: &NamespaceOp) -> Result<()> {
+        let target = self.shown(&op.target)?;
+        let Some((from_dir, from)) = self.existing(&op.path)? else {
+            return Ok(());
+        };
+        let (to_dir, to) = self.parent(&op.target, true)?;
+        if sys::statat(to_dir.as_fd(), to).is_ok() {
+            return Ok(());
+        }
+        sys::linkat(from_dir.as_fd(), from, to_dir.as_fd(), to).at(target)
+    }
+
     /// A rename (or exchange, `arg` holding the flags) of `path`, and the
     /// index's paths after it.
     fn rename(&self, op: &NamespaceOp, path: &Path) -> Result<()> {
-        let target = self.resolve(&op.target)?;
         let exchange = op.arg as u32 & libc::RENAME_EXCHANGE != 0;
-        if fs::symlink_metadata(path).is_err() || (!exchange && path == target) {
+        let Some((from_dir, from)) = self.existing(&op.path)? else {
+            return Ok(());
+        };
+        if !exchange && op.path == op.target {
             return Ok(());
         }
-        make_dirs(&self.parent_of(&target))?;
+        let (to_dir, to) = self.parent(&op.target, true)?;
         let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
-        let (from_dir, to_dir) = (
-            File::open(self.parent_of(path)).at(path)?,
-            File::open(self.parent_of(&target)).at(&target)?,
-        );
-        let name = |p: &Path| p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        sys::renameat2(
-            from_dir.as_fd(),
-            &name(path),
-            to_dir.as_fd(),
-            &name(&target),
-            flags,
-        )
-        .at(path)?;
+        sys::renameat2(from_dir.as_fd(), from, to_dir.as_fd(), to, flags).at(path)?;
         self.index.repath(&op.path, &op.target)
     }
 }

@@ -3,10 +3,13 @@
 //! symlink planted in the replica must not lead a write outside it).
 
 use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::state::STATE_DIR;
+use crate::state::{self, STATE_DIR};
+use crate::wire::MAX_PATH;
 
 /// Why a received path was refused.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +29,7 @@ pub enum PathError {
 /// file system; see [`no_symlink_parents`].
 pub fn join(root: &Path, raw: &[u8]) -> Result<PathBuf, PathError> {
     let shown = || String::from_utf8_lossy(raw).into_owned();
-    if raw.is_empty() || raw.contains(&0) || raw.len() > 4096 {
+    if raw.is_empty() || raw.contains(&0) || raw.len() > MAX_PATH {
         return Err(PathError::Outside(shown()));
     }
     let rel = Path::new(OsStr::from_bytes(raw));
@@ -46,24 +49,23 @@ pub fn join(root: &Path, raw: &[u8]) -> Result<PathBuf, PathError> {
 }
 
 /// Refuses `path` (below `root`) when any directory on the way from
-/// `root` is a symlink. The final component is opened with `O_NOFOLLOW`
-/// by the caller.
+/// `root` is a symlink. Walks by descriptors from `root` (see
+/// [`state::dir_beneath`]), so it works for paths longer than PATH_MAX
+/// once joined to `root`. The final component is opened with `O_NOFOLLOW`
+/// by the caller; a part of the way that does not exist yet is no symlink.
 pub fn no_symlink_parents(root: &Path, path: &Path) -> Result<(), PathError> {
     let rel = path
         .strip_prefix(root)
         .map_err(|_| PathError::Outside(path.display().to_string()))?;
-    let mut at = root.to_path_buf();
-    let mut parts = rel.components().peekable();
-    while let Some(c) = parts.next() {
-        if parts.peek().is_none() {
-            break;
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    let walked = state::open_root(root)
+        .and_then(|fd| state::dir_beneath(fd.as_fd(), parent.as_os_str().as_bytes(), None));
+    match walked {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            Err(PathError::ThroughSymlink(rel.display().to_string()))
         }
-        at.push(c);
-        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(PathError::ThroughSymlink(rel.display().to_string()));
-        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// [`join`] then [`no_symlink_parents`].
@@ -71,6 +73,16 @@ pub fn resolve(root: &Path, raw: &[u8]) -> Result<PathBuf, PathError> {
     let path = join(root, raw)?;
     no_symlink_parents(root, &path)?;
     Ok(path)
+}
+
+/// Opens the file at `raw` below `root` for reading: confined, and walked
+/// by descriptors, never following a symlink. `None` when it cannot be.
+pub fn open_file(root: &Path, raw: &[u8]) -> Option<File> {
+    join(root, raw).ok()?;
+    let fd = state::open_root(root).ok()?;
+    state::open_beneath(fd.as_fd(), raw, libc::O_RDONLY, 0)
+        .ok()
+        .map(File::from)
 }
 
 #[cfg(test)]

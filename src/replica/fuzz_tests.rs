@@ -1013,7 +1013,7 @@ fn refuses_paths_into_the_state_folder_hbrfs() {
 
 #[test]
 fn refuses_paths_with_nul_bytes_empty_paths_and_overlong_paths() {
-    let long = "a/".repeat(2100) + "x.img";
+    let long = "a/".repeat(crate::wire::MAX_PATH / 2 + 1) + "x.img";
     refuse_paths(
         &|_| strings(&["c\0.img", "\0", "vms/\0/x", "", &long]),
         "not a relative path below the replica root",

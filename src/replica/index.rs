@@ -7,8 +7,7 @@
 //! its location (file id and block number, 8 bytes big-endian each), and
 //! `files` maps a file id (8 bytes big-endian) to its path below the root.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::confine;
@@ -132,14 +131,7 @@ impl ContentIndex {
         let Some(rel) = self.file_path(id)? else {
             return Ok(None);
         };
-        let Ok(path) = confine::resolve(root, &rel) else {
-            return Ok(None);
-        };
-        let Ok(file) = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        else {
+        let Some(file) = confine::open_file(root, &rel) else {
             return Ok(None);
         };
         let mut buf = vec![0u8; length];

@@ -8,11 +8,15 @@
 //! see `apply`, which logs and skips an operation that conflicts with an
 //! earlier one, and fails on a file-system or resource error).
 
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::confine::{self, PathError};
 use crate::proto::replication::{Begin, FileState, NamespaceOp, OpKind};
 use crate::wire::MAX_FILE_SIZE;
+use crate::{state, sys};
 
 /// Why a point cannot be applied on this replica: refused before anything
 /// is staged (the service answers InvalidArgument).
@@ -89,8 +93,29 @@ pub enum PreflightError {
     },
 }
 
-fn exists(p: &Path) -> Option<std::fs::Metadata> {
-    std::fs::symlink_metadata(p).ok()
+/// The kind (`S_IFMT` bits) of what is at `path` below `root`, if
+/// anything: looked up by descriptors from `root`, so a path longer than
+/// PATH_MAX once joined to `root` is seen too.
+fn exists(root: &Path, path: &Path) -> Option<u32> {
+    let rel = path.strip_prefix(root).ok()?.as_os_str().as_bytes();
+    let fd = state::open_root(root).ok()?;
+    let st = state::stat_beneath(fd.as_fd(), rel).ok()?;
+    Some(st.st_mode & libc::S_IFMT)
+}
+
+/// Whether the folder at `path` below `root` is empty (false when it
+/// cannot be read).
+fn empty_dir(root: &Path, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(root) else {
+        return false;
+    };
+    let listed = state::open_root(root)
+        .and_then(|fd| state::dir_beneath(fd.as_fd(), rel.as_os_str().as_bytes(), None))
+        .and_then(|dir| {
+            let at = sys::proc_path(dir.as_fd());
+            std::fs::read_dir(Path::new(OsStr::from_bytes(at.to_bytes())))
+        });
+    listed.is_ok_and(|mut d| d.next().is_none())
 }
 
 /// Refuses a path below something that exists and is not a folder.
@@ -99,7 +124,7 @@ fn no_file_on_the_way(root: &Path, path: &Path, shown: &str) -> Result<(), Prefl
         .ancestors()
         .skip(1)
         .take_while(|a| a.starts_with(root) && *a != root)
-        .find(|a| exists(a).is_some_and(|m| !m.is_dir()));
+        .find(|a| exists(root, a).is_some_and(|m| m != libc::S_IFDIR));
     match blocked {
         Some(a) => Err(PreflightError::FileOnTheWay {
             path: shown.to_string(),
@@ -111,15 +136,14 @@ fn no_file_on_the_way(root: &Path, path: &Path, shown: &str) -> Result<(), Prefl
 
 /// What is wrong with an existing `m` at the path of an operation of
 /// `kind`, if anything.
-fn wrong_kind(kind: OpKind, path: &Path, m: &std::fs::Metadata) -> Option<&'static str> {
+fn wrong_kind(kind: OpKind, root: &Path, path: &Path, m: u32) -> Option<&'static str> {
+    let dir = m == libc::S_IFDIR;
     match kind {
-        OpKind::Rmdir if !m.is_dir() => Some("is not a folder"),
-        OpKind::Rmdir if std::fs::read_dir(path).map_or(true, |mut d| d.next().is_some()) => {
-            Some("is a folder that is not empty")
-        }
-        OpKind::Unlink if m.is_dir() => Some("is a folder"),
-        OpKind::Mkdir if !m.is_dir() => Some("exists and is not a folder"),
-        OpKind::Create | OpKind::Truncate | OpKind::Link if !m.is_file() => {
+        OpKind::Rmdir if !dir => Some("is not a folder"),
+        OpKind::Rmdir if !empty_dir(root, path) => Some("is a folder that is not empty"),
+        OpKind::Unlink if dir => Some("is a folder"),
+        OpKind::Mkdir if !dir => Some("exists and is not a folder"),
+        OpKind::Create | OpKind::Truncate | OpKind::Link if m != libc::S_IFREG => {
             Some("is not a regular file")
         }
         _ => None,
@@ -194,8 +218,8 @@ impl Walk<'_> {
             });
         }
         if self.untouched(&path, &shown)?
-            && let Some(m) = exists(&path)
-            && let Some(wrong) = wrong_kind(kind, &path, &m)
+            && let Some(m) = exists(self.root, &path)
+            && let Some(wrong) = wrong_kind(kind, self.root, &path, m)
         {
             return Err(PreflightError::WrongKind {
                 op: i,
@@ -222,7 +246,9 @@ impl Walk<'_> {
             });
         }
         let shown = String::from_utf8_lossy(&f.path);
-        if self.untouched(&path, &shown)? && exists(&path).is_some_and(|m| !m.is_file()) {
+        if self.untouched(&path, &shown)?
+            && exists(self.root, &path).is_some_and(|m| m != libc::S_IFREG)
+        {
             return Err(PreflightError::NotAFile {
                 file_id: f.file_id,
                 path: shown.into_owned(),

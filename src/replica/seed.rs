@@ -5,6 +5,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use super::index::ContentIndex;
 use crate::block::HashKey;
 use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, FileId};
-use crate::state::{read_full, walk_files};
+use crate::state::{open_beneath, open_root, read_full, walk_files};
 
 /// File ids from here up name files found in the replica folder when it
 /// was paired (seeding); the primary's ids are far below.
@@ -30,10 +31,11 @@ pub fn index_existing(
     walk_files(root, &mut |rel, _| files.push(rel))?;
     let mut blocks = 0;
     let mut buf = vec![0u8; block_size as usize];
+    let root_fd = open_root(root).at(root)?;
     for (n, rel) in files.iter().enumerate() {
         let id = FileId(SEED_IDS.0 + n as u64);
         let path = root.join(OsStr::from_bytes(rel));
-        let file = File::open(&path).at(&path)?;
+        let file = File::from(open_beneath(root_fd.as_fd(), rel, libc::O_RDONLY, 0).at(&path)?);
         index.set_path(id, rel)?;
         for block in 0.. {
             let len = read_full(&file, &mut buf, block * block_size).at(&path)?;

@@ -1,8 +1,7 @@
 //! `hbrfs verify` at the secondary: the primary's block hashes compared
 //! with the replica at its applied point, applies waiting while it reads.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 
 use super::confine;
 use super::store::ReplicaStore;
@@ -87,13 +86,7 @@ fn compare_file(
         });
     }
     let rel = store.file_path(FileId(f.file_id))?.unwrap_or_default();
-    let file = confine::resolve(&store.root, &rel).ok().and_then(|p| {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(p)
-            .ok()
-    });
+    let file = confine::open_file(&store.root, &rel);
     let size = file
         .as_ref()
         .and_then(|f| f.metadata().ok())

@@ -194,11 +194,12 @@ impl Passthrough {
 
     /// Truncates `node` to `size`, marking the blocks between the old and
     /// the new end (their content changes if the file grows again).
-    pub(super) fn truncate(&self, node: &Inode, fh: Option<FileHandle>, size: u64) -> Res<()> {
+    pub(super) fn truncate(&self, node: &Arc<Inode>, fh: Option<FileHandle>, size: u64) -> Res<()> {
         if size > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
         }
         let _gate = self.recording.gate();
+        let path = self.untracked_path(node)?;
         let reopened;
         let handle;
         let fd = match fh.and_then(|fh| self.handles.get(fh)) {
@@ -224,7 +225,7 @@ impl Passthrough {
         }
         self.recording.record(Change::Truncated {
             file: node.tracked.as_ref().map(|t| t.id()),
-            path: &self.path_of(node),
+            path: path.as_deref(),
             size,
         })
     }

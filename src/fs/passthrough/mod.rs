@@ -32,12 +32,13 @@ use fuser::{Errno, FileHandle, INodeNo, InitFlags, KernelConfig};
 
 use super::attr::file_attr;
 use super::handles::{Handle, HandleTable};
-use super::inodes::{Inode, InodeTable};
+use super::inodes::{Inode, InodeTable, Link};
 use super::recorder::{ChangeRecorder, Recording};
 use super::reply::{Entry, Res, io_errno};
 use crate::error::IoContext;
 use crate::state::STATE_DIR;
 use crate::sys;
+use crate::wire::MAX_PATH;
 
 /// How long the kernel may cache attributes and entries when every change
 /// goes through this daemon.
@@ -160,29 +161,70 @@ impl Passthrough {
         Ok(())
     }
 
-    /// Path of a node relative to the root, as the journal records it.
-    fn path_of(&self, node: &Inode) -> Vec<u8> {
-        if node.ino == INodeNo::ROOT {
-            return Vec::new();
+    /// Path of a node relative to the root, as the journal records it:
+    /// built from the chain of [`Link`]s up to the root, each checked
+    /// against the backing directory (the name in its parent's descriptor
+    /// must still be that node). Never read back from `/proc/self/fd`,
+    /// which fails beyond PATH_MAX, and never a guess: `ENAMETOOLONG`
+    /// beyond [`MAX_PATH`], `EIO` when the chain does not hold (the tree
+    /// changed behind the mount's back, or a file lost the name it was
+    /// reached by).
+    fn path_of(&self, node: &Arc<Inode>) -> Res<Vec<u8>> {
+        let mut names = Vec::new();
+        let mut len = 0;
+        let mut at = node.clone();
+        while at.ino != INodeNo::ROOT {
+            let link = at.link().ok_or(Errno::EIO)?;
+            let st = sys::statat(link.parent.fd(), &link.name).map_err(|_| Errno::EIO)?;
+            if (st.st_dev, st.st_ino) != at.key {
+                return Err(Errno::EIO);
+            }
+            len += link.name.len() + 1;
+            if len > MAX_PATH + 1 {
+                return Err(Errno::ENAMETOOLONG);
+            }
+            names.push(link.name);
+            at = link.parent;
         }
-        match std::fs::read_link(Path::new(sys::proc_path(node.fd()).to_str().unwrap_or(""))) {
-            Ok(p) => p
-                .strip_prefix(&self.root)
-                .unwrap_or(&p)
-                .as_os_str()
-                .as_bytes()
-                .to_vec(),
-            Err(_) => Vec::new(),
+        let mut path = Vec::with_capacity(len);
+        for name in names.iter().rev() {
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(name.as_bytes());
         }
+        Ok(path)
     }
 
-    fn child_path(&self, parent: &Inode, name: &OsStr) -> Vec<u8> {
-        let mut p = self.path_of(parent);
+    /// Path of `name` in `parent` (see [`Passthrough::path_of`]).
+    fn child_path(&self, parent: &Arc<Inode>, name: &OsStr) -> Res<Vec<u8>> {
+        let mut p = self.path_of(parent)?;
         if !p.is_empty() {
             p.push(b'/');
         }
         p.extend_from_slice(name.as_bytes());
-        p
+        if p.len() > MAX_PATH {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        Ok(p)
+    }
+
+    /// The path of a node that is not a tracked file (`None` for a
+    /// tracked one, whose names the journal keeps: the name the node was
+    /// reached by may be gone while another link remains).
+    fn untracked_path(&self, node: &Arc<Inode>) -> Res<Option<Vec<u8>>> {
+        match node.tracked {
+            Some(_) => Ok(None),
+            None => self.path_of(node).map(Some),
+        }
+    }
+
+    /// How `parent` reaches `name`.
+    fn link_to(parent: &Arc<Inode>, name: &OsStr) -> Link {
+        Link {
+            parent: parent.clone(),
+            name: name.to_os_string(),
+        }
     }
 
     /// Looks `name` up in `parent` and takes a kernel reference on it.
@@ -191,7 +233,7 @@ impl Passthrough {
         self.lookup_in(&parent, name)
     }
 
-    fn lookup_in(&self, parent: &Inode, name: &OsStr) -> Res<Entry> {
+    fn lookup_in(&self, parent: &Arc<Inode>, name: &OsStr) -> Res<Entry> {
         if parent.ino == INodeNo::ROOT && name == STATE_DIR {
             return Err(Errno::ENOENT);
         }
@@ -199,14 +241,20 @@ impl Passthrough {
             .map_err(io_errno)?;
         let st = stat(fd.as_fd())?;
         let key = (st.st_dev, st.st_ino);
-        let node = self.inodes.lookup(fd, key, st.st_mode & libc::S_IFMT, || {
+        let kind = st.st_mode & libc::S_IFMT;
+        let link = Self::link_to(parent, name);
+        let node = self.inodes.lookup(fd, key, kind, link, || {
             let reader = || {
                 let flags = libc::O_RDONLY | libc::O_NOFOLLOW;
                 sys::openat(Some(parent.fd()), name, flags, 0)
                     .map(File::from)
                     .at(display(name))
             };
-            let path = || self.child_path(parent, name);
+            let path = || {
+                let shown = || self.root.join(name);
+                let errno = |e: Errno| io::Error::from_raw_os_error(e.code());
+                self.child_path(parent, name).map_err(errno).at(shown())
+            };
             self.recording.tracking_for(&st, path, reader)
         })?;
         Ok(self.entry(node.ino, &st))

@@ -48,6 +48,7 @@ impl Passthrough {
         let parent = self.inode(parent)?;
         Self::check_name(&parent, name)?;
         let _gate = self.recording.gate();
+        let path = self.child_path(&parent, name)?;
         let create = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
         let access = self.backing_flags(flags) & !libc::O_ACCMODE;
         let fd = sys::openat(Some(parent.fd()), name, access | create, mode & 0o7777)
@@ -55,7 +56,6 @@ impl Passthrough {
         self.set_owner(req, &parent, &fd)?;
         let file = File::from(fd);
         let st = stat(file.as_fd())?;
-        let path = self.child_path(&parent, name);
         let reader = || {
             sys::reopen(file.as_fd(), libc::O_RDONLY)
                 .map(File::from)
@@ -67,7 +67,9 @@ impl Passthrough {
         let id = tracked.as_ref().map(|t| t.id());
         let path_fd = sys::openat(Some(parent.fd()), name, libc::O_PATH | libc::O_NOFOLLOW, 0)
             .map_err(io_errno)?;
-        let node = (self.inodes).lookup(path_fd, (st.st_dev, st.st_ino), libc::S_IFREG, || {
+        let key = (st.st_dev, st.st_ino);
+        let link = Self::link_to(&parent, name);
+        let node = (self.inodes).lookup(path_fd, key, libc::S_IFREG, link, || {
             Ok::<_, Errno>(tracked)
         })?;
         if let Some(file) = id {
@@ -145,12 +147,13 @@ impl Passthrough {
         let parent = self.inode(parent)?;
         Self::check_name(&parent, name)?;
         let _gate = self.recording.gate();
+        let path = self.child_path(&parent, name)?;
         make(&parent).map_err(io_errno)?;
         let fd = sys::openat(Some(parent.fd()), name, libc::O_PATH | libc::O_NOFOLLOW, 0)
             .map_err(io_errno)?;
         self.set_owner(req, &parent, &fd)?;
         drop(fd);
-        record(&self.child_path(&parent, name))?;
+        record(&path)?;
         self.lookup_in(&parent, name)
     }
 
@@ -168,7 +171,7 @@ impl Passthrough {
         Self::check_name(&parent, name)?;
         let _gate = self.recording.gate();
         let st = sys::statat(parent.fd(), name).map_err(io_errno)?;
-        let path = &self.child_path(&parent, name);
+        let path = &self.child_path(&parent, name)?;
         sys::unlinkat(parent.fd(), name, dir).map_err(io_errno)?;
         self.recording.record(if dir {
             Change::Rmdir { path }
@@ -197,11 +200,21 @@ impl Passthrough {
         let _gate = self.recording.gate();
         let src = sys::statat(parent.fd(), name).map_err(io_errno)?;
         let replaced = sys::statat(newparent.fd(), newname).ok();
-        let from = self.child_path(&parent, name);
-        let to = self.child_path(&newparent, newname);
+        let from = self.child_path(&parent, name)?;
+        let to = self.child_path(&newparent, newname)?;
         sys::renameat2(parent.fd(), name, newparent.fd(), newname, flags).map_err(io_errno)?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        let replaced = replaced.filter(|r| !exchange && r.st_ino != src.st_ino);
+        let same = |r: &libc::stat| (r.st_dev, r.st_ino) == (src.st_dev, src.st_ino);
+        if !exchange && replaced.as_ref().is_some_and(same) {
+            // Two links of one file: rename(2) did nothing.
+            return Ok(());
+        }
+        let key = |st: &libc::stat| (st.st_dev, st.st_ino);
+        (self.inodes).relink(key(&src), Self::link_to(&newparent, newname));
+        if let Some(other) = replaced.as_ref().filter(|_| exchange) {
+            (self.inodes).relink(key(other), Self::link_to(&parent, name));
+        }
+        let replaced = replaced.filter(|_| !exchange);
         self.recording.record(Change::Renamed {
             from: &from,
             to: &to,
@@ -217,11 +230,13 @@ impl Passthrough {
         let newparent = self.inode(newparent)?;
         Self::check_name(&newparent, newname)?;
         let _gate = self.recording.gate();
-        sys::linkat(node.fd(), newparent.fd(), newname).map_err(io_errno)?;
+        let from = self.untracked_path(&node)?;
+        let to = self.child_path(&newparent, newname)?;
+        sys::linkat(node.fd(), OsStr::new(""), newparent.fd(), newname).map_err(io_errno)?;
         self.recording.record(Change::Linked {
             file: node.tracked.as_ref().map(|t| t.id()),
-            from: &self.path_of(&node),
-            to: &self.child_path(&newparent, newname),
+            from: from.as_deref(),
+            to: &to,
         })?;
         self.lookup_in(&newparent, newname)
     }
