@@ -14,4 +14,5 @@ mod posix;
 mod privacy;
 mod replication;
 mod resilience;
+mod space;
 mod tracking;

@@ -57,6 +57,8 @@ pub struct Secondary {
     log_path: PathBuf,
     /// An open-file limit (soft and hard) to run it under, via `prlimit`.
     nofile: Option<u64>,
+    /// Whether the replica folder is a tmpfs of its own (unmounted on drop).
+    tmpfs: bool,
     /// More arguments for `hbrfs serve`, kept across restarts.
     extra: Vec<String>,
     /// Dropped last, after `Drop` has unmounted the mirror.
@@ -83,11 +85,29 @@ impl Secondary {
         Secondary::start_limited(Some(nofile), &[])
     }
 
+    /// Starts a secondary like [`Secondary::start`] whose replica folder
+    /// (its state folder with it) is a tmpfs of `size` (`mount -o size=`),
+    /// so a larger point fills it; [`Secondary::resize`] grows it.
+    pub fn start_on_tmpfs(size: &str) -> Secondary {
+        Secondary::start_with(None, &[], Some(size))
+    }
+
     fn start_limited(nofile: Option<u64>, extra: &[&str]) -> Secondary {
+        Secondary::start_with(nofile, extra, None)
+    }
+
+    fn start_with(nofile: Option<u64>, extra: &[&str], tmpfs: Option<&str>) -> Secondary {
         let dir = temp_dir();
         let replica = dir.path().join("replica");
         let mirror = dir.path().join("mirror");
         fs::create_dir(&mirror).expect("create mirror mountpoint");
+        if let Some(size) = tmpfs {
+            fs::create_dir(&replica).expect("create replica folder");
+            let opts = format!("size={size},mode=0755");
+            run(Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &opts, "hbrfs-test"])
+                .arg(&replica));
+        }
         let mut s = Secondary {
             replica,
             mirror,
@@ -95,11 +115,19 @@ impl Secondary {
             child: None,
             log_path: dir.path().join("serve.log"),
             nofile,
+            tmpfs: tmpfs.is_some(),
             extra: extra.iter().map(|a| a.to_string()).collect(),
             _dir: dir,
         };
         s.spawn_and_wait();
         s
+    }
+
+    /// Sets the size of the replica's tmpfs (from `start_on_tmpfs`).
+    pub fn resize(&self, size: &str) {
+        assert!(self.tmpfs, "resize of a replica that is not a tmpfs");
+        let opts = format!("remount,size={size}");
+        run(Command::new("mount").args(["-o", &opts]).arg(&self.replica));
     }
 
     /// The pre-shared key a primary must present (made by `serve`).
@@ -303,6 +331,9 @@ impl Drop for Secondary {
             }
         }
         detach_all(&self.mirror);
+        if self.tmpfs {
+            let _ = Command::new("umount").arg("-l").arg(&self.replica).status();
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, IoContext, Result};
 use crate::ids::BlockSize;
@@ -118,6 +118,11 @@ pub struct Datastore {
     pub tracker: Arc<Tracker>,
     /// Held for as long as the datastore is open by the daemon.
     _lock: Option<File>,
+    /// Why a namespace change made through the mount is missing from the
+    /// journal, once one is: no new point may be cut without it (see
+    /// [`Datastore::check_recorded`]). Set by the mount's threads, read by
+    /// the replicator; held only to copy the message.
+    unrecorded: Mutex<Option<String>>,
     /// Whether the state folder was made by this open.
     pub fresh: bool,
     /// The paths whose metadata change the open epoch already recorded:
@@ -197,6 +202,7 @@ impl Datastore {
             journal,
             tracker,
             _lock: lock,
+            unrecorded: Mutex::new(None),
             fresh,
             meta_noted: recorder::MetaNoted::default(),
         })
@@ -237,6 +243,24 @@ impl Datastore {
             },
         )?;
         Ok(file)
+    }
+
+    /// Fails while a namespace change made through the mount went
+    /// unrecorded: a point cut now would silently miss it. Only the
+    /// mount-time scan of a restart reconciles the journal with the
+    /// backing tree, so the error says to restart, and `status` shows it.
+    pub fn check_recorded(&self) -> Result<()> {
+        match &*self.unrecorded.lock().expect("unrecorded lock") {
+            None => Ok(()),
+            Some(why) => Err(Error::BadState {
+                path: self.paths.journal(),
+                reason: format!(
+                    "{why}; no new point is cut until the daemon is restarted \
+                     (its mount-time scan reconciles the journal with {})",
+                    self.root.display()
+                ),
+            }),
+        }
     }
 
     /// Loads every tracked file's bitmap without changing anything (for

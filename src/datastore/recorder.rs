@@ -136,6 +136,13 @@ impl ChangeRecorder for Datastore {
     fn flush(&self) -> Result<()> {
         self.journal.flush()
     }
+
+    fn unrecorded(&self, change: &Change<'_>, error: &Error) {
+        let mut slot = self.unrecorded.lock().expect("unrecorded lock");
+        slot.get_or_insert_with(|| {
+            format!("a namespace change ({change}) is not in the journal: {error}")
+        });
+    }
 }
 
 /// The paths whose metadata change one epoch recorded (see

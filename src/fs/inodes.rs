@@ -112,8 +112,10 @@ struct Tables {
 /// All nodes the kernel holds references to.
 #[derive(Debug)]
 pub struct InodeTable {
-    /// One lock for both maps, which must change together; held only for
-    /// map operations, never across IO.
+    /// One lock for both maps, which must change together; held for map
+    /// operations and, when a node is new, for finding its tracking state
+    /// (a journal lookup, rarely a new bitmap), so that a FORGET cannot
+    /// fall between "no node yet" and building it.
     tables: Mutex<Tables>,
 }
 
@@ -152,22 +154,27 @@ impl InodeTable {
     }
 
     /// Takes one kernel reference on the node for `key`, reached by
-    /// `link`, creating it from `fd` (and `tracked`, computed only for new
-    /// nodes) when it is new.
-    pub fn lookup(
+    /// `link`, creating it from `fd` and `tracked` when it is new.
+    /// `tracked` runs under the table's lock, exactly when the node is
+    /// built: a FORGET cannot drop the node between "it exists" and "build
+    /// it", so no node is ever built without tracking state it should
+    /// have. A failure of `tracked` fails the lookup and builds nothing
+    /// (tracking fails closed).
+    pub fn lookup<E>(
         &self,
         fd: OwnedFd,
         key: BackingKey,
         kind: u32,
         link: Link,
-        tracked: impl FnOnce() -> Option<Tracked>,
-    ) -> Arc<Inode> {
+        tracked: impl FnOnce() -> Result<Option<Tracked>, E>,
+    ) -> Result<Arc<Inode>, E> {
         let mut t = self.tables.lock().expect("inode lock");
         if let Some(node) = t.by_key.get(&key).and_then(|ino| t.by_ino.get(ino)) {
             node.lookups.fetch_add(1, Ordering::Relaxed);
             *node.link.lock().expect("link lock") = Some(link);
-            return node.clone();
+            return Ok(node.clone());
         }
+        let tracked = tracked()?;
         let ino = t.next;
         t.next += 1;
         let node = Arc::new(Inode {
@@ -175,14 +182,14 @@ impl InodeTable {
             fd,
             key,
             kind,
-            tracked: tracked(),
+            tracked,
             link: Mutex::new(Some(link)),
             lookups: AtomicU64::new(1),
             cached_writers: AtomicU64::new(0),
         });
         t.by_key.insert(key, ino);
         t.by_ino.insert(ino, node.clone());
-        node
+        Ok(node)
     }
 
     /// The node for `key`, if the kernel holds one, is now reached by
@@ -192,16 +199,6 @@ impl InodeTable {
         if let Some(node) = t.by_key.get(&key).and_then(|ino| t.by_ino.get(ino)) {
             *node.link.lock().expect("link lock") = Some(link);
         }
-    }
-
-    /// Whether a node for `key` exists (so a lookup would not need tracking
-    /// state computed).
-    pub fn known(&self, key: BackingKey) -> bool {
-        self.tables
-            .lock()
-            .expect("inode lock")
-            .by_key
-            .contains_key(&key)
     }
 
     /// Drops `n` kernel references; the node goes when none are left.

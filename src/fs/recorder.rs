@@ -9,13 +9,14 @@
 //!
 //! [`Recording`] is how the passthrough holds a recorder: absent for a plain
 //! passthrough, and the one place that decides what a failed recording
-//! means for the operation.
+//! means for the operation (it fails closed: see [`Recording`]).
 
 use std::fmt;
 use std::fs::File;
 use std::sync::{Arc, RwLockReadGuard};
 
-use crate::error::Result;
+use super::reply::{Res, state_errno};
+use crate::error::{Error, Result};
 use crate::ids::FileId;
 
 /// What the write path tells the tracking state of one regular file: the
@@ -218,15 +219,31 @@ pub trait ChangeRecorder: Send + Sync + fmt::Debug {
     /// Makes everything recorded so far durable (fsync, and a new file
     /// before its first write is acknowledged).
     fn flush(&self) -> Result<()>;
+
+    /// `change` happened on the backing directory but [`record`] failed
+    /// with `error`: the recorder must see to it that no point ships
+    /// without it (the datastore holds new cuts until it is reconciled).
+    ///
+    /// [`record`]: ChangeRecorder::record
+    fn unrecorded(&self, change: &Change<'_>, error: &Error);
 }
 
 /// The recorder as the passthrough holds it: `None` for a plain passthrough
 /// (the benchmark's baseline) and for the mirror.
 ///
-/// A change that cannot be recorded is logged and the operation carries on
-/// (the scan at the next mount repairs a missing record); that decision is
-/// made here and nowhere else. Failures that must fail the operation (a new
-/// file that cannot be tracked, a flush) are returned to the caller.
+/// This is the one place that decides what a failed recording means, and
+/// it fails closed: a write must never land unmarked, a change never go
+/// unrecorded in silence.
+/// - A file whose tracking state cannot be found or made (ENOSPC in the
+///   state folder, a journal error) fails its lookup, open or create with
+///   that errno (ENOSPC, else EIO): no node exists without its tracking
+///   state, so no write can pass unmarked.
+/// - A namespace change that already happened on the backing directory
+///   but cannot be recorded fails the operation with EIO (ENOSPC when
+///   that is the cause), and the recorder is told
+///   ([`ChangeRecorder::unrecorded`]) so that no later point can ship
+///   without it: the datastore cuts no new point until a restart's
+///   mount-time scan reconciles the journal, and says why in `status`.
 #[derive(Clone, Debug, Default)]
 pub struct Recording(Option<Arc<dyn ChangeRecorder>>);
 
@@ -241,11 +258,17 @@ impl Recording {
         self.0.as_ref().map(|r| r.gate())
     }
 
-    /// Records `change`; a failure is logged, never returned.
-    pub fn record(&self, change: Change<'_>) {
-        if let Some(r) = &self.0 {
-            carry_on(|| format!("recording {change}"), r.record(&change));
-        }
+    /// Records `change`; a failure is the operation's errno, and the
+    /// recorder learns the change went unrecorded.
+    pub fn record(&self, change: Change<'_>) -> Res<()> {
+        let Some(r) = &self.0 else {
+            return Ok(());
+        };
+        r.record(&change).map_err(|e| {
+            log::error!("recording {change}: {e}");
+            r.unrecorded(&change, &e);
+            state_errno(e)
+        })
     }
 
     /// Tracks the empty file just created at `path` with backing inode
@@ -272,35 +295,48 @@ impl Recording {
 
     /// Tracking state of the regular file with backing stat `st`, made
     /// fully dirty if the file has none (it appeared behind hbrfs's back).
-    /// `path` and `reader` are asked for only then.
+    /// `path` and `reader` are asked for only then. A failure is the
+    /// errno the lookup fails with: the file gets no node rather than an
+    /// untracked one.
     pub fn tracking_for(
         &self,
         st: &libc::stat,
         path: impl FnOnce() -> Result<Vec<u8>>,
         reader: impl FnOnce() -> Result<File>,
-    ) -> Option<Tracked> {
-        let r = self.0.as_ref()?;
+    ) -> Res<Option<Tracked>> {
+        let Some(r) = self.0.as_ref() else {
+            return Ok(None);
+        };
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return None;
+            return Ok(None);
         }
-        let what = || format!("journal lookup of inode {}", st.st_ino);
-        if let Some(found) = carry_on(what, r.tracked(st.st_ino)).flatten() {
-            return Some(found);
+        let failed = |what: String| {
+            move |e: Error| {
+                log::error!("{what}: {e}");
+                state_errno(e)
+            }
+        };
+        let ino = st.st_ino;
+        let found = r.tracked(ino);
+        if let Some(found) = found.map_err(failed(format!("journal lookup of inode {ino}")))? {
+            return Ok(Some(found));
         }
-        let path = carry_on(|| format!("the path of inode {}", st.st_ino), path())?;
+        let path = path().map_err(failed(format!("the path of inode {ino}")))?;
         let shown = String::from_utf8_lossy(&path).into_owned();
         log::warn!(
             "{shown}: found without tracking state (changed outside hbrfs?): all of it is dirty"
         );
         let tracked = reader().and_then(|reader| {
             r.track(NewFile {
-                ino: st.st_ino,
+                ino,
                 path: &path,
                 size: st.st_size as u64,
                 reader,
             })
         });
-        carry_on(|| format!("tracking {shown}"), tracked)
+        tracked
+            .map(Some)
+            .map_err(failed(format!("tracking {shown}")))
     }
 
     /// Makes what was recorded durable (nothing to do when not recording).
@@ -309,7 +345,61 @@ impl Recording {
     }
 }
 
-/// The policy for a recording that failed: log it, carry on.
-fn carry_on<T>(what: impl FnOnce() -> String, res: Result<T>) -> Option<T> {
-    res.map_err(|e| log::error!("{}: {e}", what())).ok()
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::sync::{Mutex, RwLock};
+
+    use super::*;
+
+    /// A recorder whose state folder is full: nothing can be tracked or
+    /// recorded.
+    #[derive(Debug, Default)]
+    struct Full {
+        gate: RwLock<()>,
+        lost: Mutex<Vec<String>>,
+    }
+
+    fn no_space() -> Error {
+        Error::Io {
+            path: ".hbrfs/bitmaps/1.map".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        }
+    }
+
+    impl ChangeRecorder for Full {
+        fn gate(&self) -> Gate<'_> {
+            self.gate.read().unwrap()
+        }
+        fn track(&self, _: NewFile<'_>) -> Result<Tracked> {
+            Err(no_space())
+        }
+        fn tracked(&self, _: u64) -> Result<Option<Tracked>> {
+            Ok(None)
+        }
+        fn record(&self, _: &Change<'_>) -> Result<()> {
+            Err(Error::Usage("journal refused".into()))
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn unrecorded(&self, change: &Change<'_>, _: &Error) {
+            self.lost.lock().unwrap().push(change.to_string());
+        }
+    }
+
+    #[test]
+    fn tracking_and_recording_fail_closed() {
+        let full = Arc::new(Full::default());
+        let recording = Recording::new(Some(full.clone()));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let st = crate::sys::statat(file.as_file().as_fd(), "".as_ref()).unwrap();
+        let reader = || Ok(file.reopen().unwrap());
+        let found = recording.tracking_for(&st, || Ok(b"img".to_vec()), reader);
+        assert_eq!(found.unwrap_err(), fuser::Errno::ENOSPC);
+
+        let err = recording.record(Change::Mkdir { path: b"d" }).unwrap_err();
+        assert_eq!(err, fuser::Errno::EIO);
+        assert_eq!(*full.lost.lock().unwrap(), ["mkdir d"]);
+    }
 }

@@ -30,7 +30,7 @@ use super::meta::{self, Refusals};
 use super::records::{Applied, Redo, bad};
 use super::resume::read_offers;
 use super::spill::Records;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, Epoch, FileId};
 use crate::proto::replica::StagedBlock;
 use crate::proto::replication::{Begin, Manifest, NamespaceOp, OpKind};
@@ -59,30 +59,6 @@ fn open_for_write(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<File> {
 /// way): an operation finding its effect already done.
 fn missing(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
-}
-
-/// Whether `e` is a failure of the replica's file system or of this
-/// process's resources (no space or quota, no descriptors or memory, an
-/// IO error, a file too large, a read-only file system) rather than a
-/// conflict between operations: such a failure fails the apply, to be
-/// retried, and is never skipped.
-fn resource_failure(e: &Error) -> bool {
-    let Error::Io { source, .. } = e else {
-        return false;
-    };
-    matches!(
-        source.raw_os_error(),
-        Some(
-            libc::ENOSPC
-                | libc::EDQUOT
-                | libc::EMFILE
-                | libc::ENFILE
-                | libc::ENOMEM
-                | libc::EIO
-                | libc::EFBIG
-                | libc::EROFS
-        )
-    )
 }
 
 /// The commit point: the operations-done count at zero, then the redo
@@ -178,13 +154,17 @@ impl Apply<'_> {
     }
 
     /// The namespace operations from `ops_done` on, each counted in the
-    /// `ops-done` file. Preflight refused every point it could tell would
-    /// fail; what an earlier operation of the same point makes impossible
-    /// (a conflict: ENOENT, EEXIST, ENOTEMPTY…) is logged and skipped,
-    /// so that a bad point can never wedge the replica. A failure of the
-    /// replica's file system itself ([`resource_failure`]: no space, no
-    /// descriptors, an IO error) fails the apply: the count stays at this
-    /// operation, and the retry starts there.
+    /// `ops-done` file. None is ever skipped. They are idempotent by
+    /// design (each is a no-op when it finds its effect done: a create or
+    /// mkdir of a name that exists, an unlink, rmdir, truncate or rename
+    /// of a name that is gone, a link whose new name exists), so a replay
+    /// after a crash or a failure is harmless. Any other failure is either
+    /// the replica's file system failing (no space, no descriptors, an IO
+    /// error) or a true conflict (the replica was changed behind the
+    /// secondary's back: a file left in a folder the primary removed);
+    /// both fail the apply with that cause, which both sides' `status`
+    /// shows. The count stays at this operation, and the retry (next
+    /// hello or stream) starts there once the cause is fixed.
     ///
     /// The count is the file's length, set by one `ftruncate` per
     /// operation and synced once after the last: cheap enough for a
@@ -206,13 +186,14 @@ impl Apply<'_> {
         let begin = read_lists(self.paths, epoch, |chunk| {
             for op in &chunk.ops {
                 if i >= ops_done {
-                    match self.apply_op(op, refusals) {
-                        Ok(()) => {}
-                        Err(e) if resource_failure(&e) => return Err(e),
-                        Err(e) => log::error!(
-                            "epoch {epoch}: operation {i} conflicts with an earlier one, skipped: {e}"
-                        ),
-                    }
+                    self.apply_op(op, refusals).inspect_err(|e| {
+                        log::error!(
+                            "epoch {epoch}: operation {i} ({:?} {}) failed, the apply stops here \
+                             and is retried from it: {e}",
+                            op.kind(),
+                            String::from_utf8_lossy(&op.path)
+                        )
+                    })?;
                     progress.set_len(i as u64 + 1).at(&path)?;
                 }
                 i += 1;

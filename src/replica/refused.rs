@@ -4,10 +4,12 @@
 //! replica at its last applied point. Every message names what is wrong,
 //! with the file and block where there is one.
 //!
-//! Two of these are failures, not refusals ([`Refused::is_retryable`]):
-//! an apply that failed, and one that failed earlier and still fails when
-//! retried. Their redo record stays, the stream ends with Unavailable, and
-//! the primary keeps the point and ships it again.
+//! Three of these are failures, not refusals ([`Refused::is_retryable`]):
+//! staging that failed (a full disk), an apply that failed, and one that
+//! failed earlier and still fails when retried. A failed apply's redo
+//! record stays; the stream ends with Unavailable and its cause
+//! ([`Refused::cause`]: "no space left on REPLICA"), and the primary keeps
+//! the point and ships it again, resuming what was staged.
 
 use std::path::PathBuf;
 
@@ -225,11 +227,39 @@ pub enum Refused {
 }
 
 impl Refused {
-    /// A failure to apply, not a refusal of the point: the redo record
-    /// stays and the same point may be sent again (the apply is retried
-    /// first).
+    /// A failure of this secondary, not a refusal of the point: staging
+    /// or applying failed (no space, no descriptors, an IO error), so the
+    /// same point may be sent again, and resumes where it stopped. A
+    /// failed apply's redo record stays and the apply is retried first.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Refused::Apply { .. } | Refused::ApplyPending { .. })
+        matches!(
+            self,
+            Refused::Apply { .. } | Refused::ApplyPending { .. } | Refused::Staging { .. }
+        )
+    }
+
+    /// The system error behind a failure, when there is one.
+    fn errno(&self) -> Option<i32> {
+        match self {
+            Refused::Staging { source, .. } => source.raw_os_error(),
+            Refused::Apply { source, .. } | Refused::ApplyPending { source, .. } => match source {
+                Error::Io { source, .. } => source.raw_os_error(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// What both sides show (the primary prefixes "secondary: "): a full
+    /// file system under `replica` says so first, so the user knows what
+    /// to free without reading an IO error.
+    pub fn cause(&self, replica: &std::path::Path) -> String {
+        match self.errno() {
+            Some(libc::ENOSPC | libc::EDQUOT) => {
+                format!("no space left on {} ({self})", replica.display())
+            }
+            _ => self.to_string(),
+        }
     }
 
     /// The kind of this failure for the error counters: a failed apply

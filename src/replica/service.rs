@@ -1,10 +1,10 @@
 //! The tonic service a primary ships to: Hello pairs, Ship receives one
 //! point per stream (one stream at a time, each on a blocking thread that
 //! owns its `Session`), Verify and Status answer from the store. Errors of
-//! the parts become statuses here, and only here: refusals
-//! InvalidArgument, a failed apply Unavailable (the primary keeps the
-//! point and ships it again; the apply is retried from its redo record at
-//! the next hello or stream), a hello or verify that cannot be answered
+//! the parts become statuses here, and only here (`failed`): refusals
+//! InvalidArgument, a failed staging or apply Unavailable with its cause
+//! (the primary keeps the point and ships it again; the apply is retried
+//! from its redo record at the next hello or stream), a hello or verify that cannot be answered
 //! FailedPrecondition, a failed task Internal.
 
 use std::pin::Pin;
@@ -29,16 +29,22 @@ use crate::proto::replication::{
 };
 use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
 
-impl From<Refused> for Status {
-    /// A refusal is InvalidArgument: the primary tells "refused" (never
-    /// send this point again as it is) from "failed" by the code. A failed
-    /// apply is Unavailable: retryable, with its cause.
-    fn from(refused: Refused) -> Status {
-        if refused.is_retryable() {
-            Status::unavailable(refused.to_string())
-        } else {
-            Status::invalid_argument(refused.to_string())
-        }
+/// Ends a stream (or a hello retrying an apply) with `refused`. A
+/// refusal is InvalidArgument: the primary tells "refused" (never send
+/// this point again as it is) from "failed" by the code. A failure of
+/// this secondary (staging or applying: a full disk, an IO error) is
+/// Unavailable: retryable, with its cause. Either is logged and kept as
+/// the secondary's `last_error` for `status` until a point applies.
+fn failed(store: &ReplicaStore, refused: Refused) -> Status {
+    let cause = refused.cause(&store.root);
+    store.stats.failed(&cause);
+    store.stats.errors.count(refused.kind());
+    if refused.is_retryable() {
+        log::error!("{cause}; the point is kept and retried");
+        Status::unavailable(cause)
+    } else {
+        log::error!("refused a point: {cause}");
+        Status::invalid_argument(cause)
     }
 }
 
@@ -89,7 +95,9 @@ pub(super) fn handle(
     msg: ShipMessage,
 ) -> Result<Option<ShipReply>, Refused> {
     let result = handle_body(session, msg);
-    if let (Err(_), Some(s)) = (&result, session.as_mut()) {
+    if let (Err(e), Some(s)) = (&result, session.as_mut())
+        && !e.is_retryable()
+    {
         s.mark_refused();
     }
     result
@@ -168,11 +176,7 @@ impl Replication for ReplicaService {
             tokio::task::spawn_blocking(move || store.finish_pending())
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|refused| {
-                    log::error!("{refused}");
-                    self.store.stats.errors.count(refused.kind());
-                    Status::from(refused)
-                })?;
+                .map_err(|refused| failed(&self.store, refused))?;
         }
         self.store.stats.progressed();
         let applied = self.store.applied();
@@ -233,13 +237,7 @@ impl Replication for ReplicaService {
             match worker.await {
                 Ok(Ok(())) => {}
                 Ok(Err(refused)) => {
-                    if refused.is_retryable() {
-                        log::error!("{refused}; the redo record stays, the apply is retried");
-                    } else {
-                        log::error!("refused a point: {refused}");
-                    }
-                    stats_store.stats.errors.count(refused.kind());
-                    let _ = tx.send(Err(refused.into())).await;
+                    let _ = tx.send(Err(failed(&stats_store, refused))).await;
                 }
                 Err(e) => {
                     let _ = tx
@@ -286,6 +284,7 @@ impl Replication for ReplicaService {
             points_applied: stats.points_applied.load(Ordering::Relaxed),
             refusals,
             last_refusal,
+            last_error: stats.last_error(),
         }))
     }
 }

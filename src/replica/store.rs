@@ -46,6 +46,10 @@ pub struct ReplicaStats {
     /// refusal never fails a point, so it must show here.
     refusals: AtomicU64,
     last_refusal: Mutex<String>,
+    /// Why the last stream, hello or redo replay failed or was refused,
+    /// until a point applies: what `status` shows while replication is
+    /// stuck ("no space left on REPLICA ..."). Held only to copy it.
+    last_error: Mutex<String>,
 }
 
 impl ReplicaStats {
@@ -65,6 +69,16 @@ impl ReplicaStats {
     pub fn refusals(&self) -> (u64, String) {
         let last = self.last_refusal.lock().expect("refusal lock").clone();
         (self.refusals.load(Ordering::Relaxed), last)
+    }
+
+    /// Keeps `cause` as the last error.
+    pub fn failed(&self, cause: &str) {
+        *self.last_error.lock().expect("last_error lock") = cause.to_string();
+    }
+
+    /// The last error, empty since a point applied.
+    pub fn last_error(&self) -> String {
+        self.last_error.lock().expect("last_error lock").clone()
     }
 }
 
@@ -178,6 +192,57 @@ pub struct ReplicaStore {
     allow_devices: bool,
 }
 
+/// Space the secondary keeps for itself in `REPLICA/.hbrfs/reserve`
+/// (allocated, like a file system's reserved blocks): staging or an apply
+/// may fill the replica's file system, and the content index (sled) then
+/// cannot even be opened, so a restarted secondary could not start, serve
+/// and report why. The reserve is given up to open the index, and taken
+/// again once space allows (after a point applies).
+const RESERVE: u64 = 8 * 1024 * 1024;
+
+/// Opens the content index, giving up the reserve when the index cannot be
+/// opened for want of space (then `true`: the file system is full).
+fn open_index(paths: &ReplicaPaths) -> Result<(ContentIndex, bool)> {
+    match ContentIndex::open(&paths.index()) {
+        Err(Error::Journal {
+            source: sled::Error::Io(e),
+            ..
+        }) if e.raw_os_error() == Some(libc::ENOSPC) && reserve(paths).exists() => {
+            log::warn!(
+                "no space left on {} to open the content index ({e}): using the reserve",
+                paths.dir.display()
+            );
+            let r = reserve(paths);
+            fs::remove_file(&r).at(&r)?;
+            Ok((ContentIndex::open(&paths.index())?, true))
+        }
+        res => res.map(|index| (index, false)),
+    }
+}
+
+fn reserve(paths: &ReplicaPaths) -> PathBuf {
+    paths.dir.join("reserve")
+}
+
+/// Takes the reserve (best effort: on a full file system it waits for
+/// the next applied point).
+fn keep_reserve(paths: &ReplicaPaths) {
+    let path = reserve(paths);
+    if path.exists() {
+        return;
+    }
+    let made = crate::state::state_file_options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .and_then(|f| crate::sys::fallocate(std::os::fd::AsFd::as_fd(&f), 0, 0, RESERVE));
+    if let Err(e) = made {
+        log::info!("no reserve kept in {} yet: {e}", path.display());
+        let _ = fs::remove_file(&path);
+    }
+}
+
 impl ReplicaStore {
     /// Opens (creating if needed) the replica at `root`, finishing an
     /// apply a crash interrupted; device nodes are made only with
@@ -189,8 +254,9 @@ impl ReplicaStore {
         crate::state::open_state_dir(&paths.dir)?;
         crate::state::make_state_dirs(&paths.staging())?;
         crate::state::set_private(&paths.dir, crate::state::STATE_DIR_MODE)?;
+        let (index, full) = open_index(&paths)?;
         let store = ReplicaStore {
-            index: ContentIndex::open(&paths.index())?,
+            index,
             pair: Mutex::new(Pair::read(&paths)?),
             applied: Mutex::new(Applied::read(&paths)?),
             carried: Mutex::new(None),
@@ -200,7 +266,8 @@ impl ReplicaStore {
             root,
             paths,
         };
-        store.recover()?;
+        store.recover(full)?;
+        keep_reserve(&store.paths);
         Ok(store)
     }
 
@@ -319,8 +386,10 @@ impl ReplicaStore {
         Ok(())
     }
 
-    /// Finishes an apply that a crash interrupted.
-    fn recover(&self) -> Result<()> {
+    /// Finishes an apply that a crash interrupted; on a `full` file system
+    /// (the reserve went to open the index) the apply waits for the next
+    /// hello or stream, so the secondary can start and say why.
+    fn recover(&self, full: bool) -> Result<()> {
         let Some(redo) = Redo::read(&self.paths)? else {
             // A point a stream was receiving when the secondary stopped:
             // kept for the primary to resume, if its log checks out.
@@ -338,7 +407,24 @@ impl ReplicaStore {
             "an apply of epoch {} was interrupted; applying it again from staging",
             redo.epoch
         );
-        self.finish(redo)
+        // A replay that fails (the disk is still full) must not keep the
+        // secondary from serving: its redo record stays, `status` says
+        // why, and the next hello or stream retries it.
+        let replayed = if full {
+            Err(Error::Io {
+                path: self.paths.dir.clone(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            })
+        } else {
+            self.finish(redo)
+        };
+        if let Err(source) = replayed {
+            let epoch = redo.epoch.0;
+            let cause = Refused::ApplyPending { epoch, source }.cause(&self.root);
+            log::error!("{cause}");
+            self.stats.failed(&cause);
+        }
+        Ok(())
     }
 
     /// Applies the staged epoch `redo` names again, from where it stopped
@@ -377,8 +463,10 @@ impl ReplicaStore {
         self.stats.refused(epoch, &refusals);
         *self.applied.lock().expect("applied lock") = applied;
         self.stats.points_applied.fetch_add(1, Ordering::Relaxed);
+        self.stats.failed("");
         Redo::remove(&self.paths)?;
         self.clear_staging()?;
+        keep_reserve(&self.paths);
         Ok(refusals)
     }
 }

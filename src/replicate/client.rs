@@ -184,6 +184,9 @@ pub struct SecondaryCounters {
     pub refusals: u64,
     /// The last of them, empty when none.
     pub last_refusal: String,
+    /// Why its last stream failed or was refused, empty once a point
+    /// applied since (the primary's `last_error` shows the same cause).
+    pub last_error: String,
 }
 
 /// Asks a running secondary for its counters (for `hbrfs status`).
@@ -213,6 +216,7 @@ pub fn remote_status(addr: &str, key: &AuthKey) -> Result<SecondaryCounters> {
             points_applied: s.points_applied,
             refusals: s.refusals,
             last_refusal: s.last_refusal,
+            last_error: s.last_error,
         })
     })
 }

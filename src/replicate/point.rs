@@ -169,6 +169,7 @@ impl Points {
 
     /// Cuts a new point based on `applied` and records it as pending.
     async fn cut(&self, applied: Epoch) -> Result<Option<Point>> {
+        self.ds.check_recorded()?;
         let ds = self.ds.clone();
         let Some(set) = blocking("cut", move || ds.tracker.protect_closed()).await? else {
             return Ok(None);

@@ -136,6 +136,70 @@ fn max_blocks(block_size: BlockSize) -> u64 {
     MAX_FILE_SIZE.div_ceil(block_size.bytes())
 }
 
+/// The largest capacity a bitmap needs: the blocks of a file of
+/// [`MAX_FILE_SIZE`] bytes, in whole groups.
+fn capacity_bound(block_size: BlockSize) -> u64 {
+    max_blocks(block_size).div_ceil(64) * 64
+}
+
+/// Cuts a bitmap made by an older build, before block numbers were
+/// bounded, back to `bound` blocks: one write far beyond the largest file
+/// (`pwrite` at 2^56) made it a 512 GiB sparse file, whose full scan at
+/// every open kept the daemon from answering for minutes. Such blocks
+/// cannot be replicated (no secondary accepts a file that large), so
+/// their marks are dropped, counted and logged; counting them visits only
+/// the file's data extents (`SEEK_DATA`/`SEEK_HOLE`), so the cost is what
+/// the file holds, not its length. A writable open shortens the file
+/// (length first, then the header: a crash between is recognised at the
+/// next open); a read-only one bounds its private copy of the header.
+fn trim(path: &Path, file: &File, mut map: MmapMut, bound: u64, writable: bool) -> Result<MmapMut> {
+    let dropped = marks_beyond(file, &map, bound).at(path)?;
+    log::warn!(
+        "{}: bitmap of {} blocks (made by an older hbrfs) cut to the {bound} blocks of the largest \
+         file; {dropped} marks beyond it dropped (no file can hold those blocks)",
+        path.display(),
+        capacity_of(&map)
+    );
+    if !writable {
+        word_at(&map, OFF_CAPACITY).store(bound, Ordering::Relaxed);
+        return Ok(map);
+    }
+    drop(map);
+    file.set_len(file_len(bound)).at(path)?;
+    std::os::unix::fs::FileExt::write_all_at(file, &bound.to_le_bytes(), OFF_CAPACITY as u64)
+        .at(path)?;
+    file.sync_all().at(path)?;
+    // SAFETY: as in `Bitmap::create`.
+    map = unsafe { MmapMut::map_mut(file) }.at(path)?;
+    Ok(map)
+}
+
+/// Set bits (either slot) of the words past `bound` blocks, reading only
+/// the file's data extents.
+fn marks_beyond(file: &File, map: &MmapMut, bound: u64) -> io::Result<u64> {
+    let (start, end) = (file_len(bound), map.len() as u64);
+    let mut at = start;
+    let mut marks = 0;
+    while at < end {
+        let data = match sys::lseek(file.as_fd(), at as i64, libc::SEEK_DATA) {
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            res => res? as u64,
+        };
+        let hole = (sys::lseek(file.as_fd(), data as i64, libc::SEEK_HOLE)? as u64).min(end);
+        let mut word = (data & !7).max(start);
+        while word < hole {
+            marks += u64::from(
+                word_at(map, word as usize)
+                    .load(Ordering::Relaxed)
+                    .count_ones(),
+            );
+            word += 8;
+        }
+        at = hole;
+    }
+    Ok(marks)
+}
+
 /// The refusal of a block beyond [`MAX_FILE_SIZE`]: `EFBIG`, as the
 /// backing file system answers a write beyond its largest file.
 fn too_large(path: &Path) -> Error {
@@ -339,11 +403,19 @@ impl Bitmap {
             )));
         }
         let capacity = capacity_of(&map);
-        if capacity % 64 != 0 || file_len(capacity) != len {
+        let bound = capacity_bound(block_size);
+        // A trim that a crash interrupted has shortened the file already.
+        let trimmed = capacity > bound && len == file_len(bound);
+        if capacity % 64 != 0 || (file_len(capacity) != len && !trimmed) {
             return Err(bad(format!(
                 "capacity {capacity} blocks does not match file length {len}"
             )));
         }
+        let map = if capacity > bound {
+            trim(path, &file, map, bound, writable)?
+        } else {
+            map
+        };
         Ok(Bitmap {
             path: path.to_path_buf(),
             file,
@@ -786,6 +858,44 @@ mod tests {
         drop(b);
         let b = Bitmap::open(&path, FileId(7), BlockSize::DEFAULT, true).unwrap();
         assert_eq!(b.blocks(Slot::Active), vec![last]);
+    }
+
+    #[test]
+    fn a_huge_sparse_bitmap_of_an_older_build_is_cut_to_the_bound_at_open_in_bounded_time() {
+        let dir = tempdir("huge");
+        let path = dir.join("1.map");
+        let bs = BlockSize::DEFAULT;
+        let b = Bitmap::create(&path, FileId(1), bs, 0).unwrap();
+        b.mark(3..4, 1, 1).unwrap();
+        drop(b);
+        // What `pwrite` at 2^56 made before block numbers were bounded:
+        // capacity for block 2^40, one bit set there, the rest a hole.
+        let far: u64 = (1 << 56) / bs.bytes();
+        let capacity = (far + 1).div_ceil(64) * 64;
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(file_len(capacity)).unwrap();
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&capacity.to_le_bytes(), OFF_CAPACITY as u64)
+            .unwrap();
+        let word = HEADER as u64 + far / 64 * 16;
+        file.write_all_at(&(1u64 << (far % 64)).to_le_bytes(), word)
+            .unwrap();
+        drop(file);
+
+        let started = std::time::Instant::now();
+        let b = Bitmap::open(&path, FileId(1), bs, true).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let bound = capacity_bound(bs);
+        assert_eq!(capacity_of(&b.mapped().map), bound);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), file_len(bound));
+        assert_eq!(
+            b.dirty_extents(),
+            vec![3..4],
+            "the marks below the bound stay"
+        );
+        drop(b);
+        let b = Bitmap::open(&path, FileId(1), bs, false).unwrap();
+        assert_eq!(b.dirty_extents(), vec![3..4]);
     }
 
     #[test]

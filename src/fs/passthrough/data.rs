@@ -155,18 +155,24 @@ impl Passthrough {
             t.mark(offset, data.len() as u64, data.len() as u64)
                 .map_err(state_errno)?;
         }
-        if f.direct {
+        let written = if f.direct {
             aligned::with_buffer(data.len(), |buf| {
                 buf.copy_from_slice(data);
                 f.file.write_all_at(buf, offset).map_err(io_errno)
-            })?;
+            })
         } else {
-            f.file.write_all_at(data, offset).map_err(io_errno)?;
-        }
+            f.file.write_all_at(data, offset).map_err(io_errno)
+        };
         if let Some(t) = &f.inode.tracked {
-            t.extended_to(offset + data.len() as u64);
+            // A write that failed part-way (ENOSPC) may have lengthened
+            // the backing file all the same: the size shipped follows it.
+            let end = match written {
+                Ok(()) => offset + data.len() as u64,
+                Err(_) => stat(f.file.as_fd()).map_or(0, |st| st.st_size as u64),
+            };
+            t.extended_to(end);
         }
-        Ok(data.len() as u32)
+        written.map(|()| data.len() as u32)
     }
 
     /// Makes the file's data, its dirty marks and every recorded change
@@ -221,8 +227,7 @@ impl Passthrough {
             file: node.tracked.as_ref().map(|t| t.id()),
             path: path.as_deref(),
             size,
-        });
-        Ok(())
+        })
     }
 
     /// Allocates, punches or zeroes a range; punched and zeroed blocks are

@@ -79,7 +79,7 @@ impl Passthrough {
             self.recording.record(Change::Meta {
                 file: node.tracked.as_ref().map(|t| t.id()),
                 path: path.as_deref(),
-            });
+            })?;
         }
         Ok(())
     }

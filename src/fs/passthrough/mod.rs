@@ -241,13 +241,9 @@ impl Passthrough {
             .map_err(io_errno)?;
         let st = stat(fd.as_fd())?;
         let key = (st.st_dev, st.st_ino);
-        let known = self.inodes.known(key);
         let kind = st.st_mode & libc::S_IFMT;
         let link = Self::link_to(parent, name);
         let node = self.inodes.lookup(fd, key, kind, link, || {
-            if known {
-                return None;
-            }
             let reader = || {
                 let flags = libc::O_RDONLY | libc::O_NOFOLLOW;
                 sys::openat(Some(parent.fd()), name, flags, 0)
@@ -260,7 +256,7 @@ impl Passthrough {
                 self.child_path(parent, name).map_err(errno).at(shown())
             };
             self.recording.tracking_for(&st, path, reader)
-        });
+        })?;
         Ok(self.entry(node.ino, &st))
     }
 

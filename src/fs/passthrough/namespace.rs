@@ -69,9 +69,12 @@ impl Passthrough {
             .map_err(io_errno)?;
         let key = (st.st_dev, st.st_ino);
         let link = Self::link_to(&parent, name);
-        let node = (self.inodes).lookup(path_fd, key, libc::S_IFREG, link, || tracked);
+        let node = (self.inodes).lookup(path_fd, key, libc::S_IFREG, link, || {
+            Ok::<_, Errno>(tracked)
+        })?;
         if let Some(file) = id {
-            self.recording.record(Change::Created { file, path: &path });
+            self.recording
+                .record(Change::Created { file, path: &path })?;
         }
         // The new file's id must be on disk before its first write is
         // acknowledged: a crash must not leave marked blocks of a file the
@@ -124,7 +127,7 @@ impl Passthrough {
     ) -> Res<Entry> {
         let record = |path: &[u8]| {
             let target = target.as_os_str().as_bytes();
-            self.recording.record(Change::Symlink { path, target });
+            self.recording.record(Change::Symlink { path, target })
         };
         self.make_node(req, parent, name, record, |p| {
             sys::symlinkat(target, p.fd(), name)
@@ -138,7 +141,7 @@ impl Passthrough {
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        record: impl FnOnce(&[u8]),
+        record: impl FnOnce(&[u8]) -> Res<()>,
         make: impl FnOnce(&Inode) -> io::Result<()>,
     ) -> Res<Entry> {
         let parent = self.inode(parent)?;
@@ -150,7 +153,7 @@ impl Passthrough {
             .map_err(io_errno)?;
         self.set_owner(req, &parent, &fd)?;
         drop(fd);
-        record(&path);
+        record(&path)?;
         self.lookup_in(&parent, name)
     }
 
@@ -177,8 +180,7 @@ impl Passthrough {
                 path,
                 file: Self::gone(&st),
             }
-        });
-        Ok(())
+        })
     }
 
     /// Moves `name` in `parent` to `newname` in `newparent` (`renameat2`
@@ -219,8 +221,7 @@ impl Passthrough {
             flags,
             ino: src.st_ino,
             replaced: replaced.as_ref().and_then(Self::gone),
-        });
-        Ok(())
+        })
     }
 
     /// Links `ino` as `newname` in `newparent`.
@@ -236,7 +237,7 @@ impl Passthrough {
             file: node.tracked.as_ref().map(|t| t.id()),
             from: from.as_deref(),
             to: &to,
-        });
+        })?;
         self.lookup_in(&newparent, newname)
     }
 
