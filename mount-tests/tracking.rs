@@ -243,8 +243,12 @@ fn cut_closes_epoch_with_its_blocks_and_opens_next() {
     let more = write_ranges(&m.mnt(f), &[(20 * BLOCK, 1)], BLOCK);
     m.cut();
     let later = epochs(&m);
-    let merged = only_in_state(&later, "merged");
-    assert_eq!(merged["epoch"], open["epoch"], "the open epoch merged");
+    // The mount's own first point (its metadata pass, see
+    // `replicate::meta`) may have merged an epoch already: find ours.
+    let merged = later
+        .iter()
+        .find(|e| state(e) == "merged" && e["epoch"] == open["epoch"])
+        .unwrap_or_else(|| panic!("the open epoch merged: {later:#?}"));
     assert_eq!(merged["merged_into"], closed["epoch"]);
     only_in_state(&later, "closed");
     only_in_state(&later, "open");
@@ -292,6 +296,9 @@ fn ops_journal_records_namespace_changes_in_order() {
         .iter()
         .filter(|o| o["found_at_mount"] != Value::Bool(true))
         .filter(|o| text(&o["path"]) == "d" || text(&o["path"]).starts_with("d/"))
+        // Metadata records (chmod, utimens: see `replicate::meta`) are not
+        // namespace changes; their own tests are in `metadata`.
+        .filter(|o| op_name(&o["op"]) != "meta")
         .collect();
     let got: Vec<(String, String, String)> = ops
         .iter()
