@@ -85,7 +85,15 @@ impl ChangeRecorder for Datastore {
                 self.record_op(OpKind::Mknod, None, path, b"", arg)
             }
             Change::Meta { file, path } => {
-                let path = self.name_of(file, path)?;
+                let known = match file {
+                    Some(id) => self.journal.file(id)?.map(|rec| rec.path),
+                    None => path.map(<[u8]>::to_vec),
+                };
+                // A file whose last name went (a setattr of an open,
+                // unlinked file) has no path left for its metadata.
+                let Some(path) = known else {
+                    return Ok(());
+                };
                 let epoch = self.tracker.current_epoch();
                 if !self.meta_noted.first(epoch, &path) {
                     return Ok(());
