@@ -4,8 +4,8 @@
 //! replica at its last applied point. Every message names what is wrong,
 //! with the file and block where there is one.
 //!
-//! Three of these are failures, not refusals ([`Refused::is_retryable`]):
-//! staging that failed (a full disk), an apply that failed, and one that
+//! Four of these are failures, not refusals ([`Refused::is_retryable`]):
+//! staging or spilling that failed (a full disk), an apply that failed, and one that
 //! failed earlier and still fails when retried. A failed apply's redo
 //! record stays; the stream ends with Unavailable and its cause
 //! ([`Refused::cause`]: "no space left on REPLICA"), and the primary keeps
@@ -43,7 +43,8 @@ pub enum Refused {
         #[source]
         source: std::io::Error,
     },
-    /// The point's spill files in staging (its lists, its offers) failed.
+    /// The point's spill files in staging (its lists, its offers) failed:
+    /// a failure of this secondary (retryable), like `Staging`.
     #[error("staging the point: {0}")]
     Spill(#[source] Error),
     /// A message without a body.
@@ -234,7 +235,10 @@ impl Refused {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Refused::Apply { .. } | Refused::ApplyPending { .. } | Refused::Staging { .. }
+            Refused::Apply { .. }
+                | Refused::ApplyPending { .. }
+                | Refused::Staging { .. }
+                | Refused::Spill(_)
         )
     }
 
@@ -242,7 +246,9 @@ impl Refused {
     fn errno(&self) -> Option<i32> {
         match self {
             Refused::Staging { source, .. } => source.raw_os_error(),
-            Refused::Apply { source, .. } | Refused::ApplyPending { source, .. } => match source {
+            Refused::Apply { source, .. }
+            | Refused::ApplyPending { source, .. }
+            | Refused::Spill(source) => match source {
                 Error::Io { source, .. } => source.raw_os_error(),
                 _ => None,
             },
@@ -267,7 +273,9 @@ impl Refused {
     /// refusal of the point.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Refused::Apply { source, .. } | Refused::ApplyPending { source, .. } => source.kind(),
+            Refused::Apply { source, .. }
+            | Refused::ApplyPending { source, .. }
+            | Refused::Spill(source) => source.kind(),
             Refused::Staging { .. } => ErrorKind::Io,
             Refused::Index(source) => source.kind(),
             _ => ErrorKind::Refused,
