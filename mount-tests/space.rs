@@ -20,7 +20,7 @@ use crate::replication::{
 };
 
 /// How long a cause may take to show on both sides.
-const SHOWN: Duration = Duration::from_secs(90);
+const SHOWN: Duration = Duration::from_secs(30);
 
 /// Writes `mib` MiB of incompressible bytes to `rel` on the mount and
 /// fsyncs it.

@@ -219,7 +219,14 @@ impl Replication for ReplicaService {
                 Ok(())
             });
             loop {
-                match incoming.message().await {
+                // A worker that stopped (a refusal, a full disk) ends the
+                // stream at once: the primary may be waiting for an answer
+                // to a message already queued, and sends nothing more.
+                let next = tokio::select! {
+                    next = incoming.message() => next,
+                    () = msg_tx.closed() => break,
+                };
+                match next {
                     Ok(Some(msg)) => {
                         stats_store.stats.progressed();
                         if msg_tx.send(msg).await.is_err() {
