@@ -1810,19 +1810,7 @@ fn seeded_replica_receives_only_the_blocks_that_differ() {
         .step_by(100)
         .map(|b| (b * BLOCK + 17, 100))
         .collect();
-    let key = sec.key_path();
-    let m = Mount::start_on(
-        &backing,
-        &mnt,
-        &[
-            "--replicate-to",
-            &sec.addr,
-            "--rpo",
-            "1s",
-            "--auth-key",
-            path_str(&key),
-        ],
-    );
+    let m = primary_on(&sec, &backing, &mnt);
     write_ranges(&m.mnt("disk.img"), &changed, BLOCK);
     let s = wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
     assert_same_bytes(&m.mnt("disk.img"), &sec.rep("disk.img"));
@@ -1896,4 +1884,19 @@ fn verify_finds_exactly_a_flipped_replica_byte_and_repair_fixes_it() {
     assert_same_bytes(&m.mnt("disk.img"), &sec.rep("disk.img"));
     let (ok, v) = verify(&[]);
     assert!(ok, "still differs after repair: {v:#}");
+}
+
+/// A primary replicating to `sec` over `backing` (prepared by the caller).
+pub fn primary_on(sec: &Secondary, backing: &Path, mnt: &Path) -> Mount {
+    fs::create_dir_all(mnt).expect("create mountpoint");
+    let key = sec.key_path();
+    let args = [
+        "--replicate-to",
+        &sec.addr,
+        "--rpo",
+        "1s",
+        "--auth-key",
+        path_str(&key),
+    ];
+    Mount::start_on(backing, mnt, &args)
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{Mount, errno, json_u64, path_str, pattern, read, run, sync_file, temp_dir};
+use crate::harness::{Mount, errno, json_u64, pattern, read, run, sync_file, temp_dir};
 use crate::replication::{
-    APPLY_TIMEOUT, MIB, Secondary, Until, assert_same_bytes, primary_for, primary_status,
-    wait_applied, wait_last_error,
+    APPLY_TIMEOUT, MIB, Secondary, Until, assert_same_bytes, primary_for, primary_on,
+    primary_status, wait_applied, wait_last_error,
 };
 
 /// How long a cause may take to show on both sides.
@@ -160,21 +160,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
-}
-
-/// A primary replicating to `sec` over `backing` (prepared by the caller).
-fn primary_on(sec: &Secondary, backing: &Path, mnt: &Path) -> Mount {
-    fs::create_dir_all(mnt).expect("create mountpoint");
-    let key = sec.key_path();
-    let args = [
-        "--replicate-to",
-        &sec.addr,
-        "--rpo",
-        "1s",
-        "--auth-key",
-        path_str(&key),
-    ];
-    Mount::start_on(backing, mnt, &args)
 }
 
 /// The errno of an operation that must fail closed: ENOSPC (the state
