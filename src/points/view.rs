@@ -29,6 +29,9 @@ struct Link {
     epoch: u64,
     generation: u64,
     index: UndoIndex,
+    /// Bytes of index loaded: the newest point's undo grows while the
+    /// next point applies, so a link is reused only while this holds.
+    index_len: u64,
     data: Option<File>,
     data_path: PathBuf,
     files: PathBuf,
@@ -37,12 +40,13 @@ struct Link {
 impl Link {
     fn load(paths: &PointsPaths, p: &PointRecord) -> Result<Link> {
         let data_path = paths.undo_data(p.epoch, p.generation);
-        let (index, _) = read_index(&paths.undo_index(p.epoch, p.generation))?;
+        let (index, index_len) = read_index(&paths.undo_index(p.epoch, p.generation))?;
         Ok(Link {
             epoch: p.epoch,
             generation: p.generation,
             data: File::open(&data_path).ok(),
             index,
+            index_len,
             data_path,
             files: paths.kept_files(p.epoch, p.generation),
         })
@@ -247,9 +251,15 @@ impl PointView {
             .map(|l| ((l.epoch, l.generation), l))
             .collect();
         for p in &newer {
+            let index = self.paths.undo_index(p.epoch, p.generation);
+            let now = match std::fs::metadata(&index) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(e).at(&index),
+            };
             let link = match old.remove(&(p.epoch, p.generation)) {
-                Some(l) => l,
-                None => Link::load(&self.paths, p)?,
+                Some(l) if l.index_len == now - now % super::undo::RECORD as u64 => l,
+                _ => Link::load(&self.paths, p)?,
             };
             chain.links.push(link);
         }
