@@ -119,6 +119,7 @@ pub fn apply(
         } else {
             thin(paths, points, i)?
         };
+        crate::state::crash_point("thin");
         write_catalog(paths, points)?;
         let dir = paths.point(gone.epoch);
         fs::remove_dir_all(&dir).at(&dir)?;
