@@ -135,9 +135,23 @@ fn every_kept_point_reads_back_exact_after_overwrites_truncates_removals_thinnin
         }
     };
     check(true);
+    // A view of the newest point opened before the next applies stays
+    // that point.
+    let newest = PointView::open(root, 4, BS).expect("view of point 4");
+    let ino = newest
+        .entries()
+        .iter()
+        .find(|e| e.path == b"a")
+        .expect("a")
+        .ino;
+    let mut first = vec![0u8; BS as usize];
+    newest.read(ino, BS, 0, &mut first).expect("read");
     // Two more points in the same second as point 4: the middle one is
     // thinned into point 4, which still composes exactly.
     point(&keeper, root, 5, t0 + 6 * sec + 100, |u| write(u, &a, 0, 5));
+    newest.read(ino, BS, 0, &mut first).expect("read again");
+    assert_eq!(first, block(4), "a view of point 4 shows point 5's write");
+    drop(newest);
     point(&keeper, root, 6, t0 + 6 * sec + 200, |u| write(u, &a, 0, 6));
     let kept: Vec<u64> = keeper.list().iter().map(|p| p.epoch).collect();
     assert_eq!(kept, [1, 2, 3, 4, 6], "point 5 is thinned into point 4");
