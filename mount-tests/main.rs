@@ -13,6 +13,7 @@ mod paths;
 mod points;
 mod posix;
 mod privacy;
+mod recovery;
 mod replication;
 mod resilience;
 mod space;

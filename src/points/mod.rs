@@ -53,7 +53,10 @@ pub mod store;
 pub mod undo;
 pub mod view;
 
+#[cfg(test)]
+mod tests;
+
 pub use retention::Retention;
 pub use rollback::{RolledBack, rollback_to};
-pub use store::{PointKeeper, PointsPaths, find_point, point_name, read_catalog};
+pub use store::{PointKeeper, PointsPaths, drop_kept, find_point, point_name, read_catalog};
 pub use view::PointView;

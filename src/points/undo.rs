@@ -28,7 +28,7 @@ use crate::state::{make_state_dirs, read_full, state_file_options};
 use crate::sys;
 
 /// Bytes of one index record.
-pub const RECORD: usize = 40;
+const RECORD: usize = 40;
 /// Flag: the old block was all zeros (nothing stored).
 const ZERO: u32 = 1;
 /// zstd level of saved blocks: the cheapest, an apply waits for it.

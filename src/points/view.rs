@@ -28,10 +28,9 @@ use crate::state::{ReplicaPaths, open_beneath, open_root, read_full};
 struct Link {
     epoch: u64,
     generation: u64,
+    /// Undo blocks when loaded (the catalog's count).
+    blocks: u64,
     index: UndoIndex,
-    /// Bytes of index loaded: the newest point's undo grows while the
-    /// next point applies, so a link is reused only while this holds.
-    index_len: u64,
     data: Option<File>,
     data_path: PathBuf,
     files: PathBuf,
@@ -40,13 +39,13 @@ struct Link {
 impl Link {
     fn load(paths: &PointsPaths, p: &PointRecord) -> Result<Link> {
         let data_path = paths.undo_data(p.epoch, p.generation);
-        let (index, index_len) = read_index(&paths.undo_index(p.epoch, p.generation))?;
+        let (index, _) = read_index(&paths.undo_index(p.epoch, p.generation))?;
         Ok(Link {
             epoch: p.epoch,
             generation: p.generation,
+            blocks: p.undo_blocks,
             data: File::open(&data_path).ok(),
             index,
-            index_len,
             data_path,
             files: paths.kept_files(p.epoch, p.generation),
         })
@@ -260,21 +259,17 @@ impl PointView {
                 format!("point {} is gone although pinned", self.record.epoch),
             ));
         }
-        let mut old: HashMap<(u64, u64), Link> = chain
+        // A link is reloaded when its undo changed: a thinning (a new
+        // generation) or an apply appending to it (more blocks).
+        let mut old: HashMap<(u64, u64, u64), Link> = chain
             .links
             .drain(..)
-            .map(|l| ((l.epoch, l.generation), l))
+            .map(|l| ((l.epoch, l.generation, l.blocks), l))
             .collect();
         for p in &newer {
-            let index = self.paths.undo_index(p.epoch, p.generation);
-            let now = match std::fs::metadata(&index) {
-                Ok(m) => m.len(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-                Err(e) => return Err(e).at(&index),
-            };
-            let link = match old.remove(&(p.epoch, p.generation)) {
-                Some(l) if l.index_len == now - now % super::undo::RECORD as u64 => l,
-                _ => Link::load(&self.paths, p)?,
+            let link = match old.remove(&(p.epoch, p.generation, p.undo_blocks)) {
+                Some(l) => l,
+                None => Link::load(&self.paths, p)?,
             };
             chain.links.push(link);
         }
