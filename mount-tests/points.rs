@@ -183,16 +183,21 @@ struct Seen {
     bytes: Option<Vec<u8>>,
 }
 
-/// Every path below `root` (the root itself and a top-level `.hbrfs` or
-/// `.points` left out) and what is compared of it.
+/// Every path below `root` (the root itself and a top-level `.hbrfs` left
+/// out) and what is compared of it.
 fn snapshot(root: &Path) -> BTreeMap<PathBuf, Seen> {
+    snapshot_without(root, ".hbrfs")
+}
+
+/// [`snapshot`] without the top-level `.hbrfs` and `skip`.
+fn snapshot_without(root: &Path, skip: &str) -> BTreeMap<PathBuf, Seen> {
     let mut out = BTreeMap::new();
     let mut todo = vec![root.to_path_buf()];
     while let Some(dir) = todo.pop() {
         for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let p = e.expect("entry").path();
             let rel = p.strip_prefix(root).expect("below").to_path_buf();
-            if rel == Path::new(".hbrfs") || rel == Path::new(".points") {
+            if rel == Path::new(".hbrfs") || rel.starts_with(skip) {
                 continue;
             }
             let m = fs::symlink_metadata(&p).expect("lstat");
@@ -300,6 +305,10 @@ fn points_three_older_points_read_back_exact_through_mount_point_and_dot_points(
     }
     fs::hard_link(&disk, m.mnt("vms/disk-link.img")).expect("link");
     symlink("disk.img", m.mnt("current")).expect("symlink");
+    // The primary's own `.points`: replicated and kept, but shadowed in
+    // the mirror's root by the recovery points.
+    fs::create_dir(m.mnt(".points")).expect("mkdir .points");
+    write_ranges(&m.mnt(".points/mine"), &[(0, 3000)], 65536);
     let a = settle(&m, &sec);
 
     // Point B: an overwrite, growth, a removal, a rename.
@@ -376,7 +385,15 @@ fn points_three_older_points_read_back_exact_through_mount_point_and_dot_points(
         let got = snapshot(&sec.mir(&format!(".points/{name}")));
         assert_same_tree(&format!(".points/{name} (epoch {epoch})"), want, &got);
     }
-    assert_same_tree("the live mirror", &d.1, &snapshot(&sec.mirror));
+    assert!(
+        !listed.iter().any(|n| n == "mine"),
+        "not shadowed: {listed:?}"
+    );
+    let (_, mut live) = d;
+    live.retain(|p, _| !p.starts_with(".points"));
+    let mirror = snapshot_without(&sec.mirror, ".points");
+    assert_same_tree("the live mirror", &live, &mirror);
+    assert!(sec.log().contains("shadowed"), "no warning about .points");
 }
 
 /// Reads `p` whole with `sha256sum`; returns the hash and MB/s.
