@@ -6,8 +6,8 @@
 //! tree) on the first lookup of its folder, and served as FUSE inodes of
 //! its own slot: `SLOTS | slot << 32 | node`, far above the passthrough's
 //! (which count up from 1), so the two never meet. A slot's view is let go
-//! once no file of it is open and nothing read it for [`IDLE`] (a sweep
-//! every [`SWEEP`]), so a browsed point does not stay pinned for ever; the
+//! once no file of it is open and nothing read it for a minute (a sweep
+//! every 10 s), so a browsed point does not stay pinned for ever; the
 //! next read opens it again. A slot whose point has left the catalog is
 //! dropped at the sweep once its view is let go; the kernel then gets
 //! `ESTALE` for inodes it still holds there.
@@ -106,7 +106,7 @@ impl PointsDir {
         })
     }
 
-    /// Lets idle views go every [`SWEEP`] for as long as `dir` lives.
+    /// Lets idle views go every 10 s for as long as `dir` lives.
     pub fn sweep_while_alive(dir: Weak<PointsDir>) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("hbrfs-points".into())
