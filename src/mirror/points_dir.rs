@@ -291,8 +291,7 @@ impl PointsDir {
         if ino.0 != DIR_INO {
             return self.point_of(ino)?.op_readdir(fh, offset);
         }
-        let handle = self.listings.get(fh).ok_or(Errno::EBADF)?;
-        Ok(Listing { handle, offset })
+        Listing::of(&self.listings, fh, offset)
     }
 
     /// Forgets listing `fh` of folder `ino`.

@@ -347,8 +347,7 @@ impl Sandbox {
 
     /// The entries of listing `fh` from `offset` on.
     pub fn op_readdir(&self, fh: FileHandle, offset: u64) -> Res<Listing> {
-        let handle = self.listings.get(fh).ok_or(Errno::EBADF)?;
-        Ok(Listing { handle, offset })
+        Listing::of(&self.listings, fh, offset)
     }
 
     /// Forgets listing `fh`.
