@@ -40,10 +40,6 @@ impl StatePaths {
     pub fn format(&self) -> PathBuf {
         self.dir.join("format")
     }
-    /// The daemon lock.
-    pub fn lock(&self) -> PathBuf {
-        self.dir.join("lock")
-    }
     /// The sled journal.
     pub fn journal(&self) -> PathBuf {
         self.dir.join("journal")
@@ -81,6 +77,32 @@ impl StatePaths {
     pub fn broken(&self, what: &str, stamp: u64) -> PathBuf {
         self.dir.join(format!("{what}.broken-{stamp}"))
     }
+}
+
+/// Takes the daemon lock of the state folder `dir` (`dir/lock`, `flock`ed
+/// for as long as the returned file is open): one hbrfs process per
+/// folder, whatever its role, so a `serve`, a `mount`, a `promote` or a
+/// `demote` of one folder never run at once.
+pub fn take_lock(dir: &Path) -> Result<File> {
+    let path = dir.join("lock");
+    let mut lock = state_file_options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .at(&path)?;
+    if !sys::try_lock_exclusive(lock.as_fd()).at(&path)? {
+        let holder = fs::read_to_string(&path).unwrap_or_default();
+        return Err(Error::Usage(format!(
+            "{}: in use by another hbrfs process (pid {}); stop it first",
+            dir.display(),
+            holder.trim()
+        )));
+    }
+    lock.set_len(0).at(&path)?;
+    writeln!(lock, "{}", std::process::id()).at(&path)?;
+    Ok(lock)
 }
 
 /// Paths inside a secondary's state folder (`REPLICA/.hbrfs/`).

@@ -13,8 +13,6 @@ mod recorder;
 mod scan;
 
 use std::fs::{self, File};
-use std::io::Write;
-use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -150,7 +148,7 @@ impl Datastore {
                 crate::state::make_state_dirs(&paths.bitmaps())?;
                 // The state is the daemon's alone, whatever the umask.
                 crate::state::set_private(&paths.dir, crate::state::STATE_DIR_MODE)?;
-                let lock = take_lock(&paths)?;
+                let lock = crate::state::take_lock(&paths.dir)?;
                 let format = if fresh {
                     let format = Format {
                         block_size: block_size.unwrap_or(BlockSize::DEFAULT),
@@ -317,28 +315,6 @@ fn read_format(paths: &StatePaths) -> Result<Format> {
     let path = paths.format();
     let text = fs::read_to_string(&path).at(&path)?;
     Format::parse(&path, &text)
-}
-
-fn take_lock(paths: &StatePaths) -> Result<File> {
-    let path = paths.lock();
-    let mut lock = crate::state::state_file_options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .at(&path)?;
-    if !sys::try_lock_exclusive(lock.as_fd()).at(&path)? {
-        let holder = fs::read_to_string(&path).unwrap_or_default();
-        return Err(Error::Usage(format!(
-            "{}: datastore is in use by another hbrfs process (pid {}); stop it first",
-            paths.dir.display(),
-            holder.trim()
-        )));
-    }
-    lock.set_len(0).at(&path)?;
-    writeln!(lock, "{}", std::process::id()).at(&path)?;
-    Ok(lock)
 }
 
 /// Opens the journal; when it cannot be opened by the daemon, moves it and

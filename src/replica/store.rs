@@ -190,6 +190,8 @@ pub struct ReplicaStore {
     pub stats: ReplicaStats,
     /// Whether points may make device nodes (`serve --allow-devices`).
     allow_devices: bool,
+    /// The folder's daemon lock (`state::take_lock`), held while open.
+    _lock: std::fs::File,
 }
 
 /// Space the secondary keeps for itself in `REPLICA/.hbrfs/reserve`
@@ -254,8 +256,10 @@ impl ReplicaStore {
         crate::state::open_state_dir(&paths.dir)?;
         crate::state::make_state_dirs(&paths.staging())?;
         crate::state::set_private(&paths.dir, crate::state::STATE_DIR_MODE)?;
+        let lock = crate::state::take_lock(&paths.dir)?;
         let (index, full) = open_index(&paths)?;
         let store = ReplicaStore {
+            _lock: lock,
             index,
             pair: Mutex::new(Pair::read(&paths)?),
             applied: Mutex::new(Applied::read(&paths)?),
