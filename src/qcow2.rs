@@ -314,6 +314,28 @@ impl Qcow2Writer {
     }
 }
 
+/// The virtual size of the qcow2 image at `path`, from its header: an
+/// incremental export checks that its backing file is the size the image
+/// had at the older point, so a chain is not built on the wrong file.
+pub fn virtual_size(path: &Path) -> Result<u64> {
+    let mut header = [0u8; 32];
+    let file = File::open(path).at(path)?;
+    match file.read_exact_at(&mut header, 0) {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        read => read.at(path)?,
+    }
+    let magic = u32::from_be_bytes(header[..4].try_into().expect("4 bytes"));
+    if magic != MAGIC {
+        return Err(usage(
+            path,
+            "is not a qcow2 image (no QFI\\xfb magic)".into(),
+        ));
+    }
+    Ok(u64::from_be_bytes(
+        header[24..].try_into().expect("8 bytes"),
+    ))
+}
+
 /// The virtual size rounded up to 512, refused when zero or when its L1
 /// table would pass qemu's limit.
 fn checked_size(path: &Path, virtual_size: u64, cluster: u64) -> Result<u64> {
@@ -464,6 +486,8 @@ mod tests {
         std::fs::write(&raw, &expected).unwrap();
         assert_clean(&image);
         assert_identical(&raw, &image);
+        assert_eq!(virtual_size(&image).unwrap(), size.next_multiple_of(512));
+        usage_error(virtual_size(&raw), "not a qcow2 image");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
