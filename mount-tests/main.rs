@@ -13,6 +13,7 @@ mod passthrough;
 mod paths;
 mod posix;
 mod privacy;
+mod recovery;
 mod replication;
 mod resilience;
 mod space;

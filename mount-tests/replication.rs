@@ -61,6 +61,8 @@ pub struct Secondary {
     tmpfs: bool,
     /// More arguments for `hbrfs serve`, kept across restarts.
     extra: Vec<String>,
+    /// Where the next start aborts (`HBRFS_CRASH_POINT`), if anywhere.
+    pub crash_point: Option<String>,
     /// Dropped last, after `Drop` has unmounted the mirror.
     _dir: TempDir,
 }
@@ -117,6 +119,7 @@ impl Secondary {
             nofile,
             tmpfs: tmpfs.is_some(),
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            crash_point: None,
             _dir: dir,
         };
         s.spawn_and_wait();
@@ -168,6 +171,9 @@ impl Secondary {
             }
             None => Command::new(hbrfs()),
         };
+        if let Some(place) = &self.crash_point {
+            cmd.env("HBRFS_CRASH_POINT", place);
+        }
         let mut child = cmd
             .arg("serve")
             .arg(&self.replica)
@@ -237,6 +243,35 @@ impl Secondary {
             status.signal(),
             Some(libc::SIGKILL),
             "secondary was not killed (it exited on its own: {status})\n--- log ---\n{}",
+            self.log()
+        );
+        detach_all(&self.mirror);
+    }
+
+    /// Whether the secondary process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("poll hbrfs serve").is_none())
+    }
+
+    /// Waits until the secondary aborts at its crash point (SIGABRT, as
+    /// `state::crash_point` does), and detaches the stale mirror.
+    pub fn wait_crashed(&mut self, timeout: Duration) {
+        let mut child = self
+            .child
+            .take()
+            .expect("wait_crashed: secondary not running");
+        let status = wait_child(&mut child, timeout).unwrap_or_else(|| {
+            panic!(
+                "the secondary did not reach its crash point within {timeout:?}\n--- log ---\n{}",
+                self.log()
+            )
+        });
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "the secondary exited otherwise ({status})\n--- log ---\n{}",
             self.log()
         );
         detach_all(&self.mirror);

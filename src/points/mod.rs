@@ -56,6 +56,9 @@ pub mod store;
 pub mod undo;
 pub mod view;
 
+#[cfg(test)]
+mod tests;
+
 pub use export::{ExportRequest, Exported, export};
 pub use retention::Retention;
 pub use rollback::{RolledBack, rollback_to};

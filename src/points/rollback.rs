@@ -86,7 +86,8 @@ pub fn rollback_to(root: &Path, to: Epoch, block_size: u64) -> Result<RolledBack
         }
     }
     rollback.set_metadata(view.entries())?;
-    sys::syncfs(root_fd.as_fd()).at(root)?;
+    let synced = File::open(root).and_then(|r| sys::syncfs(r.as_fd()));
+    synced.at(root)?;
     let mut kept_points: Vec<_> = points.into_iter().filter(|p| p.epoch <= to.0).collect();
     if let Some(newest) = kept_points.last_mut() {
         newest.generation += 1;

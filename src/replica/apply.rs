@@ -342,6 +342,7 @@ impl Apply<'_> {
         for b in batch.drain(..) {
             self.write_block(file, path, &b, staged.0, staged.1, &mut buf)?;
         }
+        crate::state::crash_point("apply-blocks");
         Ok(())
     }
 
