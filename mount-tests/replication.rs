@@ -854,7 +854,7 @@ fn check_seq(dir: &Path) -> (u64, u64) {
 // 1. Image tools.
 
 /// `qemu-io -f FMT -t CACHE -c CMD… FILE` (one process, flushed at exit).
-fn qemu_io(format: &str, cache: &str, cmds: &[String], file: &Path) {
+pub(crate) fn qemu_io(format: &str, cache: &str, cmds: &[String], file: &Path) {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", format, "-t", cache]);
     for c in cmds {
