@@ -5,6 +5,7 @@
 
 mod bounded;
 mod crash;
+mod export;
 mod harness;
 mod health;
 mod metadata;
