@@ -6,8 +6,10 @@
 //!   daemon (or read its state folder offline) and print the answer.
 //! - `render`: tables, `--json`, byte and time formatting.
 //! - `status`: `hbrfs status` for a primary or a secondary, and `--watch`.
+//! - `roles`: `hbrfs promote` and `hbrfs demote`, and what they say.
 
 mod render;
+mod roles;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -151,6 +153,19 @@ enum Command {
     Cut {
         #[command(flatten)]
         target: Target,
+    },
+    /// Failover: turn a replica into a primary at its applied point (the
+    /// pair's common base), with nothing dirty. `hbrfs serve` must not run.
+    Promote {
+        /// The replica folder.
+        replica: PathBuf,
+    },
+    /// Failback: turn an old primary (its daemon stopped) into a secondary
+    /// of the new one; what it wrote after its last shipped point becomes
+    /// a resync list the new primary ships back over.
+    Demote {
+        /// The old primary's backing directory.
+        backing: PathBuf,
     },
 }
 
@@ -330,6 +345,8 @@ fn run(cli: Cli) -> Result<()> {
             let backing = resolve_datastore(&target.datastore)?;
             ask_and_print(&backing, &Request::Cut, target.json)
         }
+        Command::Promote { replica } => roles::promote(&replica),
+        Command::Demote { backing } => roles::demote(&backing),
     }
 }
 

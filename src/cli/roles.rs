@@ -1,0 +1,47 @@
+//! `hbrfs promote` and `hbrfs demote`: run the role change (`crate::roles`)
+//! and say what it did and what to run next, so an operator in the middle
+//! of a failover is told the next command rather than left to guess.
+
+use std::path::Path;
+
+use crate::error::Result;
+use crate::state::hex;
+
+/// `hbrfs promote REPLICA`.
+pub(super) fn promote(replica: &Path) -> Result<()> {
+    let p = crate::roles::promote(replica)?;
+    println!(
+        "{} promoted: primary of datastore {} at the common base epoch {} (point {}), \
+         {} files tracked, nothing dirty.\n\
+         Mount it: hbrfs mount {} MOUNTPOINT [--replicate-to ADDR --auth-key FILE]",
+        replica.display(),
+        p.datastore_id,
+        p.base,
+        hex(&p.point),
+        p.files,
+        replica.display()
+    );
+    Ok(())
+}
+
+/// `hbrfs demote BACKING`.
+pub(super) fn demote(backing: &Path) -> Result<()> {
+    let d = crate::roles::demote(backing)?;
+    let list = if d.paths == 0 {
+        "nothing written after it: no resync list, nothing ships back".to_string()
+    } else {
+        format!(
+            "resync list of {} paths ({} blocks) for the new primary to ship back",
+            d.paths, d.blocks
+        )
+    };
+    println!(
+        "{} demoted: a secondary now, after epoch {}; {list}. Its primary state is in {}.\n\
+         Serve it: hbrfs serve {} --listen ADDR, and point the new primary at ADDR",
+        backing.display(),
+        d.base,
+        d.aside.display(),
+        backing.display()
+    );
+    Ok(())
+}
