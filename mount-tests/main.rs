@@ -14,5 +14,6 @@ mod posix;
 mod privacy;
 mod replication;
 mod resilience;
+mod roles;
 mod space;
 mod tracking;

@@ -123,6 +123,28 @@ impl Secondary {
         s
     }
 
+    /// Serves an existing folder (e.g. a demoted primary's backing) on
+    /// `addr` (`127.0.0.1:PORT`, fixed in advance so a primary can be
+    /// pointed at it first), with more arguments for `hbrfs serve`.
+    pub fn start_on(replica: &Path, addr: &str, extra: &[&str]) -> Secondary {
+        let dir = temp_dir();
+        let mirror = dir.path().join("mirror");
+        fs::create_dir(&mirror).expect("create mirror mountpoint");
+        let mut s = Secondary {
+            replica: replica.to_path_buf(),
+            mirror,
+            addr: addr.to_string(),
+            child: None,
+            log_path: dir.path().join("serve.log"),
+            nofile: None,
+            tmpfs: false,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            _dir: dir,
+        };
+        s.spawn_and_wait();
+        s
+    }
+
     /// Sets the size of the replica's tmpfs (from `start_on_tmpfs`).
     pub fn resize(&self, size: &str) {
         assert!(self.tmpfs, "resize of a replica that is not a tmpfs");
@@ -819,7 +841,7 @@ fn check_seq(dir: &Path) -> (u64, u64) {
 // 1. Image tools.
 
 /// `qemu-io -f FMT -t CACHE -c CMD… FILE` (one process, flushed at exit).
-fn qemu_io(format: &str, cache: &str, cmds: &[String], file: &Path) {
+pub(crate) fn qemu_io(format: &str, cache: &str, cmds: &[String], file: &Path) {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", format, "-t", cache]);
     for c in cmds {

@@ -1,0 +1,224 @@
+//! Roles end to end (issue 10, items 4 and 5): failover with `hbrfs
+//! promote`, failback with `hbrfs demote` and a new primary shipping only
+//! the difference, and the refusals that keep two primaries from writing
+//! one replica. Real processes on loopback, real mounts, images compared
+//! byte for byte at every step.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use crate::harness::{
+    BLOCK, Mount, assert_replica_matches, hbrfs, json_u64, mount_expecting_failure, path_str, read,
+    run, stderr, temp_dir,
+};
+use crate::replication::{
+    APPLY_TIMEOUT, MIB, Secondary, Until, pair, primary_on, qemu_io, repl_counter, wait_applied,
+};
+
+/// A port of 127.0.0.1 free now, for a secondary a primary must be
+/// pointed at before it starts.
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("its address").to_string()
+}
+
+/// `hbrfs ARGS`, not expected to succeed.
+fn hbrfs_out(args: &[&str]) -> Output {
+    Command::new(hbrfs())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hbrfs")
+}
+
+/// `hbrfs ARGS`, which must succeed; returns what it printed.
+fn hbrfs_ok(args: &[&str]) -> String {
+    let out = run(Command::new(hbrfs()).args(args));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `hbrfs ARGS` must fail saying `needle`.
+fn refused(args: &[&str], needle: &str) {
+    let out = hbrfs_out(args);
+    assert!(!out.status.success(), "hbrfs {args:?} succeeded");
+    let said = stderr(&out);
+    assert!(said.contains(needle), "hbrfs {args:?} said: {said}");
+}
+
+/// Writes `len` bytes of `pattern` at `off` in the raw image `file` with
+/// qemu-io (O_DIRECT), flushed.
+fn write_pattern(file: &Path, off: u64, len: u64, pattern: u8) {
+    qemu_io(
+        "raw",
+        "none",
+        &[format!("write -P {pattern:#x} {off} {len}")],
+        file,
+    );
+}
+
+/// The two files are identical, byte for byte.
+fn assert_same(a: &Path, b: &Path) {
+    let (x, y) = (read(a), read(b));
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} differ in size",
+        a.display(),
+        b.display()
+    );
+    assert!(x == y, "{} and {} differ", a.display(), b.display());
+}
+
+/// A primary over `backing` (on `mnt`) replicating every second to `addr`
+/// with the pair key at `key`.
+fn primary_to(backing: &Path, mnt: &Path, addr: &str, key: &Path) -> Mount {
+    fs::create_dir_all(mnt).expect("create mountpoint");
+    let args = [
+        "--replicate-to",
+        addr,
+        "--rpo",
+        "1s",
+        "--auth-key",
+        path_str(key),
+    ];
+    Mount::start_on(backing, mnt, &args)
+}
+
+/// Unplanned failover and failback: the primary is killed, the replica
+/// promoted and written to; the old primary comes back with writes it
+/// never shipped, is demoted and served, and the new primary ships it
+/// only the union of what each side wrote after the common base. The
+/// images end identical, and what was offered and sent follows the
+/// changed blocks, not the image.
+#[test]
+fn roles_failover_then_failback_ships_only_the_difference() {
+    let dir = temp_dir();
+    let key = dir.path().join("pair.key");
+    let mut a = Secondary::start();
+    fs::copy(a.key_path(), &key).expect("keep the pair's key");
+    let old_backing = dir.path().join("old");
+    fs::create_dir(&old_backing).expect("old backing");
+    let mut old = primary_on(&a, &old_backing, &dir.path().join("old-mnt"));
+    let image = old.mnt("vm.img");
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "raw"])
+        .arg(&image)
+        .arg("64M"));
+    write_pattern(&image, 0, 16 * MIB, 0xa1);
+    wait_applied(&old, &a, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_same(&old.back("vm.img"), &a.replica.join("vm.img"));
+
+    // Failover: the primary dies; the replica is promoted and written to.
+    old.kill9();
+    a.stop();
+    let said = hbrfs_ok(&["promote", path_str(&a.replica)]);
+    assert!(said.contains("promoted"), "{said}");
+    let back_addr = free_addr();
+    let mut new = primary_to(&a.replica, &dir.path().join("new-mnt"), &back_addr, &key);
+    assert!(
+        !new.log().contains("will be replicated in full"),
+        "the promoted folder was tracked anew:\n{}",
+        new.log()
+    );
+    assert_eq!(
+        json_u64(&new.journal(&["stats"])["dirty_blocks"]),
+        0,
+        "nothing dirty after promote"
+    );
+    let new_image = new.mnt("vm.img");
+    write_pattern(&new_image, 32 * MIB, 4 * MIB, 0xb2);
+
+    // The old primary comes back and writes what it never ships (its
+    // secondary is gone), then dies again.
+    old.restart();
+    write_pattern(&image, 8 * MIB, 2 * MIB, 0xc3);
+    fs::write(
+        old.mnt("only-old.txt"),
+        b"written on the old primary after the base",
+    )
+    .expect("write");
+    run(Command::new("sync").arg("-f").arg(old.mnt("only-old.txt")));
+    old.kill9();
+
+    // Failback: demote it, serve it, let the new primary ship the difference.
+    let said = hbrfs_ok(&["demote", path_str(&old_backing)]);
+    assert!(said.contains("resync list of"), "{said}");
+    let extra = ["--auth-key", path_str(&key)];
+    let s = Secondary::start_on(&old_backing, &back_addr, &extra);
+    fs::write(new.mnt("only-new.txt"), b"new primary").expect("write");
+    run(Command::new("sync").arg("-f").arg(new.mnt("only-new.txt")));
+    let p = wait_applied(&new, &s, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_same(&a.replica.join("vm.img"), &old_backing.join("vm.img"));
+    assert_same(
+        &a.replica.join("only-new.txt"),
+        &old_backing.join("only-new.txt"),
+    );
+    assert!(
+        !old_backing.join("only-old.txt").exists(),
+        "the old side's own file stayed"
+    );
+    assert!(
+        !old_backing.join(".hbrfs/resync").exists(),
+        "the resync list stayed"
+    );
+    assert_replica_matches(&a.replica, &old_backing);
+
+    // Changed since the base: 64 blocks here, 32 there, two small files.
+    let changed = 64 + 32 + 2;
+    let offered = repl_counter(&p, "blocks_offered");
+    let sent = repl_counter(&p, "blocks_sent");
+    let wire = repl_counter(&p, "wire_bytes");
+    let raw = repl_counter(&p, "raw_bytes_sent");
+    eprintln!(
+        "failback: {changed} blocks changed, {offered} offered, {sent} sent \
+         ({raw} bytes before compression), {wire} bytes on the wire"
+    );
+    assert!(
+        raw <= 2 * changed * BLOCK,
+        "{raw} bytes sent for {changed} changed blocks"
+    );
+    assert!(
+        offered <= 2 * changed,
+        "{offered} blocks offered for {changed} changed"
+    );
+    assert!(
+        wire <= 2 * changed * BLOCK,
+        "{wire} bytes on the wire for {changed} changed blocks"
+    );
+    new.stop();
+    drop(s);
+}
+
+/// Two primaries must never write one replica: promote refuses while the
+/// replica is served, a replica refuses to be mounted as a primary, a
+/// promoted folder refuses to be served, and demote refuses while the
+/// primary's daemon runs.
+#[test]
+fn roles_refusals_keep_one_primary_per_pair() {
+    let (mut sec, m) = pair(&[]);
+    fs::write(m.mnt("a.txt"), b"a").expect("write");
+    run(Command::new("sync").arg("-f").arg(m.mnt("a.txt")));
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let replica = path_str(&sec.replica).to_string();
+    refused(&["promote", &replica], "in use by another hbrfs process");
+    refused(
+        &["demote", path_str(&m.backing)],
+        "in use by another hbrfs process",
+    );
+    sec.stop();
+    let mnt = temp_dir();
+    let out = mount_expecting_failure(&sec.replica, mnt.path(), &[]);
+    let said = stderr(&out);
+    assert!(
+        said.contains("is a replica of datastore") && said.contains("hbrfs promote"),
+        "{said}"
+    );
+    hbrfs_ok(&["promote", &replica]);
+    refused(
+        &["serve", &replica, "--listen", "127.0.0.1:0"],
+        "promoted at point",
+    );
+    refused(&["promote", &replica], "already promoted");
+}
