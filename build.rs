@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/journal.proto",
         "proto/replication.proto",
         "proto/replica.proto",
+        "proto/points.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

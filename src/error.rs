@@ -153,6 +153,15 @@ impl ErrorCounts {
 }
 
 impl Error {
+    /// The system error behind an IO failure (ENOSPC, EIO…), when there
+    /// is one: what decides whether space is the cause.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
     /// The kind of this error, for control flow.
     pub fn kind(&self) -> ErrorKind {
         match self {

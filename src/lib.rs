@@ -27,6 +27,7 @@
 //! Secondary wing:
 //! - [`mirror`]: the secondary's read-only FUSE view of its replica.
 //! - [`replica`]: the gRPC service, one point's session, preflight, staging, atomic apply, content index, seeding.
+//! - [`points`]: recovery points: undo records saved before an apply overwrites, the catalog, retention and thinning, lazy point views, rollback.
 //!
 //! Shared by both wings:
 //! - [`fs`]: the FUSE passthrough of every operation images need; tells a `ChangeRecorder` what changed and marks a `TrackedBlocks` before each write.
@@ -51,6 +52,7 @@ pub mod fs;
 pub mod ids;
 pub mod journal;
 pub mod mirror;
+pub mod points;
 pub mod roles;
 pub mod state;
 pub mod sys;
@@ -75,5 +77,9 @@ pub mod proto {
     /// The secondary's staged-epoch records.
     pub mod replica {
         tonic::include_proto!("hbrfs.replica");
+    }
+    /// The secondary's recovery points: catalog and namespaces.
+    pub mod points {
+        tonic::include_proto!("hbrfs.points");
     }
 }

@@ -177,6 +177,10 @@ impl ReplicaPaths {
     pub fn auth_key(&self) -> PathBuf {
         self.dir.join("auth.key")
     }
+    /// The recovery points (`points`): catalog, one folder per point.
+    pub fn points(&self) -> PathBuf {
+        self.dir.join("points")
+    }
     /// The address `serve` listens on (read by `hbrfs up` and `status`).
     pub fn listen(&self) -> PathBuf {
         self.dir.join("listen")
@@ -290,6 +294,29 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).at(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+/// A unix-nanosecond time as UTC `YYYY-MM-DD HH:MM:SS`: how tables and
+/// point names show times (hbrfs records unix ns).
+pub fn utc(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Unix time in nanoseconds, the unit of every timestamp hbrfs records.
@@ -452,6 +479,16 @@ pub fn open_root(root: &Path) -> io::Result<OwnedFd> {
 /// links is found once per link), skipping the state folder. Walks by
 /// descriptors, so the depth of the tree is not bounded by PATH_MAX.
 pub fn walk_files(root: &Path, found: &mut dyn FnMut(Vec<u8>, &libc::stat)) -> Result<()> {
+    walk(root, &mut |rel, st| {
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            found(rel, st)
+        }
+    })
+}
+
+/// [`walk_files`] for every entry (folders before what they hold,
+/// symlinks, special files), not only regular files.
+pub fn walk(root: &Path, found: &mut dyn FnMut(Vec<u8>, &libc::stat)) -> Result<()> {
     let fd = open_root(root).at(root)?;
     walk_below(root, fd.as_fd(), &mut Vec::new(), found)
 }
@@ -475,14 +512,11 @@ fn walk_below(
         }
         rel.extend_from_slice(name.as_bytes());
         let st = sys::statat(dir, &name).at(here(rel))?;
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFDIR => {
-                let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
-                let sub = sys::openat(Some(dir), &name, flags, 0).at(here(rel))?;
-                walk_below(root, sub.as_fd(), rel, found)?;
-            }
-            libc::S_IFREG => found(rel.clone(), &st),
-            _ => {}
+        found(rel.clone(), &st);
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+            let sub = sys::openat(Some(dir), &name, flags, 0).at(here(rel))?;
+            walk_below(root, sub.as_fd(), rel, found)?;
         }
         rel.truncate(len);
     }

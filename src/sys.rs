@@ -356,8 +356,14 @@ pub fn removexattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
 /// Takes an exclusive `flock` without waiting; `Ok(false)` when another
 /// process holds it.
 pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    flock(fd, libc::LOCK_EX | libc::LOCK_NB)
+}
+
+/// `flock(fd, op)`: `Ok(false)` when `op` has `LOCK_NB` and another open
+/// file holds a conflicting lock.
+pub fn flock(fd: BorrowedFd<'_>, op: i32) -> io::Result<bool> {
     // SAFETY: plain syscall on a valid fd.
-    match check(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+    match check(unsafe { libc::flock(fd.as_raw_fd(), op) }) {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
         Err(e) => Err(e),

@@ -27,6 +27,7 @@ const MAP: &[(&str, u32, Wing)] = &[
     ("journal", 30, Wing::Primary),
     ("mirror", 60, Wing::Secondary),
     ("replica", 50, Wing::Secondary),
+    ("points", 40, Wing::Secondary),
     ("fs", 20, Wing::Shared),
     ("tls", 16, Wing::Shared),
     ("auth", 15, Wing::Shared),

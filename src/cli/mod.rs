@@ -8,6 +8,7 @@
 //! - `status`: `hbrfs status` for a primary or a secondary, and `--watch`.
 //! - `roles`: `hbrfs promote` and `hbrfs demote`, and what they say.
 
+mod points;
 mod render;
 mod roles;
 mod status;
@@ -23,6 +24,7 @@ use crate::daemon::{self, MountOptions, ServeOptions};
 use crate::datastore::{Access, Datastore};
 use crate::error::{Error, Result};
 use crate::ids::BlockSize;
+use crate::points::Retention;
 use crate::replicate::ReplicateOptions;
 use crate::state::StatePaths;
 
@@ -65,7 +67,7 @@ enum Command {
         #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
         zstd_level: i32,
         /// Cap on replication bandwidth in bytes per second (e.g. 50M).
-        #[arg(long, value_parser = parse_rate, value_name = "BYTES_PER_S")]
+        #[arg(long, value_parser = parse_bytes, value_name = "BYTES_PER_S")]
         max_rate: Option<u64>,
         /// The secondary's pre-shared key (a copy of its REPLICA/.hbrfs/auth.key).
         #[arg(long, value_name = "FILE")]
@@ -100,6 +102,15 @@ enum Command {
         /// chose; each one left out shows in `status` and the log.
         #[arg(long)]
         allow_devices: bool,
+        /// Which points to keep as recovery points: STEP:SPAN tiers (one
+        /// point per STEP for SPAN), or `none` to keep only the live
+        /// replica (no undo is saved then).
+        #[arg(long, value_parser = parse_keep, default_value = Retention::DEFAULT)]
+        keep: KeepGrid,
+        /// The most undo (bytes, e.g. 20G) the kept points may hold; the
+        /// oldest points go first beyond it.
+        #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+        keep_space: Option<u64>,
     },
     /// Mount a replica folder read-only (when no secondary serves it).
     MountReplica {
@@ -149,16 +160,28 @@ enum Command {
         #[command(subcommand)]
         what: JournalCommand,
     },
+    /// The recovery points a replica keeps (`serve --keep`).
+    Points {
+        /// The replica folder.
+        replica: PathBuf,
+        #[command(subcommand)]
+        what: PointsCommand,
+    },
     /// Close the open epoch now.
     Cut {
         #[command(flatten)]
         target: Target,
     },
-    /// Failover: turn a replica into a primary at its applied point (the
-    /// pair's common base), with nothing dirty. `hbrfs serve` must not run.
+    /// Failover: turn a replica into a primary at its applied point (or at
+    /// an older kept point it is rolled back to): the pair's common base.
+    /// `hbrfs serve` must not run.
     Promote {
         /// The replica folder.
         replica: PathBuf,
+        /// Roll the replica back to this kept point first (an epoch or a
+        /// point name, as `hbrfs points ls` shows them).
+        #[arg(long, value_name = "POINT")]
+        point: Option<String>,
     },
     /// Failback: turn an old primary (its daemon stopped) into a secondary
     /// of the new one; what it wrote after its last shipped point becomes
@@ -177,6 +200,17 @@ struct Target {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum PointsCommand {
+    /// Every kept point, oldest first: epoch, time, files, changed
+    /// blocks and the undo kept with it.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,7 +243,7 @@ fn parse_block_size(s: &str) -> std::result::Result<BlockSize, String> {
         .ok_or_else(|| format!("{s}: block size must be a power of two from 4K to 1M"))
 }
 
-fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
     let (num, mult) = match t.char_indices().last() {
         Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
@@ -219,7 +253,7 @@ fn parse_rate(s: &str) -> std::result::Result<u64, String> {
     };
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a rate (e.g. 50M)"))?;
+        .map_err(|_| format!("{s:?} is not a size (e.g. 50M)"))?;
     if n <= 0.0 {
         return Err(format!("{s:?}: must be positive"));
     }
@@ -239,12 +273,40 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" | "" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        "w" => n * 7.0 * 86400.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m, h, d or w")),
     };
     if secs <= 0.0 {
         return Err(format!("{s:?}: must be positive"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// A `--keep` grid: (step, span) tiers; one clap value.
+#[derive(Clone, Debug)]
+struct KeepGrid(Vec<(Duration, Duration)>);
+
+/// Parses a `--keep` grid: `STEP:SPAN[,STEP:SPAN…]` (e.g. `1s:1h,1m:24h`),
+/// or `none`.
+fn parse_keep(s: &str) -> std::result::Result<KeepGrid, String> {
+    if s.trim() == "none" {
+        return Ok(KeepGrid(Vec::new()));
+    }
+    s.split(',')
+        .map(|tier| {
+            let (step, span) = tier
+                .split_once(':')
+                .ok_or_else(|| format!("{tier:?} is not STEP:SPAN (e.g. 1m:24h)"))?;
+            let (step, span) = (parse_duration(step)?, parse_duration(span)?);
+            if step > span {
+                return Err(format!("{tier:?}: the step is longer than the span"));
+            }
+            Ok((step, span))
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map(KeepGrid)
 }
 
 /// Parses arguments, sets up logging and runs; returns the exit code.
@@ -324,6 +386,8 @@ fn run(cli: Cli) -> Result<()> {
             mirror_allow_other,
             metrics,
             allow_devices,
+            keep,
+            keep_space,
         } => daemon::run_serve(&ServeOptions {
             replica,
             listen,
@@ -332,6 +396,7 @@ fn run(cli: Cli) -> Result<()> {
             mirror_allow_other,
             metrics,
             allow_devices,
+            keep: Retention::new(keep.0, keep_space),
         }),
         Command::MountReplica {
             replica,
@@ -341,11 +406,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { target, watch, .. } => status::run(&target, watch),
         Command::Verify { target, repair } => verify(&target, repair),
         Command::Journal { target, what } => journal(&target, what),
+        Command::Points { replica, what } => match what {
+            PointsCommand::Ls { json } => points::ls(&replica, json),
+        },
         Command::Cut { target } => {
             let backing = resolve_datastore(&target.datastore)?;
             ask_and_print(&backing, &Request::Cut, target.json)
         }
-        Command::Promote { replica } => roles::promote(&replica),
+        Command::Promote { replica, point } => roles::promote(&replica, point.as_deref()),
         Command::Demote { backing } => roles::demote(&backing),
     }
 }
@@ -465,10 +533,10 @@ mod tests {
         assert!(parse_block_size("3K").is_err());
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("5y").is_err());
         assert!(parse_duration("0s").is_err());
-        assert_eq!(parse_rate("50M").unwrap(), 50 << 20);
-        assert_eq!(parse_rate("1.5KB/s").unwrap(), 1536);
-        assert!(parse_rate("fast").is_err());
+        assert_eq!(parse_bytes("50M").unwrap(), 50 << 20);
+        assert_eq!(parse_bytes("1.5KB/s").unwrap(), 1536);
+        assert!(parse_bytes("fast").is_err());
     }
 }

@@ -67,7 +67,7 @@ fn fields(indent: &str, v: &Value) {
 
 /// Prints a header and one row per item, each column as wide as its
 /// widest cell.
-fn table<T>(header: &[&str], items: &[T], row: impl Fn(&T) -> Vec<String>) {
+pub(super) fn table<T>(header: &[&str], items: &[T], row: impl Fn(&T) -> Vec<String>) {
     let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     rows.extend(items.iter().map(row));
     let widths: Vec<usize> = (0..header.len())
@@ -205,28 +205,11 @@ pub(super) fn bytes(n: u64) -> String {
 }
 
 /// A unix-nanosecond time as UTC `YYYY-MM-DD HH:MM:SS`, `-` for none.
-fn time(ns: u64) -> String {
+pub(super) fn time(ns: u64) -> String {
     if ns == 0 {
         return "-".into();
     }
-    let secs = ns / 1_000_000_000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::state::utc(ns)
 }
 
 #[cfg(test)]

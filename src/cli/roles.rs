@@ -7,12 +7,20 @@ use std::path::Path;
 use crate::error::Result;
 use crate::state::hex;
 
-/// `hbrfs promote REPLICA`.
-pub(super) fn promote(replica: &Path) -> Result<()> {
-    let p = crate::roles::promote(replica)?;
+/// `hbrfs promote REPLICA [--point P]`.
+pub(super) fn promote(replica: &Path, point: Option<&str>) -> Result<()> {
+    let p = crate::roles::promote(replica, point)?;
+    let dirty = if p.dirty_blocks + p.rolled_back_paths == 0 {
+        "nothing dirty".to_string()
+    } else {
+        format!(
+            "rolled back: {} blocks dirty, {} paths to reconcile at failback",
+            p.dirty_blocks, p.rolled_back_paths
+        )
+    };
     println!(
         "{} promoted: primary of datastore {} at the common base epoch {} (point {}), \
-         {} files tracked, nothing dirty.\n\
+         {} files tracked, {dirty}.\n\
          Mount it: hbrfs mount {} MOUNTPOINT [--replicate-to ADDR --auth-key FILE]",
         replica.display(),
         p.datastore_id,

@@ -40,6 +40,8 @@ pub struct ServeOptions {
     /// Create the device nodes points carry (`--allow-devices`); without
     /// it each is refused, visibly.
     pub allow_devices: bool,
+    /// Which recovery points to keep (`--keep`, `--keep-space`).
+    pub keep: crate::points::Retention,
 }
 
 /// Where a secondary keeps its key unless told otherwise.
@@ -61,7 +63,11 @@ pub(super) fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
     if opts.replica.exists() {
         crate::roles::check_serve(&opts.replica)?;
     }
-    let store = Arc::new(ReplicaStore::open(&opts.replica, opts.allow_devices)?);
+    let store = Arc::new(ReplicaStore::open(
+        &opts.replica,
+        opts.allow_devices,
+        opts.keep.clone(),
+    )?);
     let epoch = store.applied().epoch;
     let rt = runtime()?;
     let listener = rt

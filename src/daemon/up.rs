@@ -39,6 +39,10 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         mirror_allow_other: false,
         metrics: None,
         allow_devices: false,
+        keep: crate::points::Retention::new(
+            vec![(Duration::from_secs(1), Duration::from_secs(3600))],
+            None,
+        ),
     })?;
     let key = AuthKey::load(&default_key_path(&dir.join("replica")))?;
     let listen_path = ReplicaPaths::of(&dir.join("replica")).listen();

@@ -16,12 +16,13 @@
 //! is kept out of the replica (the store's `view` lock) while an epoch
 //! applies.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::confine;
@@ -32,10 +33,17 @@ use super::resume::read_offers;
 use super::spill::Records;
 use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, Epoch, FileId};
+use crate::points::PointKeeper;
+use crate::points::undo::UndoWriter;
+use crate::proto::points::PointRecord;
 use crate::proto::replica::StagedBlock;
 use crate::proto::replication::{Begin, Manifest, NamespaceOp, OpKind};
 use crate::state::{self, ReplicaPaths, now_ns, write_durably};
 use crate::sys;
+
+/// Blocks whose old content is saved and synced before they are written
+/// (one fsync of the undo per batch, not per block).
+const UNDO_BATCH: usize = 256;
 
 /// Replica folders and files are made private (0700, 0600) whatever the
 /// secondary's umask, and keep that mode until the point's metadata
@@ -48,10 +56,10 @@ pub fn make_dirs(path: &Path) -> Result<()> {
         .at(path)
 }
 
-/// Opens (creating, 0600 until its metadata arrives) the regular file `name` in `dir` for writing,
+/// Opens (creating, 0600 until its metadata arrives) the regular file `name` in `dir` for writing (and reading: the undo saves what it overwrites),
 /// never following a symlink.
 fn open_for_write(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<File> {
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW;
+    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW;
     sys::openat(Some(dir), name, flags, 0o600).map(File::from)
 }
 
@@ -123,6 +131,12 @@ pub struct Apply<'a> {
     pub block_size: u64,
     /// Whether device nodes are made (`serve --allow-devices`).
     pub allow_devices: bool,
+    /// Where the old content of what the apply overwrites, punches,
+    /// truncates or removes is saved first (the previous point's undo);
+    /// `None` when no older point is kept.
+    pub undo: RefCell<Option<UndoWriter>>,
+    /// The recovery points, which record this one once it is applied.
+    pub points: &'a PointKeeper,
 }
 
 impl Apply<'_> {
@@ -135,7 +149,7 @@ impl Apply<'_> {
         let mut refusals = Refusals::new();
         let begin = self.apply_ops(epoch, ops_done, &mut refusals)?;
         let mut files = self.size_files(epoch)?;
-        self.write_blocks(epoch, &mut files)?;
+        let changed_blocks = self.write_blocks(epoch, &mut files)?;
         self.sync_files(&files)?;
         read_lists(self.paths, epoch, |chunk| {
             meta::apply_metas(self.root, &chunk.metas, &mut refusals)
@@ -149,6 +163,15 @@ impl Apply<'_> {
             at_ns: now_ns(),
             point: begin.point,
         };
+        let record = PointRecord {
+            epoch: epoch.0,
+            at_ns: applied.at_ns,
+            point: applied.point.clone(),
+            changed_blocks,
+            ..Default::default()
+        };
+        let undo = self.undo.borrow_mut().take();
+        self.points.applied(self.root, record, undo)?;
         applied.write(self.paths)?;
         Ok((applied, refusals))
     }
@@ -217,6 +240,7 @@ impl Apply<'_> {
                 let path = self.shown(&f.path)?;
                 let (dir, name) = self.parent(&f.path, true)?;
                 let file = open_for_write(dir.as_fd(), name).at(&path)?;
+                self.before_resize(&file, f.size, &path)?;
                 file.set_len(f.size).at(&path)?;
                 self.index.set_path(FileId(f.file_id), &f.path)?;
                 files.insert(f.file_id, (f.size, false));
@@ -241,14 +265,14 @@ impl Apply<'_> {
         Ok((file, path))
     }
 
-    /// Writes the staged blocks, read from the offers log in order (file
+    /// Writes the staged blocks (returns how many), read from the offers log in order (file
     /// by file): each file is opened once, gets its blocks (holes punched
     /// for zero blocks, content indexed), and is fsynced and closed before
     /// the next is opened, so an apply holds one file open whatever the
     /// size of its point. `files` notes each file synced. A file's size is
     /// set again after its blocks, as when each file was sized and written
     /// in turn: of two files of the point at one path, the later wins.
-    fn write_blocks(&self, epoch: Epoch, files: &mut HashMap<u64, (u64, bool)>) -> Result<()> {
+    fn write_blocks(&self, epoch: Epoch, files: &mut HashMap<u64, (u64, bool)>) -> Result<u64> {
         let data_path = self.paths.staged_data();
         let data = File::open(&data_path).at(&data_path)?;
         let offers = self.paths.staged_offers();
@@ -257,14 +281,21 @@ impl Apply<'_> {
             let wrong = format!("offers of epoch {} where {epoch} is applied", header.epoch);
             return Err(bad(&offers, wrong));
         }
-        // The file being written: its id, size, descriptor and path.
+        // The file being written: its id, size, descriptor and path; and
+        // its blocks read but not yet written.
         let mut open: Option<(u64, u64, File, PathBuf)> = None;
+        let mut batch = Vec::new();
         let done = |(_, size, file, path): (u64, u64, File, PathBuf)| {
             file.set_len(size).and_then(|_| file.sync_all()).at(&path)
         };
-        let mut buf = Vec::new();
+        let staged = (&data, data_path.as_path());
+        let mut count = 0;
         while let Some(b) = records.read::<StagedBlock>()? {
+            count += 1;
             if open.as_ref().is_none_or(|(id, ..)| *id != b.file_id) {
+                if let Some((_, _, file, path)) = &open {
+                    self.write_batch(file, path, &mut batch, staged)?;
+                }
                 open.take().map(done).transpose()?;
                 let Some((size, synced)) = files.get_mut(&b.file_id) else {
                     let id = b.file_id;
@@ -276,10 +307,42 @@ impl Apply<'_> {
                 let (file, path) = self.open_file(b.file_id)?;
                 open = Some((b.file_id, *size, file, path));
             }
-            let (_, _, file, path) = open.as_ref().expect("opened above");
-            self.write_block(file, path, &b, &data, &data_path, &mut buf)?;
+            batch.push(b);
+            if batch.len() == UNDO_BATCH {
+                let (_, _, file, path) = open.as_ref().expect("opened above");
+                self.write_batch(file, path, &mut batch, staged)?;
+            }
         }
-        open.map(done).transpose().map(drop)
+        if let Some((_, _, file, path)) = &open {
+            self.write_batch(file, path, &mut batch, staged)?;
+        }
+        open.map(done).transpose()?;
+        Ok(count)
+    }
+
+    /// Writes `batch` (blocks of `file`, at `path`) from the staging
+    /// (`staged`: its data file and path), after saving and syncing their
+    /// old content when undo is kept: a replay after a crash then finds
+    /// every overwritten block saved, and never saves new content as old.
+    fn write_batch(
+        &self,
+        file: &File,
+        path: &Path,
+        batch: &mut Vec<StagedBlock>,
+        staged: (&File, &Path),
+    ) -> Result<()> {
+        if let Some(undo) = self.undo.borrow_mut().as_mut() {
+            let ino = file.metadata().at(path)?.ino();
+            for b in batch.iter() {
+                undo.save(file, ino, b.block, path)?;
+            }
+            undo.sync()?;
+        }
+        let mut buf = Vec::new();
+        for b in batch.drain(..) {
+            self.write_block(file, path, &b, staged.0, staged.1, &mut buf)?;
+        }
+        Ok(())
     }
 
     /// Syncs the files of the epoch that got no block (their size and
@@ -290,6 +353,35 @@ impl Apply<'_> {
             file.sync_all().at(&path)?;
         }
         Ok(())
+    }
+
+    /// Saves (durably) the blocks of `file` a resize to `size` cuts off,
+    /// and notes its size before the apply, when undo is kept.
+    fn before_resize(&self, file: &File, size: u64, path: &Path) -> Result<()> {
+        let mut undo = self.undo.borrow_mut();
+        let Some(undo) = undo.as_mut() else {
+            return Ok(());
+        };
+        let st = file.metadata().at(path)?;
+        undo.note_size(st.ino(), st.size());
+        if st.size() > size {
+            undo.save_tail(file, st.ino(), size, path)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the file `name` in `dir`, which the apply is about to remove
+    /// or rename over, when undo is kept (a hard link: no copy).
+    fn before_remove(&self, dir: BorrowedFd<'_>, name: &OsStr, path: &Path) -> Result<()> {
+        let mut undo = self.undo.borrow_mut();
+        let Some(undo) = undo.as_mut() else {
+            return Ok(());
+        };
+        match sys::statat(dir, name) {
+            Ok(st) => undo.keep_removed(dir, name, &st),
+            Err(e) if missing(&e) => Ok(()),
+            Err(e) => Err(e).at(path),
+        }
     }
 
     /// Writes one staged block into `file` (at `path`): a hole punched
@@ -410,15 +502,17 @@ impl Apply<'_> {
             OpKind::Rmdir | OpKind::Unlink => {
                 if let Some((dir, name)) = self.existing(&op.path)? {
                     let rmdir = op.kind() == OpKind::Rmdir;
+                    self.before_remove(dir.as_fd(), name, &path)?;
                     sys::unlinkat(dir.as_fd(), name, rmdir).at(&path)?;
                 }
             }
             OpKind::Truncate => {
                 if let Some((dir, name)) = self.existing(&op.path)? {
-                    let flags = libc::O_WRONLY | libc::O_NOFOLLOW;
-                    sys::openat(Some(dir.as_fd()), name, flags, 0)
-                        .and_then(|f| sys::ftruncate(f.as_fd(), op.arg))
-                        .at(&path)?;
+                    let flags = libc::O_RDWR | libc::O_NOFOLLOW;
+                    let file =
+                        File::from(sys::openat(Some(dir.as_fd()), name, flags, 0).at(&path)?);
+                    self.before_resize(&file, op.arg, &path)?;
+                    sys::ftruncate(file.as_fd(), op.arg).at(&path)?;
                 }
             }
             OpKind::Rename => self.rename(op, &path)?,
@@ -469,6 +563,9 @@ impl Apply<'_> {
             return Ok(());
         }
         let (to_dir, to) = self.parent(&op.target, true)?;
+        if !exchange {
+            self.before_remove(to_dir.as_fd(), to, path)?;
+        }
         let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
         sys::renameat2(from_dir.as_fd(), from, to_dir.as_fd(), to, flags).at(path)?;
         self.index.repath(&op.path, &op.target)

@@ -50,6 +50,12 @@ const C_SIZE: u64 = BS + 10;
 // Building messages.
 
 /// Deterministic, non-repeating bytes: xxh3 of the seed and the offset.
+/// Every point kept for an hour: the fuzzed applies save undo too.
+fn keep() -> crate::points::Retention {
+    let s = std::time::Duration::from_secs;
+    crate::points::Retention::new(vec![(s(1), s(3600))], None)
+}
+
 fn content(seed: u64, len: usize) -> Vec<u8> {
     (0..len as u64)
         .step_by(8)
@@ -451,7 +457,7 @@ impl Fixture {
         let outside = dir.path().join("outside");
         fs::create_dir(&outside).expect("mkdir outside");
         let key = HashKey::random().expect("random key");
-        let store = ReplicaStore::open(&root, false).expect("open replica");
+        let store = ReplicaStore::open(&root, false, keep()).expect("open replica");
         store
             .accept(Pair {
                 datastore_id: "primary-under-test".into(),
@@ -568,7 +574,7 @@ impl Fixture {
         wrong.extend(self.off_point());
         // What a restart of the secondary makes of it.
         drop(self.store.take());
-        match ReplicaStore::open(&self.root, false) {
+        match ReplicaStore::open(&self.root, false, keep()) {
             Err(e) => wrong.push(format!("the secondary cannot restart: {e}")),
             Ok(store) => {
                 self.store = Some(store);
@@ -608,7 +614,7 @@ impl Fixture {
     fn reopen(&mut self) {
         drop(self.store.take());
         self.store = Some(
-            ReplicaStore::open(&self.root, false)
+            ReplicaStore::open(&self.root, false, keep())
                 .unwrap_or_else(|e| panic!("the replica does not open again: {e}")),
         );
     }
@@ -949,7 +955,7 @@ fn carried_content_damaged_in_staging_is_asked_for_again_not_applied() {
 #[test]
 fn refuses_a_session_before_any_primary_said_hello() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = ReplicaStore::open(&dir.path().join("r"), false).expect("open");
+    let store = ReplicaStore::open(&dir.path().join("r"), false, keep()).expect("open");
     let run = drive(&store, first_epoch(&HashKey::random().expect("key")));
     let reason = run.refused.expect("refused");
     assert!(reason.contains("no primary has said hello"), "{reason}");

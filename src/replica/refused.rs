@@ -248,10 +248,7 @@ impl Refused {
             Refused::Staging { source, .. } => source.raw_os_error(),
             Refused::Apply { source, .. }
             | Refused::ApplyPending { source, .. }
-            | Refused::Spill(source) => match source {
-                Error::Io { source, .. } => source.raw_os_error(),
-                _ => None,
-            },
+            | Refused::Spill(source) => source.errno(),
             _ => None,
         }
     }

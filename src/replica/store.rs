@@ -5,6 +5,7 @@
 //! the content index, `apply` for the atomic apply, `resume` for what a
 //! broken stream leaves behind.
 
+use std::cell::RefCell;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,7 @@ use super::seed;
 use crate::block::{BlockHash, HashKey};
 use crate::error::{Error, ErrorCounters, IoContext, Result};
 use crate::ids::{Epoch, FileId};
+use crate::points::{PointKeeper, PointsPaths, Retention};
 use crate::proto::replication::ResyncChunk;
 use crate::state::{ReplicaPaths, now_ns};
 
@@ -192,6 +194,8 @@ pub struct ReplicaStore {
     pub stats: ReplicaStats,
     /// Whether points may make device nodes (`serve --allow-devices`).
     allow_devices: bool,
+    /// The recovery points kept of this replica.
+    pub points: PointKeeper,
     /// The token of the resync list a demote left (see `resync`), until
     /// a point covering it is applied; held only to copy or clear it.
     resync: Mutex<Option<Vec<u8>>>,
@@ -254,7 +258,7 @@ impl ReplicaStore {
     /// Opens (creating if needed) the replica at `root`, finishing an
     /// apply a crash interrupted; device nodes are made only with
     /// `allow_devices`.
-    pub fn open(root: &Path, allow_devices: bool) -> Result<ReplicaStore> {
+    pub fn open(root: &Path, allow_devices: bool, keep: Retention) -> Result<ReplicaStore> {
         make_dirs(root)?;
         let root = root.canonicalize().at(root)?;
         let paths = ReplicaPaths::of(&root);
@@ -263,8 +267,10 @@ impl ReplicaStore {
         crate::state::set_private(&paths.dir, crate::state::STATE_DIR_MODE)?;
         let lock = crate::state::take_lock(&paths.dir)?;
         let (index, full) = open_index(&paths)?;
+        let points = PointKeeper::open(PointsPaths::new(paths.points()), keep)?;
         let store = ReplicaStore {
             _lock: lock,
+            points,
             index,
             pair: Mutex::new(Pair::read(&paths)?),
             applied: Mutex::new(Applied::read(&paths)?),
@@ -485,19 +491,41 @@ impl ReplicaStore {
         crate::state::make_state_dirs(&dir)
     }
 
+    /// History gives way to the replica: an apply that failed for want of
+    /// space while points are kept drops them (loudly), so its retry
+    /// needs no undo.
+    fn undo_failed(&self, e: &Error) {
+        if e.errno() != Some(libc::ENOSPC) || self.points.list().is_empty() {
+            return;
+        }
+        match self.points.drop_all() {
+            Ok(n) => log::error!(
+                "no space left on {} for the undo of the next point: dropped all {n} recovery points \
+                 (the replica comes first); the apply is retried without undo",
+                self.root.display()
+            ),
+            Err(drop) => log::error!("dropping the recovery points to make space failed: {drop}"),
+        }
+    }
+
     /// Applies the staged epoch with the mirror kept out, then retires
     /// the redo record and the staging; returns what it refused to do
     /// (counted and logged here).
     fn apply(&self, epoch: Epoch, ops_done: usize) -> Result<Refusals> {
         let _view = self.view.write().expect("view lock");
-        let (applied, refusals) = Apply {
+        let _points = self.points.exclusive()?;
+        let undo = self.points.undo_writer(epoch, self.block_size())?;
+        let run = Apply {
             root: &self.root,
             paths: &self.paths,
             index: &self.index,
             block_size: self.block_size(),
             allow_devices: self.allow_devices,
+            undo: RefCell::new(undo),
+            points: &self.points,
         }
-        .run(epoch, ops_done)?;
+        .run(epoch, ops_done);
+        let (applied, refusals) = run.inspect_err(|e| self.undo_failed(e))?;
         self.stats.refused(epoch, &refusals);
         *self.applied.lock().expect("applied lock") = applied;
         self.stats.points_applied.fetch_add(1, Ordering::Relaxed);

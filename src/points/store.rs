@@ -1,0 +1,273 @@
+//! The points folder as one object for the applying secondary
+//! ([`PointKeeper`]), and its paths and catalog for everyone else
+//! (`hbrfs points ls`, views, rollback).
+
+use std::fs::{self, File};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use prost::Message;
+
+use super::namespace;
+use super::retention::{self, Retention};
+use super::undo::UndoWriter;
+use crate::error::{Error, IoContext, Result};
+use crate::ids::Epoch;
+use crate::proto::points::{Catalog, PointRecord};
+use crate::state::{make_state_dirs, state_file_options, write_durably};
+use crate::sys;
+
+/// Paths inside `REPLICA/.hbrfs/points/`.
+#[derive(Clone, Debug)]
+pub struct PointsPaths {
+    /// The points folder.
+    pub dir: PathBuf,
+}
+
+impl PointsPaths {
+    /// The points folder of the state folder whose points path is `dir`
+    /// (`ReplicaPaths::points`).
+    pub fn new(dir: PathBuf) -> PointsPaths {
+        PointsPaths { dir }
+    }
+    /// The catalog.
+    pub fn catalog(&self) -> PathBuf {
+        self.dir.join("catalog")
+    }
+    /// The lock applies hold exclusively and view reads shared.
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+    /// The folder of point `epoch`.
+    pub fn point(&self, epoch: u64) -> PathBuf {
+        self.dir.join(format!("E{epoch:020}"))
+    }
+    /// Its namespace.
+    pub fn namespace(&self, epoch: u64) -> PathBuf {
+        self.point(epoch).join("namespace")
+    }
+    /// Its pin (see the module doc).
+    pub fn pin(&self, epoch: u64) -> PathBuf {
+        self.point(epoch).join("pin")
+    }
+    /// Its undo index at generation `generation`.
+    pub fn undo_index(&self, epoch: u64, generation: u64) -> PathBuf {
+        self.point(epoch).join(format!("undo-{generation}.idx"))
+    }
+    /// Its undo data at generation `generation`.
+    pub fn undo_data(&self, epoch: u64, generation: u64) -> PathBuf {
+        self.point(epoch).join(format!("undo-{generation}.data"))
+    }
+    /// The files its next point removed, at generation `generation`.
+    pub fn kept_files(&self, epoch: u64, generation: u64) -> PathBuf {
+        self.point(epoch).join(format!("files-{generation}"))
+    }
+}
+
+/// A damaged points file, named.
+pub(super) fn bad(path: &Path, reason: impl Into<String>) -> Error {
+    Error::BadState {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads a whole protobuf file (a catalog, a namespace).
+pub(super) fn read_message<M: Message + Default>(path: &Path) -> Result<M> {
+    let bytes = fs::read(path).at(path)?;
+    M::decode(bytes.as_slice()).map_err(|e| bad(path, format!("does not parse: {e}")))
+}
+
+/// The retained points, oldest first; none when the folder has no catalog
+/// (no point kept yet, or an older build).
+pub fn read_catalog(paths: &PointsPaths) -> Result<Vec<PointRecord>> {
+    let path = paths.catalog();
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    Ok(read_message::<Catalog>(&path)?.points)
+}
+
+/// Writes the catalog durably.
+pub(super) fn write_catalog(paths: &PointsPaths, points: &[PointRecord]) -> Result<()> {
+    let catalog = Catalog {
+        points: points.to_vec(),
+    };
+    write_durably(&paths.catalog(), &catalog.encode_to_vec())
+}
+
+/// Opens (creating) a lock or pin file.
+pub(super) fn open_lock(path: &Path) -> Result<File> {
+    state_file_options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .at(path)
+}
+
+/// A held `flock`, released when dropped (with its file).
+#[derive(Debug)]
+pub struct Locked {
+    _file: File,
+}
+
+/// Takes `flock(op)` on `path`, waiting for it.
+pub(super) fn lock(path: &Path, op: i32) -> Result<Locked> {
+    let file = open_lock(path)?;
+    sys::flock(file.as_fd(), op).at(path)?;
+    Ok(Locked { _file: file })
+}
+
+/// The applying secondary's points: it saves undo through
+/// [`PointKeeper::undo_writer`], records each applied point with
+/// [`PointKeeper::applied`], and applies the retention grid after each.
+#[derive(Debug)]
+pub struct PointKeeper {
+    paths: PointsPaths,
+    keep: Retention,
+    /// The catalog as last written.
+    catalog: Mutex<Vec<PointRecord>>,
+}
+
+impl PointKeeper {
+    /// Opens the points folder at `paths`, removing what an interrupted
+    /// thinning or apply left that the catalog does not name. With a grid
+    /// that keeps no history, every kept point is dropped.
+    pub fn open(paths: PointsPaths, keep: Retention) -> Result<PointKeeper> {
+        make_state_dirs(&paths.dir)?;
+        let mut points = read_catalog(&paths)?;
+        if !keep.keeps_history() && !points.is_empty() {
+            log::info!(
+                "keeping no recovery points (--keep none): dropping the {} kept",
+                points.len()
+            );
+            points.clear();
+            write_catalog(&paths, &points)?;
+        }
+        retention::remove_unnamed(&paths, &points)?;
+        Ok(PointKeeper {
+            paths,
+            keep,
+            catalog: Mutex::new(points),
+        })
+    }
+
+    /// The points folder.
+    pub fn paths(&self) -> &PointsPaths {
+        &self.paths
+    }
+
+    /// The retained points, oldest first.
+    pub fn list(&self) -> Vec<PointRecord> {
+        self.catalog.lock().expect("catalog lock").clone()
+    }
+
+    /// Holds views off while the caller changes the replica (an apply).
+    pub fn exclusive(&self) -> Result<Locked> {
+        lock(&self.paths.lock(), libc::LOCK_EX)
+    }
+
+    /// Where the apply of `epoch` saves what it overwrites: the undo of
+    /// the newest point before it (which the apply makes the second
+    /// newest; a replay after a crash finds the same one). `None`
+    /// when no point is kept (none yet, or `--keep none`): then nothing
+    /// needs the old content.
+    pub fn undo_writer(&self, epoch: Epoch, block_size: u64) -> Result<Option<UndoWriter>> {
+        let newest = self.list().into_iter().rfind(|p| p.epoch < epoch.0);
+        match newest {
+            Some(p) if self.keep.keeps_history() => {
+                UndoWriter::open(&self.paths, p.epoch, p.generation, block_size).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Records point `record` (just applied to `root`): its namespace,
+    /// the undo the apply saved into the previous point (`undo`), the
+    /// catalog; then applies the retention grid. Called under
+    /// [`PointKeeper::exclusive`], before the apply is recorded as done.
+    pub fn applied(
+        &self,
+        root: &Path,
+        mut record: PointRecord,
+        undo: Option<UndoWriter>,
+    ) -> Result<()> {
+        if !self.keep.keeps_history() {
+            return Ok(());
+        }
+        let dir = self.paths.point(record.epoch);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).at(&dir)?;
+        }
+        make_state_dirs(&dir)?;
+        record.files = namespace::write(root, &self.paths.namespace(record.epoch))?;
+        let mut points = self.list();
+        points.retain(|p| p.epoch < record.epoch);
+        if let (Some(undo), Some(previous)) = (undo, points.last_mut()) {
+            let (bytes, blocks) = undo.finish()?;
+            previous.undo_bytes = bytes;
+            previous.undo_blocks = blocks;
+        }
+        points.push(record);
+        write_catalog(&self.paths, &points)?;
+        *self.catalog.lock().expect("catalog lock") = points;
+        self.retain()
+    }
+
+    /// Applies the retention grid now (after each point, and at start).
+    pub fn retain(&self) -> Result<()> {
+        let mut points = self.list();
+        retention::apply(&self.paths, &self.keep, &mut points, crate::state::now_ns())?;
+        *self.catalog.lock().expect("catalog lock") = points;
+        Ok(())
+    }
+
+    /// Drops every kept point for want of space (an apply that could not
+    /// save its undo): history is given up before the replica is. Returns
+    /// how many were dropped.
+    pub fn drop_all(&self) -> Result<usize> {
+        let mut points = self.list();
+        let n = points.len();
+        points.clear();
+        write_catalog(&self.paths, &points)?;
+        retention::remove_unnamed(&self.paths, &points)?;
+        *self.catalog.lock().expect("catalog lock") = points;
+        Ok(n)
+    }
+}
+
+/// A point's name in `.points/` and on the command line: its apply time,
+/// UTC, to the millisecond (`2026-11-30T06:40:12.345Z`).
+pub fn point_name(p: &PointRecord) -> String {
+    let ms = p.at_ns / 1_000_000 % 1000;
+    format!("{}.{ms:03}Z", crate::state::utc(p.at_ns).replace(' ', "T"))
+}
+
+/// The point `spec` names among `points`: its epoch, its name
+/// ([`point_name`]), or `latest`. A spec that names none is a usage error
+/// listing what is kept.
+pub fn find_point<'p>(points: &'p [PointRecord], spec: &str) -> Result<&'p PointRecord> {
+    let found = match spec {
+        "latest" | "newest" => points.last(),
+        _ => points
+            .iter()
+            .find(|p| spec.parse() == Ok(p.epoch) || point_name(p) == spec),
+    };
+    found.ok_or_else(|| {
+        let kept: Vec<String> = points
+            .iter()
+            .map(|p| format!("{} ({})", p.epoch, point_name(p)))
+            .collect();
+        Error::Usage(format!(
+            "no kept point is {spec:?}; kept: {}",
+            if kept.is_empty() {
+                "none".into()
+            } else {
+                kept.join(", ")
+            }
+        ))
+    })
+}
