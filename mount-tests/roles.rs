@@ -8,6 +8,7 @@ use std::fs;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use crate::harness::{
     BLOCK, Mount, assert_replica_matches, hbrfs, json_u64, mount_expecting_failure, path_str, read,
@@ -221,4 +222,144 @@ fn roles_refusals_keep_one_primary_per_pair() {
         "promoted at point",
     );
     refused(&["promote", &replica], "already promoted");
+}
+
+/// `promote --point P` rolls the live replica back to P (its content is
+/// the point's, what came later is gone), and the failback that follows
+/// ships the rolled-back blocks and paths to the old primary too.
+#[test]
+fn roles_promote_at_an_older_point_rolls_back_to_it_and_fails_back() {
+    let dir = temp_dir();
+    let key = dir.path().join("pair.key");
+    let (mut sec, mut m) = pair(&[]);
+    fs::copy(sec.key_path(), &key).expect("keep the pair's key");
+    let image = m.mnt("vm.img");
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "raw"])
+        .arg(&image)
+        .arg("16M"));
+    write_pattern(&image, 0, 4 * MIB, 0xa1);
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let point = sec.applied_epoch().to_string();
+    let at_point = read(&sec.replica.join("vm.img"));
+    // Points are kept one a second: the next one must be in another second.
+    std::thread::sleep(Duration::from_millis(1100));
+    write_pattern(&image, 2 * MIB, 4 * MIB, 0xb2);
+    fs::write(m.mnt("later.txt"), b"after the point").expect("write");
+    run(Command::new("sync").arg("-f").arg(m.mnt("later.txt")));
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert!(
+        read(&sec.replica.join("vm.img")) != at_point,
+        "the later point applied"
+    );
+
+    m.kill9();
+    sec.stop();
+    let said = hbrfs_ok(&["promote", path_str(&sec.replica), "--point", &point]);
+    assert!(said.contains("rolled back"), "{said}");
+    assert!(
+        read(&sec.replica.join("vm.img")) == at_point,
+        "not rolled back to the point"
+    );
+    assert!(
+        !sec.replica.join("later.txt").exists(),
+        "a later file survived the rollback"
+    );
+
+    // The old primary holds the later point: failback ships it the point's.
+    hbrfs_ok(&["demote", path_str(&m.backing)]);
+    let back_addr = free_addr();
+    let s = Secondary::start_on(&m.backing, &back_addr, &["--auth-key", path_str(&key)]);
+    let mut new = primary_to(&sec.replica, &dir.path().join("new-mnt"), &back_addr, &key);
+    let p = wait_applied(&new, &s, Until::CaughtUp, APPLY_TIMEOUT);
+    assert!(
+        read(&m.backing.join("vm.img")) == at_point,
+        "the old primary kept later blocks"
+    );
+    assert!(
+        !m.backing.join("later.txt").exists(),
+        "the old primary kept a later file"
+    );
+    assert_replica_matches(&sec.replica, &m.backing);
+    // 64 blocks rolled back (2 MiB..6 MiB), nothing else.
+    let offered = repl_counter(&p, "blocks_offered");
+    assert!(
+        offered <= 2 * 64,
+        "{offered} blocks offered for 64 rolled back"
+    );
+    new.stop();
+}
+
+/// Moves the primary role from `from` (a running primary replicating to
+/// the secondary `to`) to `to`'s folder: `hbrfs migrate`, stop the
+/// secondary, `hbrfs promote`; then serves `from`'s folder on a new
+/// address and mounts `to`'s folder as the primary replicating to it.
+fn migrate(from: &mut Mount, to: &mut Secondary, key: &Path, mnt: &Path) -> (Mount, Secondary) {
+    let said = hbrfs_ok(&["migrate", path_str(&from.mountpoint), "--timeout", "60s"]);
+    assert!(said.contains("migrated"), "{said}");
+    assert!(
+        from.wait_exit().success(),
+        "the primary did not stop cleanly"
+    );
+    to.stop();
+    hbrfs_ok(&["promote", path_str(&to.replica)]);
+    let addr = free_addr();
+    let s = Secondary::start_on(&from.backing, &addr, &["--auth-key", path_str(key)]);
+    let p = primary_to(&to.replica, mnt, &addr, key);
+    (p, s)
+}
+
+/// What a primary offered since it started, once `sec` caught up.
+fn offered_when_caught_up(m: &Mount, sec: &Secondary) -> u64 {
+    let p = wait_applied(m, sec, Until::CaughtUp, APPLY_TIMEOUT);
+    repl_counter(&p, "blocks_offered")
+}
+
+/// A planned migration loses nothing and resyncs nothing: the first
+/// point after the swap offers no block, new writes ship as usual, and
+/// the same works back again.
+#[test]
+fn roles_planned_migration_has_zero_loss_and_zero_resync_and_back() {
+    let dir = temp_dir();
+    let key = dir.path().join("pair.key");
+    let (mut a, mut m) = pair(&[]);
+    fs::copy(a.key_path(), &key).expect("keep the pair's key");
+    let image = m.mnt("vm.img");
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "raw"])
+        .arg(&image)
+        .arg("16M"));
+    write_pattern(&image, 0, 4 * MIB, 0xa1);
+    wait_applied(&m, &a, Until::CaughtUp, APPLY_TIMEOUT);
+
+    let (mut there, mut b) = migrate(&mut m, &mut a, &key, &dir.path().join("mnt-b"));
+    assert_eq!(
+        offered_when_caught_up(&there, &b),
+        0,
+        "a resync after a migration"
+    );
+    assert_replica_matches(&a.replica, &m.backing);
+    write_pattern(&there.mnt("vm.img"), 8 * MIB, MIB, 0xb2);
+    assert_eq!(
+        offered_when_caught_up(&there, &b),
+        16,
+        "only the new writes ship"
+    );
+    assert_replica_matches(&a.replica, &m.backing);
+
+    let (back, c) = migrate(&mut there, &mut b, &key, &dir.path().join("mnt-c"));
+    assert_eq!(
+        offered_when_caught_up(&back, &c),
+        0,
+        "a resync after migrating back"
+    );
+    assert_replica_matches(&m.backing, &a.replica);
+    write_pattern(&back.mnt("vm.img"), 12 * MIB, MIB, 0xc3);
+    assert_eq!(
+        offered_when_caught_up(&back, &c),
+        16,
+        "only the new writes ship"
+    );
+    assert_replica_matches(&m.backing, &a.replica);
+    drop((back, c));
 }

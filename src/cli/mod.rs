@@ -190,6 +190,16 @@ enum Command {
         /// The old primary's backing directory.
         backing: PathBuf,
     },
+    /// Planned migration, the primary's half: ship a final point, stop the
+    /// daemon (stop the guests first) and demote with an empty resync
+    /// list. Then on the secondary: stop `hbrfs serve`, `hbrfs promote`.
+    Migrate {
+        /// The running primary: its backing directory or its mountpoint.
+        datastore: PathBuf,
+        /// How long to wait for the final point, and for the daemon to stop.
+        #[arg(long, value_parser = parse_duration, default_value = "10m")]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -415,6 +425,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Promote { replica, point } => roles::promote(&replica, point.as_deref()),
         Command::Demote { backing } => roles::demote(&backing),
+        Command::Migrate { datastore, timeout } => {
+            let backing = resolve_datastore(&datastore)?;
+            let mountpoint = daemon::mounts()
+                .into_iter()
+                .find(|m| m.fstype.starts_with("fuse") && Path::new(&m.source) == backing)
+                .map(|m| m.point);
+            roles::migrate(&backing, mountpoint.as_deref(), timeout)
+        }
     }
 }
 

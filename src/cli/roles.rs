@@ -1,8 +1,9 @@
-//! `hbrfs promote` and `hbrfs demote`: run the role change (`crate::roles`)
+//! `hbrfs promote`, `hbrfs demote` and `hbrfs migrate`: run the role change (`crate::roles`)
 //! and say what it did and what to run next, so an operator in the middle
 //! of a failover is told the next command rather than left to guess.
 
 use std::path::Path;
+use std::time::Duration;
 
 use crate::error::Result;
 use crate::state::hex;
@@ -36,7 +37,7 @@ pub(super) fn promote(replica: &Path, point: Option<&str>) -> Result<()> {
 pub(super) fn demote(backing: &Path) -> Result<()> {
     let d = crate::roles::demote(backing)?;
     let list = if d.paths == 0 {
-        "nothing written after it: no resync list, nothing ships back".to_string()
+        "nothing written after it: an empty resync list, nothing ships back".to_string()
     } else {
         format!(
             "resync list of {} paths ({} blocks) for the new primary to ship back",
@@ -49,6 +50,22 @@ pub(super) fn demote(backing: &Path) -> Result<()> {
         backing.display(),
         d.base,
         d.aside.display(),
+        backing.display()
+    );
+    Ok(())
+}
+
+/// `hbrfs migrate DATASTORE`.
+pub(super) fn migrate(backing: &Path, mountpoint: Option<&Path>, timeout: Duration) -> Result<()> {
+    let m = crate::roles::migrate(backing, mountpoint, timeout)?;
+    println!(
+        "{} migrated: the final point (epoch {}) is applied at the secondary; this folder is a \
+         secondary now (nothing to resync; primary state in {}).\n\
+         On the secondary: stop `hbrfs serve REPLICA`, run `hbrfs promote REPLICA`, then \
+         `hbrfs serve {} --listen ADDR` here and `hbrfs mount REPLICA MOUNTPOINT --replicate-to ADDR` there",
+        backing.display(),
+        m.epoch,
+        m.demoted.aside.display(),
         backing.display()
     );
     Ok(())

@@ -86,7 +86,10 @@ pub fn rollback_to(root: &Path, to: Epoch, block_size: u64) -> Result<RolledBack
         }
     }
     rollback.set_metadata(view.entries())?;
-    sys::syncfs(root_fd.as_fd()).at(root)?;
+    // syncfs needs a descriptor that is open for real: an O_PATH one (as
+    // `open_root` gives) is EBADF.
+    let synced = fs::File::open(root).and_then(|d| sys::syncfs(d.as_fd()));
+    synced.at(root)?;
     let mut kept_points: Vec<_> = points.into_iter().filter(|p| p.epoch <= to.0).collect();
     if let Some(newest) = kept_points.last_mut() {
         newest.generation += 1;

@@ -10,8 +10,9 @@
 //! every path a journal operation after its last shipped point touched
 //! (created, renamed, unlinked, truncated, linked: the new primary ships
 //! those whole, or removes them; metadata-only changes ship metadata).
-//! Nothing is read but the bitmaps and the journal. An empty list (a
-//! planned migration: everything was shipped) is not written at all.
+//! Nothing is read but the bitmaps and the journal. The list may be empty
+//! (a planned migration: everything was shipped); it is written anyway,
+//! since it also tells the new primary that this secondary was demoted.
 //!
 //! Then the replica records (`pair` with this datastore's own id, block
 //! size and hash key; `applied` at its last shipped point) are written,
@@ -41,8 +42,7 @@ use super::Role;
 pub struct Demoted {
     /// The last epoch the old primary had shipped (its applied point now).
     pub base: Epoch,
-    /// Paths and blocks in the resync list (0 and 0: no list, nothing to
-    /// ship back).
+    /// Paths in the resync list (0: an empty list, nothing to ship back).
     pub paths: u64,
     /// Blocks listed.
     pub blocks: u64,
@@ -52,6 +52,13 @@ pub struct Demoted {
 
 /// Demotes the primary datastore at `backing` to a secondary.
 pub fn demote(backing: &Path) -> Result<Demoted> {
+    demote_with(backing, false)
+}
+
+/// Demotes like [`demote`]; with `require_empty` (a planned migration,
+/// which promises zero loss and no resync) it refuses, changing nothing,
+/// when the datastore holds anything its secondary does not.
+pub(super) fn demote_with(backing: &Path, require_empty: bool) -> Result<Demoted> {
     let backing = backing.canonicalize().at(&backing)?;
     let spaths = StatePaths::of(&backing);
     if let Some(Role::Secondary { base }) = Role::read(&backing)? {
@@ -73,7 +80,17 @@ pub fn demote(backing: &Path) -> Result<Demoted> {
     let last = ds.journal.last_shipped()?;
     let base = last.map_or(Epoch(0), |p| p.epoch);
     let rpaths = ReplicaPaths::of(&backing);
-    let (paths, blocks) = write_list(&ds, &rpaths, base)?;
+    let list = resync_list(&ds, base)?;
+    if require_empty && !list.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: {} paths changed after the final point (epoch {base}) reached the secondary: \
+             nothing was demoted. Stop whatever writes, mount it again to ship them, and run \
+             `hbrfs migrate` again",
+            backing.display(),
+            list.len()
+        )));
+    }
+    let (paths, blocks) = write_list(&ds, &rpaths, base, list)?;
     Pair {
         datastore_id: ds.format.id.clone(),
         block_size: ds.format.block_size.bytes() as u32,
@@ -117,9 +134,9 @@ fn pair_key(paths: &StatePaths) -> Result<HashKey> {
     })
 }
 
-/// Writes the resync list of what `ds` changed after `base`; returns
-/// (paths, blocks) listed. Nothing is written when nothing changed.
-fn write_list(ds: &Datastore, rpaths: &ReplicaPaths, base: Epoch) -> Result<(u64, u64)> {
+/// What `ds` changed after `base`, by path: its dirty blocks and the
+/// paths its unshipped journal operations touched.
+fn resync_list(ds: &Datastore, base: Epoch) -> Result<BTreeMap<Vec<u8>, ResyncPath>> {
     let mut list: BTreeMap<Vec<u8>, ResyncPath> = BTreeMap::new();
     for (id, record) in ds.journal.files()? {
         let Some(file) = ds.tracker.file(id) else {
@@ -149,9 +166,20 @@ fn write_list(ds: &Datastore, rpaths: &ReplicaPaths, base: Epoch) -> Result<(u64
             }
         }
     }
-    if list.is_empty() {
-        return Ok((0, 0));
-    }
+    Ok(list)
+}
+
+/// Writes `list` as the resync list; returns (paths, blocks) listed. An
+/// empty list is written too: it is what tells the new primary that this
+/// secondary was demoted, so it takes it as a failback partner even when
+/// its last point is not the new primary's base (a `promote --point`
+/// rolled back past it).
+fn write_list(
+    ds: &Datastore,
+    rpaths: &ReplicaPaths,
+    base: Epoch,
+    list: BTreeMap<Vec<u8>, ResyncPath>,
+) -> Result<(u64, u64)> {
     let root = open_root(&ds.root).at(&ds.root)?;
     let token = crate::sys::random_bytes().at("/dev/urandom")?;
     let mut writer = ResyncWriter::create(rpaths, token, base.0)?;

@@ -10,6 +10,8 @@
 //! - `demote`: an old primary becomes a secondary of the new one; what it
 //!   wrote after its last shipped point becomes a resync list the new
 //!   primary ships back over (failback: only the difference travels).
+//! - `migrate`: a planned swap with the running primary: its final point
+//!   shipped and applied, then demoted with an empty resync list.
 //!
 //! Both take the folder's daemon lock, so neither runs while a `mount` or
 //! a `serve` of the folder does.
@@ -19,8 +21,10 @@
 //! - this file: the [`Role`] record and the daemons' checks.
 //! - `promote`: [`promote`], the primary state made from a replica.
 //! - `demote`: [`demote`], the resync list made from a primary's state.
+//! - `migrate`: [`migrate`], final point, stop, demote.
 
 mod demote;
+mod migrate;
 mod promote;
 
 use std::fs;
@@ -32,6 +36,7 @@ use crate::replica::Pair;
 use crate::state::{ReplicaPaths, StatePaths, hex, unhex, write_durably};
 
 pub use demote::{Demoted, demote};
+pub use migrate::{Migrated, migrate};
 pub use promote::{Promoted, promote};
 
 /// A folder's role, as its role record (`.hbrfs/role`) says.
