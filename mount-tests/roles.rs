@@ -15,7 +15,7 @@ use crate::harness::{
     run, stderr, temp_dir,
 };
 use crate::replication::{
-    APPLY_TIMEOUT, MIB, Secondary, Until, pair, primary_on, qemu_io, repl_counter, wait_applied,
+    APPLY_TIMEOUT, MIB, Secondary, Until, pair, qemu_io, repl_counter, wait_applied,
 };
 
 /// A port of 127.0.0.1 free now, for a secondary a primary must be
@@ -87,6 +87,32 @@ fn primary_to(backing: &Path, mnt: &Path, addr: &str, key: &Path) -> Mount {
     Mount::start_on(backing, mnt, &args)
 }
 
+/// A pair (a fresh primary replicating to a fresh secondary) holding one
+/// raw image `vm.img` of `size` with `pattern` over its first `written`
+/// bytes, applied at the secondary; the pair's key is copied to
+/// `DIR/pair.key`, since the secondary's own copy changes role with it.
+struct Replicated {
+    dir: tempfile::TempDir,
+    key: std::path::PathBuf,
+    sec: Secondary,
+    m: Mount,
+}
+
+fn replicated_image(size: &str, written: u64, pattern: u8) -> Replicated {
+    let dir = temp_dir();
+    let key = dir.path().join("pair.key");
+    let (sec, m) = pair(&[]);
+    fs::copy(sec.key_path(), &key).expect("keep the pair's key");
+    let image = m.mnt("vm.img");
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "raw"])
+        .arg(&image)
+        .arg(size));
+    write_pattern(&image, 0, written, pattern);
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    Replicated { dir, key, sec, m }
+}
+
 /// Unplanned failover and failback: the primary is killed, the replica
 /// promoted and written to; the old primary comes back with writes it
 /// never shipped, is demoted and served, and the new primary ships it
@@ -95,20 +121,13 @@ fn primary_to(backing: &Path, mnt: &Path, addr: &str, key: &Path) -> Mount {
 /// changed blocks, not the image.
 #[test]
 fn roles_failover_then_failback_ships_only_the_difference() {
-    let dir = temp_dir();
-    let key = dir.path().join("pair.key");
-    let mut a = Secondary::start();
-    fs::copy(a.key_path(), &key).expect("keep the pair's key");
-    let old_backing = dir.path().join("old");
-    fs::create_dir(&old_backing).expect("old backing");
-    let mut old = primary_on(&a, &old_backing, &dir.path().join("old-mnt"));
-    let image = old.mnt("vm.img");
-    run(Command::new("qemu-img")
-        .args(["create", "-f", "raw"])
-        .arg(&image)
-        .arg("64M"));
-    write_pattern(&image, 0, 16 * MIB, 0xa1);
-    wait_applied(&old, &a, Until::CaughtUp, APPLY_TIMEOUT);
+    let Replicated {
+        dir,
+        key,
+        sec: mut a,
+        m: mut old,
+    } = replicated_image("64M", 16 * MIB, 0xa1);
+    let (image, old_backing) = (old.mnt("vm.img"), old.backing.clone());
     assert_same(&old.back("vm.img"), &a.replica.join("vm.img"));
 
     // Failover: the primary dies; the replica is promoted and written to.
@@ -229,17 +248,13 @@ fn roles_refusals_keep_one_primary_per_pair() {
 /// ships the rolled-back blocks and paths to the old primary too.
 #[test]
 fn roles_promote_at_an_older_point_rolls_back_to_it_and_fails_back() {
-    let dir = temp_dir();
-    let key = dir.path().join("pair.key");
-    let (mut sec, mut m) = pair(&[]);
-    fs::copy(sec.key_path(), &key).expect("keep the pair's key");
+    let Replicated {
+        dir,
+        key,
+        mut sec,
+        mut m,
+    } = replicated_image("16M", 4 * MIB, 0xa1);
     let image = m.mnt("vm.img");
-    run(Command::new("qemu-img")
-        .args(["create", "-f", "raw"])
-        .arg(&image)
-        .arg("16M"));
-    write_pattern(&image, 0, 4 * MIB, 0xa1);
-    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
     let point = sec.applied_epoch().to_string();
     let at_point = read(&sec.replica.join("vm.img"));
     // Points are kept one a second: the next one must be in another second.
@@ -315,51 +330,36 @@ fn offered_when_caught_up(m: &Mount, sec: &Secondary) -> u64 {
     repl_counter(&p, "blocks_offered")
 }
 
+/// After a migration to the primary `p` (replicating to `s`): the first
+/// point offers no block and both folders are identical; then 1 MiB
+/// written at `off` ships as its 16 blocks, and they are identical again.
+fn assert_zero_resync_then_ship(p: &Mount, s: &Secondary, off: u64, pattern: u8) {
+    assert_eq!(
+        offered_when_caught_up(p, s),
+        0,
+        "a resync after a migration"
+    );
+    assert_replica_matches(&p.backing, &s.replica);
+    write_pattern(&p.mnt("vm.img"), off, MIB, pattern);
+    assert_eq!(offered_when_caught_up(p, s), 16, "only the new writes ship");
+    assert_replica_matches(&p.backing, &s.replica);
+}
+
 /// A planned migration loses nothing and resyncs nothing: the first
 /// point after the swap offers no block, new writes ship as usual, and
 /// the same works back again.
 #[test]
 fn roles_planned_migration_has_zero_loss_and_zero_resync_and_back() {
-    let dir = temp_dir();
-    let key = dir.path().join("pair.key");
-    let (mut a, mut m) = pair(&[]);
-    fs::copy(a.key_path(), &key).expect("keep the pair's key");
-    let image = m.mnt("vm.img");
-    run(Command::new("qemu-img")
-        .args(["create", "-f", "raw"])
-        .arg(&image)
-        .arg("16M"));
-    write_pattern(&image, 0, 4 * MIB, 0xa1);
-    wait_applied(&m, &a, Until::CaughtUp, APPLY_TIMEOUT);
+    let Replicated {
+        dir,
+        key,
+        sec: mut a,
+        mut m,
+    } = replicated_image("16M", 4 * MIB, 0xa1);
 
     let (mut there, mut b) = migrate(&mut m, &mut a, &key, &dir.path().join("mnt-b"));
-    assert_eq!(
-        offered_when_caught_up(&there, &b),
-        0,
-        "a resync after a migration"
-    );
-    assert_replica_matches(&a.replica, &m.backing);
-    write_pattern(&there.mnt("vm.img"), 8 * MIB, MIB, 0xb2);
-    assert_eq!(
-        offered_when_caught_up(&there, &b),
-        16,
-        "only the new writes ship"
-    );
-    assert_replica_matches(&a.replica, &m.backing);
-
+    assert_zero_resync_then_ship(&there, &b, 8 * MIB, 0xb2);
     let (back, c) = migrate(&mut there, &mut b, &key, &dir.path().join("mnt-c"));
-    assert_eq!(
-        offered_when_caught_up(&back, &c),
-        0,
-        "a resync after migrating back"
-    );
-    assert_replica_matches(&m.backing, &a.replica);
-    write_pattern(&back.mnt("vm.img"), 12 * MIB, MIB, 0xc3);
-    assert_eq!(
-        offered_when_caught_up(&back, &c),
-        16,
-        "only the new writes ship"
-    );
-    assert_replica_matches(&m.backing, &a.replica);
+    assert_zero_resync_then_ship(&back, &c, 12 * MIB, 0xc3);
     drop((back, c));
 }
