@@ -360,23 +360,7 @@ fn run(cli: Cli) -> Result<()> {
             auth_key,
             metrics,
         } => {
-            let replicate = match (replicate_to, auth_key) {
-                (Some(addr), Some(key)) => Some(ReplicateOptions {
-                    addr,
-                    rpo,
-                    level: zstd_level,
-                    key: AuthKey::load(&key)?,
-                    max_rate,
-                }),
-                (Some(_), None) => {
-                    return Err(Error::Usage(
-                        "--replicate-to needs --auth-key FILE: a copy of the secondary's key \
-                         (REPLICA/.hbrfs/auth.key on the secondary)"
-                            .into(),
-                    ));
-                }
-                (None, _) => None,
-            };
+            let replicate = replicate_options(replicate_to, auth_key, rpo, zstd_level, max_rate)?;
             daemon::run_mount(&MountOptions {
                 backing,
                 mountpoint,
@@ -425,14 +409,32 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Promote { replica, point } => roles::promote(&replica, point.as_deref()),
         Command::Demote { backing } => roles::demote(&backing),
-        Command::Migrate { datastore, timeout } => {
-            let backing = resolve_datastore(&datastore)?;
-            let mountpoint = daemon::mounts()
-                .into_iter()
-                .find(|m| m.fstype.starts_with("fuse") && Path::new(&m.source) == backing)
-                .map(|m| m.point);
-            roles::migrate(&backing, mountpoint.as_deref(), timeout)
-        }
+        Command::Migrate { datastore, timeout } => roles::migrate(&datastore, timeout),
+    }
+}
+
+/// What `mount --replicate-to` asks for; `--auth-key` must come with it.
+fn replicate_options(
+    replicate_to: Option<String>,
+    auth_key: Option<PathBuf>,
+    rpo: Duration,
+    level: i32,
+    max_rate: Option<u64>,
+) -> Result<Option<ReplicateOptions>> {
+    match (replicate_to, auth_key) {
+        (Some(addr), Some(key)) => Ok(Some(ReplicateOptions {
+            addr,
+            rpo,
+            level,
+            key: AuthKey::load(&key)?,
+            max_rate,
+        })),
+        (Some(_), None) => Err(Error::Usage(
+            "--replicate-to needs --auth-key FILE: a copy of the secondary's key \
+             (REPLICA/.hbrfs/auth.key on the secondary)"
+                .into(),
+        )),
+        (None, _) => Ok(None),
     }
 }
 

@@ -55,9 +55,15 @@ pub(super) fn demote(backing: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `hbrfs migrate DATASTORE`.
-pub(super) fn migrate(backing: &Path, mountpoint: Option<&Path>, timeout: Duration) -> Result<()> {
-    let m = crate::roles::migrate(backing, mountpoint, timeout)?;
+/// `hbrfs migrate DATASTORE` (its backing directory or its mountpoint).
+pub(super) fn migrate(datastore: &Path, timeout: Duration) -> Result<()> {
+    let backing = super::resolve_datastore(datastore)?;
+    let mountpoint = crate::daemon::mounts()
+        .into_iter()
+        .find(|m| m.fstype.starts_with("fuse") && Path::new(&m.source) == backing)
+        .map(|m| m.point);
+    let m = crate::roles::migrate(&backing, mountpoint.as_deref(), timeout)?;
+    let backing = backing.as_path();
     println!(
         "{} migrated: the final point (epoch {}) is applied at the secondary; this folder is a \
          secondary now (nothing to resync; primary state in {}).\n\
