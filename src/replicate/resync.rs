@@ -97,7 +97,7 @@ fn check(e: &ResyncPath, block_size: u64) -> Result<()> {
         && e.path
             .split(|&b| b == b'/')
             .all(|c| c != b".." && c != b"." && !c.is_empty());
-    if !confined && !(e.path.is_empty() && e.meta) {
+    if !(confined || e.path.is_empty() && e.meta) {
         return Err(bad(format!(
             "path {shown:?} is not confined to the datastore"
         )));
@@ -232,7 +232,7 @@ fn mark_file(
     let whole = w.renamed || w.kind.is_some_and(|k| k != PathKind::File);
     let ranges: Vec<std::ops::Range<u64>> = if whole {
         marked.whole += 1;
-        vec![0..blocks]
+        std::iter::once(0..blocks).collect()
     } else {
         w.blocks
             .iter()

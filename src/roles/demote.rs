@@ -59,7 +59,7 @@ pub fn demote(backing: &Path) -> Result<Demoted> {
 /// which promises zero loss and no resync) it refuses, changing nothing,
 /// when the datastore holds anything its secondary does not.
 pub(super) fn demote_with(backing: &Path, require_empty: bool) -> Result<Demoted> {
-    let backing = backing.canonicalize().at(&backing)?;
+    let backing = backing.canonicalize().at(backing)?;
     let spaths = StatePaths::of(&backing);
     if let Some(Role::Secondary { base }) = Role::read(&backing)? {
         return Err(Error::Usage(format!(
