@@ -276,6 +276,58 @@ pub(super) fn covered(ds: &Datastore) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datastore::Access;
+    use crate::ids::BlockSize;
+
+    /// The failback rule on this side: a listed file gets its listed
+    /// blocks marked (and its metadata), another type gets metadata, and
+    /// what only the old side holds is removed, deepest first.
+    #[test]
+    fn a_resync_list_marks_blocks_and_removes_what_only_the_old_side_has() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("a.img"), vec![7u8; 3 * 4096]).expect("image");
+        std::fs::create_dir(dir.path().join("d")).expect("folder");
+        let block_size = BlockSize::new(4096);
+        let ds = Datastore::open(dir.path(), Access::Daemon { block_size }).expect("open");
+        ds.start().expect("start");
+        let set = ds
+            .tracker
+            .protect_closed()
+            .expect("cut")
+            .expect("new files");
+        ds.tracker.clear_closed(&set);
+        let ops_before = ds.journal.ops().expect("ops").len();
+        let entry = |path: &[u8], kind: PathKind, extents: Vec<u64>| ResyncPath {
+            path: path.to_vec(),
+            kind: kind as i32,
+            extents,
+            ..Default::default()
+        };
+        let list = vec![
+            entry(b"a.img", PathKind::File, vec![1, 1]),
+            entry(b"d", PathKind::File, vec![0, 1]),
+            entry(b"gone.img", PathKind::File, vec![0, 4]),
+            entry(b"olddir", PathKind::Folder, vec![]),
+            entry(b"olddir/x", PathKind::File, vec![0, 1]),
+        ];
+        let marked = mark(&ds, list, Epoch(0)).expect("mark");
+        assert_eq!((marked.blocks, marked.whole, marked.removed), (1, 0, 3));
+        let (id, _) = ds.journal.files().expect("files")[0].clone();
+        let file = ds.tracker.file(id).expect("tracked");
+        assert_eq!(file.dirty_extents(), vec![1..2]);
+        let ops: Vec<(OpKind, Vec<u8>)> = ds.journal.ops().expect("ops")[ops_before..]
+            .iter()
+            .map(|(_, op)| (op.kind(), op.path.clone()))
+            .collect();
+        let want: Vec<(OpKind, Vec<u8>)> = vec![
+            (OpKind::Meta, b"a.img".to_vec()),
+            (OpKind::Meta, b"d".to_vec()),
+            (OpKind::Unlink, b"olddir/x".to_vec()),
+            (OpKind::Unlink, b"gone.img".to_vec()),
+            (OpKind::Rmdir, b"olddir".to_vec()),
+        ];
+        assert_eq!(ops, want);
+    }
 
     /// Paths outside the datastore, odd extents and blocks beyond the
     /// largest file are refused; an honest entry passes.
