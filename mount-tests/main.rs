@@ -5,6 +5,7 @@
 
 mod bounded;
 mod crash;
+mod export;
 mod harness;
 mod health;
 mod metadata;
@@ -12,6 +13,7 @@ mod passthrough;
 mod paths;
 mod posix;
 mod privacy;
+mod recovery;
 mod replication;
 mod resilience;
 mod roles;

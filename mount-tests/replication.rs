@@ -61,8 +61,18 @@ pub struct Secondary {
     tmpfs: bool,
     /// More arguments for `hbrfs serve`, kept across restarts.
     extra: Vec<String>,
+    /// Where the next start aborts (`HBRFS_CRASH_POINT`), if anywhere.
+    pub crash_point: Option<String>,
     /// Dropped last, after `Drop` has unmounted the mirror.
     _dir: TempDir,
+}
+
+/// Where and how a secondary serves (see [`Secondary::launch`]).
+struct Serving<'a> {
+    replica: PathBuf,
+    addr: &'a str,
+    nofile: Option<u64>,
+    tmpfs: bool,
 }
 
 impl Secondary {
@@ -99,8 +109,6 @@ impl Secondary {
     fn start_with(nofile: Option<u64>, extra: &[&str], tmpfs: Option<&str>) -> Secondary {
         let dir = temp_dir();
         let replica = dir.path().join("replica");
-        let mirror = dir.path().join("mirror");
-        fs::create_dir(&mirror).expect("create mirror mountpoint");
         if let Some(size) = tmpfs {
             fs::create_dir(&replica).expect("create replica folder");
             let opts = format!("size={size},mode=0755");
@@ -108,37 +116,42 @@ impl Secondary {
                 .args(["-t", "tmpfs", "-o", &opts, "hbrfs-test"])
                 .arg(&replica));
         }
-        let mut s = Secondary {
+        let at = Serving {
             replica,
-            mirror,
-            addr: "127.0.0.1:0".into(),
-            child: None,
-            log_path: dir.path().join("serve.log"),
+            addr: "127.0.0.1:0",
             nofile,
             tmpfs: tmpfs.is_some(),
-            extra: extra.iter().map(|a| a.to_string()).collect(),
-            _dir: dir,
         };
-        s.spawn_and_wait();
-        s
+        Secondary::launch(dir, at, extra)
     }
 
     /// Serves an existing folder (e.g. a demoted primary's backing) on
     /// `addr` (`127.0.0.1:PORT`, fixed in advance so a primary can be
     /// pointed at it first), with more arguments for `hbrfs serve`.
     pub fn start_on(replica: &Path, addr: &str, extra: &[&str]) -> Secondary {
-        let dir = temp_dir();
+        let at = Serving {
+            replica: replica.to_path_buf(),
+            addr,
+            nofile: None,
+            tmpfs: false,
+        };
+        Secondary::launch(temp_dir(), at, extra)
+    }
+
+    /// Starts `hbrfs serve` as `at` says, its mirror and log in `dir`.
+    fn launch(dir: TempDir, at: Serving<'_>, extra: &[&str]) -> Secondary {
         let mirror = dir.path().join("mirror");
         fs::create_dir(&mirror).expect("create mirror mountpoint");
         let mut s = Secondary {
-            replica: replica.to_path_buf(),
+            replica: at.replica,
             mirror,
-            addr: addr.to_string(),
+            addr: at.addr.to_string(),
             child: None,
             log_path: dir.path().join("serve.log"),
-            nofile: None,
-            tmpfs: false,
+            nofile: at.nofile,
+            tmpfs: at.tmpfs,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            crash_point: None,
             _dir: dir,
         };
         s.spawn_and_wait();
@@ -190,6 +203,9 @@ impl Secondary {
             }
             None => Command::new(hbrfs()),
         };
+        if let Some(place) = &self.crash_point {
+            cmd.env("HBRFS_CRASH_POINT", place);
+        }
         let mut child = cmd
             .arg("serve")
             .arg(&self.replica)
@@ -259,6 +275,35 @@ impl Secondary {
             status.signal(),
             Some(libc::SIGKILL),
             "secondary was not killed (it exited on its own: {status})\n--- log ---\n{}",
+            self.log()
+        );
+        detach_all(&self.mirror);
+    }
+
+    /// Whether the secondary process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("poll hbrfs serve").is_none())
+    }
+
+    /// Waits until the secondary aborts at its crash point (SIGABRT, as
+    /// `state::crash_point` does), and detaches the stale mirror.
+    pub fn wait_crashed(&mut self, timeout: Duration) {
+        let mut child = self
+            .child
+            .take()
+            .expect("wait_crashed: secondary not running");
+        let status = wait_child(&mut child, timeout).unwrap_or_else(|| {
+            panic!(
+                "the secondary did not reach its crash point within {timeout:?}\n--- log ---\n{}",
+                self.log()
+            )
+        });
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "the secondary exited otherwise ({status})\n--- log ---\n{}",
             self.log()
         );
         detach_all(&self.mirror);

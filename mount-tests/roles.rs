@@ -132,6 +132,7 @@ fn roles_failover_then_failback_ships_only_the_difference() {
 
     // Failover: the primary dies; the replica is promoted and written to.
     old.kill9();
+    let applied = a.applied_epoch();
     a.stop();
     let said = hbrfs_ok(&["promote", path_str(&a.replica)]);
     assert!(said.contains("promoted"), "{said}");
@@ -142,10 +143,16 @@ fn roles_failover_then_failback_ships_only_the_difference() {
         "the promoted folder was tracked anew:\n{}",
         new.log()
     );
+    let stats = new.journal(&["stats"]);
     assert_eq!(
-        json_u64(&new.journal(&["stats"])["dirty_blocks"]),
+        json_u64(&stats["dirty_blocks"]),
         0,
         "nothing dirty after promote"
+    );
+    let epoch = json_u64(&stats["current_epoch"]);
+    assert!(
+        epoch > applied,
+        "epoch {epoch} after promote, not above {applied}"
     );
     let new_image = new.mnt("vm.img");
     write_pattern(&new_image, 32 * MIB, 4 * MIB, 0xb2);

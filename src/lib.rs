@@ -37,6 +37,7 @@
 //! - [`wire`]: the protocol version and every message limit both wings obey.
 //! - [`state`]: the state folders' paths ([`state::StatePaths`], [`state::ReplicaPaths`]), durable small writes, time, hex, the tree walk.
 //! - [`throttle`]: the token bucket behind `--max-rate`.
+//! - [`qcow2`]: a sequential qcow2 v3 image writer, for exporting a point (or the change since another) as a backing chain.
 //! - [`ids`]: the newtypes for ids and units (`FileId`, `BlockNo`, `Epoch`, `BlockSize`).
 //! - [`error`]: the error tree, with [`error::Error::kind`] for control flow.
 //! - [`sys`]: every raw syscall, each behind a helper that returns `io::Result`.
@@ -53,6 +54,7 @@ pub mod ids;
 pub mod journal;
 pub mod mirror;
 pub mod points;
+pub mod qcow2;
 pub mod roles;
 pub mod state;
 pub mod sys;

@@ -32,6 +32,7 @@ const MAP: &[(&str, u32, Wing)] = &[
     ("tls", 16, Wing::Shared),
     ("auth", 15, Wing::Shared),
     ("throttle", 12, Wing::Shared),
+    ("qcow2", 12, Wing::Shared),
     ("block", 12, Wing::Shared),
     ("wire", 12, Wing::Shared),
     ("state", 12, Wing::Shared),

@@ -72,13 +72,8 @@ backing=$work/backing mnt=$work/mnt replica=$work/replica
 mkdir -p "$backing" "$mnt" "$replica"
 primary_pid='' secondary_pid=''
 
-is_mounted() { awk -v m="$1" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; }
-stop() { # stop PID: SIGTERM, then SIGKILL after 30 s
-    kill -TERM "$1" 2>/dev/null || return 0
-    for _ in $(seq 300); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
+# shellcheck source=contrib/bench/common.sh
+source "$repo/contrib/bench/common.sh"
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM

@@ -167,6 +167,29 @@ enum Command {
         #[command(subcommand)]
         what: PointsCommand,
     },
+    /// Write one image of a kept point as a qcow2 file: in full, or with
+    /// --since only the blocks changed after an older point, over that
+    /// point's export as the backing file.
+    Export {
+        /// The replica folder.
+        replica: PathBuf,
+        /// The point to export: its epoch, its name, or `latest`.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Export only what changed after this older point ...
+        #[arg(long, requires = "backing")]
+        since: Option<String>,
+        /// ... over its export, stored as the backing file name as given
+        /// (a relative name is resolved from OUT's folder).
+        #[arg(long, requires = "since", value_name = "FILE")]
+        backing: Option<String>,
+        /// The image's path in the replica; needed when the point holds
+        /// more than one file.
+        #[arg(long, value_name = "PATH")]
+        image: Option<String>,
+        /// The qcow2 file to write (it must not exist).
+        out: PathBuf,
+    },
     /// Close the open epoch now.
     Cut {
         #[command(flatten)]
@@ -403,6 +426,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Points { replica, what } => match what {
             PointsCommand::Ls { json } => points::ls(&replica, json),
         },
+        Command::Export {
+            replica,
+            point,
+            since,
+            backing,
+            image,
+            out,
+        } => points::export(&replica, &point, since.zip(backing), image.as_deref(), &out),
         Command::Cut { target } => {
             let backing = resolve_datastore(&target.datastore)?;
             ask_and_print(&backing, &Request::Cut, target.json)

@@ -14,6 +14,7 @@ use crate::control::{Answer, Request, Role};
 use crate::daemon;
 use crate::error::{Error, Result};
 use crate::ids::Epoch;
+use crate::points::{PointsPaths, read_catalog};
 use crate::replica::Applied;
 use crate::replicate::{ReplicationReport, SecondaryCounters, ShipProgress};
 use crate::state::{ReplicaPaths, STATE_DIR, StatePaths};
@@ -40,6 +41,32 @@ pub(super) struct SecondaryStatus {
     /// The serving secondary's counters.
     #[serde(skip_serializing_if = "Option::is_none")]
     counters: Option<SecondaryCounters>,
+    /// The recovery points kept (`hbrfs points ls` lists them).
+    points: PointsSummary,
+}
+
+/// The recovery points of a replica, in short.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(super) struct PointsSummary {
+    /// How many are kept, the live replica included.
+    kept: u64,
+    /// When the oldest and the newest were applied (unix ns, 0 for none).
+    oldest_at_ns: u64,
+    newest_at_ns: u64,
+    /// Undo bytes they hold.
+    undo_bytes: u64,
+}
+
+impl PointsSummary {
+    fn of(paths: &ReplicaPaths) -> Result<PointsSummary> {
+        let points = read_catalog(&PointsPaths::new(paths.points()))?;
+        Ok(PointsSummary {
+            kept: points.len() as u64,
+            oldest_at_ns: points.first().map_or(0, |p| p.at_ns),
+            newest_at_ns: points.last().map_or(0, |p| p.at_ns),
+            undo_bytes: points.iter().map(|p| p.undo_bytes).sum(),
+        })
+    }
 }
 
 /// Runs `hbrfs status [--watch]` for the datastore or replica `target` names.
@@ -84,6 +111,7 @@ fn secondary(dir: &Path) -> Result<SecondaryStatus> {
         serving: false,
         listen: None,
         counters: None,
+        points: PointsSummary::of(&paths)?,
     };
     if let Ok(addr) = std::fs::read_to_string(paths.listen()) {
         let addr = addr.trim();

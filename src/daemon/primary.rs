@@ -19,7 +19,9 @@ use crate::datastore::{Access, Datastore};
 use crate::error::{Error, IoContext, Result};
 use crate::fs::{Cache, ChangeRecorder, Passthrough};
 use crate::ids::BlockSize;
+use crate::points::{PointsPaths, drop_kept};
 use crate::replicate::{ReplicateOptions, Replicator};
+use crate::state::ReplicaPaths;
 use crate::sys;
 
 /// What `hbrfs mount` was asked to do.
@@ -55,6 +57,22 @@ pub(super) struct Primary {
     replication: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
+/// A folder that was a replica (promoted) may still hold its recovery
+/// points; they compose from the files as they are, which this primary is
+/// about to write without saving undo, so they are dropped, loudly.
+fn drop_replica_points(backing: &std::path::Path) -> Result<()> {
+    let paths = PointsPaths::new(ReplicaPaths::of(backing).points());
+    let n = drop_kept(&paths)?;
+    if n > 0 {
+        log::warn!(
+            "dropped the {n} recovery points {} kept as a replica: writes through this mount \
+             would change what they are composed from",
+            backing.display()
+        );
+    }
+    Ok(())
+}
+
 pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
     raise_fd_limit();
     let backing = existing_dir(&opts.backing, "backing directory")?;
@@ -66,6 +84,7 @@ pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
             block_size: opts.block_size,
         },
     )?);
+    drop_replica_points(&backing)?;
     let scan = ds.start()?;
     log::info!(
         "datastore {} (block size {}): {} files tracked, {} without state, {} moved, {} gone",

@@ -42,10 +42,13 @@
 //! - `namespace`: a point's namespace, walked after its apply.
 //! - `retention`: the `--keep` grid, expiry and thinning.
 //! - `view`: a point composed lazily, for mounts and exports.
+//! - `export`: one image of a point as a qcow2, in full or as the change
+//!   since an older point (read from the undo keys).
 //! - `rollback`: turns the live replica back into an older point.
 
 #![warn(missing_docs)]
 
+pub mod export;
 pub mod namespace;
 pub mod retention;
 pub mod rollback;
@@ -53,7 +56,11 @@ pub mod store;
 pub mod undo;
 pub mod view;
 
+#[cfg(test)]
+mod tests;
+
+pub use export::{ExportRequest, Exported, export};
 pub use retention::Retention;
 pub use rollback::{RolledBack, rollback_to};
-pub use store::{PointKeeper, PointsPaths, find_point, point_name, read_catalog};
+pub use store::{PointKeeper, PointsPaths, drop_kept, find_point, point_name, read_catalog};
 pub use view::PointView;

@@ -107,18 +107,20 @@ pub fn apply(
     points: &mut Vec<PointRecord>,
     now_ns: u64,
 ) -> Result<()> {
+    // Only the candidates' pins are checked: a pass costs the points it
+    // lets go, not every kept point.
     let mut pinned = HashSet::new();
-    for p in points.iter() {
-        if is_pinned(paths, p.epoch)? {
-            pinned.insert(p.epoch);
-        }
-    }
     while let Some(i) = keep.next_to_drop(points, now_ns, &pinned) {
+        if is_pinned(paths, points[i].epoch)? {
+            pinned.insert(points[i].epoch);
+            continue;
+        }
         let gone = if i == 0 {
             points.remove(0)
         } else {
             thin(paths, points, i)?
         };
+        crate::state::crash_point("thin");
         write_catalog(paths, points)?;
         let dir = paths.point(gone.epoch);
         fs::remove_dir_all(&dir).at(&dir)?;

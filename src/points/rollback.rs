@@ -86,9 +86,7 @@ pub fn rollback_to(root: &Path, to: Epoch, block_size: u64) -> Result<RolledBack
         }
     }
     rollback.set_metadata(view.entries())?;
-    // syncfs needs a descriptor that is open for real: an O_PATH one (as
-    // `open_root` gives) is EBADF.
-    let synced = fs::File::open(root).and_then(|d| sys::syncfs(d.as_fd()));
+    let synced = File::open(root).and_then(|r| sys::syncfs(r.as_fd()));
     synced.at(root)?;
     let mut kept_points: Vec<_> = points.into_iter().filter(|p| p.epoch <= to.0).collect();
     if let Some(newest) = kept_points.last_mut() {

@@ -89,6 +89,21 @@ pub fn read_catalog(paths: &PointsPaths) -> Result<Vec<PointRecord>> {
     Ok(read_message::<Catalog>(&path)?.points)
 }
 
+/// Drops every kept point of the folder at `paths` (catalog first, then
+/// the folders); returns how many there were. For a replica that stops
+/// keeping history, and for a folder about to be written as a primary,
+/// whose writes would change what the points compose from.
+pub fn drop_kept(paths: &PointsPaths) -> Result<usize> {
+    let n = read_catalog(paths)?.len();
+    if n > 0 {
+        write_catalog(paths, &[])?;
+    }
+    if paths.dir.exists() {
+        retention::remove_unnamed(paths, &[])?;
+    }
+    Ok(n)
+}
+
 /// Writes the catalog durably.
 pub(super) fn write_catalog(paths: &PointsPaths, points: &[PointRecord]) -> Result<()> {
     let catalog = Catalog {
@@ -138,15 +153,13 @@ impl PointKeeper {
     /// that keeps no history, every kept point is dropped.
     pub fn open(paths: PointsPaths, keep: Retention) -> Result<PointKeeper> {
         make_state_dirs(&paths.dir)?;
-        let mut points = read_catalog(&paths)?;
-        if !keep.keeps_history() && !points.is_empty() {
-            log::info!(
-                "keeping no recovery points (--keep none): dropping the {} kept",
-                points.len()
-            );
-            points.clear();
-            write_catalog(&paths, &points)?;
+        if !keep.keeps_history() {
+            let n = drop_kept(&paths)?;
+            if n > 0 {
+                log::info!("keeping no recovery points (--keep none): dropped the {n} kept");
+            }
         }
+        let points = read_catalog(&paths)?;
         retention::remove_unnamed(&paths, &points)?;
         Ok(PointKeeper {
             paths,
@@ -229,12 +242,8 @@ impl PointKeeper {
     /// save its undo): history is given up before the replica is. Returns
     /// how many were dropped.
     pub fn drop_all(&self) -> Result<usize> {
-        let mut points = self.list();
-        let n = points.len();
-        points.clear();
-        write_catalog(&self.paths, &points)?;
-        retention::remove_unnamed(&self.paths, &points)?;
-        *self.catalog.lock().expect("catalog lock") = points;
+        let n = drop_kept(&self.paths)?;
+        self.catalog.lock().expect("catalog lock").clear();
         Ok(n)
     }
 }

@@ -5,7 +5,8 @@
 //! holds one fixed 40-byte little-endian record per saved block — inode
 //! (u64), block number (u64), offset in the data file (u64), stored length
 //! (u32), content length (u32, short for the block holding a file's end),
-//! flags (u32: 1 = the block was zeros, nothing stored), reserved (u32);
+//! flags (u32: 1 = the block was zeros, nothing stored; 2 = stored
+//! uncompressed), reserved (u32);
 //! `files-G/<ino>` are hard links to files the next point removed. A
 //! record torn by a crash (a partial last record) is cut off at open.
 //!
@@ -31,6 +32,10 @@ use crate::sys;
 const RECORD: usize = 40;
 /// Flag: the old block was all zeros (nothing stored).
 const ZERO: u32 = 1;
+/// Flag: the old block is stored as it was (it did not compress).
+const RAW: u32 = 2;
+/// Bytes of a block compressed first to tell whether it compresses.
+const PROBE: usize = 4096;
 /// zstd level of saved blocks: the cheapest, an apply waits for it.
 const LEVEL: i32 = 1;
 
@@ -46,6 +51,8 @@ pub struct UndoRef {
     pub length: u32,
     /// The block was zeros.
     pub zero: bool,
+    /// The block is stored uncompressed.
+    pub raw: bool,
 }
 
 /// (inode, block) → where its old content lies.
@@ -58,7 +65,8 @@ fn encode(ino: u64, block: u64, r: &UndoRef) -> [u8; RECORD] {
     out[16..24].copy_from_slice(&r.offset.to_le_bytes());
     out[24..28].copy_from_slice(&r.stored.to_le_bytes());
     out[28..32].copy_from_slice(&r.length.to_le_bytes());
-    out[32..36].copy_from_slice(&u32::from(r.zero).to_le_bytes());
+    let flags = if r.zero { ZERO } else { 0 } | if r.raw { RAW } else { 0 };
+    out[32..36].copy_from_slice(&flags.to_le_bytes());
     out
 }
 
@@ -70,6 +78,7 @@ fn decode(rec: &[u8]) -> (u64, u64, UndoRef) {
         stored: u32_at(24),
         length: u32_at(28),
         zero: u32_at(32) & ZERO != 0,
+        raw: u32_at(32) & RAW != 0,
     };
     (u64_at(0), u64_at(8), r)
 }
@@ -104,12 +113,33 @@ pub fn read_block(data: &File, data_path: &Path, r: &UndoRef, block_size: u64) -
     }
     let mut frame = vec![0u8; r.stored as usize];
     data.read_exact_at(&mut frame, r.offset).at(data_path)?;
+    if r.raw {
+        if r.stored != r.length {
+            return Err(bad(
+                data_path,
+                format!("a raw block at {} of the wrong length", r.offset),
+            ));
+        }
+        return Ok(frame);
+    }
     let content = block::decompress(&frame, r.length as usize)
         .map_err(|e| bad(data_path, format!("frame at {}: {e}", r.offset)))?;
     if content.len() != r.length as usize {
         return Err(bad(data_path, format!("frame at {} is short", r.offset)));
     }
     Ok(content)
+}
+
+/// `block` compressed, or `None` when it does not compress (random or
+/// already compressed data: its first bytes are tried first, so such a
+/// block costs a copy, not a full compression).
+fn compressed(block: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+    let probe = &block[..block.len().min(PROBE)];
+    if block::compress(probe, LEVEL)?.len() * 100 > probe.len() * 95 {
+        return Ok(None);
+    }
+    let frame = block::compress(block, LEVEL)?;
+    Ok((frame.len() < block.len()).then_some(frame))
 }
 
 /// Appends, for one apply, the old content of what it overwrites to the
@@ -126,9 +156,8 @@ pub struct UndoWriter {
     saved: HashSet<(u64, u64)>,
     /// File sizes before the apply, as the apply first saw each file.
     sizes: HashMap<u64, u64>,
-    /// Saved but not yet written and synced: index records and frames.
+    /// Index records of frames written but not yet synced.
     pending_index: Vec<u8>,
-    pending_data: Vec<u8>,
     block_size: u64,
 }
 
@@ -168,7 +197,6 @@ impl UndoWriter {
             files,
             sizes: HashMap::new(),
             pending_index: Vec::new(),
-            pending_data: Vec::new(),
             block_size,
         })
     }
@@ -198,15 +226,19 @@ impl UndoWriter {
         let n = read_full(file, &mut buf, at).at(shown)?;
         buf.truncate(n);
         let mut r = UndoRef {
-            offset: self.data_len + self.pending_data.len() as u64,
+            offset: self.data_len,
             stored: 0,
             length: n as u32,
             zero: block::is_zero(&buf),
+            raw: false,
         };
         if !r.zero {
-            let frame = block::compress(&buf, LEVEL).at(&self.data_path)?;
-            r.stored = frame.len() as u32;
-            self.pending_data.extend_from_slice(&frame);
+            let frame = compressed(&buf).at(&self.data_path)?;
+            r.raw = frame.is_none();
+            let stored = frame.as_deref().unwrap_or(&buf);
+            r.stored = stored.len() as u32;
+            self.data.write_all(stored).at(&self.data_path)?;
+            self.data_len += stored.len() as u64;
         }
         self.pending_index
             .extend_from_slice(&encode(ino, block, &r));
@@ -253,22 +285,18 @@ impl UndoWriter {
         sys::linkat(dir, name, files.as_fd(), &link).at(self.files.join(&link))
     }
 
-    /// Writes and syncs what was saved since the last sync: data first,
-    /// then the index that points into it.
+    /// Syncs what was saved since the last sync: the frames (written as
+    /// they were saved) first, then the index records that point into
+    /// them, written and synced.
     pub fn sync(&mut self) -> Result<()> {
         if self.pending_index.is_empty() {
             return Ok(());
         }
-        self.data
-            .write_all(&self.pending_data)
-            .and_then(|_| self.data.sync_data())
-            .at(&self.data_path)?;
-        self.data_len += self.pending_data.len() as u64;
+        self.data.sync_data().at(&self.data_path)?;
         self.index
             .write_all(&self.pending_index)
             .and_then(|_| self.index.sync_data())
             .at(&self.index_path)?;
-        self.pending_data.clear();
         self.pending_index.clear();
         Ok(())
     }

@@ -28,6 +28,8 @@ use crate::state::{ReplicaPaths, open_beneath, open_root, read_full};
 struct Link {
     epoch: u64,
     generation: u64,
+    /// Undo blocks when loaded (the catalog's count).
+    blocks: u64,
     index: UndoIndex,
     data: Option<File>,
     data_path: PathBuf,
@@ -41,6 +43,7 @@ impl Link {
         Ok(Link {
             epoch: p.epoch,
             generation: p.generation,
+            blocks: p.undo_blocks,
             data: File::open(&data_path).ok(),
             index,
             data_path,
@@ -241,13 +244,15 @@ impl PointView {
                 format!("point {} is gone although pinned", self.record.epoch),
             ));
         }
-        let mut old: HashMap<(u64, u64), Link> = chain
+        // A link is reloaded when its undo changed: a thinning (a new
+        // generation) or an apply appending to it (more blocks).
+        let mut old: HashMap<(u64, u64, u64), Link> = chain
             .links
             .drain(..)
-            .map(|l| ((l.epoch, l.generation), l))
+            .map(|l| ((l.epoch, l.generation, l.blocks), l))
             .collect();
         for p in &newer {
-            let link = match old.remove(&(p.epoch, p.generation)) {
+            let link = match old.remove(&(p.epoch, p.generation, p.undo_blocks)) {
                 Some(l) => l,
                 None => Link::load(&self.paths, p)?,
             };

@@ -42,8 +42,9 @@ use crate::state::{self, ReplicaPaths, now_ns, write_durably};
 use crate::sys;
 
 /// Blocks whose old content is saved and synced before they are written
-/// (one fsync of the undo per batch, not per block).
-const UNDO_BATCH: usize = 256;
+/// (one fsync of the undo per batch, not per block; 1024 measured faster
+/// than 256 for a 512 MiB overwrite).
+const UNDO_BATCH: usize = 1024;
 
 /// Replica folders and files are made private (0700, 0600) whatever the
 /// secondary's umask, and keep that mode until the point's metadata
@@ -342,6 +343,7 @@ impl Apply<'_> {
         for b in batch.drain(..) {
             self.write_block(file, path, &b, staged.0, staged.1, &mut buf)?;
         }
+        crate::state::crash_point("apply-blocks");
         Ok(())
     }
 
