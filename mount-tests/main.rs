@@ -17,5 +17,6 @@ mod privacy;
 mod recovery;
 mod replication;
 mod resilience;
+mod roles;
 mod space;
 mod tracking;

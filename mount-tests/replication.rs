@@ -67,6 +67,14 @@ pub struct Secondary {
     _dir: TempDir,
 }
 
+/// Where and how a secondary serves (see [`Secondary::launch`]).
+struct Serving<'a> {
+    replica: PathBuf,
+    addr: &'a str,
+    nofile: Option<u64>,
+    tmpfs: bool,
+}
+
 impl Secondary {
     /// Starts a secondary on a fresh replica folder, listening on a free
     /// port of 127.0.0.1 (read back from `REPLICA/.hbrfs/listen`).
@@ -101,8 +109,6 @@ impl Secondary {
     fn start_with(nofile: Option<u64>, extra: &[&str], tmpfs: Option<&str>) -> Secondary {
         let dir = temp_dir();
         let replica = dir.path().join("replica");
-        let mirror = dir.path().join("mirror");
-        fs::create_dir(&mirror).expect("create mirror mountpoint");
         if let Some(size) = tmpfs {
             fs::create_dir(&replica).expect("create replica folder");
             let opts = format!("size={size},mode=0755");
@@ -110,14 +116,40 @@ impl Secondary {
                 .args(["-t", "tmpfs", "-o", &opts, "hbrfs-test"])
                 .arg(&replica));
         }
-        let mut s = Secondary {
+        let at = Serving {
             replica,
-            mirror,
-            addr: "127.0.0.1:0".into(),
-            child: None,
-            log_path: dir.path().join("serve.log"),
+            addr: "127.0.0.1:0",
             nofile,
             tmpfs: tmpfs.is_some(),
+        };
+        Secondary::launch(dir, at, extra)
+    }
+
+    /// Serves an existing folder (e.g. a demoted primary's backing) on
+    /// `addr` (`127.0.0.1:PORT`, fixed in advance so a primary can be
+    /// pointed at it first), with more arguments for `hbrfs serve`.
+    pub fn start_on(replica: &Path, addr: &str, extra: &[&str]) -> Secondary {
+        let at = Serving {
+            replica: replica.to_path_buf(),
+            addr,
+            nofile: None,
+            tmpfs: false,
+        };
+        Secondary::launch(temp_dir(), at, extra)
+    }
+
+    /// Starts `hbrfs serve` as `at` says, its mirror and log in `dir`.
+    fn launch(dir: TempDir, at: Serving<'_>, extra: &[&str]) -> Secondary {
+        let mirror = dir.path().join("mirror");
+        fs::create_dir(&mirror).expect("create mirror mountpoint");
+        let mut s = Secondary {
+            replica: at.replica,
+            mirror,
+            addr: at.addr.to_string(),
+            child: None,
+            log_path: dir.path().join("serve.log"),
+            nofile: at.nofile,
+            tmpfs: at.tmpfs,
             extra: extra.iter().map(|a| a.to_string()).collect(),
             crash_point: None,
             _dir: dir,

@@ -15,6 +15,7 @@
 //! Commands and process wiring:
 //! - [`cli`]: clap commands and how their typed answers render; `main.rs` only calls [`cli::main`].
 //! - [`daemon`]: process wiring: the primary (`mount`), the secondary (`serve`, `mount-replica`), `up`; mounts and signals; the `--metrics` endpoint.
+//! - [`roles`]: who is primary: the role record, `promote` (failover) and `demote` (failback's resync list); above both wings.
 //! - [`control`]: the daemon's control socket: one request enum, one typed answer per request.
 //!
 //! Primary wing (top to bottom):
@@ -54,6 +55,7 @@ pub mod journal;
 pub mod mirror;
 pub mod points;
 pub mod qcow2;
+pub mod roles;
 pub mod state;
 pub mod sys;
 pub mod throttle;

@@ -77,6 +77,21 @@ impl StatePaths {
     pub fn broken(&self, what: &str, stamp: u64) -> PathBuf {
         self.dir.join(format!("{what}.broken-{stamp}"))
     }
+    /// The folder's role record (`roles`), shared with [`ReplicaPaths::role`]:
+    /// one folder, one role.
+    pub fn role(&self) -> PathBuf {
+        self.dir.join("role")
+    }
+    /// Paths a `promote --point` rollback changed, which the first failback
+    /// reconciles with the demoted side (`replicate::resync`).
+    pub fn rolled_back(&self) -> PathBuf {
+        self.dir.join("rolled-back")
+    }
+    /// Where `demote` moves this primary state (journal, bitmaps,
+    /// pre-images, format) once its changes are in the resync list.
+    pub fn demoted(&self) -> PathBuf {
+        self.dir.join("demoted")
+    }
 }
 
 /// Takes the daemon lock of the state folder `dir` (`dir/lock`, `flock`ed
@@ -169,6 +184,14 @@ impl ReplicaPaths {
     /// The address `serve` listens on (read by `hbrfs up` and `status`).
     pub fn listen(&self) -> PathBuf {
         self.dir.join("listen")
+    }
+    /// The folder's role record (see [`StatePaths::role`]).
+    pub fn role(&self) -> PathBuf {
+        self.dir.join("role")
+    }
+    /// The resync list of a demoted secondary (`replica::resync`).
+    pub fn resync(&self) -> PathBuf {
+        self.dir.join("resync")
     }
 }
 

@@ -563,6 +563,13 @@ pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
     check(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
 }
 
+/// `kill(pid, SIGTERM)`: asks the daemon `pid` to stop cleanly (`hbrfs
+/// migrate` stopping its primary after the final point).
+pub fn terminate(pid: i32) -> io::Result<()> {
+    // SAFETY: kill takes plain integers; a wrong pid is an error, not UB.
+    check(unsafe { libc::kill(pid, libc::SIGTERM) }).map(drop)
+}
+
 /// The effective user id of this process.
 pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail.

@@ -11,8 +11,19 @@ use std::time::Duration;
 
 /// The protocol version this build speaks; Hello refuses any other.
 /// Version 3: Begin is a header and a point's lists travel in Manifest
-/// chunks; offers go file by file, blocks ascending.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// chunks; offers go file by file, blocks ascending. Version 4: a demoted
+/// secondary hands its resync list to the new primary (`Resync`), and a
+/// point names the list it covers.
+pub const PROTOCOL_VERSION: u32 = 4;
+/// Most paths of a resync list (across its chunks), and most extents of
+/// one path in one chunk: the primary holds the list while it marks it.
+pub const MAX_RESYNC_PATHS: usize = MAX_ENTRIES;
+/// Most extents one path of a resync list carries in one entry; a path
+/// with more is split over several entries.
+pub const MAX_RESYNC_EXTENTS: usize = 65_536;
+/// Bytes of paths and extents after which a resync chunk is closed (well
+/// under [`MAX_MESSAGE`]).
+pub const RESYNC_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 /// Largest gRPC message either side accepts.
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Most offers in one message.

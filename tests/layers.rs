@@ -19,6 +19,7 @@ enum Wing {
 const MAP: &[(&str, u32, Wing)] = &[
     ("cli", 90, Wing::Shared),
     ("daemon", 80, Wing::Shared),
+    ("roles", 75, Wing::Shared),
     ("control", 70, Wing::Shared),
     ("replicate", 60, Wing::Primary),
     ("datastore", 50, Wing::Primary),

@@ -6,9 +6,11 @@
 //!   daemon (or read its state folder offline) and print the answer.
 //! - `render`: tables, `--json`, byte and time formatting.
 //! - `status`: `hbrfs status` for a primary or a secondary, and `--watch`.
+//! - `roles`: `hbrfs promote` and `hbrfs demote`, and what they say.
 
 mod points;
 mod render;
+mod roles;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -219,6 +221,34 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Failover: turn a replica into a primary at its applied point (or at
+    /// an older kept point it is rolled back to): the pair's common base.
+    /// `hbrfs serve` must not run.
+    Promote {
+        /// The replica folder.
+        replica: PathBuf,
+        /// Roll the replica back to this kept point first (an epoch or a
+        /// point name, as `hbrfs points ls` shows them).
+        #[arg(long, value_name = "POINT")]
+        point: Option<String>,
+    },
+    /// Failback: turn an old primary (its daemon stopped) into a secondary
+    /// of the new one; what it wrote after its last shipped point becomes
+    /// a resync list the new primary ships back over.
+    Demote {
+        /// The old primary's backing directory.
+        backing: PathBuf,
+    },
+    /// Planned migration, the primary's half: ship a final point, stop the
+    /// daemon (stop the guests first) and demote with an empty resync
+    /// list. Then on the secondary: stop `hbrfs serve`, `hbrfs promote`.
+    Migrate {
+        /// The running primary: its backing directory or its mountpoint.
+        datastore: PathBuf,
+        /// How long to wait for the final point, and for the daemon to stop.
+        #[arg(long, value_parser = parse_duration, default_value = "10m")]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -379,23 +409,7 @@ fn run(cli: Cli) -> Result<()> {
             auth_key,
             metrics,
         } => {
-            let replicate = match (replicate_to, auth_key) {
-                (Some(addr), Some(key)) => Some(ReplicateOptions {
-                    addr,
-                    rpo,
-                    level: zstd_level,
-                    key: AuthKey::load(&key)?,
-                    max_rate,
-                }),
-                (Some(_), None) => {
-                    return Err(Error::Usage(
-                        "--replicate-to needs --auth-key FILE: a copy of the secondary's key \
-                         (REPLICA/.hbrfs/auth.key on the secondary)"
-                            .into(),
-                    ));
-                }
-                (None, _) => None,
-            };
+            let replicate = replicate_options(replicate_to, auth_key, rpo, zstd_level, max_rate)?;
             daemon::run_mount(&MountOptions {
                 backing,
                 mountpoint,
@@ -461,6 +475,34 @@ fn run(cli: Cli) -> Result<()> {
             let backing = resolve_datastore(&target.datastore)?;
             ask_and_print(&backing, &Request::Cut, target.json)
         }
+        Command::Promote { replica, point } => roles::promote(&replica, point.as_deref()),
+        Command::Demote { backing } => roles::demote(&backing),
+        Command::Migrate { datastore, timeout } => roles::migrate(&datastore, timeout),
+    }
+}
+
+/// What `mount --replicate-to` asks for; `--auth-key` must come with it.
+fn replicate_options(
+    replicate_to: Option<String>,
+    auth_key: Option<PathBuf>,
+    rpo: Duration,
+    level: i32,
+    max_rate: Option<u64>,
+) -> Result<Option<ReplicateOptions>> {
+    match (replicate_to, auth_key) {
+        (Some(addr), Some(key)) => Ok(Some(ReplicateOptions {
+            addr,
+            rpo,
+            level,
+            key: AuthKey::load(&key)?,
+            max_rate,
+        })),
+        (Some(_), None) => Err(Error::Usage(
+            "--replicate-to needs --auth-key FILE: a copy of the secondary's key \
+             (REPLICA/.hbrfs/auth.key on the secondary)"
+                .into(),
+        )),
+        (None, _) => Ok(None),
     }
 }
 

@@ -77,6 +77,7 @@ pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
     raise_fd_limit();
     let backing = existing_dir(&opts.backing, "backing directory")?;
     let mountpoint = check_mountpoint(&opts.mountpoint, &backing)?;
+    crate::roles::check_mount(&backing)?;
     let ds = Arc::new(Datastore::open(
         &backing,
         Access::Daemon {

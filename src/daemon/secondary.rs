@@ -61,6 +61,9 @@ pub(super) struct Secondary {
 
 pub(super) fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
     raise_fd_limit();
+    if opts.replica.exists() {
+        crate::roles::check_serve(&opts.replica)?;
+    }
     let store = Arc::new(ReplicaStore::open(
         &opts.replica,
         opts.allow_devices,

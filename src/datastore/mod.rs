@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, IoContext, Result};
 use crate::ids::BlockSize;
 use crate::journal::Journal;
-use crate::proto::journal::FileRecord;
+use crate::proto::journal::{FileRecord, OpKind};
 use crate::state::{STATE_DIR, StatePaths, hex, now_ns, write_durably};
 use crate::sys;
 use crate::tracking::{FileSource, TrackedFile, Tracker};
@@ -46,6 +46,12 @@ impl Format {
             self.block_size.bytes(),
             self.id
         )
+    }
+
+    /// Writes the format line of the datastore at `paths`, durably: at
+    /// creation, or when `promote` turns a replica into this datastore.
+    pub fn write(&self, paths: &StatePaths) -> Result<()> {
+        write_durably(&paths.format(), self.line().as_bytes())
     }
 
     fn parse(path: &Path, text: &str) -> Result<Format> {
@@ -154,7 +160,7 @@ impl Datastore {
                         block_size: block_size.unwrap_or(BlockSize::DEFAULT),
                         id: random_id()?,
                     };
-                    write_durably(&paths.format(), format.line().as_bytes())?;
+                    format.write(&paths)?;
                     format
                 } else {
                     read_format(&paths)?
@@ -243,6 +249,15 @@ impl Datastore {
         Ok(file)
     }
 
+    /// Records `kind` of `path` in the open epoch for a failback (an
+    /// unlink or rmdir of what only the demoted secondary holds, or a
+    /// path whose metadata must ship), under the cut gate like any
+    /// namespace operation.
+    pub fn record_failback_op(&self, kind: OpKind, path: &[u8]) -> Result<()> {
+        let _gate = self.tracker.gate();
+        self.append_op(recorder::op_record(kind, None, path, b"", 0))
+    }
+
     /// Fails while a namespace change made through the mount went
     /// unrecorded: a point cut now would silently miss it. Only the
     /// mount-time scan of a restart reconciles the journal with the
@@ -301,6 +316,15 @@ impl Datastore {
         self.tracker.cut()?;
         self.journal.flush()?;
         Ok(report)
+    }
+
+    /// Closes the datastore and hands back its daemon lock, so that
+    /// `demote` can move the state folder's primary state away while no
+    /// daemon can start on it.
+    pub fn close_keeping_lock(self) -> Result<Option<File>> {
+        self.tracker.sync_all()?;
+        self.journal.flush()?;
+        Ok(self._lock)
     }
 
     /// The daemon's clean stop: flushes everything and leaves the marker.

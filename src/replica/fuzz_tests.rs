@@ -96,6 +96,7 @@ fn begin(epoch: u64, base: u64) -> ShipMessage {
         epoch,
         base_epoch: base,
         point: point_id(epoch),
+        resync_token: Vec::new(),
     }))
 }
 

@@ -19,12 +19,14 @@
 //! - `index`: the content index (hints only: every use re-reads and
 //!   re-hashes); `seed`: indexes a folder's existing content.
 //! - `records`: the pair, applied and redo records and their parsers.
+//! - `resync`: a demoted secondary's resync list (written by `roles`'
+//!   demote, handed to the new primary, dropped once a point covers it).
 //! - `confine`: every received path confined to the replica root.
 //!
 //! Imports run one way, with no circle: service → {session, store,
 //! verify, records, refused}; session → {store, resume, spill, preflight,
 //! refused}; verify → {store, confine}; store → {apply, meta, index, seed,
-//! records, resume, refused}; apply → {index, records, resume, spill,
+//! records, resume, refused, resync}; resync → {records, spill}; apply → {index, records, resume, spill,
 //! confine, meta}; meta → {records, confine}; resume → spill; spill →
 //! records; seed → index; refused → preflight; index, preflight → confine.
 //! Nothing but the
@@ -40,6 +42,7 @@ pub mod preflight;
 pub mod records;
 pub mod refused;
 pub mod resume;
+pub mod resync;
 pub mod seed;
 pub mod service;
 pub mod session;

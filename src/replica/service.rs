@@ -24,8 +24,8 @@ use super::verify::{self, VerifyError};
 use crate::block::HashKey;
 use crate::proto::replication::replication_server::{Replication, ReplicationServer};
 use crate::proto::replication::{
-    HelloReply, HelloRequest, ShipMessage, ShipReply, StatusReply, StatusRequest, VerifyReply,
-    VerifyRequest, ship_message, ship_reply,
+    HelloReply, HelloRequest, ResyncChunk, ResyncRequest, ShipMessage, ShipReply, StatusReply,
+    StatusRequest, VerifyReply, VerifyRequest, ship_message, ship_reply,
 };
 use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
 
@@ -184,7 +184,30 @@ impl Replication for ReplicaService {
             protocol_version: PROTOCOL_VERSION,
             last_applied_epoch: applied.epoch.0,
             last_applied_point: applied.point,
+            resync_token: self.store.resync_token(),
         }))
+    }
+
+    type ResyncStream = Pin<Box<dyn Stream<Item = Result<ResyncChunk, Status>> + Send>>;
+
+    async fn resync(
+        &self,
+        request: Request<ResyncRequest>,
+    ) -> Result<Response<Self::ResyncStream>, Status> {
+        let token = request.into_inner().token;
+        if token.is_empty() || token != self.store.resync_token() {
+            return Err(Status::failed_precondition(
+                "no resync list with this token here (covered by a point applied since?)",
+            ));
+        }
+        let store = self.store.clone();
+        let chunks = tokio::task::spawn_blocking(move || store.resync_chunks(&token))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.store.stats.progressed();
+        let stream = tokio_stream::iter(chunks.into_iter().map(Ok));
+        Ok(Response::new(Box::pin(stream) as Self::ResyncStream))
     }
 
     type ShipStream = ReplyStream;

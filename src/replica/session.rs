@@ -588,6 +588,12 @@ impl<'a> Session<'a> {
             .store
             .commit(Epoch(epoch))
             .map_err(|source| Refused::Apply { epoch, source })?;
+        // The point is applied; if it covers the resync list and the list
+        // cannot go, the stream fails: the primary finds the point applied
+        // at its next hello, is handed the list again and covers it again.
+        self.store
+            .covered(&begin.resync_token)
+            .map_err(|source| Refused::Apply { epoch, source })?;
         let (opened, before) = &self.opened;
         let c = self.store.stats.counts().since(before);
         log::info!(

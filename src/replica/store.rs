@@ -17,11 +17,13 @@ use super::meta::Refusals;
 use super::records::{Applied, Pair, Redo};
 use super::refused::Refused;
 use super::resume::Carried;
+use super::resync;
 use super::seed;
 use crate::block::{BlockHash, HashKey};
 use crate::error::{Error, ErrorCounters, IoContext, Result};
 use crate::ids::{Epoch, FileId};
 use crate::points::{PointKeeper, PointsPaths, Retention};
+use crate::proto::replication::ResyncChunk;
 use crate::state::{ReplicaPaths, now_ns};
 
 /// Counters for `hbrfs status` and the metrics endpoint on the secondary.
@@ -194,6 +196,9 @@ pub struct ReplicaStore {
     allow_devices: bool,
     /// The recovery points kept of this replica.
     pub points: PointKeeper,
+    /// The token of the resync list a demote left (see `resync`), until
+    /// a point covering it is applied; held only to copy or clear it.
+    resync: Mutex<Option<Vec<u8>>>,
     /// The folder's daemon lock (`state::take_lock`), held while open.
     _lock: std::fs::File,
 }
@@ -270,6 +275,7 @@ impl ReplicaStore {
             pair: Mutex::new(Pair::read(&paths)?),
             applied: Mutex::new(Applied::read(&paths)?),
             carried: Mutex::new(None),
+            resync: Mutex::new(resync::header(&paths)?.map(|h| h.token)),
             view: Arc::new(RwLock::new(())),
             stats: ReplicaStats::default(),
             allow_devices,
@@ -344,6 +350,34 @@ impl ReplicaStore {
                 "seeding: indexing the replica folder failed ({e}); everything will be sent"
             ),
         }
+    }
+
+    /// The token of the resync list this demoted replica holds for the
+    /// new primary; empty when it holds none.
+    pub fn resync_token(&self) -> Vec<u8> {
+        self.resync
+            .lock()
+            .expect("resync lock")
+            .clone()
+            .unwrap_or_default()
+    }
+
+    /// The chunks of the resync list named `token`, as they travel.
+    pub fn resync_chunks(&self, token: &[u8]) -> Result<Vec<ResyncChunk>> {
+        resync::chunks(&self.paths, token)
+    }
+
+    /// A point carrying `token` is applied: the resync list it names is
+    /// covered and goes, durably. Any other token changes nothing.
+    pub fn covered(&self, token: &[u8]) -> Result<()> {
+        let mut held = self.resync.lock().expect("resync lock");
+        if token.is_empty() || held.as_deref() != Some(token) {
+            return Ok(());
+        }
+        resync::drop_list(&self.paths)?;
+        *held = None;
+        log::info!("the resync list handed to the new primary is applied: dropped");
+        Ok(())
     }
 
     /// The last applied epoch and when it was applied.

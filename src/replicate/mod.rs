@@ -13,6 +13,8 @@
 //! - [`point`]: a point's life (cut → pending → shipping → applied), its one
 //!   owner and the only writer of the point record in the journal.
 //! - `meta`: which paths' metadata a point changed, read from the backing.
+//! - `resync`: failback: a demoted secondary's resync list, checked and
+//!   marked into tracking.
 //! - `ship`: one point over one stream: Begin, offers, wants, blocks, Commit.
 //! - `verify`: `hbrfs verify`, the clean blocks against the replica.
 //! - [`stats`]: the counters and their typed report for `hbrfs status`.
@@ -20,6 +22,7 @@
 pub mod client;
 mod meta;
 pub mod point;
+mod resync;
 mod ship;
 pub mod stats;
 pub mod verify;
@@ -184,13 +187,49 @@ impl Replicator {
         .into_inner();
         self.stats.progressed();
         let applied = Epoch(reply.last_applied_epoch);
-        self.points
-            .reconcile(applied, &reply.last_applied_point, addr)
-            .await?;
+        if reply.resync_token.is_empty() {
+            self.points
+                .reconcile(applied, &reply.last_applied_point, addr)
+                .await?;
+        } else {
+            self.fail_back(&mut client, applied, reply.resync_token)
+                .await?;
+        }
         log::info!("connected to secondary {addr} (at epoch {applied})");
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.last_applied.store(applied.0, Ordering::Relaxed);
         Ok((client, applied))
+    }
+
+    /// The secondary is a demoted old primary holding a resync list: its
+    /// history after the common base is that list, not a point of ours.
+    /// Marks the list into tracking; the next point cut covers it.
+    async fn fail_back(&self, client: &mut Client, applied: Epoch, token: Vec<u8>) -> Result<()> {
+        let now = self.ds.tracker.current_epoch();
+        if applied >= now {
+            return Err(Error::Remote(format!(
+                "the demoted secondary {} is at epoch {applied}, not behind this primary (epoch {now}):                  it cannot take this primary's points. Was it promoted from another replica?",
+                self.opts.addr
+            )));
+        }
+        let bs = self.ds.format.block_size.bytes();
+        let list = resync::fetch(client, &token, bs).await?;
+        self.stats.progressed();
+        let entries = list.len();
+        let ds = self.ds.clone();
+        let marked = client::blocking("marking the resync list", move || {
+            resync::mark(&ds, list, applied)
+        })
+        .await?;
+        log::info!(
+            "failback: the demoted secondary {} (at epoch {applied}) listed {entries} paths written after              the common base: {} blocks marked, {} files whole, {} paths to remove; they ship with the next point",
+            self.opts.addr,
+            marked.blocks,
+            marked.whole,
+            marked.removed
+        );
+        self.points.resync_marked(token);
+        Ok(())
     }
 
     /// One RPO tick: cut and ship if anything changed; returns the

@@ -40,6 +40,9 @@ pub struct Point {
     set: Arc<ClosedSet>,
     record: ShippedPoint,
     base: Epoch,
+    /// The token of the failback resync list this point covers, empty
+    /// for most points (see `replicate::resync`).
+    resync: Vec<u8>,
 }
 
 impl Point {
@@ -62,6 +65,11 @@ impl Point {
     pub fn base(&self) -> Epoch {
         self.base
     }
+
+    /// The token of the resync list this point covers, empty if none.
+    pub fn resync_token(&self) -> &[u8] {
+        &self.resync
+    }
 }
 
 /// The owner of the primary's points: the one in flight (held across a
@@ -75,6 +83,10 @@ pub struct Points {
     /// again unchanged, so the secondary can resume it. No `.await`
     /// happens under the lock.
     held: Mutex<Option<Point>>,
+    /// The token of a failback resync list marked into tracking and not
+    /// yet carried by a cut: the next point cut covers it. No `.await`
+    /// happens under the lock.
+    resync: Mutex<Vec<u8>>,
 }
 
 impl Points {
@@ -84,6 +96,7 @@ impl Points {
             ds,
             stats,
             held: Mutex::new(None),
+            resync: Mutex::new(Vec::new()),
         }
     }
 
@@ -181,6 +194,7 @@ impl Points {
             },
             set: Arc::new(set),
             base: applied,
+            resync: std::mem::take(&mut *self.resync.lock().expect("resync lock")),
         };
         self.stats.points_cut.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.ds.journal.set_pending_point(&point.record) {
@@ -190,11 +204,21 @@ impl Points {
         Ok(Some(point))
     }
 
+    /// A failback resync list named `token` is marked into tracking: the
+    /// next point cut carries the token, so the secondary drops the list
+    /// once it is applied.
+    pub fn resync_marked(&self, token: Vec<u8>) {
+        *self.resync.lock().expect("resync lock") = token;
+    }
+
     /// The secondary applied `point`: its blocks are clean, and the point
     /// record says so (epoch shipped, its operations pruned, last shipped).
     pub async fn applied(&self, point: Point) -> Result<()> {
         let ds = self.ds.clone();
         blocking("finishing ship", move || {
+            if !point.resync.is_empty() {
+                super::resync::covered(&ds)?;
+            }
             ds.tracker.clear_closed(&point.set);
             let journal = &ds.journal;
             let first = point.set.first;
@@ -213,6 +237,12 @@ impl Points {
     /// cut folds everything written since into its closed set.
     pub fn refused(&self, point: Point) {
         self.ds.tracker.unprotect(&point.set);
+        if !point.resync.is_empty() {
+            let mut token = self.resync.lock().expect("resync lock");
+            if token.is_empty() {
+                *token = point.resync;
+            }
+        }
     }
 
     /// The stream of `point` broke: it is held and shipped again unchanged

@@ -323,6 +323,7 @@ impl Replicator {
             epoch: point.epoch().0,
             base_epoch: point.base().0,
             point: point.id().to_vec(),
+            resync_token: point.resync_token().to_vec(),
         };
         stream.send(ship_message::Body::Begin(begin)).await?;
         let mut chunks = manifest_chunks(self.ds.clone(), point);

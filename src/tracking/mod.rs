@@ -387,6 +387,17 @@ impl Tracker {
         Ok(())
     }
 
+    /// Marks `ranges` of blocks dirty so the next point ships them (a
+    /// failback: the secondary, an old primary, holds other content
+    /// there); their content does not change here.
+    pub fn mark_ranges(&self, file: &TrackedFile, ranges: &[std::ops::Range<u64>]) -> Result<()> {
+        let _gate = self.gate();
+        for r in ranges {
+            file.mark_blocks(r.clone(), 0)?;
+        }
+        Ok(())
+    }
+
     /// Marks every block of every file dirty: the secondary holds nothing
     /// of this datastore and needs a full baseline.
     pub fn mark_everything(&self) -> Result<()> {
