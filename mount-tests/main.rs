@@ -11,6 +11,7 @@ mod health;
 mod metadata;
 mod passthrough;
 mod paths;
+mod points;
 mod posix;
 mod privacy;
 mod recovery;

@@ -621,7 +621,8 @@ enum Node {
     Symlink(PathBuf),
 }
 
-/// Every entry under `root` (the `.hbrfs` state folder excluded).
+/// Every entry under `root` (the `.hbrfs` state folder and a mirror's
+/// `.points` recovery points excluded).
 fn tree(root: &Path) -> BTreeMap<PathBuf, Node> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Node>) {
         let entries =
@@ -630,7 +631,7 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, Node> {
             let entry = entry.unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()));
             let path = entry.path();
             let rel = path.strip_prefix(root).expect("under root").to_path_buf();
-            if rel == Path::new(".hbrfs") {
+            if rel == Path::new(".hbrfs") || rel == Path::new(".points") {
                 continue;
             }
             let meta = fs::symlink_metadata(&path)
@@ -897,7 +898,7 @@ pub(crate) fn qemu_io(format: &str, cache: &str, cmds: &[String], file: &Path) {
 }
 
 /// Verifies patterns with `qemu-io -r` (read-only, as the mirror demands).
-fn qemu_io_verify(format: &str, cmds: &[String], file: &Path) {
+pub(crate) fn qemu_io_verify(format: &str, cmds: &[String], file: &Path) {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-r", "-f", format]);
     for c in cmds {

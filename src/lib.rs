@@ -25,7 +25,7 @@
 //! - [`journal`]: the sled database: file ids and their path index, namespace operations keyed by epoch, epochs, the point record.
 //!
 //! Secondary wing:
-//! - [`mirror`]: the secondary's read-only FUSE view of its replica.
+//! - [`mirror`]: the secondary's FUSE views: its replica read-only (with `.points/`), one recovery point read-only, a writable test-failover sandbox of one.
 //! - [`replica`]: the gRPC service, one point's session, preflight, staging, atomic apply, content index, seeding.
 //! - [`points`]: recovery points: undo records saved before an apply overwrites, the catalog, retention and thinning, lazy point views, rollback.
 //!

@@ -119,6 +119,32 @@ enum Command {
         /// Where to mount it.
         mountpoint: PathBuf,
     },
+    /// Mount one recovery point of a replica read-only (foreground), as
+    /// it was when applied; `serve` may go on applying meanwhile.
+    MountPoint {
+        /// The replica folder.
+        replica: PathBuf,
+        /// The point: its epoch, its name (`hbrfs points ls`) or `latest`.
+        point: String,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+    },
+    /// Mount a writable sandbox of a recovery point (foreground), to boot
+    /// a VM from it while replication goes on; stopping it discards
+    /// every change.
+    TestFailover {
+        /// The replica folder.
+        replica: PathBuf,
+        /// The point: its epoch, its name (`hbrfs points ls`) or `latest`.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Where the sandbox keeps what is written (a folder of its own
+        /// inside); default REPLICA/.hbrfs/sandboxes.
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+    },
     /// Run a primary and a secondary on loopback under DIR: the demo.
     Up {
         /// Where to keep both sides.
@@ -419,6 +445,17 @@ fn run(cli: Cli) -> Result<()> {
             replica,
             mountpoint,
         } => daemon::run_mount_replica(&replica, &mountpoint),
+        Command::MountPoint {
+            replica,
+            point,
+            mountpoint,
+        } => daemon::run_mount_point(&replica, &point, &mountpoint),
+        Command::TestFailover {
+            replica,
+            point,
+            scratch,
+            mountpoint,
+        } => daemon::run_test_failover(&replica, &point, scratch, &mountpoint),
         Command::Up { dir, rpo } => daemon::run_up(&dir, rpo),
         Command::Status { target, watch, .. } => status::run(&target, watch),
         Command::Verify { target, repair } => verify(&target, repair),

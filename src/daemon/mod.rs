@@ -10,10 +10,12 @@
 //! - `primary`: `hbrfs mount`.
 //! - `secondary`: `hbrfs serve` and `hbrfs mount-replica`.
 //! - `up`: `hbrfs up`.
+//! - `recovery`: `hbrfs mount-point` and `hbrfs test-failover`.
 //! - `metrics`: the `--metrics` endpoint of `mount` and `serve`.
 
 mod metrics;
 mod primary;
+mod recovery;
 mod secondary;
 mod up;
 
@@ -25,6 +27,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::sys;
 
 pub use primary::{MountOptions, run_mount};
+pub use recovery::{run_mount_point, run_test_failover};
 pub use secondary::{ServeOptions, default_key_path, run_mount_replica, run_serve};
 pub use up::run_up;
 
@@ -125,6 +128,9 @@ enum MountKind {
     /// A replica's read-only mirror: `nodev,nosuid`, and only for the
     /// daemon's user unless `allow_other` (`serve --mirror-allow-other`).
     Mirror { allow_other: bool },
+    /// A test-failover sandbox: writable, `nodev,nosuid`, the daemon's
+    /// user only.
+    Sandbox,
 }
 
 /// Mounts `fs` at `mountpoint`, showing `source` as the mount's source.
@@ -158,6 +164,12 @@ fn mount<F: Filesystem>(
                 SessionACL::Owner
             }
         }
+        MountKind::Sandbox => {
+            config
+                .mount_options
+                .extend([MountOption::NoDev, MountOption::NoSuid]);
+            SessionACL::Owner
+        }
     };
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
@@ -165,6 +177,29 @@ fn mount<F: Filesystem>(
         Error::Usage(format!(
             "mounting {} on {}: {e}",
             source.display(),
+            mountpoint.display()
+        ))
+    })
+}
+
+/// Mounts `fs` at `mountpoint` (checked by the caller; signals blocked)
+/// and serves it in the foreground until it is unmounted or the process
+/// is signalled; `shown` is the line that says it is up.
+fn run_alone<F: Filesystem>(
+    fs: F,
+    source: &Path,
+    mountpoint: &Path,
+    kind: MountKind,
+    shown: &str,
+) -> Result<()> {
+    let mut session = mount(fs, source, mountpoint, kind, 4)?;
+    let mut unmounter = session.unmount_callable();
+    let at = mountpoint.to_path_buf();
+    on_signal(move || unmount(&mut unmounter, &at))?;
+    eprintln!("hbrfs: {shown}");
+    session.run().map_err(|e| {
+        Error::Usage(format!(
+            "FUSE session on {} ended with an error: {e}",
             mountpoint.display()
         ))
     })

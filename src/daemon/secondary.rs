@@ -10,7 +10,8 @@ use tokio::sync::watch;
 
 use super::metrics::{self, SecondaryMetrics};
 use super::{
-    MountKind, check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, runtime, unmount,
+    MountKind, check_mountpoint, existing_dir, mount, on_signal, raise_fd_limit, run_alone,
+    runtime, unmount,
 };
 use crate::auth::AuthKey;
 use crate::error::{Error, IoContext, Result};
@@ -182,19 +183,10 @@ pub fn run_mount_replica(replica: &Path, mountpoint: &Path) -> Result<()> {
     let mountpoint = check_mountpoint(mountpoint, &root)?;
     let fs = Mirror::new(&root, Arc::new(std::sync::RwLock::new(()))).at(&root)?;
     let kind = MountKind::Mirror { allow_other: false };
-    let mut session = mount(fs, &root, &mountpoint, kind, 4)?;
-    let mut unmounter = session.unmount_callable();
-    let shown = mountpoint.clone();
-    on_signal(move || unmount(&mut unmounter, &shown))?;
-    eprintln!(
-        "hbrfs: replica {} mounted read-only at {}",
+    let shown = format!(
+        "replica {} mounted read-only at {}",
         root.display(),
         mountpoint.display()
     );
-    session.run().map_err(|e| {
-        Error::Usage(format!(
-            "FUSE session on {} ended with an error: {e}",
-            mountpoint.display()
-        ))
-    })
+    run_alone(fs, &root, &mountpoint, kind, &shown)
 }

@@ -45,6 +45,19 @@ pub enum Handle {
     Dir(Vec<DirEntry>),
 }
 
+/// The listing of folder `ino`: `.` and `..` (the kernel only shows their
+/// `d_ino`), then `children`.
+pub fn listing(ino: INodeNo, children: impl IntoIterator<Item = DirEntry>) -> Handle {
+    let dot = |name: &str| DirEntry {
+        ino,
+        kind: FileType::Directory,
+        name: name.into(),
+    };
+    let mut entries = vec![dot("."), dot("..")];
+    entries.extend(children);
+    Handle::Dir(entries)
+}
+
 /// All open handles.
 #[derive(Debug, Default)]
 pub struct HandleTable {

@@ -29,5 +29,5 @@ pub mod passthrough;
 pub mod recorder;
 pub mod reply;
 
-pub use passthrough::{Cache, MAX_WRITE, Passthrough};
+pub use passthrough::{Cache, MAX_WRITE, Passthrough, negotiate};
 pub use recorder::ChangeRecorder;

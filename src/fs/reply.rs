@@ -65,6 +65,15 @@ pub struct Listing {
     pub offset: u64,
 }
 
+impl Listing {
+    /// Listing `fh` of `handles` from `offset` on (`EBADF` if it is not
+    /// open).
+    pub fn of(handles: &super::handles::HandleTable, fh: FileHandle, offset: u64) -> Res<Listing> {
+        let handle = handles.get(fh).ok_or(Errno::EBADF)?;
+        Ok(Listing { handle, offset })
+    }
+}
+
 /// Replies to one request with an op's result: the value, or the errno.
 pub trait Answer<T> {
     /// Sends the reply.

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use super::namespace;
 use super::store::{PointsPaths, bad, lock, read_catalog};
-use super::undo::{UndoIndex, read_block, read_index};
+use super::undo::{UndoIndex, UndoRef, read_block, read_index};
 use crate::error::{Error, IoContext, Result};
 use crate::proto::points::{Entry, Namespace, PointRecord};
 use crate::state::{ReplicaPaths, open_beneath, open_root, read_full};
@@ -146,10 +146,22 @@ impl PointView {
         let mut at = offset;
         while at < end {
             let block = at / bs;
-            let content = self.block(&mut chain, ino, block)?;
+            let dst = &mut buf[(at - offset) as usize..];
+            let Some(content) = self.saved_block(&chain, ino, block)? else {
+                // A run of blocks no undo holds: one read of the file now.
+                let mut run = ((block + 1) * bs).min(end);
+                while run < end && Self::saved(&chain, ino, run / bs).is_none() {
+                    run = ((run / bs + 1) * bs).min(end);
+                }
+                let dst = &mut dst[..(run - at) as usize];
+                let n = read_full(self.base(&mut chain, ino)?, dst, at).at(&self.root)?;
+                dst[n..].fill(0);
+                at = run;
+                continue;
+            };
             let from = (at - block * bs) as usize;
             let to = ((end - block * bs).min(bs)) as usize;
-            let dst = &mut buf[(at - offset) as usize..][..to - from];
+            let dst = &mut dst[..to - from];
             let have = content.len().clamp(from, to);
             dst[..have - from].copy_from_slice(&content[from..have]);
             dst[have - from..].fill(0);
@@ -158,23 +170,26 @@ impl PointView {
         Ok((end - offset) as usize)
     }
 
-    /// Block `block` of inode `ino` as of this point (short where the
-    /// content ends: the rest reads as zeros).
-    fn block(&self, chain: &mut Chain, ino: u64, block: u64) -> Result<Vec<u8>> {
-        for link in &chain.links {
-            if let Some(r) = link.index.get(&(ino, block)) {
-                let data = link
-                    .data
-                    .as_ref()
-                    .ok_or_else(|| bad(&link.data_path, "missing, but its index names frames"))?;
-                return read_block(data, &link.data_path, r, self.block_size);
-            }
-        }
-        let file = self.base(chain, ino)?;
-        let mut buf = vec![0u8; self.block_size as usize];
-        let n = read_full(file, &mut buf, block * self.block_size).at(&self.root)?;
-        buf.truncate(n);
-        Ok(buf)
+    /// Where the undo chain holds block `block` of inode `ino` as of this
+    /// point: the first record walking from the point to the newest.
+    fn saved(chain: &Chain, ino: u64, block: u64) -> Option<(&Link, &UndoRef)> {
+        chain
+            .links
+            .iter()
+            .find_map(|link| Some((link, link.index.get(&(ino, block))?)))
+    }
+
+    /// Block `block` of inode `ino` as of this point if the undo chain
+    /// holds it (short where the content ends: the rest reads as zeros).
+    fn saved_block(&self, chain: &Chain, ino: u64, block: u64) -> Result<Option<Vec<u8>>> {
+        let Some((link, r)) = Self::saved(chain, ino, block) else {
+            return Ok(None);
+        };
+        let data = link
+            .data
+            .as_ref()
+            .ok_or_else(|| bad(&link.data_path, "missing, but its index names frames"))?;
+        read_block(data, &link.data_path, r, self.block_size).map(Some)
     }
 
     /// The file inode `ino` is now: kept by a removal after this point, or

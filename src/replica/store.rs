@@ -409,8 +409,13 @@ impl ReplicaStore {
     /// Applies the epoch staged (and synced) by a session durably (see
     /// `apply` for the order); returns what it refused to do.
     pub fn commit(&self, epoch: Epoch) -> Result<Refusals> {
+        // The commit point is written with readers held off, as the apply
+        // is: a point view that finds a redo record under the points lock
+        // knows an apply was interrupted, not that one is about to start.
+        let _view = self.view.write().expect("view lock");
+        let _points = self.points.exclusive()?;
         apply::write_commit_point(&self.paths, epoch)?;
-        self.apply(epoch, 0)
+        self.apply_held(epoch, 0)
     }
 
     /// Finishes an apply that failed earlier (its redo record waits), if
@@ -514,6 +519,12 @@ impl ReplicaStore {
     fn apply(&self, epoch: Epoch, ops_done: usize) -> Result<Refusals> {
         let _view = self.view.write().expect("view lock");
         let _points = self.points.exclusive()?;
+        self.apply_held(epoch, ops_done)
+    }
+
+    /// [`ReplicaStore::apply`] with the view lock and the points lock
+    /// held by the caller.
+    fn apply_held(&self, epoch: Epoch, ops_done: usize) -> Result<Refusals> {
         let undo = self.points.undo_writer(epoch, self.block_size())?;
         let run = Apply {
             root: &self.root,

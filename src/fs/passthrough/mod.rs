@@ -59,6 +59,35 @@ pub enum Cache {
     Never,
 }
 
+/// Negotiates with the kernel at `init`: large writes and reads (1 MiB
+/// requests and readahead: a sequential reader of an image gets whole
+/// ranges, not 4 KiB pages), parallel directory ops, and the writeback
+/// cache when `writeback` asks for it. Returns whether the writeback cache
+/// is on. Every hbrfs mount (passthrough, mirror, point views) starts so.
+pub fn negotiate(config: &mut KernelConfig, writeback: bool) -> bool {
+    let _ = config.set_max_write(MAX_WRITE);
+    let _ = config.set_max_readahead(MAX_WRITE);
+    let wanted = [
+        InitFlags::FUSE_WRITEBACK_CACHE,
+        InitFlags::FUSE_ASYNC_DIO,
+        InitFlags::FUSE_PARALLEL_DIROPS,
+        InitFlags::FUSE_BIG_WRITES,
+        InitFlags::FUSE_MAX_PAGES,
+    ];
+    let mut on = false;
+    for flag in wanted {
+        if flag == InitFlags::FUSE_WRITEBACK_CACHE && !writeback {
+            continue;
+        }
+        if config.add_capabilities(flag).is_err() {
+            log::info!("kernel does not offer {flag:?}");
+        } else if flag == InitFlags::FUSE_WRITEBACK_CACHE {
+            on = true;
+        }
+    }
+    on
+}
+
 /// The passthrough over one backing directory: its inode and handle
 /// tables, and where its changes are recorded.
 #[derive(Debug)]
@@ -103,30 +132,12 @@ impl Passthrough {
         })
     }
 
-    /// Negotiates with the kernel at `init`: large writes, parallel
-    /// directory ops, and the writeback cache when the kernel may cache.
+    /// Negotiates with the kernel at `init` (see [`negotiate`]), with the
+    /// writeback cache when the kernel may cache.
     pub fn negotiate(&mut self, config: &mut KernelConfig) {
-        let _ = config.set_max_write(MAX_WRITE);
-        let _ = config.set_max_readahead(MAX_WRITE);
-        let wanted = [
-            InitFlags::FUSE_WRITEBACK_CACHE,
-            InitFlags::FUSE_ASYNC_DIO,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_BIG_WRITES,
-            InitFlags::FUSE_MAX_PAGES,
-        ];
-        for flag in wanted {
-            if flag == InitFlags::FUSE_WRITEBACK_CACHE && self.cache == Cache::Never {
-                // Files that change under the kernel: with a writeback
-                // cache it would trust its own (stale) sizes.
-                continue;
-            }
-            if config.add_capabilities(flag).is_err() {
-                log::info!("kernel does not offer {flag:?}");
-            } else if flag == InitFlags::FUSE_WRITEBACK_CACHE {
-                self.writeback = true;
-            }
-        }
+        // Files that change under the kernel (`Cache::Never`): with a
+        // writeback cache it would trust its own (stale) sizes.
+        self.writeback = negotiate(config, self.cache == Cache::Kernel);
     }
 
     fn inode(&self, ino: INodeNo) -> Res<Arc<Inode>> {

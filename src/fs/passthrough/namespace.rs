@@ -244,6 +244,16 @@ impl Passthrough {
     /// Opens directory `ino`, listing its entries now so that offsets stay
     /// stable.
     pub fn op_opendir(&self, ino: INodeNo) -> Res<FileHandle> {
+        self.op_opendir_with(ino, |_| {})
+    }
+
+    /// Lists directory `ino`, letting `edit` change the listing before it
+    /// is kept (the mirror puts its own entries in the root's).
+    pub fn op_opendir_with(
+        &self,
+        ino: INodeNo,
+        edit: impl FnOnce(&mut Vec<DirEntry>),
+    ) -> Res<FileHandle> {
         let node = self.inode(ino)?;
         let fd = sys::reopen(node.fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(io_errno)?;
         let dir_path = sys::proc_path(fd.as_fd());
@@ -267,6 +277,7 @@ impl Passthrough {
                 name,
             });
         }
+        edit(&mut entries);
         Ok(self.handles.insert(Handle::Dir(entries)))
     }
 

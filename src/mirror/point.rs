@@ -1,0 +1,262 @@
+//! One recovery point as a read-only filesystem: its [`Tree`] for names
+//! and attributes, its [`PointView`] for bytes. `hbrfs mount-point`
+//! mounts one alone; the mirror serves one per opened `.points/<name>/`.
+//!
+//! A point never changes, so the kernel may cache everything: entries and
+//! attributes for a day, file pages across opens (`FOPEN_KEEP_CACHE`).
+//! Reads go to the view whole (up to 1 MiB a request, see
+//! [`crate::fs::negotiate`]); each takes the points lock shared (inside
+//! the view) and nothing else, never the mirror's view lock.
+//!
+//! The view (and with it the pin that keeps retention off the point) may
+//! be let go while nothing uses it ([`PointFs::let_go_if_idle`]) and is
+//! opened again by the next read; the tree stays, as the point's namespace
+//! cannot change.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fuser::{Errno, FileHandle, FopenFlags, INodeNo};
+
+use super::tree::{Node, Tree};
+use crate::error::{IoContext, Result};
+use crate::fs::handles::{DirEntry, HandleTable, listing};
+use crate::fs::reply::{Entry, Listing, Res, state_errno};
+use crate::points::{PointView, PointsPaths};
+use crate::proto::points::PointRecord;
+use crate::state::ReplicaPaths;
+
+/// How long the kernel may cache a point's entries and attributes: they
+/// never change.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A view, when it was last used.
+#[derive(Debug)]
+struct Held {
+    view: Option<Arc<PointView>>,
+    last_used: Instant,
+}
+
+/// One point, served read-only as FUSE inodes `base..base + nodes`.
+#[derive(Debug)]
+pub struct PointFs {
+    /// The replica folder.
+    root: PathBuf,
+    /// The point's record (its epoch is what a view opens again).
+    record: PointRecord,
+    /// The pair's block size (what the view composes by).
+    block_size: u64,
+    /// FUSE inode of node 0, the point's root.
+    base: u64,
+    tree: Tree,
+    /// The view, or none while let go; its own lock, so a read only
+    /// clones the `Arc` under it and reads outside.
+    held: Mutex<Held>,
+    /// Open file handles: a point in use is never let go.
+    open: AtomicU64,
+    /// Folder listings, snapshotted at `opendir`.
+    listings: HandleTable,
+}
+
+/// The tree of the point `view` shows of the replica at `root`: its
+/// recorded namespace under a root with the replica root's owner and
+/// permissions and the point's time.
+pub fn tree_of(root: &Path, view: &PointView) -> Result<Tree> {
+    let record = view.record();
+    let meta = std::fs::metadata(root).at(root)?;
+    let top = Node {
+        mode: meta.mode(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        size: meta.size(),
+        mtime_ns: i64::try_from(record.at_ns).unwrap_or(i64::MAX),
+        rdev: 0,
+        nlink: 2,
+        replica_ino: meta.ino(),
+        target: Vec::new(),
+        children: Default::default(),
+    };
+    let namespace = PointsPaths::new(ReplicaPaths::of(root).points()).namespace(record.epoch);
+    Tree::build(view.entries(), top, &namespace)
+}
+
+impl PointFs {
+    /// Opens point `epoch` of the replica at `root` (block size
+    /// `block_size`), pinned, as FUSE inodes from `base` on.
+    pub fn open(root: &Path, epoch: u64, block_size: u64, base: u64) -> Result<PointFs> {
+        let view = PointView::open(root, epoch, block_size)?;
+        let record = view.record().clone();
+        let tree = tree_of(root, &view)?;
+        Ok(PointFs {
+            root: root.to_path_buf(),
+            record,
+            block_size,
+            base,
+            tree,
+            held: Mutex::new(Held {
+                view: Some(Arc::new(view)),
+                last_used: Instant::now(),
+            }),
+            open: AtomicU64::new(0),
+            listings: HandleTable::default(),
+        })
+    }
+
+    /// The point's record.
+    pub fn record(&self) -> &PointRecord {
+        &self.record
+    }
+
+    /// The FUSE inode of the point's root.
+    pub fn root_ino(&self) -> INodeNo {
+        INodeNo(self.base)
+    }
+
+    fn node(&self, ino: INodeNo) -> Res<&Node> {
+        ino.0
+            .checked_sub(self.base)
+            .and_then(|i| self.tree.node(i))
+            .ok_or(Errno::ESTALE)
+    }
+
+    fn entry(&self, ino: INodeNo, node: &Node) -> Entry {
+        Entry {
+            attr: node.attr(ino, self.block_size as u32),
+            ttl: TTL,
+        }
+    }
+
+    /// The view, opened again if it was let go.
+    fn view(&self) -> Result<Arc<PointView>> {
+        let mut held = self.held.lock().expect("view lock");
+        held.last_used = Instant::now();
+        if let Some(view) = &held.view {
+            return Ok(view.clone());
+        }
+        let view = Arc::new(PointView::open(
+            &self.root,
+            self.record.epoch,
+            self.block_size,
+        )?);
+        held.view = Some(view.clone());
+        Ok(view)
+    }
+
+    /// Lets the view (and its pin) go when no file is open and nothing
+    /// was read for `idle`; returns whether it holds none now.
+    pub fn let_go_if_idle(&self, idle: Duration) -> bool {
+        let mut held = self.held.lock().expect("view lock");
+        if self.open.load(Ordering::Relaxed) == 0 && held.last_used.elapsed() >= idle {
+            held.view = None;
+        }
+        held.view.is_none()
+    }
+
+    /// Looks `name` up in folder `parent`.
+    pub fn op_lookup(&self, parent: INodeNo, name: &OsStr) -> Res<Entry> {
+        let dir = self.node(parent)?;
+        if !dir.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let idx = *dir.children.get(name).ok_or(Errno::ENOENT)?;
+        let ino = INodeNo(self.base + idx);
+        self.op_getattr(ino)
+    }
+
+    /// The attributes of `ino`.
+    pub fn op_getattr(&self, ino: INodeNo) -> Res<Entry> {
+        let node = self.node(ino)?;
+        Ok(self.entry(ino, node))
+    }
+
+    /// The target of symlink `ino`.
+    pub fn op_readlink(&self, ino: INodeNo) -> Res<Vec<u8>> {
+        let node = self.node(ino)?;
+        if node.mode & libc::S_IFMT != libc::S_IFLNK {
+            return Err(Errno::EINVAL);
+        }
+        Ok(node.target.clone())
+    }
+
+    /// Opens file `ino` for reading; its pages may stay cached.
+    pub fn op_open(&self, ino: INodeNo, flags: i32) -> Res<(FileHandle, FopenFlags)> {
+        let node = self.node(ino)?;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(Errno::EROFS);
+        }
+        if !node.is_file() {
+            return Err(Errno::EINVAL);
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok((FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE))
+    }
+
+    /// Closes a file opened by [`PointFs::op_open`].
+    pub fn release(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Reads `size` bytes at `offset` of file `ino` as of the point.
+    pub fn op_read(&self, ino: INodeNo, offset: u64, size: u32) -> Res<Vec<u8>> {
+        let node = self.node(ino)?;
+        if !node.is_file() {
+            return Err(Errno::EISDIR);
+        }
+        let len = node.size.saturating_sub(offset).min(u64::from(size));
+        let mut buf = vec![0u8; len as usize];
+        let view = self.view().map_err(state_errno)?;
+        let n = view
+            .read(node.replica_ino, node.size, offset, &mut buf)
+            .map_err(state_errno)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Data and holes of file `ino`: a point's file is all data (the view
+    /// does not track holes), so `SEEK_DATA` stays and `SEEK_HOLE` goes to
+    /// the end, as a file system without holes answers.
+    pub fn op_lseek(&self, ino: INodeNo, offset: i64, whence: i32) -> Res<i64> {
+        let node = self.node(ino)?;
+        let size = i64::try_from(node.size).map_err(|_| Errno::EOVERFLOW)?;
+        if offset < 0 || offset >= size {
+            return Err(Errno::ENXIO);
+        }
+        match whence {
+            libc::SEEK_DATA => Ok(offset),
+            libc::SEEK_HOLE => Ok(size),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// Lists folder `ino`.
+    pub fn op_opendir(&self, ino: INodeNo) -> Res<FileHandle> {
+        let node = self.node(ino)?;
+        if !node.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let mut children = Vec::with_capacity(node.children.len());
+        for (name, &idx) in &node.children {
+            let kind = self.tree.node(idx).map(Node::kind);
+            children.push(DirEntry {
+                ino: INodeNo(self.base + idx),
+                kind: kind.ok_or(Errno::EIO)?,
+                name: name.clone(),
+            });
+        }
+        Ok(self.listings.insert(listing(ino, children)))
+    }
+
+    /// The entries of listing `fh` from `offset` on.
+    pub fn op_readdir(&self, fh: FileHandle, offset: u64) -> Res<Listing> {
+        Listing::of(&self.listings, fh, offset)
+    }
+
+    /// Forgets listing `fh`.
+    pub fn releasedir(&self, fh: FileHandle) {
+        self.listings.remove(fh);
+    }
+}
