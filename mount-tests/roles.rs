@@ -73,7 +73,7 @@ fn assert_same(a: &Path, b: &Path) {
 }
 
 /// A primary over `backing` (on `mnt`) replicating every second to `addr`
-/// with the pair key at `key`.
+/// with the pair key at `key`, once its control socket answers.
 fn primary_to(backing: &Path, mnt: &Path, addr: &str, key: &Path) -> Mount {
     fs::create_dir_all(mnt).expect("create mountpoint");
     let args = [
@@ -84,7 +84,20 @@ fn primary_to(backing: &Path, mnt: &Path, addr: &str, key: &Path) -> Mount {
         "--auth-key",
         path_str(key),
     ];
-    Mount::start_on(backing, mnt, &args)
+    let m = Mount::start_on(backing, mnt, &args);
+    // The daemon serves its control socket just after it mounts; `status`
+    // in between would open the journal the daemon holds.
+    let socket = backing.join(".hbrfs/control.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no control socket:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m
 }
 
 /// A pair (a fresh primary replicating to a fresh secondary) holding one
