@@ -52,7 +52,7 @@ fn point(
 fn write(undo: &mut undo::UndoWriter, path: &Path, b: u64, byte: u8) {
     let f = rw(path);
     let ino = f.metadata().expect("stat").ino();
-    undo.save(&f, ino, b, path).expect("save");
+    undo.save(&f, ino, b, false, path).expect("save");
     undo.sync().expect("sync");
     f.write_all_at(&block(byte), b * BS).expect("write");
 }

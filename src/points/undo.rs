@@ -14,7 +14,7 @@
 //! before the point (what lies beyond reads as nothing in older points),
 //! and syncs a batch of saves before the apply overwrites that batch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Write;
@@ -152,8 +152,8 @@ pub struct UndoWriter {
     index: File,
     data: File,
     data_len: u64,
-    /// Blocks saved already (in this apply, or before a crash replayed it).
-    saved: HashSet<(u64, u64)>,
+    /// Index records, the ones of an interrupted apply included.
+    records: u64,
     /// File sizes before the apply, as the apply first saw each file.
     sizes: HashMap<u64, u64>,
     /// Index records of frames written but not yet synced.
@@ -170,8 +170,12 @@ fn append(path: &Path) -> Result<File> {
 }
 
 impl UndoWriter {
-    /// The undo of point `epoch` at `generation`, opened for appending;
-    /// what an interrupted apply saved already is loaded, not saved again.
+    /// The undo of point `epoch` at `generation`, opened for appending.
+    /// A replayed apply may save a block an interrupted one saved: the
+    /// second record holds the new content, but the first record of a
+    /// block is the one every reader takes ([`read_index`]), so nothing
+    /// is remembered in memory (a point of a million blocks costs no
+    /// memory per block).
     pub fn open(
         paths: &PointsPaths,
         epoch: u64,
@@ -182,13 +186,13 @@ impl UndoWriter {
         let data_path = paths.undo_data(epoch, generation);
         let files = paths.kept_files(epoch, generation);
         make_state_dirs(&files)?;
-        let (index, whole) = read_index(&index_path)?;
+        let (_, whole) = read_index(&index_path)?;
         let index_file = append(&index_path)?;
         index_file.set_len(whole).at(&index_path)?;
         let data = append(&data_path)?;
         let data_len = data.metadata().at(&data_path)?.len();
         Ok(UndoWriter {
-            saved: index.into_keys().collect(),
+            records: whole / RECORD as u64,
             index: index_file,
             data,
             data_len,
@@ -208,12 +212,17 @@ impl UndoWriter {
     }
 
     /// Saves block `block` of `file` (inode `ino`) as it is now, unless it
-    /// was saved in this apply or lies past the file's size before it.
+    /// lies past the file's size before the apply, or it is zeros and
+    /// `zero_next` (the apply writes zeros there too: nothing changes).
     /// Not durable until [`UndoWriter::sync`].
-    pub fn save(&mut self, file: &File, ino: u64, block: u64, shown: &Path) -> Result<()> {
-        if self.saved.contains(&(ino, block)) {
-            return Ok(());
-        }
+    pub fn save(
+        &mut self,
+        file: &File,
+        ino: u64,
+        block: u64,
+        zero_next: bool,
+        shown: &Path,
+    ) -> Result<()> {
         let size = match self.sizes.get(&ino) {
             Some(&size) => size,
             None => file.metadata().at(shown)?.size(),
@@ -232,6 +241,9 @@ impl UndoWriter {
             zero: block::is_zero(&buf),
             raw: false,
         };
+        if r.zero && zero_next {
+            return Ok(());
+        }
         if !r.zero {
             let frame = compressed(&buf).at(&self.data_path)?;
             r.raw = frame.is_none();
@@ -242,7 +254,7 @@ impl UndoWriter {
         }
         self.pending_index
             .extend_from_slice(&encode(ino, block, &r));
-        self.saved.insert((ino, block));
+        self.records += 1;
         Ok(())
     }
 
@@ -253,7 +265,7 @@ impl UndoWriter {
         self.note_size(ino, size);
         let end = size.div_ceil(self.block_size);
         for block in new_size / self.block_size..end {
-            self.save(file, ino, block, shown)?;
+            self.save(file, ino, block, false, shown)?;
         }
         self.sync()
     }
@@ -304,7 +316,7 @@ impl UndoWriter {
     /// Syncs the rest; returns the undo's size: bytes of data and blocks.
     pub fn finish(mut self) -> Result<(u64, u64)> {
         self.sync()?;
-        Ok((self.data_len, self.saved.len() as u64))
+        Ok((self.data_len, self.records))
     }
 }
 

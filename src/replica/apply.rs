@@ -335,7 +335,7 @@ impl Apply<'_> {
         if let Some(undo) = self.undo.borrow_mut().as_mut() {
             let ino = file.metadata().at(path)?.ino();
             for b in batch.iter() {
-                undo.save(file, ino, b.block, path)?;
+                undo.save(file, ino, b.block, b.zero, path)?;
             }
             undo.sync()?;
         }

@@ -27,7 +27,7 @@ use crate::proto::replication::{
     HelloReply, HelloRequest, ResyncChunk, ResyncRequest, ShipMessage, ShipReply, StatusReply,
     StatusRequest, VerifyReply, VerifyRequest, ship_message, ship_reply,
 };
-use crate::wire::{MAX_MESSAGE, PROTOCOL_VERSION};
+use crate::wire::{MAX_MESSAGE, NO_PROGRESS_TIMEOUT, PROTOCOL_VERSION};
 
 /// Ends a stream (or a hello retrying an apply) with `refused`. A
 /// refusal is InvalidArgument: the primary tells "refused" (never send
@@ -166,12 +166,24 @@ impl Replication for ReplicaService {
         tokio::task::spawn_blocking(move || store.accept(pair))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
-        // An apply that failed is retried here, so the primary learns the
-        // point is applied (or why it still is not) before it ships. A
-        // stream holding the turn retries it itself, in `Session::new`.
-        if self.store.apply_pending()
-            && let Ok(_turn) = self.shipping.try_lock()
-        {
+        // A committed point (its redo record written) is applied before
+        // the answer, so the primary learns it is (or why it still is
+        // not) before it ships: an apply that failed is retried here, and
+        // one a stream is still running (its primary was killed after the
+        // commit) is waited for. Answering the epoch before it, the
+        // primary would cut its next point on that base, which this
+        // replica, once at the committed point, refuses: histories that
+        // look diverged. The wait is bounded below the primary's hello
+        // deadline; past it the primary is told to come back.
+        if self.store.apply_pending() {
+            let wait = NO_PROGRESS_TIMEOUT / 2;
+            let _turn = tokio::time::timeout(wait, self.shipping.lock())
+                .await
+                .map_err(|_| {
+                    Status::unavailable(format!(
+                        "a committed point is still being applied after {wait:?}; say hello again later"
+                    ))
+                })?;
             let store = self.store.clone();
             tokio::task::spawn_blocking(move || store.finish_pending())
                 .await
