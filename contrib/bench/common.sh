@@ -1,4 +1,7 @@
-# Helpers the bench scripts share; sourced, not run.
+# shellcheck shell=bash
+# shellcheck disable=SC2154 # hbrfs and timeout come from the sourcing script
+# Helpers the bench scripts share; sourced, not run. They use the
+# sourcing script's `hbrfs` (the binary), `timeout` (seconds) and `die`.
 
 # is_mounted DIR: whether something is mounted at DIR.
 is_mounted() { awk -v m="$1" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; }
@@ -9,4 +12,43 @@ stop() {
     for _ in $(seq 300); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
+}
+
+now_ns() { date +%s%N; }
+secs() { bc -l <<<"scale=2; $1 / 1000000000" | sed 's/^\./0./'; }
+mib() { bc -l <<<"scale=1; $1 / 1048576" | sed 's/^\./0./'; }
+
+# wait_caught_up PRIMARY_DIR SECONDARY_DIR PRIMARY_PID SECONDARY_PID: until
+# nothing is dirty or shipping and the secondary applied the last point;
+# prints the secondary's last applied epoch.
+wait_caught_up() {
+    local pd=$1 sd=$2 ppid=$3 spid=$4 t0 p s se
+    t0=$(now_ns)
+    while :; do
+        kill -0 "$ppid" 2>/dev/null || die "hbrfs mount $pd exited"
+        kill -0 "$spid" 2>/dev/null || die "hbrfs serve $sd exited"
+        (($(now_ns) - t0 < timeout * 1000000000)) || die "not caught up within $timeout s"
+        if p=$("$hbrfs" status -d "$pd" --json 2>/dev/null) &&
+            s=$("$hbrfs" status -d "$sd" --json 2>/dev/null); then
+            se=$(jq '.last_applied_epoch' <<<"$s")
+            if jq -e --argjson se "$se" '.replication as $r | $r.connected and .dirty_blocks == 0
+                and .ops == 0 and $r.last_applied_epoch > 0 and $r.shipping == null
+                and $se >= $r.last_applied_epoch and $r.last_applied_epoch + 1 >= .current_epoch' \
+                <<<"$p" >/dev/null; then
+                echo "$se"
+                return
+            fi
+        fi
+        sleep 0.1
+    done
+}
+
+# fio_job FILE SEED ARGS…: one O_DIRECT libaio job at queue depth 4,
+# half-compressible fresh buffers (what a guest writes, roughly).
+fio_job() {
+    local file=$1 seed=$2
+    shift 2
+    fio --name=bench --filename="$file" --direct=1 --ioengine=libaio --iodepth=4 \
+        --buffer_compress_percentage=50 --refill_buffers --randseed="$seed" \
+        --output-format=terse "$@" >/dev/null || die "fio $* failed"
 }

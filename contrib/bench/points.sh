@@ -54,8 +54,6 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 elapsed() { echo $(((${EPOCHREALTIME/./} - t_start) / 1000000)); }
 log() { printf '[points.sh %4ss] %s\n' "$(elapsed)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-now_ns() { date +%s%N; }
-secs() { bc -l <<<"scale=2; $1 / 1000000000" | sed 's/^\./0./'; }
 ratio() { bc -l <<<"scale=2; $1 / $2" | sed 's/^\./0./'; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root (FUSE mounts)"
@@ -114,37 +112,6 @@ start_pair() {
     is_mounted "$mnt" || die "hbrfs mount did not mount within 30 s"
 }
 
-# wait_caught_up DIR: until nothing is dirty or shipping and the secondary
-# applied the last point; prints the secondary's last applied epoch.
-wait_caught_up() {
-    local dir=$1 t0 p s se
-    t0=$(now_ns)
-    while :; do
-        kill -0 "$primary_pid" 2>/dev/null || die "hbrfs mount exited"
-        kill -0 "$secondary_pid" 2>/dev/null || die "hbrfs serve exited"
-        (($(now_ns) - t0 < timeout * 1000000000)) || die "not caught up within $timeout s"
-        if p=$("$hbrfs" status -d "$dir/backing" --json 2>/dev/null) &&
-            s=$("$hbrfs" status -d "$dir/replica" --json 2>/dev/null); then
-            se=$(jq '.last_applied_epoch' <<<"$s")
-            if jq -e --argjson se "$se" '.replication as $r | $r.connected and .dirty_blocks == 0
-                and .ops == 0 and $r.last_applied_epoch > 0 and $r.shipping == null
-                and $se >= $r.last_applied_epoch and $r.last_applied_epoch + 1 >= .current_epoch' \
-                <<<"$p" >/dev/null; then
-                echo "$se"
-                return
-            fi
-        fi
-        sleep 0.1
-    done
-}
-
-fio_job() { # fio_job FILE ARGS…: one O_DIRECT job, half-compressible fresh buffers
-    local file=$1
-    shift
-    fio --name=points --filename="$file" --direct=1 --ioengine=libaio --iodepth=4 \
-        --buffer_compress_percentage=50 --refill_buffers --randseed=1 \
-        --output-format=terse "$@" >/dev/null || die "fio $* failed"
-}
 
 # applied DIR AFTER: "blocks seconds" applied after epoch AFTER, summed
 # from the secondary's log.
@@ -159,13 +126,13 @@ run_mode() {
     local name=$1 keep=$2 dir=$work/$1 t_end t_fio t_caught
     log "$name: fresh pair (--keep $keep), fill of $size_mb MiB"
     start_pair "$dir" "$keep"
-    fio_job "$mnt/disk.img" --rw=write --bs=1M --size="${size_mb}M"
-    base_epoch=$(wait_caught_up "$dir")
+    fio_job "$mnt/disk.img" 1 --rw=write --bs=1M --size="${size_mb}M"
+    base_epoch=$(wait_caught_up "$dir/backing" "$dir/replica" "$primary_pid" "$secondary_pid")
     log "$name: baseline applied (epoch $base_epoch); randwrite 64k, $io_mb MiB"
     t_fio=$(now_ns)
-    fio_job "$mnt/disk.img" --rw=randwrite --bs=64k --size="${size_mb}M" --io_size="${io_mb}M"
+    fio_job "$mnt/disk.img" 1 --rw=randwrite --bs=64k --size="${size_mb}M" --io_size="${io_mb}M"
     t_end=$(now_ns)
-    wait_caught_up "$dir" >/dev/null
+    wait_caught_up "$dir/backing" "$dir/replica" "$primary_pid" "$secondary_pid" >/dev/null
     t_caught=$(now_ns)
     catchup_ns=$((t_caught - t_end)) total_ns=$((t_caught - t_fio))
     read -r blocks apply_s < <(applied "$dir" "$base_epoch")
@@ -221,7 +188,6 @@ qemu-img compare -q -f qcow2 -F raw "$out/one.qcow2" "$rep/disk.img" ||
 one_changed=$(jq --argjson e "$last" '.[] | select(.epoch == $e) | .changed_blocks' <<<"$points")
 stop_pair
 
-mib() { bc -l <<<"scale=1; $1 / 1048576" | sed 's/^\./0./'; }
 cat <<EOF
 
 ## Recovery points ($size_mb MiB image, $io_mb MiB of 64 KiB random writes, --rpo $rpo)

@@ -63,11 +63,8 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 elapsed() { echo $(((${EPOCHREALTIME/./} - t_start) / 1000000)); }
 log() { printf '[recovery.sh %4ss] %s\n' "$(elapsed)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-now_ns() { date +%s%N; }
-secs() { bc -l <<<"scale=2; $1 / 1000000000" | sed 's/^\./0./'; }
 ratio() { bc -l <<<"scale=4; $1 / $2" | sed 's/^\./0./'; }
 ratio2() { bc -l <<<"scale=2; $1 / $2" | sed 's/^\./0./'; }
-mib() { bc -l <<<"scale=1; $1 / 1048576" | sed 's/^\./0./'; }
 rate() { bc -l <<<"scale=0; $1 * 1000000000 / $2 / 1048576"; } # rate BYTES NS: MiB/s
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
@@ -132,43 +129,11 @@ wait_listen() { # wait_listen DIR PID
     die "hbrfs serve $1 did not listen within 30 s"
 }
 
-# wait_caught_up PRIMARY_DIR SECONDARY_DIR PRIMARY_PID SECONDARY_PID: until
-# nothing is dirty or shipping and the secondary applied the last point;
-# prints the secondary's last applied epoch.
-wait_caught_up() {
-    local pd=$1 sd=$2 ppid=$3 spid=$4 t0 p s se
-    t0=$(now_ns)
-    while :; do
-        kill -0 "$ppid" 2>/dev/null || die "hbrfs mount $pd exited"
-        kill -0 "$spid" 2>/dev/null || die "hbrfs serve $sd exited"
-        (($(now_ns) - t0 < timeout * 1000000000)) || die "not caught up within $timeout s"
-        if p=$("$hbrfs" status -d "$pd" --json 2>/dev/null) &&
-            s=$("$hbrfs" status -d "$sd" --json 2>/dev/null); then
-            se=$(jq '.last_applied_epoch' <<<"$s")
-            if jq -e --argjson se "$se" '.replication as $r | $r.connected and .dirty_blocks == 0
-                and .ops == 0 and $r.last_applied_epoch > 0 and $r.shipping == null
-                and $se >= $r.last_applied_epoch and $r.last_applied_epoch + 1 >= .current_epoch' \
-                <<<"$p" >/dev/null; then
-                echo "$se"
-                return
-            fi
-        fi
-        sleep 0.1
-    done
-}
-
-fio_job() { # fio_job FILE SEED ARGS…: one O_DIRECT job, half-compressible fresh buffers
-    local file=$1 seed=$2
-    shift 2
-    fio --name=recovery --filename="$file" --direct=1 --ioengine=libaio --iodepth=4 \
-        --buffer_compress_percentage=50 --refill_buffers --randseed="$seed" --end_fsync=1 \
-        --output-format=terse "$@" >/dev/null || die "fio $* failed"
-}
 # change FILE K: CHANGE_PCT % of the image, distinct random 64 KiB blocks.
 # fio draws the same offsets whatever --randseed, so each change K runs
 # over a region shifted by K MiB: a different set of blocks each time.
 change() {
-    fio_job "$1" "$2" --rw=randwrite --bs=64k --offset="${2}M" --size="$((size_mb - 8))M" \
+    fio_job "$1" "$2" --end_fsync=1 --rw=randwrite --bs=64k --offset="${2}M" --size="$((size_mb - 8))M" \
         --io_size="${change_mb}M"
 }
 
@@ -192,7 +157,7 @@ cp "$replica/.hbrfs/auth.key" "$work/pair.key"
 primary_pid=$!
 wait_mounted "$mnt" "$primary_pid" "hbrfs mount"
 log "fill: $size_mb MiB sequential"
-fio_job "$mnt/disk.img" 1 --rw=write --bs=1M --size="${size_mb}M"
+fio_job "$mnt/disk.img" 1 --end_fsync=1 --rw=write --bs=1M --size="${size_mb}M"
 base=$(wait_caught_up "$backing" "$replica" "$primary_pid" "$secondary_pid")
 log "base point $base applied; change $change_pct % ($change_mb MiB) on the primary"
 change "$mnt/disk.img" 2

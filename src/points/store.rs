@@ -168,11 +168,6 @@ impl PointKeeper {
         })
     }
 
-    /// The points folder.
-    pub fn paths(&self) -> &PointsPaths {
-        &self.paths
-    }
-
     /// The retained points, oldest first.
     pub fn list(&self) -> Vec<PointRecord> {
         self.catalog.lock().expect("catalog lock").clone()
@@ -230,8 +225,8 @@ impl PointKeeper {
         self.retain()
     }
 
-    /// Applies the retention grid now (after each point, and at start).
-    pub fn retain(&self) -> Result<()> {
+    /// Applies the retention grid (after each point).
+    fn retain(&self) -> Result<()> {
         let mut points = self.list();
         retention::apply(&self.paths, &self.keep, &mut points, crate::state::now_ns())?;
         *self.catalog.lock().expect("catalog lock") = points;

@@ -15,6 +15,7 @@ use fuser::{
 use super::{Sandbox, SetAttr, node};
 use crate::fs::attr::time_spec;
 use crate::fs::reply::{Answer, Xattr};
+use crate::mirror::tree::Node;
 use crate::sys::TimeSpec;
 
 /// A `setattr` time as unix ns (`None`: leave it).
@@ -85,7 +86,7 @@ impl Filesystem for Sandbox {
         if mode & libc::S_IFMT != libc::S_IFREG {
             return reply.error(Errno::EPERM);
         }
-        let n = node(mode, req.uid(), req.gid(), Path::new(""));
+        let n = made_by(req, mode);
         reply.answer(self.op_make(parent, name, n));
     }
 
@@ -98,12 +99,7 @@ impl Filesystem for Sandbox {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let n = node(
-            libc::S_IFDIR | mode & 0o7777,
-            req.uid(),
-            req.gid(),
-            Path::new(""),
-        );
+        let n = made_by(req, libc::S_IFDIR | mode & 0o7777);
         reply.answer(self.op_make(parent, name, n));
     }
 
@@ -234,13 +230,14 @@ impl Filesystem for Sandbox {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let n = node(
-            libc::S_IFREG | mode & 0o7777,
-            req.uid(),
-            req.gid(),
-            Path::new(""),
-        );
+        let n = made_by(req, libc::S_IFREG | mode & 0o7777);
         let made = self.op_make(parent, name, n);
         reply.answer(made.map(|e| (e, FileHandle(0), FopenFlags::empty())));
     }
+}
+
+/// A new node of `mode` (type and permissions, no symlink target) owned
+/// by the caller of `req`.
+fn made_by(req: &Request, mode: u32) -> Node {
+    node(mode, req.uid(), req.gid(), Path::new(""))
 }
