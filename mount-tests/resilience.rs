@@ -578,11 +578,13 @@ fn secondary_killed_in_the_middle_of_a_large_point_resumes_it_from_its_log() {
     let (mut sec, m) = pair(&["--max-rate", "32M"]);
     // The mount's own first point (its metadata pass) may land first.
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
-    let before = sec.applied_epoch();
     std::fs::write(m.mnt("big.img"), pattern(SIZE as usize, 3)).unwrap();
     sync_file(&m.mnt("big.img"));
     let deadline = Instant::now() + APPLY_TIMEOUT;
-    let done_at_kill = loop {
+    // `before`: the replica's epoch while the large point ships (its
+    // base); an RPO tick during the write may have applied a small point
+    // of the file's first blocks after the wait above.
+    let (done_at_kill, before) = loop {
         let ship = &primary_status(&m)["replication"]["shipping"];
         let done = if ship.is_null() {
             0
@@ -590,7 +592,7 @@ fn secondary_killed_in_the_middle_of_a_large_point_resumes_it_from_its_log() {
             json_u64(&ship["blocks_done"])
         };
         if done >= BLOCKS / 3 {
-            break done;
+            break (done, sec.applied_epoch());
         }
         assert!(
             Instant::now() < deadline,
