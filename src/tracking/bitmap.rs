@@ -84,10 +84,15 @@ pub enum Slot {
 }
 
 /// A file's dirty bitmap.
+///
+/// It keeps the mapping, not a descriptor: a datastore of 10,000 files
+/// would otherwise hold 10,000 descriptors for files that are only
+/// reopened to grow, next to the 10,000 readers of their backing files,
+/// and a hard limit of 20,000 open files (common in containers) refused
+/// the mount. Growth reopens the file by its path.
 #[derive(Debug)]
 pub struct Bitmap {
     path: PathBuf,
-    file: File,
     /// Blocks of a file of [`MAX_FILE_SIZE`] bytes: every block number is
     /// below it.
     max_blocks: u64,
@@ -343,7 +348,6 @@ impl Bitmap {
         map[OFF_CAPACITY..OFF_CAPACITY + 8].copy_from_slice(&capacity.to_le_bytes());
         let bitmap = Bitmap {
             path: path.to_path_buf(),
-            file,
             max_blocks: max_blocks(block_size),
             map: RwLock::new(Mapped::new(map)),
         };
@@ -418,7 +422,6 @@ impl Bitmap {
         };
         Ok(Bitmap {
             path: path.to_path_buf(),
-            file,
             max_blocks: max_blocks(block_size),
             map: RwLock::new(Mapped::new(map)),
         })
@@ -453,10 +456,15 @@ impl Bitmap {
             .max(end.div_ceil(64))
             * 64;
         mapped.map.flush().at(&self.path)?;
-        grow(&self.file, file_len(old), file_len(capacity)).at(&self.path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .at(&self.path)?;
+        grow(&file, file_len(old), file_len(capacity)).at(&self.path)?;
         // SAFETY: as in `create`; the old mapping is dropped on assignment
         // while we hold the lock exclusively.
-        mapped.map = unsafe { MmapMut::map_mut(&self.file) }.at(&self.path)?;
+        mapped.map = unsafe { MmapMut::map_mut(&file) }.at(&self.path)?;
         word_at(&mapped.map, OFF_CAPACITY).store(capacity, Ordering::Relaxed);
         // The new words are zero: their pages start unsummarised.
         let len = summary_len(capacity);
