@@ -1,6 +1,9 @@
 //! How answers look: aligned tables by default, JSON with `--json`, and
 //! the byte and time formats the tables use.
 
+use std::fmt::Write as _;
+use std::io::{BufWriter, Write as _};
+
 use serde::Serialize;
 use serde_json::Value;
 
@@ -66,21 +69,30 @@ fn fields(indent: &str, v: &Value) {
 }
 
 /// Prints a header and one row per item, each column as wide as its
-/// widest cell.
+/// widest cell, through one buffer (stdout is line-buffered: a write per
+/// row was most of the printing of a 10,000-row `journal ls`). A closed
+/// pipe ends the printing quietly.
 pub(super) fn table<T>(header: &[&str], items: &[T], row: impl Fn(&T) -> Vec<String>) {
     let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     rows.extend(items.iter().map(row));
     let widths: Vec<usize> = (0..header.len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut line = String::new();
     for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
+        line.clear();
+        for (c, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if c > 0 {
+                line.push_str("  ");
+            }
+            let _ = write!(line, "{cell:<w$}");
+        }
+        if writeln!(out, "{}", line.trim_end()).is_err() {
+            return;
+        }
     }
+    let _ = out.flush();
 }
 
 /// An optional number as a cell: `-` for none.

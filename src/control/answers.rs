@@ -3,7 +3,7 @@
 //! CLI deserialises the same types, so a field cannot be renamed on one
 //! side only. Field names are the JSON keys `hbrfs ... --json` prints.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,11 +23,16 @@ fn dirty_blocks(file: &TrackedFile) -> u64 {
     file.dirty_extents().iter().map(|r| r.end - r.start).sum()
 }
 
-/// The size of a journal path in the backing directory, 0 when it is gone
-/// (looked up by descriptors: the root joined to it may exceed PATH_MAX).
-fn backing_size(ds: &Datastore, path: &[u8]) -> u64 {
-    state::open_root(&ds.root)
-        .and_then(|root| state::stat_beneath(root.as_fd(), path))
+/// The backing directory's root, opened once per answer, not once per
+/// file (10,000 opens and closes for a `journal ls` of 10,000 files).
+fn backing_root(ds: &Datastore) -> Option<OwnedFd> {
+    state::open_root(&ds.root).ok()
+}
+
+/// The size of a journal path below `root`, 0 when it is gone (looked up
+/// by descriptors: the root joined to it may exceed PATH_MAX).
+fn backing_size(root: Option<&OwnedFd>, path: &[u8]) -> u64 {
+    root.and_then(|root| state::stat_beneath(root.as_fd(), path).ok())
         .map_or(0, |st| st.st_size as u64)
 }
 
@@ -62,15 +67,18 @@ impl Files {
     pub fn of(ds: &Datastore) -> Result<Self> {
         let bs = ds.format.block_size.bytes();
         let mut files = Vec::new();
+        let root = backing_root(ds);
         for (id, rec) in ds.journal.files()? {
-            let (dirty, counters) = match ds.tracker.file(id) {
-                Some(f) => (dirty_blocks(&f), f.counters()),
-                None => (0, Default::default()),
+            // The daemon knows a live file's size: no path walk per file
+            // (10,000 of them cost the daemon ~170 ms here).
+            let (dirty, counters, live) = match ds.tracker.file(id) {
+                Some(f) => (dirty_blocks(&f), f.counters(), f.live_size()),
+                None => (0, Default::default(), None),
             };
             files.push(FileRow {
                 path: lossy(&rec.path),
                 id: id.0,
-                size: backing_size(ds, &rec.path),
+                size: live.unwrap_or_else(|| backing_size(root.as_ref(), &rec.path)),
                 dirty_blocks: dirty,
                 dirty_bytes: dirty * bs,
                 bytes_written: counters.bytes_written,
@@ -143,7 +151,7 @@ impl Extents {
             path: lossy(&rec.path),
             id: id.0,
             block_size: bs,
-            size: backing_size(ds, &rec.path),
+            size: backing_size(backing_root(ds).as_ref(), &rec.path),
             extents,
         })
     }

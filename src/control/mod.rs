@@ -13,7 +13,6 @@ mod socket;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::datastore::Datastore;
 use crate::error::{Error, Result};
@@ -57,7 +56,7 @@ pub enum Request {
 /// renders typed values instead of looking keys up in JSON.
 ///
 /// On the socket an answer is its bare JSON object (untagged): the
-/// request says which variant it is, see [`Answer::decode`].
+/// request says which variant it is (see `socket::decode`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Answer {
@@ -77,24 +76,6 @@ pub enum Answer {
     Status(Status),
     /// To [`Request::Verify`].
     Verify(VerifyReport),
-}
-
-impl Answer {
-    /// Reads the answer to `req` from its JSON: the request, not the
-    /// JSON, decides the variant (several answers share field names).
-    pub fn decode(req: &Request, v: Value) -> serde_json::Result<Self> {
-        use serde_json::from_value as from;
-        Ok(match req {
-            Request::Ls => Answer::Ls(from(v)?),
-            Request::Show { .. } => Answer::Show(from(v)?),
-            Request::Epochs => Answer::Epochs(from(v)?),
-            Request::Ops => Answer::Ops(from(v)?),
-            Request::Stats => Answer::Stats(from(v)?),
-            Request::Cut => Answer::Cut(from(v)?),
-            Request::Status => Answer::Status(from(v)?),
-            Request::Verify { .. } => Answer::Verify(from(v)?),
-        })
-    }
 }
 
 /// What the control socket answers from: the datastore and, when the

@@ -165,6 +165,14 @@ impl TrackedFile {
         self.size.load(Ordering::Relaxed)
     }
 
+    /// Its size as the mount keeps it (every write, truncate and
+    /// fallocate updates it under the gate), for a file the daemon opened;
+    /// none when inspecting offline, where sizes are not loaded, and for a
+    /// file whose last name is gone.
+    pub fn live_size(&self) -> Option<u64> {
+        (self.reader.is_some() && !self.is_gone()).then(|| self.size())
+    }
+
     /// Whether its last name was unlinked.
     pub fn is_gone(&self) -> bool {
         self.gone_epoch.load(Ordering::Relaxed) != 0
