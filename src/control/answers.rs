@@ -292,7 +292,7 @@ impl Stats {
     pub fn of(ds: &Datastore, daemon_running: bool) -> Self {
         let bs = ds.format.block_size.bytes();
         let files = ds.tracker.all_files();
-        let dirty: u64 = files.iter().map(|f| dirty_blocks(f)).sum();
+        let dirty = ds.tracker.dirty_blocks();
         let (cuts, p99, max) = ds.tracker.cut_stalls();
         Self {
             block_size: bs,

@@ -275,6 +275,23 @@ impl Tracker {
             .collect()
     }
 
+    /// Blocks dirty now (open and closed epochs together), all files.
+    /// Only the files of the dirty set can hold any (the cut ships from
+    /// the same set), so this costs the dirty files, not the tracked ones:
+    /// `status` of 10,000 clean files spent ~20 ms of its ~25 ms in a scan
+    /// of every bitmap.
+    pub fn dirty_blocks(&self) -> u64 {
+        self.dirty_files()
+            .iter()
+            .map(|f| {
+                f.dirty_extents()
+                    .iter()
+                    .map(|r| r.end - r.start)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     /// The loaded files of the dirty set, by id; entries of files no longer
     /// loaded are dropped.
     fn dirty_files(&self) -> Vec<Arc<TrackedFile>> {
