@@ -14,6 +14,29 @@ stop() {
     wait "$1" 2>/dev/null || true
 }
 
+# wait_mounted DIR PID WHAT [SECONDS]: until DIR is mounted (polled every
+# 10 ms, for at most SECONDS, 60 by default), or die when PID (the daemon,
+# called WHAT) exits first.
+wait_mounted() {
+    local t0=${EPOCHREALTIME/./} limit=${4:-60}
+    until is_mounted "$1"; do
+        kill -0 "$2" 2>/dev/null || die "$3 exited before mounting $1"
+        ((${EPOCHREALTIME/./} - t0 < limit * 1000000)) || die "$3 did not mount $1 within $limit s"
+        sleep 0.01
+    done
+}
+
+# wait_listen DIR PID: until `hbrfs serve DIR` (PID) wrote the address it
+# listens on to DIR/.hbrfs/listen.
+wait_listen() {
+    for _ in $(seq 300); do
+        [[ -s $1/.hbrfs/listen ]] && return
+        kill -0 "$2" 2>/dev/null || die "hbrfs serve $1 exited"
+        sleep 0.1
+    done
+    die "hbrfs serve $1 did not listen within 30 s"
+}
+
 now_ns() { date +%s%N; }
 secs() { bc -l <<<"scale=2; $1 / 1000000000" | sed 's/^\./0./'; }
 mib() { bc -l <<<"scale=1; $1 / 1048576" | sed 's/^\./0./'; }

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Write throughput of an hbrfs mount against the directory it passes through to.
 #
-# Three configurations, all on the same file system (one temp dir under
+# Four configurations, all on the same file system (one temp dir under
 # BENCH_DIR, /var/tmp by default):
 #   native       fio straight on a directory
 #   no-tracking  hbrfs mount --no-tracking: the FUSE passthrough alone
 #   tracking     hbrfs mount (default): passthrough + dirty bitmaps + journal
-# c/b isolates what change tracking costs; c/a is what a hypervisor sees.
+#   replicating  tracking, replicating to a local secondary: `hbrfs serve`
+#                on 127.0.0.1 with its replica folder in the same temp dir,
+#                `hbrfs mount --replicate-to ... --rpo BENCH_RPO`
+# c/b isolates what change tracking costs; c/a is what a hypervisor sees;
+# d/c is what replication costs the write path (target >= 0.95): the
+# replicator reads, hashes, compresses and ships while fio writes, and the
+# secondary applies on the same disk. Before each job the replicating
+# configuration waits (untimed) until the secondary caught up, so that a
+# job does not pay for shipping the previous one.
 #
 # Jobs (the write patterns of a VM image, see shared/PERF-NOTES.md):
 #   seq-1m-buffered+fsync  1 MiB writes through the page cache, one fsync at
@@ -33,13 +41,15 @@
 #   BENCH_RAND_SIZE=256M   file size for random jobs
 #   BENCH_DIR=/var/tmp     where the temp dir goes (must not be tmpfs)
 #   BENCH_JOBS="..."       space-separated subset of the job names above
-#   BENCH_CONFIGS="native no-tracking tracking"  subset of configurations
+#   BENCH_CONFIGS="native no-tracking tracking replicating"  subset of configurations
+#   BENCH_RPO=1s           --rpo of the replicating configuration
+#   BENCH_CATCHUP_TIMEOUT=600  seconds to wait for the secondary to catch up
 #   HBRFS_MOUNT_ARGS=""    extra `hbrfs mount` arguments, e.g. "--threads 16"
 #   BENCH_KEEP_JSON=DIR    copy every fio JSON output into DIR
 #
-# Needs root (drop_caches, FUSE mount), fio with libaio, python3.
-# Default run: 4 timed jobs x 10 s x 3 runs x 3 configs + file preparation
-# and cache drops, 7-8 minutes on a 2-core VM.
+# Needs root (drop_caches, FUSE mount), fio with libaio, python3, jq.
+# Default run: 4 timed jobs x 10 s x 3 runs x 4 configs + file preparation,
+# cache drops and the replica's catch-up, ~11 minutes on a 2-core VM.
 set -euo pipefail
 
 runs=${BENCH_RUNS:-3}
@@ -49,7 +59,10 @@ rand_size=${BENCH_RAND_SIZE:-256M}
 bench_dir=${BENCH_DIR:-/var/tmp}
 all_jobs="seq-1m-buffered+fsync seq-1m-direct rand-4k-buffered rand-4k-direct-qd1 rand-4k-direct-qd16"
 jobs=${BENCH_JOBS:-$all_jobs}
-configs=${BENCH_CONFIGS:-native no-tracking tracking}
+configs=${BENCH_CONFIGS:-native no-tracking tracking replicating}
+rpo=${BENCH_RPO:-1s}
+# Read by wait_caught_up (common.sh).
+timeout=${BENCH_CATCHUP_TIMEOUT:-600}
 # Word splitting is the point: this carries several arguments.
 read -r -a mount_args <<<"${HBRFS_MOUNT_ARGS:-}"
 keep_json=${BENCH_KEEP_JSON:-}
@@ -63,17 +76,19 @@ die() { log "error: $*"; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "run as root: dropping caches and mounting need it"
 command -v fio >/dev/null || die "fio not found (apt-get install fio)"
 command -v python3 >/dev/null || die "python3 not found"
+command -v jq >/dev/null || die "jq not found"
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive integer"
 for j in $jobs; do
     [[ " $all_jobs " == *" $j "* ]] || die "unknown job '$j' (known: $all_jobs)"
 done
 for c in $configs; do
-    [[ $c == native || $c == no-tracking || $c == tracking ]] || die "unknown config '$c'"
+    [[ $c == native || $c == no-tracking || $c == tracking || $c == replicating ]] ||
+        die "unknown config '$c'"
 done
 # tmpfs has no O_DIRECT and no writeback: the comparison would be meaningless.
 [[ $(stat -f -c %T "$bench_dir") != tmpfs ]] || die "BENCH_DIR $bench_dir is tmpfs"
 
-if [[ " $configs " == *" tracking "* || " $configs " == *" no-tracking "* ]] && [[ ! -x $hbrfs ]]; then
+if [[ " $configs " != " native " ]] && [[ ! -x $hbrfs ]]; then
     log "building $hbrfs"
     (cd "$repo" && cargo build --release --quiet) || die "cargo build --release failed"
 fi
@@ -82,12 +97,11 @@ work=$(mktemp -d "$bench_dir/hbrfs-bench.XXXXXX")
 mnt=$work/mnt
 mkdir -p "$mnt" "$work/native" "$work/results"
 daemon_pid=
+serve_pid=
 fio_pid=
 
-is_mounted() {
-    # /proc/self/mounts, not mountpoint(1): stat()ing a hung FUSE mount blocks.
-    awk -v m="$1" '$2 == m { found = 1 } END { exit !found }' /proc/self/mounts
-}
+# shellcheck source=contrib/bench/common.sh
+source "$repo/contrib/bench/common.sh"
 
 unmount() {
     if is_mounted "$mnt"; then
@@ -112,6 +126,10 @@ unmount() {
         wait "$daemon_pid" 2>/dev/null || true
         daemon_pid=
     fi
+    if [[ -n $serve_pid ]]; then
+        stop "$serve_pid"
+        serve_pid=
+    fi
 }
 
 cleanup() {
@@ -134,10 +152,19 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# mount CONFIG: start the daemon on CONFIG's own backing dir, wait for the mount.
+# mount CONFIG: start the daemon on CONFIG's own backing dir (and for
+# replicating, first the secondary on its own replica dir), wait for the mount.
 mount_hbrfs() {
-    local cfg=$1 backing=$work/backing-$1 extra=()
+    local cfg=$1 backing=$work/backing-$1 replica=$work/replica-$1 extra=()
     if [[ $cfg == no-tracking ]]; then extra=(--no-tracking); fi
+    if [[ $cfg == replicating ]]; then
+        rm -f "$replica/.hbrfs/listen"
+        "$hbrfs" serve "$replica" --listen 127.0.0.1:0 >>"$work/hbrfs-serve.log" 2>&1 &
+        serve_pid=$!
+        wait_listen "$replica" "$serve_pid"
+        extra=(--replicate-to "$(<"$replica/.hbrfs/listen")" --auth-key "$replica/.hbrfs/auth.key"
+            --rpo "$rpo")
+    fi
     mkdir -p "$backing"
     "$hbrfs" mount "$backing" "$mnt" "${extra[@]}" "${mount_args[@]}" \
         >>"$work/hbrfs-$cfg.log" 2>&1 &
@@ -210,6 +237,9 @@ run_job() {
     dir=$(target_dir "$cfg")
     read -r -a args <<<"$(job_args "$job")"
     out=$work/results/$cfg.$job.$run.json
+    if [[ $cfg == replicating ]]; then
+        wait_caught_up "$work/backing-$cfg" "$work/replica-$cfg" "$daemon_pid" "$serve_pid" >/dev/null
+    fi
     drop_caches
     # The timeout bounds a daemon that stops answering: fio would wait forever.
     # fio runs in the background and we `wait` for it, because bash defers a
@@ -226,7 +256,9 @@ run_job() {
     fio_pid=
 }
 
-log "work dir $work; jobs: $jobs; configs: $configs; $runs runs of ${runtime}s"
+# The machine may be shared: the table says how busy it was.
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+log "work dir $work; jobs: $jobs; configs: $configs; $runs runs of ${runtime}s; load $load_start"
 for run in $(seq "$runs"); do
     for cfg in $configs; do
         if [[ $cfg != native ]]; then mount_hbrfs "$cfg"; fi
@@ -250,10 +282,12 @@ fi
 
 # Medians and the table. bw_bytes and iops are fio's averages over the whole
 # job, including the final fsync where there is one.
-python3 - "$work/results" "$runs" "$jobs" "$configs" "${HBRFS_MOUNT_ARGS:-}" <<'PY'
+python3 - "$work/results" "$runs" "$jobs" "$configs" "${HBRFS_MOUNT_ARGS:-}" "$rpo" "$load_start" \
+    "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
 import json, os, statistics, sys
 
 results, runs, jobs, configs, margs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split(), sys.argv[5]
+rpo, load_start, load_end = sys.argv[6:9]
 
 def metric(job, cfg):
     vals = []
@@ -276,12 +310,15 @@ def fmt(job, v, cfg):
 def ratio(a, b):
     return f"{a / b:.2f}" if a is not None and b else "-"
 
-print(f"\nmedian of {runs} runs; hbrfs mount args: {margs or '(none)'}\n")
-print("| job | native | no-tracking | tracking | tracking / no-tracking | tracking / native |")
-print("| --- | ---: | ---: | ---: | ---: | ---: |")
+print(f"\nmedian of {runs} runs; hbrfs mount args: {margs or '(none)'}; replicating: --rpo {rpo}; "
+      f"load average {load_start} at the start, {load_end} at the end\n")
+print("| job | native | no-tracking | tracking | replicating | tracking / no-tracking | tracking / native "
+      "| replicating / tracking |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for job in jobs:
-    m = {c: metric(job, c) if c in configs else None for c in ("native", "no-tracking", "tracking")}
+    m = {c: metric(job, c) if c in configs else None for c in ("native", "no-tracking", "tracking", "replicating")}
     print(f"| {job} | {fmt(job, m['native'], 'native')} | {fmt(job, m['no-tracking'], 'no-tracking')} | "
-          f"{fmt(job, m['tracking'], 'tracking')} | {ratio(m['tracking'], m['no-tracking'])} | "
-          f"{ratio(m['tracking'], m['native'])} |")
+          f"{fmt(job, m['tracking'], 'tracking')} | {fmt(job, m['replicating'], 'replicating')} | "
+          f"{ratio(m['tracking'], m['no-tracking'])} | {ratio(m['tracking'], m['native'])} | "
+          f"{ratio(m['replicating'], m['tracking'])} |")
 PY

@@ -112,23 +112,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_mounted() { # wait_mounted DIR PID WHAT
-    for _ in $(seq 600); do
-        is_mounted "$1" && return
-        kill -0 "$2" 2>/dev/null || die "$3 exited before mounting"
-        sleep 0.01
-    done
-    die "$3 did not mount within 6 s"
-}
-wait_listen() { # wait_listen DIR PID
-    for _ in $(seq 300); do
-        [[ -s $1/.hbrfs/listen ]] && return
-        kill -0 "$2" 2>/dev/null || die "hbrfs serve $1 exited"
-        sleep 0.1
-    done
-    die "hbrfs serve $1 did not listen within 30 s"
-}
-
 # change FILE K: CHANGE_PCT % of the image, distinct random 64 KiB blocks.
 # fio draws the same offsets whatever --randseed, so each change K runs
 # over a region shifted by K MiB: a different set of blocks each time.
