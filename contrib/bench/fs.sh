@@ -114,13 +114,14 @@ unmount() {
         }
     fi
     if [[ -n $daemon_pid ]]; then
-        # Give the daemon time for its clean shutdown (journal flush).
-        for _ in $(seq 100); do
+        # Give the daemon time for its clean shutdown (journal flush; a
+        # replicating one may finish shipping a point first).
+        for _ in $(seq 300); do
             kill -0 "$daemon_pid" 2>/dev/null || break
             sleep 0.1
         done
         if kill -0 "$daemon_pid" 2>/dev/null; then
-            log "daemon $daemon_pid still running 10 s after unmount; killing it"
+            log "daemon $daemon_pid still running 30 s after unmount; killing it"
             kill -9 "$daemon_pid" 2>/dev/null || true
         fi
         wait "$daemon_pid" 2>/dev/null || true
