@@ -660,17 +660,32 @@ mod tests {
     fn the_cut_visits_only_dirty_files_and_the_closed_set_lives_until_cleared() {
         let dir = tempfile::tempdir().unwrap();
         let t = tracker(dir.path());
+        // `dirty_blocks` counts over the dirty set only: it must agree
+        // with a count over every file at each step.
+        let dirty = |t: &Tracker| {
+            let every: u64 = t
+                .all_files()
+                .iter()
+                .flat_map(|f| f.dirty_extents())
+                .map(|r| r.end - r.start)
+                .sum();
+            assert_eq!(t.dirty_blocks(), every);
+            every
+        };
         let files: Vec<_> = (1..=3).map(|id| track(&t, id)).collect();
         assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(1)));
         let set = t.protect_closed().unwrap().unwrap();
         assert_eq!(set.files.len(), 3);
         t.clear_closed(&set);
         assert!(dirty_ids(&t).is_empty(), "idle files leave the dirty set");
+        assert_eq!(dirty(&t), 0);
 
         write(&files[1], 5);
+        assert_eq!(dirty(&t), 1);
         assert_eq!(dirty_ids(&t), vec![2]);
         assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(2)));
         assert_eq!(dirty_ids(&t), vec![2], "a closed set keeps its file dirty");
+        assert_eq!(dirty(&t), 1);
         write(&files[1], 6);
         assert_eq!(
             t.cut().unwrap(),
@@ -688,9 +703,11 @@ mod tests {
         assert_eq!(set.files[0].closed_blocks(), vec![BlockNo(5), BlockNo(6)]);
         write(&files[0], 1);
         assert_eq!(t.cut().unwrap(), CutOutcome::Deferred);
+        assert_eq!(dirty(&t), 3);
         assert!(t.protect_closed().unwrap().is_none(), "protected already");
         t.clear_closed(&set);
         assert_eq!(dirty_ids(&t), vec![1], "the write during the ship stays");
+        assert_eq!(dirty(&t), 1);
         assert_eq!(t.cut().unwrap(), CutOutcome::Closed(Epoch(4)));
     }
 
