@@ -45,6 +45,12 @@
 #   BENCH_RPO=1s           --rpo of the replicating configuration
 #   BENCH_CATCHUP_TIMEOUT=600  seconds to wait for the secondary to catch up
 #   HBRFS_MOUNT_ARGS=""    extra `hbrfs mount` arguments, e.g. "--threads 16"
+#   BENCH_FUSE_MAX_BACKGROUND=N  after each mount, set the FUSE connection's
+#                          max_background to N and congestion_threshold to
+#                          3N/4 (/sys/fs/fuse/connections; kernel defaults
+#                          12 and 9): writeback requests are background
+#                          requests, so this A/Bs the throttle without a
+#                          rebuild
 #   BENCH_KEEP_JSON=DIR    copy every fio JSON output into DIR
 #
 # Needs root (drop_caches, FUSE mount), fio with libaio, python3, jq.
@@ -61,6 +67,7 @@ all_jobs="seq-1m-buffered+fsync seq-1m-direct rand-4k-buffered rand-4k-direct-qd
 jobs=${BENCH_JOBS:-$all_jobs}
 configs=${BENCH_CONFIGS:-native no-tracking tracking replicating}
 rpo=${BENCH_RPO:-1s}
+max_background=${BENCH_FUSE_MAX_BACKGROUND:-}
 # Read by wait_caught_up (common.sh).
 timeout=${BENCH_CATCHUP_TIMEOUT:-600}
 # Word splitting is the point: this carries several arguments.
@@ -173,12 +180,15 @@ mount_hbrfs() {
     # Poll instead of sleeping a fixed time: mount time varies with the size
     # of the datastore (the mount walks the backing tree).
     for _ in $(seq 300); do
-        is_mounted "$mnt" && return 0
+        if is_mounted "$mnt"; then
+            tune_connection
+            return 0
+        fi
         if ! kill -0 "$daemon_pid" 2>/dev/null; then
             wait "$daemon_pid" || true
             daemon_pid=
             # A daemon that forks away still leaves the mount behind.
-            is_mounted "$mnt" && return 0
+            if is_mounted "$mnt"; then tune_connection; return 0; fi
             tail -n 20 "$work/hbrfs-$cfg.log" >&2
             die "hbrfs mount ($cfg) exited before mounting"
         fi
@@ -186,6 +196,18 @@ mount_hbrfs() {
     done
     tail -n 20 "$work/hbrfs-$cfg.log" >&2
     die "hbrfs mount ($cfg) did not mount within 30 s"
+}
+
+# Applies BENCH_FUSE_MAX_BACKGROUND to the FUSE connection of the mount
+# (its directory in /sys/fs/fuse/connections is named by the mount's device
+# number).
+tune_connection() {
+    [[ -n $max_background ]] || return 0
+    local conn
+    conn=/sys/fs/fuse/connections/$(stat -c %d "$mnt")
+    [[ -d $conn ]] || die "no FUSE connection directory $conn (is fusectl mounted?)"
+    echo "$max_background" >"$conn/max_background"
+    echo $((max_background * 3 / 4)) >"$conn/congestion_threshold"
 }
 
 # Directory the jobs of CONFIG write into.
