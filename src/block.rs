@@ -334,7 +334,8 @@ mod tests {
         let random = noise(65536, 7);
         let p = pack(&random, 1).unwrap();
         assert!(p.raw, "random data is sent raw");
-        assert_eq!(p.frame.len(), 65536 + 4 + 1 + 4 + 3);
+        // Magic, descriptor, a 2-byte content size, one block header.
+        assert_eq!(p.frame.len(), 65536 + 4 + 1 + 2 + 3);
         assert_eq!(decompress(&p.frame, 65536).unwrap(), random);
 
         let text: Vec<u8> = (0..65536u32)

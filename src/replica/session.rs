@@ -531,7 +531,9 @@ impl<'a> Session<'a> {
         if blocks.blocks.len() > MAX_BLOCKS {
             return Err(Refused::TooManyBlocks(blocks.blocks.len()));
         }
-        let done = self.log()?.progress().done;
+        // Before the offers began nothing is pending: the first block is
+        // refused as not asked for.
+        let done = self.log.as_ref().map_or(0, |l| l.progress().done);
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         let last = blocks.blocks.len();

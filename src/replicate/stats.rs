@@ -308,7 +308,7 @@ mod tests {
         assert_eq!(v["dedup_ratio"], 0.0);
         assert!(v["seconds_since_progress"].is_null());
         assert_eq!(v["last_progress_ns"], 0);
-        assert_eq!(v.as_object().unwrap().len(), 27);
+        assert_eq!(v.as_object().unwrap().len(), 28);
         assert_eq!(v["errors"]["remote"], 0);
         stats.secondary_refused(3, &["a".into(), "b".into()]);
         let r = stats.report();
