@@ -38,6 +38,7 @@
 //! - [`state`]: the state folders' paths ([`state::StatePaths`], [`state::ReplicaPaths`]), durable small writes, time, hex, the tree walk.
 //! - [`throttle`]: the token bucket behind `--max-rate`.
 //! - [`qcow2`]: a sequential qcow2 v3 image writer, for exporting a point (or the change since another) as a backing chain.
+//! - [`workers`]: one thread per core for the block work of both wings (compression, decompression and hash checks), contexts kept per thread.
 //! - [`ids`]: the newtypes for ids and units (`FileId`, `BlockNo`, `Epoch`, `BlockSize`).
 //! - [`error`]: the error tree, with [`error::Error::kind`] for control flow.
 //! - [`sys`]: every raw syscall, each behind a helper that returns `io::Result`.
@@ -62,6 +63,7 @@ pub mod throttle;
 pub mod tls;
 pub mod tracking;
 pub mod wire;
+pub mod workers;
 
 pub mod replica;
 pub mod replicate;

@@ -13,8 +13,12 @@ use std::time::Duration;
 /// Version 3: Begin is a header and a point's lists travel in Manifest
 /// chunks; offers go file by file, blocks ascending. Version 4: a demoted
 /// secondary hands its resync list to the new primary (`Resync`), and a
-/// point names the list it covers.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// point names the list it covers. Version 5: offers stream ahead of the
+/// blocks: several Offers messages may await their blocks at once, up to
+/// [`MAX_WINDOW_OFFERS`] offers in all (version 4 wanted every block of
+/// one Offers before the next, so a version 4 secondary would refuse the
+/// second).
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Most paths of a resync list (across its chunks), and most extents of
 /// one path in one chunk: the primary holds the list while it marks it.
 pub const MAX_RESYNC_PATHS: usize = MAX_ENTRIES;
@@ -28,6 +32,12 @@ pub const RESYNC_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Most offers in one message.
 pub const MAX_OFFERS: usize = 65_536;
+/// Most offers the secondary holds awaiting their blocks: from the first
+/// offer whose block has not come to the last offer made, across Offers
+/// messages. The primary keeps its offers outstanding within it, so that
+/// Offers → Wants round trips overlap the blocks of earlier offers; the
+/// secondary refuses an Offers that would exceed it.
+pub const MAX_WINDOW_OFFERS: usize = MAX_OFFERS;
 /// Most blocks in one message.
 pub const MAX_BLOCKS: usize = 4_096;
 /// Most namespace operations, files or paths' metadata in one point (across its Manifest
@@ -52,6 +62,20 @@ pub const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;
 // forwarding without closing) is noticed within 30 s whatever the stream
 // is doing: by `NO_PROGRESS_TIMEOUT` while a point ships, by the keepalive
 // while the primary waits for an apply or is idle.
+
+/// HTTP/2 flow-control window of a stream and of a connection, in bytes,
+/// on both sides (`HBRFS_H2_WINDOW`; 0 keeps the transport's defaults).
+/// Blocks flow one way in big messages: a window smaller than a few
+/// messages makes the sender wait a round trip for credit.
+pub fn h2_window() -> Option<u32> {
+    let bytes = tuned("HBRFS_H2_WINDOW", H2_WINDOW);
+    (bytes != 0).then(|| bytes.clamp(65_535, (1 << 31) - 1) as u32)
+}
+/// The default of [`h2_window`]: 8 MiB, two Blocks messages, a window of
+/// offers at 4 KiB blocks. The transport's default (64 KiB per stream,
+/// raised by BDP probing) made the initial sync 1.3x slower on loopback
+/// (`contrib/bench/sync-ab.sh`, `docs/design.md`).
+pub const H2_WINDOW: u64 = 8 * 1024 * 1024;
 
 /// How long a connection attempt (TCP and TLS) to the secondary may take:
 /// a loopback or LAN handshake takes milliseconds, a WAN one well under a
@@ -105,4 +129,15 @@ pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// The Commit → Applied deadline of a point of `bytes`.
 pub fn apply_timeout(bytes: u64) -> Duration {
     APPLY_TIMEOUT_BASE + Duration::from_secs(bytes / APPLY_MIN_RATE)
+}
+
+/// A size of the replication pipeline that benchmarks vary without a
+/// rebuild (`contrib/bench/sync-ab.sh`): the environment variable `var`
+/// when it holds a number, `default` otherwise (also when it is not a
+/// number: a typo must not stop a daemon).
+pub fn tuned(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

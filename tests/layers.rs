@@ -36,6 +36,7 @@ const MAP: &[(&str, u32, Wing)] = &[
     ("block", 12, Wing::Shared),
     ("wire", 12, Wing::Shared),
     ("state", 12, Wing::Shared),
+    ("workers", 11, Wing::Shared),
     ("ids", 10, Wing::Shared),
     ("error", 10, Wing::Shared),
     ("sys", 10, Wing::Shared),

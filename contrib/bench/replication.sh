@@ -60,7 +60,7 @@
 #   NATIVE_DURATION=15   seconds of the same fio job on the native copy, for
 #                        the disk's own write latency (0 skips it)
 #   RPO=1s               hbrfs mount --rpo
-#   ZSTD_LEVEL=1         hbrfs mount --zstd-level and the zstd -b level
+#   ZSTD_LEVEL=-1        hbrfs mount --zstd-level (its default) and the zstd -b level
 #   ZSTD_SAMPLE_MB=1024  non-zero data zstd -b runs on (at most)
 #   SEED=1               seed of the content and of the changed blocks
 #   CATCHUP_TIMEOUT=600  seconds to wait for the replica to catch up
@@ -87,7 +87,7 @@ duration=${DURATION:-60}
 fio_bs=${FIO_BS:-64k}
 fio_iodepth=${FIO_IODEPTH:-4}
 rpo=${RPO:-1s}
-zstd_level=${ZSTD_LEVEL:-1}
+zstd_level=${ZSTD_LEVEL:--1}
 zstd_sample_mb=${ZSTD_SAMPLE_MB:-1024}
 native_duration=${NATIVE_DURATION:-15}
 seed=${SEED:-1}

@@ -63,8 +63,8 @@ enum Command {
         /// Recovery point objective: cut and ship a point this often.
         #[arg(long, value_parser = parse_duration, default_value = "5s")]
         rpo: Duration,
-        /// zstd level for shipped blocks (see PERF-NOTES: 1 gives 2.7x at ~500 MB/s per core).
-        #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
+        /// zstd level for shipped blocks; -1 by measurement (docs/design.md, "Compression that pays").
+        #[arg(long, default_value_t = crate::replicate::DEFAULT_ZSTD_LEVEL, allow_hyphen_values = true)]
         zstd_level: i32,
         /// Cap on replication bandwidth in bytes per second (e.g. 50M).
         #[arg(long, value_parser = parse_bytes, value_name = "BYTES_PER_S")]

@@ -57,7 +57,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         replicate: Some(ReplicateOptions {
             addr: listen.trim().to_string(),
             rpo,
-            level: 1,
+            level: crate::replicate::DEFAULT_ZSTD_LEVEL,
             key,
             max_rate: None,
         }),

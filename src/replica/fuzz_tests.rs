@@ -37,7 +37,7 @@ use crate::proto::replication::{
     Begin, Block, Blocks, Commit, FileState, Manifest, NamespaceOp, Offer, Offers, OpKind,
     PathMeta, ShipMessage, ship_message, ship_reply,
 };
-use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_FILE_SIZE, MAX_OFFERS};
+use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_FILE_SIZE, MAX_OFFERS, MAX_WINDOW_OFFERS};
 
 /// The pair's block size: the smallest allowed, so epochs stay tiny.
 const BS: u64 = 4096;
@@ -1395,6 +1395,61 @@ fn refuses_hashes_of_0_1_15_17_32_bytes_and_point_ids_of_0_15_17_bytes() {
             }
         });
     }
+    fx.finish();
+}
+
+/// Offers stream ahead of their blocks (protocol 5): the Offers of `c.img`
+/// before the blocks of `vms/a.img` are answered, and the point applies as
+/// offered.
+#[test]
+fn offers_ahead_of_the_blocks_they_want_are_answered_and_apply() {
+    let mut fx = Fixture::new();
+    let mut m = fx.next_epoch();
+    let offers_c = m.remove(OFFERS_C);
+    m.insert(BLOCKS_A, offers_c);
+    let run = fx.drive(m.clone());
+    assert_eq!(run.refused, None);
+    assert_eq!(run.wants, vec![vec![0, 2], vec![0, 1]]);
+    assert_eq!(run.applied, Some(2), "{run:?}");
+    assert_applied_as_offered(&fx, &m, 2);
+    fx.mark_applied(2);
+    fx.finish();
+}
+
+/// The next epoch with `c.img` made big and its offers replaced by two
+/// Offers messages of `first` and `second` offers (content nobody holds),
+/// one after the other with no block in between.
+fn two_offers_of_c(m: &mut [ShipMessage], first: usize, second: usize) {
+    let n = (first + second) as u64;
+    lists_of(&mut m[LISTS]).files[1].size = (n + 1) * BS;
+    let fake = |block: u64| Offer {
+        file_id: 3,
+        block,
+        hash: content(block ^ 0x5eed, 16),
+        zero: false,
+        length: BS as u32,
+    };
+    let split = first as u64;
+    m[OFFERS_C] = offers((0..split).map(fake).collect());
+    m[BLOCKS_C] = offers((split..n).map(fake).collect());
+}
+
+#[test]
+fn refuses_offers_beyond_the_window_of_offers_awaiting_blocks() {
+    let mut fx = Fixture::new();
+    let half = MAX_WINDOW_OFFERS / 2;
+    // Exactly the window: both Offers are answered; the Commit then finds
+    // the blocks missing.
+    fx.refuse_changed(
+        "MAX_WINDOW_OFFERS offers awaiting blocks",
+        &["wanted blocks never sent"],
+        |m, _| two_offers_of_c(m, half, MAX_WINDOW_OFFERS - half),
+    );
+    fx.refuse_changed(
+        "MAX_WINDOW_OFFERS + 1 offers awaiting blocks",
+        &["await blocks still to come"],
+        |m, _| two_offers_of_c(m, half, MAX_WINDOW_OFFERS - half + 1),
+    );
     fx.finish();
 }
 

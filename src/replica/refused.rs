@@ -4,9 +4,9 @@
 //! replica at its last applied point. Every message names what is wrong,
 //! with the file and block where there is one.
 //!
-//! Four of these are failures, not refusals ([`Refused::is_retryable`]):
-//! staging or spilling that failed (a full disk), an apply that failed, and one that
-//! failed earlier and still fails when retried. A failed apply's redo
+//! Five of these are failures, not refusals ([`Refused::is_retryable`]):
+//! staging or spilling that failed (a full disk), an apply that failed, one that
+//! failed earlier and still fails when retried, and a block worker lost. A failed apply's redo
 //! record stays; the stream ends with Unavailable and its cause
 //! ([`Refused::cause`]: "no space left on REPLICA"), and the primary keeps
 //! the point and ships it again, resuming what was staged.
@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use super::preflight::PreflightError;
 use crate::block::BlockError;
 use crate::error::{Error, ErrorKind};
-use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS};
+use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS, MAX_WINDOW_OFFERS};
 
 /// Why a stream was refused.
 #[derive(Debug, thiserror::Error)]
@@ -105,17 +105,28 @@ pub enum Refused {
     /// The point cannot be applied on this replica.
     #[error(transparent)]
     Preflight(#[from] PreflightError),
+    /// The block workers lost a batch (a worker panicked): nothing of it
+    /// is staged.
+    #[error("decoding blocks: a block worker stopped")]
+    Workers,
     /// A file state listed twice.
     #[error("file {0} listed twice")]
     FileTwice(u64),
     /// Offers before Begin and the end of its lists.
     #[error("Offers before Begin and the end of its lists")]
     OffersBeforeBegin,
-    /// Offers while blocks the previous Offers wanted were not sent.
+    /// Offers that would hold more than [`MAX_WINDOW_OFFERS`] offers
+    /// awaiting their blocks.
     #[error(
-        "Offers with {0} wanted blocks never sent (the blocks of one Offers come before the next)"
+        "Offers of {offers} offers while {awaiting} offers await blocks still to come \
+         (at most {MAX_WINDOW_OFFERS} in all)"
     )]
-    OffersBeforeBlocks(usize),
+    WindowFull {
+        /// Offers in the message.
+        offers: usize,
+        /// Offers held from the first whose block has not come.
+        awaiting: usize,
+    },
     /// More offers than [`MAX_OFFERS`] in one message.
     #[error("{0} offers in one message; at most {MAX_OFFERS}")]
     TooManyOffers(usize),
@@ -239,6 +250,7 @@ impl Refused {
                 | Refused::ApplyPending { .. }
                 | Refused::Staging { .. }
                 | Refused::Spill(_)
+                | Refused::Workers
         )
     }
 
@@ -273,7 +285,7 @@ impl Refused {
             Refused::Apply { source, .. }
             | Refused::ApplyPending { source, .. }
             | Refused::Spill(source) => source.kind(),
-            Refused::Staging { .. } => ErrorKind::Io,
+            Refused::Staging { .. } | Refused::Workers => ErrorKind::Io,
             Refused::Index(source) => source.kind(),
             _ => ErrorKind::Refused,
         }

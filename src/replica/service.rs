@@ -345,6 +345,8 @@ pub async fn serve_on(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(crate::wire::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(crate::wire::KEEPALIVE_TIMEOUT))
+        .initial_stream_window_size(crate::wire::h2_window())
+        .initial_connection_window_size(crate::wire::h2_window())
         .tls_config(tls)?
         .add_service(tonic::service::interceptor::InterceptedService::new(
             ReplicaService::new(store).into_server(),

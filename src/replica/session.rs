@@ -6,8 +6,10 @@
 //!
 //! Bounded: Begin is a header; the point's lists arrive in Manifest chunks,
 //! each checked (`preflight`) and spilled to `staging/point`; offers go
-//! file by file, blocks ascending, and each one complete is appended to
-//! the offer manifest `staging/offers` (`resume`). So what a session holds
+//! file by file, blocks ascending, up to [`MAX_WINDOW_OFFERS`] ahead of
+//! their blocks, and each one complete is appended to the offer manifest
+//! `staging/offers` (`resume`). Blocks are decoded and hash-checked across
+//! the cores (`workers`), and staged in the order they came. So what a session holds
 //! in memory does not grow with the operations or offers of the point.
 //!
 //! Resuming: a stream that breaks before its commit leaves what it staged
@@ -47,11 +49,25 @@ use crate::proto::replica::StagedBlock;
 use crate::proto::replication::{
     Applied, Begin, Blocks, Commit, Manifest, Offer, Offers, Resumed, Wants,
 };
-use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS};
+use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS, MAX_WINDOW_OFFERS};
 
 /// Staged bytes between two checkpoints of the point's log (every message
 /// in unit tests, so that the fuzz suite exercises the log too).
 const CHECKPOINT_BYTES: u64 = if cfg!(test) { 1 } else { 32 * 1024 * 1024 };
+
+/// Raw bytes of blocks decoded at once by the workers: what a Blocks
+/// message costs in memory at most beyond itself.
+const DECODE_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// A block that came for a pending offer, until it is decoded.
+struct Wanted {
+    block: crate::proto::replication::Block,
+    hash: BlockHash,
+    /// The offer's number in the point.
+    number: u64,
+    /// The offer's length: the block must decode to exactly this.
+    length: usize,
+}
 
 /// The place an offer or a block names.
 fn place(file_id: u64, block: u64) -> Place {
@@ -80,7 +96,7 @@ struct Slot {
 
 /// The state of one epoch being received. What it holds in memory is
 /// bounded whatever the point's size: a size per file of the point, the
-/// offers of one message, [`CONTENT_HINTS`] hints by hash; the lists and
+/// window of offers awaiting blocks ([`MAX_WINDOW_OFFERS`]), [`CONTENT_HINTS`] hints by hash; the lists and
 /// the offers themselves are spilled to the staging folder.
 ///
 /// [`CONTENT_HINTS`]: super::resume::CONTENT_HINTS
@@ -103,8 +119,8 @@ pub struct Session<'a> {
     data_path: PathBuf,
     data: File,
     data_len: u64,
-    /// The offers of the message being answered not yet logged, the first
-    /// being the log's next.
+    /// The offers not yet logged (from the first whose block has not
+    /// come), the first being the log's next.
     window: VecDeque<Slot>,
     /// Wanted blocks awaiting data: place → (hash, the offer's number in
     /// the point; minus the offers logged, its position in `window`).
@@ -424,9 +440,10 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Hash offers: answers which blocks must be sent. The blocks wanted
-    /// by the previous Offers must all have come: the window of offers
-    /// held in memory is one message.
+    /// Hash offers: answers which blocks must be sent. Offers stream
+    /// ahead of the blocks they want, but the window of offers held in
+    /// memory (from the first whose block has not come to this message's
+    /// last) stays within [`MAX_WINDOW_OFFERS`].
     pub fn offers(&mut self, offers: Offers) -> Result<Wants, Refused> {
         if self.log.is_none() {
             return Err(Refused::OffersBeforeBegin);
@@ -434,10 +451,14 @@ impl<'a> Session<'a> {
         if offers.offers.len() > MAX_OFFERS {
             return Err(Refused::TooManyOffers(offers.offers.len()));
         }
-        if !self.pending.is_empty() {
-            return Err(Refused::OffersBeforeBlocks(self.pending.len()));
-        }
         self.log_complete()?;
+        let awaiting = self.window.len();
+        if awaiting + offers.offers.len() > MAX_WINDOW_OFFERS {
+            return Err(Refused::WindowFull {
+                offers: offers.offers.len(),
+                awaiting,
+            });
+        }
         let mut wants = Vec::new();
         for (i, o) in offers.offers.into_iter().enumerate() {
             if self.offer(o)? {
@@ -504,39 +525,71 @@ impl<'a> Session<'a> {
     }
 
     /// Wanted blocks: decompressed within bounds and checked against the
-    /// hash offered for them before they are staged.
+    /// hash offered for them (by the workers, a batch of about
+    /// [`DECODE_BATCH_BYTES`] at a time), then staged in their order.
     pub fn blocks(&mut self, blocks: Blocks) -> Result<(), Refused> {
         if blocks.blocks.len() > MAX_BLOCKS {
             return Err(Refused::TooManyBlocks(blocks.blocks.len()));
         }
-        for b in blocks.blocks {
+        // Before the offers began nothing is pending: the first block is
+        // refused as not asked for.
+        let done = self.log.as_ref().map_or(0, |l| l.progress().done);
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let last = blocks.blocks.len();
+        for (i, b) in blocks.blocks.into_iter().enumerate() {
             let (block, file) = (b.block, b.file_id);
             let Some((hash, number)) = self.pending.remove(&place(file, block)) else {
                 return Err(Refused::NotAskedFor { block, file });
             };
-            let done = self.log()?.progress().done;
-            let slot = &self.window[(number - done) as usize];
-            let length = slot.block.length as usize;
-            let data =
-                block::decompress(&b.zstd, length).map_err(|source| Refused::Decompress {
+            let length = self.window[(number - done) as usize].block.length as usize;
+            batch_bytes += length;
+            batch.push(Wanted {
+                block: b,
+                hash,
+                number,
+                length,
+            });
+            if batch_bytes >= DECODE_BATCH_BYTES || i + 1 == last {
+                self.stage_batch(std::mem::take(&mut batch), done)?;
+                batch_bytes = 0;
+            }
+        }
+        self.checkpoint()
+    }
+
+    /// Decodes and checks `batch` across the workers, then stages each
+    /// block in order and marks its offer ready.
+    fn stage_batch(&mut self, batch: Vec<Wanted>, done: u64) -> Result<(), Refused> {
+        let key = self.key.clone();
+        let decoded = crate::workers::map(batch, move |w| {
+            let (block, file) = (w.block.block, w.block.file_id);
+            let data = block::decompress(&w.block.zstd, w.length).map_err(|source| {
+                Refused::Decompress {
                     block,
                     file,
                     source,
-                })?;
-            if data.len() != length || self.key.hash(&data) != hash {
+                }
+            })?;
+            if data.len() != w.length || key.hash(&data) != w.hash {
                 return Err(Refused::HashMismatch { block, file });
             }
+            Ok((w, data))
+        })
+        .ok_or(Refused::Workers)?;
+        for decoded in decoded {
+            let (w, data) = decoded?;
             self.store
                 .stats
                 .bytes_received
-                .fetch_add(b.zstd.len() as u64, Ordering::Relaxed);
+                .fetch_add(w.block.zstd.len() as u64, Ordering::Relaxed);
             self.store.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
-            let (offset, _) = self.stage(hash, &data)?;
-            let slot = &mut self.window[(number - done) as usize];
+            let (offset, _) = self.stage(w.hash, &data)?;
+            let slot = &mut self.window[(w.number - done) as usize];
             slot.block.offset = offset;
             slot.ready = true;
         }
-        self.checkpoint()
+        Ok(())
     }
 
     /// The epoch's Begin, if `commit` may end it.

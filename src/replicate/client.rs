@@ -32,7 +32,9 @@ pub(super) async fn connect(addr: &str, key: &AuthKey, timeout: Duration) -> Res
         .connect_timeout(timeout)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(crate::wire::h2_window())
+        .initial_connection_window_size(crate::wire::h2_window());
     // The whole attempt (TCP, TLS, HTTP/2) has the deadline, whatever
     // part of it the transport's own timeout covers.
     let channel = tokio::time::timeout(timeout, endpoint.connect())

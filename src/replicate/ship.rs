@@ -2,19 +2,34 @@
 //! in Manifest chunks of a few MiB (namespace operations read from the
 //! journal one at a time, then file sizes and paths at the cut, then the
 //! metadata the point changed, deepest paths first), then chunk by chunk
-//! a keyed hash per dirty
-//! block, the secondary's wants, the wanted blocks zstd-compressed (zero
-//! blocks travel as markers in the offer), and Commit, answered once the
-//! point is applied. A resumed stream skips the offers the secondary holds.
+//! a keyed hash per dirty block, the secondary's wants, the wanted blocks
+//! zstd-compressed (zero blocks travel as markers in the offer; blocks a
+//! probe finds incompressible as raw zstd frames, see `block::pack`), and
+//! Commit, answered once the point is applied. A resumed stream skips the
+//! offers the secondary holds.
 //!
-//! Reading, hashing and compressing run on blocking threads, never on the
-//! FUSE threads and never on the async runtime's workers.
+//! The chunks are pipelined (`pipeline`): offers stream up to a window of
+//! chunks ahead of their blocks, the wants are read as they come (in the
+//! order of the offers) and the wanted blocks compressed on the workers
+//! while later chunks are offered and earlier blocks sent; no chunk waits
+//! for a round trip of its own. Every stage still has its deadline.
+//!
+//! The level: `--zstd-level` defaults to -1 ([`super::DEFAULT_ZSTD_LEVEL`]),
+//! by measurement on the 1 GiB mixed image of `contrib/bench`: level -3
+//! ratio 1.85 at 217 MB per primary CPU-second, -1 2.00 at 209, 1 2.15 at
+//! 186, 3 2.21 at 130 (initial syncs, medians of two, `docs/design.md`).
+//! Blocks the probe finds incompressible skip compression whatever the
+//! level.
+//!
+//! Reading, hashing and compressing run on blocking threads and the
+//! block workers, never on the FUSE threads and never on the async
+//! runtime's workers.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::block::{self, HashKey};
@@ -30,19 +45,27 @@ use crate::proto::replication::{
 };
 use crate::throttle::Throttle;
 use crate::tracking::{ClosedSet, TrackedFile};
-use crate::wire::{MAX_BLOCKS, NO_PROGRESS_TIMEOUT, apply_timeout, manifest_timeout};
+use crate::wire::{
+    MAX_BLOCKS, MAX_MESSAGE, MAX_WINDOW_OFFERS, NO_PROGRESS_TIMEOUT, apply_timeout,
+    manifest_timeout, tuned,
+};
 
 use super::client::{Client, blocking, next_reply, remote, ship_status, unexpected, within};
 use super::point::Point;
 use super::stats::ReplStats;
 use super::{Replicator, meta};
 
-/// Blocks read, hashed and offered per round trip.
-const OFFER_CHUNK: usize = 256;
+/// Bytes of blocks read, hashed and offered per Offers message (within
+/// [`MAX_WINDOW_OFFERS`] / the window); `HBRFS_OFFER_CHUNK_BYTES`.
+const OFFER_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+/// Offers messages whose blocks are not all sent yet, at most: how far
+/// offers stream ahead of the blocks; `HBRFS_SHIP_WINDOW`.
+const SHIP_WINDOW: u64 = 8;
 /// Chunks read and hashed ahead of the one being offered.
 const READ_AHEAD: usize = 2;
-/// Compressed bytes per Blocks message (well under the message limit).
-const BLOCKS_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Compressed bytes per Blocks message (well under the message limit);
+/// `HBRFS_BLOCKS_MESSAGE_BYTES`.
+const BLOCKS_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
 /// Encoded bytes of operations and file states per Manifest chunk (well
 /// under the message limit, whatever the backlog).
 const MANIFEST_CHUNK_BYTES: usize = 4 * 1024 * 1024;
@@ -59,16 +82,51 @@ struct ReadBlock {
     data: Vec<u8>,
 }
 
-/// One ship stream: messages out (throttled and counted), replies in.
-struct Stream<'a> {
+/// The sizes of a ship's pipeline. What the primary holds of a point's
+/// data is about (`window` + [`READ_AHEAD`] + 1) chunks, raw and packed.
+/// Benchmarks vary them through the environment (`wire::tuned`).
+struct Shape {
+    /// Blocks per Offers message.
+    chunk_blocks: usize,
+    /// Offers messages outstanding.
+    window: usize,
+    /// Compressed bytes per Blocks message.
+    message_bytes: usize,
+    /// Whether incompressible blocks are found by a probe and sent raw
+    /// (`HBRFS_RAW_PROBE=0` compresses every block, for comparison).
+    probe: bool,
+}
+
+impl Shape {
+    fn new(block_size: u64) -> Shape {
+        let window = tuned("HBRFS_SHIP_WINDOW", SHIP_WINDOW).clamp(1, 64) as usize;
+        let chunk = tuned("HBRFS_OFFER_CHUNK_BYTES", OFFER_CHUNK_BYTES) / block_size.max(1);
+        let most = (MAX_WINDOW_OFFERS / window) as u64;
+        let message = tuned("HBRFS_BLOCKS_MESSAGE_BYTES", BLOCKS_MESSAGE_BYTES);
+        Shape {
+            chunk_blocks: chunk.clamp(1, most) as usize,
+            window,
+            message_bytes: message.clamp(64 * 1024, MAX_MESSAGE as u64 / 2) as usize,
+            probe: tuned("HBRFS_RAW_PROBE", 1) != 0,
+        }
+    }
+}
+
+/// The sending half of a ship stream: messages out, throttled and counted.
+struct Outbox<'a> {
     /// Dropped to end the request stream once Commit is sent.
     tx: Option<mpsc::Sender<ShipMessage>>,
-    replies: tonic::Streaming<ShipReply>,
     stats: &'a ReplStats,
     throttle: Option<&'a Mutex<Throttle>>,
 }
 
-impl Stream<'_> {
+/// One ship stream: messages out, replies in.
+struct Stream<'a> {
+    out: Outbox<'a>,
+    replies: tonic::Streaming<ShipReply>,
+}
+
+impl Outbox<'_> {
     /// Sends one message once the `--max-rate` bucket allows it; fails if
     /// the stream takes no message for [`NO_PROGRESS_TIMEOUT`] (it stalled).
     async fn send(&self, body: ship_message::Body) -> Result<()> {
@@ -96,11 +154,18 @@ impl Stream<'_> {
         self.stats.progressed();
         Ok(())
     }
+}
+
+impl Stream<'_> {
+    /// Sends one message (see [`Outbox::send`]).
+    async fn send(&self, body: ship_message::Body) -> Result<()> {
+        self.out.send(body).await
+    }
 
     /// The secondary's answer to `what`, waited for at most `limit`.
     async fn reply(&mut self, what: &str, limit: Duration) -> Result<ship_reply::Body> {
         let reply = next_reply(&mut self.replies, what, limit).await?;
-        self.stats.progressed();
+        self.out.stats.progressed();
         Ok(reply)
     }
 }
@@ -279,10 +344,12 @@ impl Replicator {
         .into_inner();
         self.stats.progressed();
         let mut stream = Stream {
-            tx: Some(tx),
+            out: Outbox {
+                tx: Some(tx),
+                stats: &self.stats,
+                throttle: self.throttle.as_ref(),
+            },
             replies,
-            stats: &self.stats,
-            throttle: self.throttle.as_ref(),
         };
         let offers_done = self.begin(&mut stream, point).await?;
         let work = list_blocks(point.set()).await?;
@@ -303,7 +370,7 @@ impl Replicator {
         stream
             .send(ship_message::Body::Commit(Commit { epoch }))
             .await?;
-        stream.tx = None;
+        stream.out.tx = None;
         // Applying a big point takes a while: a generous deadline that
         // grows with the point; the keepalive meanwhile notices a stall.
         let bytes = total.saturating_mul(self.ds.format.block_size.bytes());
@@ -350,13 +417,15 @@ impl Replicator {
     /// wanted. `work` (8 bytes per dirty block: the one list the primary
     /// holds that grows with the point) moves to the reader, not copied.
     async fn ship_blocks(&self, work: Work, stream: &mut Stream<'_>) -> Result<()> {
+        let shape = Shape::new(self.ds.format.block_size.bytes());
         // Chunks are read and hashed ahead on a blocking thread while the
-        // previous one is answered, compressed and sent.
-        let (chunk_tx, mut chunks) = mpsc::channel::<Result<Vec<ReadBlock>>>(READ_AHEAD);
+        // earlier ones are offered, answered, compressed and sent.
+        let (chunk_tx, chunks) = mpsc::channel::<Result<Vec<ReadBlock>>>(READ_AHEAD);
         let key = self.key.clone();
+        let chunk_blocks = shape.chunk_blocks;
         let reader = tokio::task::spawn_blocking(move || {
             for (file, blocks) in work {
-                for chunk in blocks.chunks(OFFER_CHUNK) {
+                for chunk in blocks.chunks(chunk_blocks) {
                     let read = read_and_hash(&file, chunk, &key);
                     let failed = read.is_err();
                     if chunk_tx.blocking_send(read).is_err() || failed {
@@ -365,25 +434,75 @@ impl Replicator {
                 }
             }
         });
-        let mut result = Ok(());
-        while let Some(read) = chunks.recv().await {
-            result = match read {
-                Ok(read) => self.offer_chunk(read, stream).await,
-                Err(e) => Err(e),
-            };
-            if result.is_err() {
-                break;
-            }
-        }
         // The reader stops at its next chunk once nobody receives.
-        drop(chunks);
+        let result = self.pipeline(chunks, stream, &shape).await;
         reader.await.map_err(|e| remote("reading blocks", e))?;
         result
     }
 
-    /// Offers one chunk of read blocks and sends what the secondary wants.
-    async fn offer_chunk(&self, read: Vec<ReadBlock>, stream: &mut Stream<'_>) -> Result<()> {
-        let count = read.len() as u64;
+    /// The ship's three stages, running at once: offering chunks (at most
+    /// `shape.window` whose blocks are not all sent), reading the wants
+    /// (answers come in the order of the offers) and starting their
+    /// compression on the workers, and sending the compressed blocks in
+    /// the order of the offers. A chunk's window slot is freed once its
+    /// last block is handed to the stream, so the secondary never holds
+    /// more than `shape.window` chunks of offers awaiting blocks (within
+    /// [`MAX_WINDOW_OFFERS`]). The first stage to fail ends all three.
+    async fn pipeline(
+        &self,
+        mut chunks: mpsc::Receiver<Result<Vec<ReadBlock>>>,
+        stream: &mut Stream<'_>,
+        shape: &Shape,
+    ) -> Result<()> {
+        let slots = Semaphore::new(shape.window);
+        let (offered_tx, mut offered) = mpsc::channel(shape.window);
+        let (packing_tx, mut packing) = mpsc::channel(shape.window);
+        let (out, replies) = (&stream.out, &mut stream.replies);
+        let (slots, stats) = (&slots, &self.stats);
+        let stopped = || remote("ship", "a stage of the pipeline stopped");
+        let offer = async move {
+            while let Some(read) = chunks.recv().await {
+                let read = read?;
+                let slot = slots.acquire().await.map_err(|_| stopped())?;
+                let offers = self.count_offers(&read);
+                out.send(ship_message::Body::Offers(Offers { offers }))
+                    .await?;
+                offered_tx.send((read, slot)).await.map_err(|_| stopped())?;
+            }
+            Ok::<_, crate::error::Error>(())
+        };
+        let (level, probe) = (self.opts.level, shape.probe);
+        let answer = async move {
+            while let Some((read, slot)) = offered.recv().await {
+                let wants = match next_reply(replies, "Offers", NO_PROGRESS_TIMEOUT).await? {
+                    ship_reply::Body::Wants(w) => w,
+                    other => return Err(unexpected("Offers", &other)),
+                };
+                stats.progressed();
+                let count = read.len() as u64;
+                let wanted = take_wanted(read, wants.positions)?;
+                let packed = tokio::task::spawn_blocking(move || pack(wanted, level, probe));
+                packing_tx
+                    .send((packed, count, slot))
+                    .await
+                    .map_err(|_| stopped())?;
+            }
+            Ok(())
+        };
+        let send = async move {
+            while let Some((packed, count, slot)) = packing.recv().await {
+                let packed = packed.await.map_err(|e| remote("compressing", e))??;
+                self.send_blocks(packed, out, shape.message_bytes).await?;
+                stats.ship_done.fetch_add(count, Ordering::Relaxed);
+                drop(slot);
+            }
+            Ok(())
+        };
+        tokio::try_join!(offer, answer, send).map(|_| ())
+    }
+
+    /// Counts the offers of a chunk read and returns them.
+    fn count_offers(&self, read: &[ReadBlock]) -> Vec<Offer> {
         let offers: Vec<Offer> = read.iter().map(|r| r.offer.clone()).collect();
         let zeros = offers.iter().filter(|o| o.zero).count() as u64;
         let bytes = |zero_only: bool| {
@@ -401,50 +520,38 @@ impl Replicator {
             .bytes_offered
             .fetch_add(bytes(false), Ordering::Relaxed);
         stats.bytes_zero.fetch_add(bytes(true), Ordering::Relaxed);
-        stream
-            .send(ship_message::Body::Offers(Offers { offers }))
-            .await?;
-        let wants = match stream.reply("Offers", NO_PROGRESS_TIMEOUT).await? {
-            ship_reply::Body::Wants(w) => w,
-            other => return Err(unexpected("Offers", &other)),
-        };
-        let wanted = take_wanted(read, wants.positions)?;
-        let compressed = compress(wanted, self.opts.level).await?;
-        self.send_blocks(compressed, stream).await?;
-        self.stats.ship_done.fetch_add(count, Ordering::Relaxed);
-        Ok(())
+        offers
     }
 
-    /// Sends compressed blocks (with their raw lengths) in messages of at
-    /// most [`BLOCKS_MESSAGE_BYTES`] or [`MAX_BLOCKS`] blocks.
+    /// Sends packed blocks in messages of at most `message_bytes` or
+    /// [`MAX_BLOCKS`] blocks.
     async fn send_blocks(
         &self,
-        compressed: Vec<(Block, usize)>,
-        stream: &Stream<'_>,
+        packed: Vec<PackedBlock>,
+        out: &Outbox<'_>,
+        message_bytes: usize,
     ) -> Result<()> {
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
-        for (block, raw) in compressed {
-            self.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .raw_bytes_sent
-                .fetch_add(raw as u64, Ordering::Relaxed);
-            self.stats
-                .compressed_bytes_sent
-                .fetch_add(block.zstd.len() as u64, Ordering::Relaxed);
-            batch_bytes += block.zstd.len();
-            batch.push(block);
-            if batch_bytes >= BLOCKS_MESSAGE_BYTES || batch.len() >= MAX_BLOCKS {
+        let stats = &self.stats;
+        for b in packed {
+            stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
+            if b.raw {
+                stats.blocks_raw.fetch_add(1, Ordering::Relaxed);
+            }
+            (stats.raw_bytes_sent).fetch_add(b.length as u64, Ordering::Relaxed);
+            (stats.compressed_bytes_sent).fetch_add(b.block.zstd.len() as u64, Ordering::Relaxed);
+            batch_bytes += b.block.zstd.len();
+            batch.push(b.block);
+            if batch_bytes >= message_bytes || batch.len() >= MAX_BLOCKS {
                 let blocks = std::mem::take(&mut batch);
-                stream
-                    .send(ship_message::Body::Blocks(Blocks { blocks }))
+                out.send(ship_message::Body::Blocks(Blocks { blocks }))
                     .await?;
                 batch_bytes = 0;
             }
         }
         if !batch.is_empty() {
-            stream
-                .send(ship_message::Body::Blocks(Blocks { blocks: batch }))
+            out.send(ship_message::Body::Blocks(Blocks { blocks: batch }))
                 .await?;
         }
         Ok(())
@@ -471,36 +578,37 @@ fn take_wanted(read: Vec<ReadBlock>, positions: Vec<u32>) -> Result<Vec<ReadBloc
         .collect()
 }
 
-/// Compresses `wanted` at `level`, split across the cores (compression is
-/// the costly step); returns each block with its raw length, in order.
-async fn compress(mut wanted: Vec<ReadBlock>, level: i32) -> Result<Vec<(Block, usize)>> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_task = wanted.len().div_ceil(cores).max(1);
-    let mut tasks = Vec::new();
-    while !wanted.is_empty() {
-        let part: Vec<ReadBlock> = wanted.drain(..per_task.min(wanted.len())).collect();
-        tasks.push(tokio::task::spawn_blocking(move || {
-            part.into_iter()
-                .map(|b| {
-                    block::compress(&b.data, level).map(|z| {
-                        let block = Block {
-                            file_id: b.offer.file_id,
-                            block: b.offer.block,
-                            zstd: z,
-                        };
-                        (block, b.data.len())
-                    })
-                })
-                .collect::<std::io::Result<Vec<_>>>()
-        }));
-    }
-    let mut compressed = Vec::new();
-    for task in tasks {
-        compressed.extend(
-            task.await
-                .map_err(|e| remote("compressing", e))?
-                .at("zstd")?,
-        );
-    }
-    Ok(compressed)
+/// A wanted block ready to send, with its raw length and whether the
+/// probe sent it raw.
+struct PackedBlock {
+    block: Block,
+    length: usize,
+    raw: bool,
+}
+
+/// Packs `wanted` at `level` across the workers (compression is the
+/// costly step; `probe`: incompressible blocks go raw, see `block::pack`),
+/// in order. Blocks the calling thread until the workers are done.
+fn pack(wanted: Vec<ReadBlock>, level: i32, probe: bool) -> Result<Vec<PackedBlock>> {
+    let packed = crate::workers::map(wanted, move |b| {
+        let packed = if probe {
+            block::pack(&b.data, level)
+        } else {
+            block::compress(&b.data, level).map(|frame| block::Packed { frame, raw: false })
+        };
+        packed.map(|p| PackedBlock {
+            block: Block {
+                file_id: b.offer.file_id,
+                block: b.offer.block,
+                zstd: p.frame,
+            },
+            length: b.data.len(),
+            raw: p.raw,
+        })
+    })
+    .ok_or_else(|| remote("compressing", "a block worker stopped"))?;
+    packed
+        .into_iter()
+        .collect::<std::io::Result<_>>()
+        .at("zstd")
 }

@@ -33,6 +33,8 @@ pub struct ReplStats {
     pub(super) bytes_offered: AtomicU64,
     pub(super) bytes_zero: AtomicU64,
     pub(super) blocks_sent: AtomicU64,
+    /// Blocks sent raw: the probe found them incompressible.
+    pub(super) blocks_raw: AtomicU64,
     pub(super) raw_bytes_sent: AtomicU64,
     pub(super) compressed_bytes_sent: AtomicU64,
     pub(super) wire_bytes: AtomicU64,
@@ -80,6 +82,10 @@ pub struct ReplicationReport {
     pub blocks_zero: u64,
     /// Blocks the secondary wanted and got.
     pub blocks_sent: u64,
+    /// Of those, blocks sent raw (in a zstd frame of raw blocks): the
+    /// probe found them incompressible, so no compression was tried.
+    #[serde(default)]
+    pub blocks_raw: u64,
     /// Non-zero blocks the secondary already held.
     pub blocks_have: u64,
     /// Share of non-zero offered blocks that did not have to be sent.
@@ -165,6 +171,7 @@ impl ReplStats {
             blocks_offered: offered,
             blocks_zero: load(&self.blocks_zero),
             blocks_sent: sent,
+            blocks_raw: load(&self.blocks_raw),
             blocks_have: nonzero.saturating_sub(sent),
             dedup_ratio: if nonzero == 0 {
                 0.0
@@ -301,7 +308,7 @@ mod tests {
         assert_eq!(v["dedup_ratio"], 0.0);
         assert!(v["seconds_since_progress"].is_null());
         assert_eq!(v["last_progress_ns"], 0);
-        assert_eq!(v.as_object().unwrap().len(), 27);
+        assert_eq!(v.as_object().unwrap().len(), 28);
         assert_eq!(v["errors"]["remote"], 0);
         stats.secondary_refused(3, &["a".into(), "b".into()]);
         let r = stats.report();
