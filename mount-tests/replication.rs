@@ -1030,7 +1030,9 @@ fn qemu_io_patterns_in_raw_and_qcow2_replicate_identically_and_mirror_shows_them
 fn a_block_rewritten_while_its_point_ships_lands_with_its_cut_time_content() {
     const BS: u64 = 4096;
     const X: u64 = 5 * 256 + 10;
-    let (sec, m) = pair(&["--block-size", "4K", "--max-rate", "1M"]);
+    // The image must reach the secondary as one point: a cut 3 s after the
+    // first change (not 5 ms) keeps the page flush of the fsync together.
+    let (sec, m) = pair(&["--block-size", "4K", "--max-rate", "1M", "--coalesce", "3s"]);
     let img = m.mnt("img");
     let a = pattern(BS as usize, 0xA);
     let b = pattern(BS as usize, 0xB);
@@ -1800,7 +1802,9 @@ fn primary_without_the_key_is_refused_and_nothing_is_written() {
 #[test]
 fn max_rate_caps_replication_bandwidth_within_ten_percent() {
     const RATE: u64 = 2 * MIB;
-    let (sec, m) = pair(&["--max-rate", "2M"]);
+    // The 16 MiB must ship as one point (the window below is one ship): a
+    // cut 3 s after the first change keeps the page flush together.
+    let (sec, m) = pair(&["--max-rate", "2M", "--coalesce", "3s"]);
     // Incompressible data, so wire bytes are about the data's size.
     let data: Vec<u8> = pattern(16 * MIB as usize, 7);
     fs::write(m.mnt("big.img"), &data).unwrap();
@@ -1975,6 +1979,16 @@ fn pair_with_long_rpo() -> (Secondary, Mount) {
         path_str(&key),
     ];
     let m = Mount::start(&args);
+    // The mount shows before the daemon answers on its control socket.
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !Command::new(hbrfs())
+        .args(["status", "-d", path_str(&m.backing), "--json"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(Instant::now() < deadline, "no control socket:\n{}", m.log());
+        sleep(POLL);
+    }
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
     (sec, m)
 }
