@@ -3,7 +3,7 @@
 # is installed — the FUSE helpers, fio, qemu-img/qemu-io, util-linux's
 # fallocate, openssl (a TLS client without the pair's certificate), rsync
 # and acl's setfacl (the replica comparison: rsync -aHAX, ACLs set through
-# the mount), the pjdfstest suite — then runs every test. Needs root and
+# the mount), libcap2-bin's setcap (a file capability a write must drop), the pjdfstest suite — then runs every test. Needs root and
 # /dev/fuse: the tests mount real file systems.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,7 @@ command -v fallocate >/dev/null || missing+=(util-linux)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v rsync >/dev/null || missing+=(rsync)
 command -v setfacl >/dev/null || missing+=(acl)
+command -v setcap >/dev/null || missing+=(libcap2-bin)
 if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

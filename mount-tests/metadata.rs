@@ -16,8 +16,8 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    assert_replica_matches, hbrfs, json_u64, mount_expecting_failure, pattern, run, stderr,
-    temp_dir,
+    assert_replica_matches, hbrfs, json_u64, mount_expecting_failure, path_str, pattern, run,
+    stderr, temp_dir, xattrs,
 };
 use crate::replication::{
     APPLY_TIMEOUT, Secondary, Until, pair, primary_for, primary_status, wait_applied,
@@ -240,4 +240,165 @@ fn meta_state_folders_that_are_symlinks_or_belong_to_another_user_are_refused() 
         "{said}"
     );
     assert_eq!(fs::read_dir(at("elsewhere")).expect("ls").count(), 0);
+}
+
+/// One change to a file's data, made by root or by an unprivileged user.
+struct DataChange {
+    /// The file's name and its mode before the change.
+    name: &'static str,
+    mode: u32,
+    /// The shell command making the change (`$F` is the file).
+    command: &'static str,
+    /// Whether it runs as `nobody` (no CAP_FSETID) rather than root.
+    unprivileged: bool,
+}
+
+/// Every way a file's data changes, each of which drops setuid/setgid
+/// for a caller without CAP_FSETID (and setgid only with group execute).
+const DATA_CHANGES: &[DataChange] = &[
+    DataChange {
+        name: "append",
+        mode: 0o6777,
+        command: "echo y >> \"$F\"",
+        unprivileged: true,
+    },
+    DataChange {
+        name: "direct",
+        mode: 0o6777,
+        command: "dd if=/dev/zero of=\"$F\" bs=4k count=1 oflag=direct conv=notrunc status=none",
+        unprivileged: true,
+    },
+    DataChange {
+        name: "truncate",
+        mode: 0o6777,
+        command: "truncate -s 1 \"$F\"",
+        unprivileged: true,
+    },
+    DataChange {
+        name: "o-trunc",
+        mode: 0o6777,
+        command: ": > \"$F\"",
+        unprivileged: true,
+    },
+    DataChange {
+        name: "fallocate",
+        mode: 0o6777,
+        command: "fallocate -l 1M \"$F\"",
+        unprivileged: true,
+    },
+    DataChange {
+        name: "sgid-no-x",
+        mode: 0o2767,
+        command: "echo y >> \"$F\"",
+        unprivileged: true,
+    },
+    DataChange {
+        name: "root-write",
+        mode: 0o6777,
+        command: "echo y >> \"$F\"",
+        unprivileged: false,
+    },
+    DataChange {
+        name: "root-trunc",
+        mode: 0o6777,
+        command: "truncate -s 1 \"$F\"",
+        unprivileged: false,
+    },
+];
+
+/// Makes every change of [`DATA_CHANGES`] in `dir` (files of 64 KiB
+/// first); returns each file's mode right after its change.
+fn change_data_in(dir: &Path) -> Vec<(&'static str, u32)> {
+    DATA_CHANGES
+        .iter()
+        .map(|c| {
+            let f = dir.join(c.name);
+            fs::write(&f, pattern(65536, 3)).expect("write");
+            chmod(&f, c.mode);
+            let mut cmd = if c.unprivileged {
+                let mut cmd = Command::new("setpriv");
+                cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh"]);
+                cmd
+            } else {
+                Command::new("sh")
+            };
+            run(cmd.args(["-c", c.command]).env("F", &f));
+            let mode = fs::metadata(&f).expect("stat").permissions().mode() & 0o7777;
+            (c.name, mode)
+        })
+        .collect()
+}
+
+/// The mount handles killing privileges itself (it negotiates
+/// FUSE_HANDLE_KILLPRIV_V2, which spares a getxattr per write): every way
+/// of changing a file's data drops setuid/setgid exactly as ext4 does for
+/// the same user, seen through the mount at once (not after the attribute
+/// timeout); a write drops `security.capability`; the replica gets the
+/// modes.
+#[test]
+fn privileges_drop_on_data_changes_as_on_ext4_and_replicate() {
+    let (sec, m) = pair(&[]);
+    let native = temp_dir();
+    for dir in [native.path(), m.mountpoint.parent().expect("parent")] {
+        // `nobody` must reach the files.
+        chmod(dir, 0o755);
+    }
+    chmod(&m.mountpoint, 0o755);
+    let want = change_data_in(native.path());
+    assert!(
+        want.iter().any(|&(_, mode)| mode & 0o6000 == 0)
+            && want.iter().any(|&(_, mode)| mode & 0o4000 != 0),
+        "the native run should both drop and keep bits: {want:?}"
+    );
+    let got = change_data_in(&m.mountpoint);
+    assert_eq!(got, want, "modes after each change: mount vs ext4");
+    // The backing files agree with what the mount showed.
+    let backing = change_data_modes(&m.backing);
+    assert_eq!(backing, want, "backing modes");
+
+    // A file capability goes with the first write, as on ext4.
+    let cap = m.mnt("cap");
+    fs::write(&cap, b"x").expect("write");
+    let has_cap = || {
+        let names = xattrs(&cap);
+        names.iter().any(|(n, _)| n == b"security.capability")
+    };
+    run(Command::new("setcap").args(["cap_net_raw+ep", path_str(&cap)]));
+    assert!(has_cap(), "setcap through the mount");
+    run(Command::new("sh")
+        .args(["-c", "echo y >> \"$F\""])
+        .env("F", &cap));
+    assert!(!has_cap(), "a write keeps security.capability");
+
+    sync();
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_replica_matches(&m.backing, &sec.replica);
+}
+
+/// The modes of the files [`change_data_in`] made in `dir`.
+fn change_data_modes(dir: &Path) -> Vec<(&'static str, u32)> {
+    DATA_CHANGES
+        .iter()
+        .map(|c| {
+            let meta = fs::metadata(dir.join(c.name)).expect("stat");
+            (c.name, meta.permissions().mode() & 0o7777)
+        })
+        .collect()
+}
+
+/// A fallocate that only grows a file (no block written) is a change of
+/// its epoch: after the write's point is cut, the new size still ships.
+#[test]
+fn a_fallocate_that_grows_a_file_ships_its_size() {
+    let (sec, m) = pair(&[]);
+    let f = m.mnt("grown");
+    fs::write(&f, pattern(65536, 5)).expect("write");
+    sync();
+    m.cut();
+    run(Command::new("fallocate").args(["-l", "3M", path_str(&f)]));
+    sync();
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let size = fs::metadata(sec.replica.join("grown")).expect("stat").len();
+    assert_eq!(size, 3 << 20, "size on the replica");
+    assert_replica_matches(&m.backing, &sec.replica);
 }

@@ -97,7 +97,9 @@ pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
     );
     let recorder = opts.tracking.then(|| ds.clone() as Arc<dyn ChangeRecorder>);
     let fs = Passthrough::new(&backing, recorder, Cache::Kernel).at(&backing)?;
+    let notifier = fs.notifier_slot();
     let session = mount(fs, &backing, &mountpoint, MountKind::Primary, opts.threads)?;
+    let _ = notifier.set(session.notifier());
     let rt = (opts.replicate.is_some() || opts.metrics.is_some())
         .then(runtime)
         .transpose()?;

@@ -13,8 +13,18 @@ use fuser::{
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::passthrough::{Passthrough, SetAttr};
+use super::passthrough::{Changer, Passthrough, SetAttr};
 use super::reply::Answer;
+
+/// Who makes request `req`, and whether the kernel flagged it to drop
+/// setuid/setgid (`None`: it cannot flag this request).
+fn changer(req: &Request, flagged: Option<bool>) -> Changer {
+    Changer {
+        pid: req.pid(),
+        gid: req.gid(),
+        flagged,
+    }
+}
 
 impl Filesystem for Passthrough {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
@@ -36,7 +46,7 @@ impl Filesystem for Passthrough {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -60,6 +70,7 @@ impl Filesystem for Passthrough {
             atime,
             mtime,
             fh,
+            changer: changer(req, None),
         };
         reply.answer(self.op_setattr(ino, set));
     }
@@ -156,17 +167,18 @@ impl Filesystem for Passthrough {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.answer(self.op_write(fh, offset, data));
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        reply.answer(self.op_write(fh, offset, data, changer(req, Some(kill))));
     }
 
     fn flush(&self, _: &Request, _: INodeNo, _: FileHandle, _: LockOwner, reply: ReplyEmpty) {
@@ -262,7 +274,7 @@ impl Filesystem for Passthrough {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -270,7 +282,7 @@ impl Filesystem for Passthrough {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.answer(self.op_fallocate(fh, offset, length, mode));
+        reply.answer(self.op_fallocate(fh, offset, length, mode, changer(req, None)));
     }
 
     fn lseek(
@@ -303,7 +315,7 @@ impl Filesystem for Passthrough {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -314,6 +326,7 @@ impl Filesystem for Passthrough {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        reply.answer(self.op_copy_file_range(fh_in, offset_in, fh_out, offset_out, len));
+        let (from, to) = ((fh_in, offset_in), (fh_out, offset_out));
+        reply.answer(self.op_copy_file_range(from, to, len, changer(req, None)));
     }
 }

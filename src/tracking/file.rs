@@ -174,9 +174,13 @@ impl TrackedFile {
         self.gone_epoch.load(Ordering::Relaxed) != 0
     }
 
-    /// Notes that the file now ends at least at `end` (after a write).
+    /// Notes that the file now ends at least at `end` (after a write or
+    /// fallocate); growing is a change of the epoch even when no block was
+    /// marked (fallocate allocates without writing).
     pub fn extended_to(&self, end: u64) {
-        self.size.fetch_max(end, Ordering::Relaxed);
+        if self.size.fetch_max(end, Ordering::Relaxed) < end {
+            self.touch();
+        }
     }
 
     /// Notes a new size (truncate); the size change belongs to the epoch.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use fuser::{Errno, FileHandle, FopenFlags, INodeNo};
 
-use super::{Cache, Passthrough, stat};
+use super::{Cache, Changer, Passthrough, stat};
 use crate::fs::aligned;
 use crate::fs::handles::{Handle, OpenFile};
 use crate::fs::inodes::{self, Inode};
@@ -145,11 +145,13 @@ impl Passthrough {
 
     /// Writes `data` at `offset`, its blocks marked dirty first; a write
     /// reaching beyond [`MAX_FILE_SIZE`] is cut short at it, or refused
-    /// (`EFBIG`) when it starts there.
-    pub fn op_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Res<u32> {
+    /// (`EFBIG`) when it starts there. `changer` says whether setuid and
+    /// setgid go first.
+    pub fn op_write(&self, fh: FileHandle, offset: u64, data: &[u8], changer: Changer) -> Res<u32> {
         let h = self.open_file(fh)?;
         let f = file_of(&h)?;
         let data = &data[..writable_len(offset, data.len() as u64)? as usize];
+        self.kill_privileges(&f.inode, f.file.as_fd(), changer)?;
         let _gate = self.recording.gate();
         if let Some(t) = &f.inode.tracked {
             t.mark(offset, data.len() as u64, data.len() as u64)
@@ -192,12 +194,20 @@ impl Passthrough {
         self.recording.flush().map_err(state_errno)
     }
 
-    /// Truncates `node` to `size`, marking the blocks between the old and
-    /// the new end (their content changes if the file grows again).
-    pub(super) fn truncate(&self, node: &Arc<Inode>, fh: Option<FileHandle>, size: u64) -> Res<()> {
+    /// Truncates `node` to `size` for `changer`, marking the blocks
+    /// between the old and the new end (their content changes if the file
+    /// grows again).
+    pub(super) fn truncate(
+        &self,
+        node: &Arc<Inode>,
+        fh: Option<FileHandle>,
+        size: u64,
+        changer: Changer,
+    ) -> Res<()> {
         if size > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
         }
+        self.kill_privileges(node, node.fd(), changer)?;
         let _gate = self.recording.gate();
         let path = self.untracked_path(node)?;
         let reopened;
@@ -234,7 +244,15 @@ impl Passthrough {
     /// marked (their content changes). A range ending beyond
     /// [`MAX_FILE_SIZE`] is refused (`EFBIG`), whatever the mode, as
     /// `vfs_fallocate` refuses one beyond a file system's limit.
-    pub fn op_fallocate(&self, fh: FileHandle, offset: u64, length: u64, mode: i32) -> Res<()> {
+    /// `changer` asks (whether setuid/setgid go depends on it).
+    pub fn op_fallocate(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        changer: Changer,
+    ) -> Res<()> {
         if offset
             .checked_add(length)
             .is_none_or(|end| end > MAX_FILE_SIZE)
@@ -243,6 +261,7 @@ impl Passthrough {
         }
         let h = self.open_file(fh)?;
         let f = file_of(&h)?;
+        self.kill_privileges(&f.inode, f.file.as_fd(), changer)?;
         let _gate = self.recording.gate();
         if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
             if let Some(t) = &f.inode.tracked {
@@ -284,18 +303,19 @@ impl Passthrough {
     /// Copies a range between two open files in the backing file system;
     /// the blocks it writes are marked first. A copy reaching beyond
     /// [`MAX_FILE_SIZE`] is cut short at it, or refused (`EFBIG`) when it
-    /// starts there.
+    /// starts there. `changer` asks (whether setuid/setgid of the target
+    /// go depends on it).
     pub fn op_copy_file_range(
         &self,
-        fh_in: FileHandle,
-        off_in: u64,
-        fh_out: FileHandle,
-        off_out: u64,
+        (fh_in, off_in): (FileHandle, u64),
+        (fh_out, off_out): (FileHandle, u64),
         len: u64,
+        changer: Changer,
     ) -> Res<u32> {
         let hin = self.open_file(fh_in)?;
         let hout = self.open_file(fh_out)?;
         let (fin, fout) = (file_of(&hin)?, file_of(&hout)?);
+        self.kill_privileges(&fout.inode, fout.file.as_fd(), changer)?;
         // Clamped to the source's end, so exactly the blocks that change
         // are marked.
         let src_size = stat(fin.file.as_fd())?.st_size as u64;

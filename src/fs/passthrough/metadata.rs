@@ -32,6 +32,8 @@ pub struct SetAttr {
     pub mtime: Option<TimeOrNow>,
     /// The handle the caller truncates through, if any.
     pub fh: Option<FileHandle>,
+    /// Who asks (whether a truncate drops setuid/setgid depends on it).
+    pub changer: super::Changer,
 }
 
 impl Passthrough {
@@ -56,7 +58,7 @@ impl Passthrough {
             .map_err(io_errno)?;
         }
         if let Some(size) = set.size {
-            self.truncate(&node, set.fh, size)?;
+            self.truncate(&node, set.fh, size, set.changer)?;
         }
         let times = set.atime.is_some() || set.mtime.is_some();
         if times {
@@ -73,7 +75,7 @@ impl Passthrough {
     /// in a gate of its own: a cut in between puts the record in the next
     /// epoch, which reads the metadata when it ships, so nothing is missed.
     /// A path that cannot be known fails the call (`ENAMETOOLONG`, `EIO`).
-    fn meta_changed(&self, node: &Arc<Inode>) -> Res<()> {
+    pub(super) fn meta_changed(&self, node: &Arc<Inode>) -> Res<()> {
         if let Some(_gate) = self.recording.gate() {
             let path = self.untracked_path(node)?;
             self.recording.record(Change::Meta {

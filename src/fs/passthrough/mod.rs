@@ -12,12 +12,16 @@
 //! - `data`: the data path: open, read, write, fsync, truncate, fallocate, lseek, copy_file_range.
 //! - `namespace`: the ops that make, remove, move, link and list names.
 //! - `metadata`: getattr/setattr, readlink, statfs, extended attributes.
+//! - `privileges`: dropping setuid/setgid as the kernel would, which
+//!   negotiating `FUSE_HANDLE_KILLPRIV_V2` hands to us.
 
 mod data;
 mod metadata;
 mod namespace;
+mod privileges;
 
 pub use metadata::SetAttr;
+pub use privileges::Changer;
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -25,10 +29,10 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use fuser::{Errno, FileHandle, INodeNo, InitFlags, KernelConfig};
+use fuser::{Errno, FileHandle, INodeNo, InitFlags, KernelConfig, Notifier};
 
 use super::attr::file_attr;
 use super::handles::{Handle, HandleTable};
@@ -102,6 +106,9 @@ pub struct Passthrough {
     handles: HandleTable,
     /// Whether the kernel caches writes (negotiated in `init`).
     writeback: bool,
+    /// How to tell the kernel its cached attributes went stale (set once
+    /// the session exists, see [`Passthrough::notifier_slot`]).
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 fn display(name: &OsStr) -> String {
@@ -129,15 +136,32 @@ impl Passthrough {
             inodes: InodeTable::new(root_fd, (st.st_dev, st.st_ino)),
             handles: HandleTable::default(),
             writeback: false,
+            notifier: Arc::default(),
         })
+    }
+
+    /// Where the mount puts its session's notifier: the passthrough moves
+    /// into the session, which only then has one. Without it the kernel
+    /// shows a mode this daemon changed (privileges dropped on a write)
+    /// for up to the attribute timeout.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
     }
 
     /// Negotiates with the kernel at `init` (see [`negotiate`]), with the
     /// writeback cache when the kernel may cache.
+    /// This passthrough also kills privileges itself (see `privileges`),
+    /// which spares a `security.capability` lookup before every write.
     pub fn negotiate(&mut self, config: &mut KernelConfig) {
         // Files that change under the kernel (`Cache::Never`): with a
         // writeback cache it would trust its own (stale) sizes.
         self.writeback = negotiate(config, self.cache == Cache::Kernel);
+        if config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_err()
+        {
+            log::info!("kernel does not offer FUSE_HANDLE_KILLPRIV_V2");
+        }
     }
 
     fn inode(&self, ino: INodeNo) -> Res<Arc<Inode>> {
