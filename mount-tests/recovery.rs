@@ -107,7 +107,10 @@ fn check_points(replica: &Path, rounds: &[(u64, Vec<u8>)]) -> usize {
 
 /// A primary with one image of `BLOCKS` blocks replicating to `sec`.
 fn primary_with_image(sec: &Secondary) -> Mount {
-    let m = primary_for(sec, &sec.addr, &[]);
+    // Each round's writes (a block, a growth or a cut back; the whole
+    // image once) must land in one point, as the expected images assume:
+    // a cut 1 s after the first change keeps them together.
+    let m = primary_for(sec, &sec.addr, &["--coalesce", "1s"]);
     fs::write(m.mnt(IMAGE), pattern((BLOCKS * BS) as usize, 1)).expect("write image");
     sync_file(&m.mnt(IMAGE));
     m

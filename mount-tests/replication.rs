@@ -1030,7 +1030,9 @@ fn qemu_io_patterns_in_raw_and_qcow2_replicate_identically_and_mirror_shows_them
 fn a_block_rewritten_while_its_point_ships_lands_with_its_cut_time_content() {
     const BS: u64 = 4096;
     const X: u64 = 5 * 256 + 10;
-    let (sec, m) = pair(&["--block-size", "4K", "--max-rate", "1M"]);
+    // The image must reach the secondary as one point: a cut 3 s after the
+    // first change (not 5 ms) keeps the page flush of the fsync together.
+    let (sec, m) = pair(&["--block-size", "4K", "--max-rate", "1M", "--coalesce", "3s"]);
     let img = m.mnt("img");
     let a = pattern(BS as usize, 0xA);
     let b = pattern(BS as usize, 0xB);
@@ -1800,7 +1802,9 @@ fn primary_without_the_key_is_refused_and_nothing_is_written() {
 #[test]
 fn max_rate_caps_replication_bandwidth_within_ten_percent() {
     const RATE: u64 = 2 * MIB;
-    let (sec, m) = pair(&["--max-rate", "2M"]);
+    // The 16 MiB must ship as one point (the window below is one ship): a
+    // cut 3 s after the first change keeps the page flush together.
+    let (sec, m) = pair(&["--max-rate", "2M", "--coalesce", "3s"]);
     // Incompressible data, so wire bytes are about the data's size.
     let data: Vec<u8> = pattern(16 * MIB as usize, 7);
     fs::write(m.mnt("big.img"), &data).unwrap();
@@ -1952,6 +1956,163 @@ fn verify_finds_exactly_a_flipped_replica_byte_and_repair_fixes_it() {
     assert_same_bytes(&m.mnt("disk.img"), &sec.rep("disk.img"));
     let (ok, v) = verify(&[]);
     assert!(ok, "still differs after repair: {v:#}");
+}
+
+// ---------------------------------------------------------------------------
+// `--rpo` is a ceiling, not a period.
+
+/// The RPO of these tests: far longer than any wait they allow, so a point
+/// that arrives came from the wake-up, not from the ceiling.
+const LONG_RPO: &str = "60s";
+
+/// A fresh pair whose primary runs with `--rpo 60s`, once the secondary
+/// holds its (empty) baseline.
+fn pair_with_long_rpo() -> (Secondary, Mount) {
+    let sec = Secondary::start();
+    let key = sec.key_path();
+    let args = [
+        "--replicate-to",
+        &sec.addr,
+        "--rpo",
+        LONG_RPO,
+        "--auth-key",
+        path_str(&key),
+    ];
+    let m = Mount::start(&args);
+    // The mount shows before the daemon answers on its control socket.
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !Command::new(hbrfs())
+        .args(["status", "-d", path_str(&m.backing), "--json"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(Instant::now() < deadline, "no control socket:\n{}", m.log());
+        sleep(POLL);
+    }
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    (sec, m)
+}
+
+/// Polls until `replica` holds exactly `want`; returns how long it took,
+/// or panics with both logs after `timeout`.
+fn wait_replica_bytes(
+    m: &Mount,
+    sec: &Secondary,
+    replica: &Path,
+    want: &[u8],
+    timeout: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if fs::read(replica).is_ok_and(|have| have == want) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{} did not match the primary within {timeout:?} (--rpo {LONG_RPO})\n\
+             --- primary status ---\n{:#}\n--- primary log ---\n{}\n--- secondary log ---\n{}",
+            replica.display(),
+            primary_status(m),
+            m.log(),
+            sec.log()
+        );
+        sleep(Duration::from_millis(10));
+    }
+}
+
+/// With `--rpo 60s` and the link idle, a write + fsync is on the replica,
+/// byte-identical, within seconds: the write wakes the replicator, which
+/// cuts after a few ms instead of waiting for the next RPO tick (the old
+/// period behaviour waited up to 60 s). Idle, no point is cut.
+#[test]
+fn with_a_60s_rpo_a_fsynced_write_is_on_the_replica_within_seconds() {
+    let (sec, m) = pair_with_long_rpo();
+    let path = m.mnt("disk.img");
+    let mut image = pattern(4 * MIB as usize, 1);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut took = Vec::new();
+    for round in 0..4u64 {
+        // A new 256 KiB run somewhere in the image each round (the first
+        // round creates the file: a namespace operation plus data).
+        let at = (round * 7 % 16) * 256 * 1024;
+        let data = pattern(256 * 1024, 100 + round);
+        image[at as usize..at as usize + data.len()].copy_from_slice(&data);
+        if round == 0 {
+            f.write_all_at(&image, 0).unwrap();
+        } else {
+            f.write_all_at(&data, at).unwrap();
+        }
+        f.sync_all().unwrap();
+        took.push(wait_replica_bytes(
+            &m,
+            &sec,
+            &sec.rep("disk.img"),
+            &image,
+            Duration::from_secs(10),
+        ));
+        // A pause unlike any multiple of a period, so a lucky tick could
+        // not explain the rounds.
+        sleep(Duration::from_millis(300 + 170 * round));
+    }
+    println!("fsynced write -> replica identical, per round: {took:?} (--rpo {LONG_RPO})");
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_same_bytes(&m.mnt("disk.img"), &sec.rep("disk.img"));
+    assert_same_bytes(&m.mnt("disk.img"), &sec.mir("disk.img"));
+    // Idle: nothing wakes the replicator, so no point is cut and none ships.
+    let before = primary_status(&m);
+    sleep(Duration::from_secs(2));
+    let after = primary_status(&m);
+    for counter in ["points_cut", "epochs_shipped"] {
+        assert_eq!(
+            repl_counter(&before, counter),
+            repl_counter(&after, counter),
+            "{counter} moved while nothing changed"
+        );
+    }
+}
+
+/// Under continuous writes (about 25 MB/s with an fdatasync every 8 MiB)
+/// and `--rpo 60s`, points keep flowing while the writer runs (each one
+/// cut as soon as the one before is applied), and the replica catches up
+/// within seconds of the writer's end, identical.
+#[test]
+fn under_continuous_writes_points_keep_flowing_and_the_replica_catches_up_right_after() {
+    let (sec, m) = pair_with_long_rpo();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_bulk_writer(m.mnt("busy.img"), 11, stop.clone());
+    let first = repl_counter(&primary_status(&m), "last_applied_epoch");
+    let mut applied = BTreeSet::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        applied.insert(sec.applied_epoch());
+        sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().expect("writer");
+    let ended = Instant::now();
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let drain = ended.elapsed();
+    applied.retain(|&e| e > first);
+    println!(
+        "{} MiB written in 8 s; {} points applied while writing; caught up {drain:?} after the writer ended",
+        written / MIB,
+        applied.len()
+    );
+    assert!(
+        applied.len() >= 3,
+        "only {} points applied during 8 s of writes with --rpo {LONG_RPO}: {applied:?}",
+        applied.len()
+    );
+    assert!(
+        drain < Duration::from_secs(20),
+        "the replica caught up only {drain:?} after the writer ended"
+    );
+    assert_same_bytes(&m.mnt("busy.img"), &sec.rep("busy.img"));
 }
 
 /// A primary replicating to `sec` over `backing` (prepared by the caller).

@@ -296,7 +296,11 @@ fn proxy_cutting_every_2_to_3_s_resumes_a_backlog_larger_than_any_window_and_con
     const REFUSE: Duration = Duration::from_secs(1);
     let sec = Secondary::start();
     let proxy = CuttingProxy::start(&sec.addr, false);
-    let m = primary_for(&sec, &proxy.addr, &[]);
+    // The backlog must be one point larger than a window between cuts:
+    // the first backlog write must not cut (and hold) a point of its first
+    // blocks only, so the cut waits 10 s after a change; a reconnect still
+    // ticks at once.
+    let m = primary_for(&sec, &proxy.addr, &["--coalesce", "10s"]);
     let mut rng = Rng::from_time_or_env();
     create_sparse(&m.mnt("disk.img"), IMAGE);
     sync_file(&m.mnt("disk.img"));
@@ -475,7 +479,9 @@ fn a_proxy_that_stalls_without_closing_is_noticed_within_30_s_and_the_point_resu
     let sec = Secondary::start();
     let proxy = CuttingProxy::start(&sec.addr, false);
     // Capped so that the point below ships for several seconds.
-    let m = primary_for(&sec, &proxy.addr, &["--max-rate", "8M"]);
+    // The backlog ships as one point: a cut 3 s after the first change
+    // keeps its page flush together.
+    let m = primary_for(&sec, &proxy.addr, &["--max-rate", "8M", "--coalesce", "3s"]);
     create_sparse(&m.mnt("disk.img"), IMAGE);
     sync_file(&m.mnt("disk.img"));
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);

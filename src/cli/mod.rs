@@ -60,9 +60,16 @@ enum Command {
         /// Replicate to the secondary at this address (e.g. 127.0.0.1:7070).
         #[arg(long, value_name = "ADDR")]
         replicate_to: Option<String>,
-        /// Recovery point objective: cut and ship a point this often.
+        /// Recovery point objective, a ceiling: a change is cut into a point
+        /// as soon as the link is idle (a few ms after it), and at the
+        /// latest this long after it; the replica is never older than this
+        /// plus one point's transfer.
         #[arg(long, value_parser = parse_duration, default_value = "5s")]
         rpo: Duration,
+        /// How long a point waits for more changes after the first one,
+        /// with the link idle (default 5ms; tests use it to batch a burst).
+        #[arg(long, hide = true, value_parser = parse_duration)]
+        coalesce: Option<Duration>,
         /// zstd level for shipped blocks; -1 by measurement (docs/design.md, "Compression that pays").
         #[arg(long, default_value_t = crate::replicate::DEFAULT_ZSTD_LEVEL, allow_hyphen_values = true)]
         zstd_level: i32,
@@ -150,7 +157,7 @@ enum Command {
         /// Where to keep both sides.
         #[arg(default_value = "./hbrfs-demo")]
         dir: PathBuf,
-        /// Recovery point objective.
+        /// Recovery point objective, a ceiling (see `mount --rpo`).
         #[arg(long, value_parser = parse_duration, default_value = "2s")]
         rpo: Duration,
     },
@@ -404,12 +411,16 @@ fn run(cli: Cli) -> Result<()> {
             no_tracking,
             replicate_to,
             rpo,
+            coalesce,
             zstd_level,
             max_rate,
             auth_key,
             metrics,
         } => {
-            let replicate = replicate_options(replicate_to, auth_key, rpo, zstd_level, max_rate)?;
+            let coalesce = coalesce.unwrap_or(crate::replicate::DEFAULT_COALESCE);
+            let timing = Timing { rpo, coalesce };
+            let replicate =
+                replicate_options(replicate_to, auth_key, timing, zstd_level, max_rate)?;
             daemon::run_mount(&MountOptions {
                 backing,
                 mountpoint,
@@ -481,11 +492,17 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// When points are cut: `--rpo` and `--coalesce`.
+struct Timing {
+    rpo: Duration,
+    coalesce: Duration,
+}
+
 /// What `mount --replicate-to` asks for; `--auth-key` must come with it.
 fn replicate_options(
     replicate_to: Option<String>,
     auth_key: Option<PathBuf>,
-    rpo: Duration,
+    Timing { rpo, coalesce }: Timing,
     level: i32,
     max_rate: Option<u64>,
 ) -> Result<Option<ReplicateOptions>> {
@@ -493,6 +510,7 @@ fn replicate_options(
         (Some(addr), Some(key)) => Ok(Some(ReplicateOptions {
             addr,
             rpo,
+            coalesce,
             level,
             key: AuthKey::load(&key)?,
             max_rate,

@@ -113,7 +113,12 @@ pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
         });
         let (stop, stopped) = watch::channel(false);
         let task = rt.spawn(replicator.run(stopped));
-        log::info!("replicating to {} every {:?}", r.addr, r.rpo);
+        log::info!(
+            "replicating to {}: a point {:?} after a change with the link idle, at least every {:?}",
+            r.addr,
+            r.coalesce,
+            r.rpo
+        );
         replication = Some((stop, task));
     } else if let Some(every) = opts.cut_every {
         start_cut_timer(ds.clone(), every)?;

@@ -57,6 +57,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         replicate: Some(ReplicateOptions {
             addr: listen.trim().to_string(),
             rpo,
+            coalesce: crate::replicate::DEFAULT_COALESCE,
             level: crate::replicate::DEFAULT_ZSTD_LEVEL,
             key,
             max_rate: None,
@@ -65,7 +66,7 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
     })?;
     let mnt = primary.mountpoint.clone();
     eprintln!(
-        "\nhbrfs is up.\n  primary datastore: {mnt}  (write images here)\n  replica, read-only: {rep}  (updated every {rpo:?})\n\n\
+        "\nhbrfs is up.\n  primary datastore: {mnt}  (write images here)\n  replica, read-only: {rep}  (a change is there within a moment, at most {rpo:?} behind)\n\n\
          Try:\n  qemu-img create -f qcow2 {mnt}/disk.qcow2 1G\n  qemu-io -f qcow2 -t none -c 'write -P 0xab 0 1M' {mnt}/disk.qcow2\n  \
          hbrfs status -d {mnt}\n  qemu-img compare {mnt}/disk.qcow2 {rep}/disk.qcow2\n\
          A VM: qemu-system-x86_64 -drive file={mnt}/disk.qcow2,cache=none,aio=threads ...\n\nCtrl-C stops both sides.",

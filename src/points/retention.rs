@@ -183,8 +183,7 @@ fn thin(paths: &PointsPaths, points: &mut Vec<PointRecord>, i: usize) -> Result<
     older.generation = generation;
     older.undo_bytes = at;
     older.undo_blocks = index.len() as u64;
-    older.merged.push(newer.epoch);
-    older.merged.extend(&newer.merged);
+    older.thinned += 1 + newer.thinned;
     Ok(newer)
 }
 

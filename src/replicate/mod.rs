@@ -1,10 +1,27 @@
-//! The primary's replicator: every RPO tick it cuts a point, offers a keyed
-//! hash per dirty block, sends zstd-compressed only what the secondary
-//! wants (zero blocks as markers), commits, and forgets the point only once
-//! the secondary says it is applied. A point whose stream breaks is held
-//! and shipped again unchanged after the reconnect, resuming where the
-//! secondary stopped; a point the secondary refuses is folded into the next
-//! cut. Either way the replica only ever moves between consistent points.
+//! The primary's replicator: it cuts a point, offers a keyed hash per dirty
+//! block, sends zstd-compressed only what the secondary wants (zero blocks
+//! as markers), commits, and forgets the point only once the secondary
+//! says it is applied. A point whose stream breaks is held and shipped
+//! again unchanged after the reconnect, resuming where the secondary
+//! stopped; a point the secondary refuses is folded into the next cut.
+//! Either way the replica only ever moves between consistent points.
+//!
+//! # When a point is cut
+//!
+//! `--rpo` is a ceiling, not a period. One point is in flight at a time;
+//! with the link idle, the first change after a cut (a file's first write
+//! or resize of the epoch, or any namespace operation: create, rename,
+//! unlink, setattr...) wakes the replicator through
+//! [`crate::tracking::Dirtied`], which waits [`DEFAULT_COALESCE`] (5 ms;
+//! `--coalesce`) for the rest of the burst and cuts: a change reaches the
+//! secondary in about a round trip plus its transfer. A change made while a
+//! point ships leaves a permit, so the next point is cut as soon as that
+//! one is applied: under sustained writes points grow instead of queueing.
+//! With nothing waking it, the replicator still ticks every RPO (an empty
+//! tick costs one hold of the cut gate) so the replica age in `status`
+//! drops to zero when nothing changed. While disconnected it only
+//! reconnects after its backoff (250 ms doubling to 5 s): changes never
+//! make it retry sooner.
 //!
 //! # Layout
 //!
@@ -60,8 +77,12 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = -1;
 pub struct ReplicateOptions {
     /// The secondary, e.g. `127.0.0.1:7070`.
     pub addr: String,
-    /// Cut and ship this often.
+    /// The ceiling: the longest a change waits before a point is cut, when
+    /// nothing woke the replicator sooner (see the module doc).
     pub rpo: Duration,
+    /// How long a change waits for the ones following it (a guest's burst)
+    /// before a point is cut with the link idle.
+    pub coalesce: Duration,
     /// zstd level for blocks.
     pub level: i32,
     /// The key the secondary expects.
@@ -69,6 +90,18 @@ pub struct ReplicateOptions {
     /// Cap on replication bandwidth, bytes per second.
     pub max_rate: Option<u64>,
 }
+
+/// The first wait before connecting again after a failure; it doubles
+/// with every failure in a row.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The longest wait before connecting again.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The default of `--coalesce`, measured (docs/design.md, "When a point is
+/// cut"): long enough that one guest flush lands in one point, short
+/// against a round trip of a real link.
+pub const DEFAULT_COALESCE: Duration = Duration::from_millis(5);
 
 /// The pair's hash key, made once and kept in the state folder.
 fn pair_key(ds: &Datastore) -> Result<HashKey> {
@@ -128,20 +161,22 @@ impl Replicator {
         })
     }
 
-    /// Ships points every RPO until `shutdown` turns true.
+    /// Ships points until `shutdown` turns true: a point is cut
+    /// `coalesce` after the first change the link is free for, and at
+    /// least every RPO (see the module doc); while disconnected, it
+    /// connects again after a backoff.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut client: Option<(Client, Epoch)> = None;
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff = FIRST_BACKOFF;
         loop {
             // A (re)connect is followed by a tick at once, in the same turn.
-            let wait = if client.is_some() {
-                self.opts.rpo
+            if client.is_some() {
+                self.next_turn(&mut shutdown).await;
             } else {
-                backoff
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => {}
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
             }
             if *shutdown.borrow() {
                 return;
@@ -149,12 +184,12 @@ impl Replicator {
             if client.is_none() {
                 match self.connect().await {
                     Ok(c) => {
-                        backoff = Duration::from_millis(250);
+                        backoff = FIRST_BACKOFF;
                         client = Some(c);
                     }
                     Err(e) => {
                         self.stats.fail(&e);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
                         continue;
                     }
                 }
@@ -167,6 +202,26 @@ impl Replicator {
                 Ok(applied) => client = Some((c, applied)),
                 Err(e) => self.stats.fail(&e),
             }
+        }
+    }
+
+    /// Waits, with the link idle, for the next tick: `coalesce` after the
+    /// first change since the last cut (at once plus `coalesce` when one
+    /// came before, e.g. while the last point shipped), or one RPO,
+    /// whichever is first; or until shutdown.
+    async fn next_turn(&self, shutdown: &mut watch::Receiver<bool>) {
+        let dirtied = self.ds.tracker.dirtied();
+        tokio::select! {
+            _ = async {
+                // Still up when the last tick cut nothing (it shipped a
+                // held point again): its wake-up is spent, the change not.
+                if !dirtied.is_raised() {
+                    dirtied.changed().await;
+                }
+                tokio::time::sleep(self.opts.coalesce).await;
+            } => {}
+            _ = tokio::time::sleep(self.opts.rpo) => {}
+            _ = shutdown.changed() => {}
         }
     }
 
@@ -237,7 +292,7 @@ impl Replicator {
         Ok(())
     }
 
-    /// One RPO tick: cut and ship if anything changed; returns the
+    /// One tick: cut and ship if anything changed; returns the
     /// replica's epoch afterwards.
     async fn tick(&self, client: &mut Client, applied: Epoch) -> Result<Epoch> {
         let Some(point) = self.points.next(applied).await? else {

@@ -12,8 +12,9 @@
 //!    protection is dropped and it is folded into the next cut
 //!    ([`Points::refused`]);
 //! 4. **applied**: [`Points::applied`] clears the closed set and writes the
-//!    point record: the epoch's Shipped state, its operations pruned, the
-//!    last shipped point (and no pending one). A point applied before its
+//!    point record: the epoch's Shipped state, its operations and the
+//!    records of older epochs pruned, the last shipped point (and no
+//!    pending one). A point applied before its
 //!    acknowledgement was lost is finished on reconnect.
 //!
 //! This is the only writer of the point record in the journal; `tracking`
@@ -225,6 +226,7 @@ impl Points {
             let mut record = journal.epoch(first)?.unwrap_or_default();
             record.state = EpochState::Shipped as i32;
             journal.put_epoch(first, &record)?;
+            journal.prune_epochs_before(first)?;
             journal.prune_ops_through(point.set.end)?;
             journal.set_last_shipped(&point.record)?;
             journal.flush()

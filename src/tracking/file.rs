@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::DirtyFiles;
 use super::bitmap::{self, Bitmap, Slot};
 use super::preimage::PreImages;
+use super::{Dirtied, DirtyFiles};
 use crate::error::{IoContext, Result};
 use crate::fs::recorder::TrackedBlocks;
 use crate::ids::{BlockNo, BlockSize, FileId};
@@ -49,6 +49,8 @@ pub struct TrackedFile {
     pub(super) preimage_path: PathBuf,
     /// The tracker's dirty-file set, which this file joins when touched.
     pub(super) dirty: Arc<DirtyFiles>,
+    /// The tracker's "changed since the last cut", raised when touched.
+    pub(super) dirtied: Arc<Dirtied>,
 }
 
 impl TrackedFile {
@@ -81,11 +83,13 @@ impl TrackedFile {
         Ok(())
     }
 
-    /// Notes a change in the open epoch: the next cut visits this file.
-    /// The set's lock is taken once per file and epoch, not per write.
+    /// Notes a change in the open epoch: the next cut visits this file,
+    /// and the replicator wakes. The set's lock and the wake-up happen
+    /// once per file and epoch, not per write.
     pub(super) fn touch(&self) {
         if !self.touched.swap(true, Ordering::Relaxed) {
             self.dirty.insert(self.id);
+            self.dirtied.raise();
         }
     }
 

@@ -22,10 +22,13 @@
 //! - `file`: one [`TrackedFile`]: marking writes, reading as of the cut, its slots at a cut.
 //! - [`bitmap`]: the memory-mapped two-slot bitmap of one file.
 //! - [`preimage`]: the saved cut-time content of protected closed blocks.
+//! - `wake`: [`Dirtied`], "changed since the last cut", which wakes the
+//!   replicator.
 
 pub mod bitmap;
 mod file;
 pub mod preimage;
+mod wake;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -43,6 +46,7 @@ use crate::proto::journal::{EpochRecord, EpochState};
 use crate::state::{StatePaths, now_ns};
 use bitmap::{Bitmap, Slot};
 pub use file::TrackedFile;
+pub use wake::Dirtied;
 
 /// Upper bounds of the cut-stall histogram, in seconds: 1 µs to ~1 s by
 /// factors of 4, since a cut should hold writes for microseconds and a
@@ -136,6 +140,9 @@ pub struct Tracker {
     files: RwLock<HashMap<FileId, Arc<TrackedFile>>>,
     /// The files a cut visits (see [`DirtyFiles`]).
     dirty: Arc<DirtyFiles>,
+    /// Raised by the first change after a cut, taken by the cut: wakes
+    /// the replicator.
+    dirtied: Arc<Dirtied>,
     /// The open epoch.
     epoch: AtomicU64,
     /// The first epoch of the closed set, 0 when there is none.
@@ -196,6 +203,7 @@ impl Tracker {
             gate: RwLock::new(()),
             files: RwLock::new(HashMap::new()),
             dirty: Arc::new(DirtyFiles::default()),
+            dirtied: Arc::new(Dirtied::default()),
             epoch: AtomicU64::new(epoch),
             closed_first: AtomicU64::new(closed_first),
             closed_end: AtomicU64::new(closed_end),
@@ -254,6 +262,12 @@ impl Tracker {
     /// Counts a namespace operation into the open epoch (call under the gate).
     pub fn note_op(&self) {
         self.ops_in_epoch.fetch_add(1, Ordering::Relaxed);
+        self.dirtied.raise();
+    }
+
+    /// "Changed since the last cut": what the replicator waits on.
+    pub fn dirtied(&self) -> &Dirtied {
+        &self.dirtied
     }
 
     fn bitmap_path(&self, id: FileId) -> PathBuf {
@@ -330,6 +344,7 @@ impl Tracker {
             preimages: Mutex::new(None),
             preimage_path: self.paths.preimage(id.0),
             dirty: self.dirty.clone(),
+            dirtied: self.dirtied.clone(),
         });
         self.files
             .write()
@@ -534,6 +549,11 @@ impl Tracker {
         if self.protected.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        // Under the exclusive gate no change is half made: everything
+        // changed so far is in this set, and every change from here on
+        // raises the flag again. (A plain `cut` leaves it up: what it
+        // closes is still for the replicator to take.)
+        self.dirtied.take();
         let (closed, dirty) = self.cut_locked();
         let end = closed.map_or(self.closed_end.load(Ordering::Relaxed), |e| e.0);
         let exists_at_cut = |f: &TrackedFile| {
