@@ -526,7 +526,7 @@ impl<'a> Session<'a> {
 
     /// Wanted blocks: decompressed within bounds and checked against the
     /// hash offered for them (by the workers, a batch of about
-    /// [`DECODE_BATCH_BYTES`] at a time), then staged in their order.
+    /// `DECODE_BATCH_BYTES` at a time), then staged in their order.
     pub fn blocks(&mut self, blocks: Blocks) -> Result<(), Refused> {
         if blocks.blocks.len() > MAX_BLOCKS {
             return Err(Refused::TooManyBlocks(blocks.blocks.len()));
