@@ -1,7 +1,41 @@
 # shellcheck shell=bash
-# shellcheck disable=SC2154 # hbrfs and timeout come from the sourcing script
+# shellcheck disable=SC2154 # hbrfs, timeout, work, mnt come from the sourcing script
 # Helpers the bench scripts share; sourced, not run. They use the
-# sourcing script's `hbrfs` (the binary), `timeout` (seconds) and `die`.
+# sourcing script's `hbrfs` (the binary), `repo`, `timeout` (seconds),
+# `log` and `die`.
+
+# prepare_bench DIR NEED_MIB TOOL...: checks the tools, refuses a tmpfs
+# DIR (no O_DIRECT, no writeback: the figures would mean nothing) or one
+# with NEED_MIB free or less, and builds the release binary unless BUILD=0
+# (a no-op when it is up to date).
+prepare_bench() {
+    local dir=$1 need=$2 tool avail
+    shift 2
+    for tool in "$@"; do command -v "$tool" >/dev/null || die "$tool not found"; done
+    [[ $(stat -f -c %T "$dir") != tmpfs ]] || die "BENCH_DIR $dir is tmpfs"
+    avail=$(($(stat -f -c '%a * %S' "$dir") >> 20))
+    ((avail > need)) || die "$dir has $avail MiB free, need $need"
+    if [[ ${BUILD:-1} == 1 ]]; then
+        log "cargo build --release"
+        (cd "$repo" && cargo build --release --quiet) || die "cargo build failed"
+    fi
+}
+
+# leave_work RC LOG...: the end of a run: on failure the last lines of each
+# LOG, then the work dir removed (kept with KEEP=1, or while `mnt` is still
+# mounted: removing it would walk into the mount); exits RC. Uses the
+# sourcing script's `work` and `mnt`.
+leave_work() {
+    local rc=$1 f
+    shift
+    if ((rc != 0)); then
+        for f in "$@"; do [[ -e $f ]] && { log "last lines of $f:"; tail -n 15 "$f" >&2; }; done
+    fi
+    if [[ -n $mnt ]] && is_mounted "$mnt"; then log "$mnt still mounted; leaving $work"
+    elif [[ ${KEEP:-0} == 1 ]]; then log "kept $work"
+    else rm -rf "$work"; fi
+    exit "$rc"
+}
 
 # is_mounted DIR: whether something is mounted at DIR.
 is_mounted() { awk -v m="$1" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; }

@@ -57,22 +57,14 @@ die() { log "error: $*"; exit 1; }
 ratio() { bc -l <<<"scale=2; $1 / $2" | sed 's/^\./0./'; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root (FUSE mounts)"
-for tool in fio jq bc qemu-img; do command -v "$tool" >/dev/null || die "$tool not found"; done
 [[ $size_mb =~ ^[1-9][0-9]*$ && $io_mb =~ ^[1-9][0-9]*$ ]] || die "SIZE_MB and IO_MB are whole MiB"
-[[ $(stat -f -c %T "$bench_dir") != tmpfs ]] || die "BENCH_DIR $bench_dir is tmpfs"
-avail=$(($(stat -f -c '%a * %S' "$bench_dir") >> 20))
-((avail > 4 * size_mb + 1024)) || die "$bench_dir has $avail MiB free, need $((4 * size_mb + 1024))"
-
-if [[ ${BUILD:-1} == 1 ]]; then
-    log "cargo build --release"
-    (cd "$repo" && cargo build --release --quiet) || die "cargo build failed"
-fi
+# shellcheck source=contrib/bench/common.sh
+source "$repo/contrib/bench/common.sh"
+prepare_bench "$bench_dir" $((4 * size_mb + 1024)) fio jq bc qemu-img
 
 work=$(mktemp -d "$bench_dir/hbrfs-points.XXXXXX")
 primary_pid='' secondary_pid='' mnt=''
 
-# shellcheck source=contrib/bench/common.sh
-source "$repo/contrib/bench/common.sh"
 stop_pair() {
     [[ -z $primary_pid ]] || stop "$primary_pid"
     [[ -z $mnt ]] || ! is_mounted "$mnt" || fusermount3 -u "$mnt" 2>/dev/null || umount -l "$mnt" || true
@@ -83,13 +75,7 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_pair
-    if ((rc != 0)); then
-        for f in "$work"/*/*.log; do [[ -e $f ]] && { log "last lines of $f:"; tail -n 15 "$f" >&2; }; done
-    fi
-    if [[ -n $mnt ]] && is_mounted "$mnt"; then log "$mnt still mounted; leaving $work"
-    elif [[ ${KEEP:-0} == 1 ]]; then log "kept $work"
-    else rm -rf "$work"; fi
-    exit "$rc"
+    leave_work "$rc" "$work"/*/*.log
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

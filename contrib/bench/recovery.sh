@@ -69,18 +69,12 @@ rate() { bc -l <<<"scale=0; $1 * 1000000000 / $2 / 1048576"; } # rate BYTES NS: 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root (FUSE mounts, drop_caches)"
-for tool in fio jq bc cmp python3; do command -v "$tool" >/dev/null || die "$tool not found"; done
 [[ $size_mb =~ ^[1-9][0-9]*$ && $change_pct =~ ^[1-9][0-9]?$ ]] ||
     die "SIZE_MB is whole MiB, CHANGE_PCT a whole percent below 100"
 ((size_mb * change_pct >= 100 && size_mb > 16)) || die "SIZE_MB too small (CHANGE_PCT % must be 1 MiB)"
-[[ $(stat -f -c %T "$bench_dir") != tmpfs ]] || die "BENCH_DIR $bench_dir is tmpfs"
-avail=$(($(stat -f -c '%a * %S' "$bench_dir") >> 20))
-((avail > 3 * size_mb + 1024)) || die "$bench_dir has $avail MiB free, need $((3 * size_mb + 1024))"
-
-if [[ ${BUILD:-1} == 1 ]]; then
-    log "cargo build --release"
-    (cd "$repo" && cargo build --release --quiet) || die "cargo build failed"
-fi
+# shellcheck source=contrib/bench/common.sh
+source "$repo/contrib/bench/common.sh"
+prepare_bench "$bench_dir" $((3 * size_mb + 1024)) fio jq bc cmp python3
 
 work=$(mktemp -d "$bench_dir/hbrfs-recovery.XXXXXX")
 backing=$work/backing replica=$work/replica
@@ -89,8 +83,6 @@ mkdir -p "$backing" "$replica" "$mnt" "$mirror" "$pmnt" "$nmnt" "$work/copy"
 primary_pid='' secondary_pid='' point_pid='' new_pid='' old_sec_pid=''
 change_mb=$((size_mb * change_pct / 100))
 
-# shellcheck source=contrib/bench/common.sh
-source "$repo/contrib/bench/common.sh"
 unmount() { ! is_mounted "$1" || fusermount3 -u "$1" 2>/dev/null || umount -l "$1" || true; }
 cleanup() {
     local rc=$? m p

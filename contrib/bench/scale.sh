@@ -73,23 +73,15 @@ log() { printf '[scale.sh %4ss] %s\n' "$(elapsed)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root (FUSE mounts)"
-for tool in fio jq bc python3; do command -v "$tool" >/dev/null || die "$tool not found"; done
 [[ $files =~ ^[1-9][0-9]*$ && $dirty_mb =~ ^[1-9][0-9]*$ && $reps =~ ^[1-9][0-9]*$ ]] ||
     die "FILES, DIRTY_MB and REPS are positive integers"
-[[ $(stat -f -c %T "$bench_dir") != tmpfs ]] || die "BENCH_DIR $bench_dir is tmpfs"
-avail=$(($(stat -f -c '%a * %S' "$bench_dir") >> 20))
-((avail > 2 * dirty_mb + 200)) || die "$bench_dir has $avail MiB free, need $((2 * dirty_mb + 200))"
-
-if [[ ${BUILD:-1} == 1 ]]; then
-    log "cargo build --release"
-    (cd "$repo" && cargo build --release --quiet) || die "cargo build failed"
-fi
+# shellcheck source=contrib/bench/common.sh
+source "$repo/contrib/bench/common.sh"
+prepare_bench "$bench_dir" $((2 * dirty_mb + 200)) fio jq bc python3
 
 work=$(mktemp -d "$bench_dir/hbrfs-scale.XXXXXX")
 primary_pid='' secondary_pid='' mnt=''
 
-# shellcheck source=contrib/bench/common.sh
-source "$repo/contrib/bench/common.sh"
 unmount() { [[ -z $mnt ]] || ! is_mounted "$mnt" || fusermount3 -u "$mnt" 2>/dev/null || umount -l "$mnt" || true; }
 stop_primary() {
     [[ -z $primary_pid ]] || stop "$primary_pid"
@@ -101,13 +93,7 @@ cleanup() {
     trap - EXIT INT TERM
     stop_primary
     [[ -z $secondary_pid ]] || stop "$secondary_pid"
-    if ((rc != 0)); then
-        for f in "$work"/*.log; do [[ -e $f ]] && { log "last lines of $f:"; tail -n 15 "$f" >&2; }; done
-    fi
-    if [[ -n $mnt ]] && is_mounted "$mnt"; then log "$mnt still mounted; leaving $work"
-    elif [[ ${KEEP:-0} == 1 ]]; then log "kept $work"
-    else rm -rf "$work"; fi
-    exit "$rc"
+    leave_work "$rc" "$work"/*.log
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
