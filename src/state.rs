@@ -152,11 +152,6 @@ impl ReplicaPaths {
     pub fn staged_offers(&self) -> PathBuf {
         self.staging().join("offers")
     }
-    /// How many of the staged point's operations the apply has done: the
-    /// file's length (see `replica::apply`).
-    pub fn ops_done(&self) -> PathBuf {
-        self.staging().join("ops-done")
-    }
     /// The content index (sled).
     pub fn index(&self) -> PathBuf {
         self.dir.join("index")
@@ -172,6 +167,11 @@ impl ReplicaPaths {
     /// The redo record of a point being applied: the commit point.
     pub fn redo(&self) -> PathBuf {
         self.dir.join("redo")
+    }
+    /// The epoch of the point being applied in place, until it is
+    /// committed or rolled back (see `replica::apply`).
+    pub fn in_flight(&self) -> PathBuf {
+        self.dir.join("inflight")
     }
     /// The pre-shared key primaries authenticate with.
     pub fn auth_key(&self) -> PathBuf {

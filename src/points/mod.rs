@@ -61,6 +61,6 @@ mod tests;
 
 pub use export::{ExportRequest, Exported, export};
 pub use retention::Retention;
-pub use rollback::{RolledBack, rollback_to};
+pub use rollback::{RolledBack, rollback_to, undo_in_flight};
 pub use store::{PointKeeper, PointsPaths, drop_kept, find_point, point_name, read_catalog};
 pub use view::PointView;

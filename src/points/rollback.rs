@@ -43,14 +43,47 @@ pub struct RolledBack {
 /// retained point `to`; the points after it are dropped. Rolling back to
 /// the newest point changes nothing.
 pub fn rollback_to(root: &Path, to: Epoch, block_size: u64) -> Result<RolledBack> {
-    let replica = ReplicaPaths::of(root);
-    let paths = PointsPaths::new(replica.points());
-    let view = PointView::open(root, to.0, block_size)?;
+    let paths = PointsPaths::new(ReplicaPaths::of(root).points());
     let points = read_catalog(&paths)?;
-    let later: Vec<_> = points.iter().filter(|p| p.epoch >= to.0).collect();
-    if later.len() <= 1 {
+    if points.iter().filter(|p| p.epoch >= to.0).count() <= 1 {
         return Ok(RolledBack::default());
     }
+    roll_back(root, to, block_size, points, &|_| true)
+}
+
+/// Rolls the replica at `root` back to its newest recorded point, undoing
+/// a point that was being applied in place when a stream broke or the
+/// secondary stopped (see `replica::apply`): the newest point's undo
+/// holds the old content of every block that apply overwrote, and its
+/// kept files what it removed. Only entries at or below a path for which
+/// `touched` holds (what the point's operations and files name) are
+/// removed: what else is there, the point did not make. Returns the point
+/// rolled back to, if any.
+pub fn undo_in_flight(
+    root: &Path,
+    block_size: u64,
+    touched: &dyn Fn(&[u8]) -> bool,
+) -> Result<Option<Epoch>> {
+    let paths = PointsPaths::new(ReplicaPaths::of(root).points());
+    let points = read_catalog(&paths)?;
+    let Some(newest) = points.last().map(|p| Epoch(p.epoch)) else {
+        return Ok(None);
+    };
+    roll_back(root, newest, block_size, points, touched)?;
+    Ok(Some(newest))
+}
+
+/// [`rollback_to`] once the catalog `points` is read.
+fn roll_back(
+    root: &Path,
+    to: Epoch,
+    block_size: u64,
+    points: Vec<crate::proto::points::PointRecord>,
+    touched: &dyn Fn(&[u8]) -> bool,
+) -> Result<RolledBack> {
+    let paths = PointsPaths::new(ReplicaPaths::of(root).points());
+    let view = PointView::open(root, to.0, block_size)?;
+    let later: Vec<_> = points.iter().filter(|p| p.epoch >= to.0).collect();
     let mut changed: HashMap<u64, Vec<u64>> = HashMap::new();
     for p in &later {
         let (index, _) = read_index(&paths.undo_index(p.epoch, p.generation))?;
@@ -73,7 +106,7 @@ pub fn rollback_to(root: &Path, to: Epoch, block_size: u64) -> Result<RolledBack
         kept: &kept,
     };
     rollback.keep_files(view.entries())?;
-    rollback.remove_others(view.entries(), &mut done.paths)?;
+    rollback.remove_others(view.entries(), touched, &mut done.paths)?;
     rollback.make_missing(view.entries(), &mut done.paths)?;
     for e in view.entries().iter().filter(|e| is_file(e)) {
         let mut blocks = changed.remove(&e.ino).unwrap_or_default();
@@ -150,8 +183,14 @@ impl Rollback<'_> {
     }
 
     /// Removes, deepest first, every live entry the point does not have
-    /// as it is (another type, another file, another symlink target).
-    fn remove_others(&self, entries: &[Entry], changed: &mut Vec<Vec<u8>>) -> Result<()> {
+    /// as it is (another type, another file, another symlink target),
+    /// among those `touched` names.
+    fn remove_others(
+        &self,
+        entries: &[Entry],
+        touched: &dyn Fn(&[u8]) -> bool,
+        changed: &mut Vec<Vec<u8>>,
+    ) -> Result<()> {
         let wanted: HashMap<&[u8], &Entry> =
             entries.iter().map(|e| (e.path.as_slice(), e)).collect();
         let live = namespace::of(self.root)?;
@@ -163,7 +202,7 @@ impl Rollback<'_> {
                     && w.target == e.target
                     && w.rdev == e.rdev
             });
-            if !same {
+            if !same && touched(&e.path) {
                 let (dir, name) = self.parent(&e.path)?;
                 let is_dir = e.mode & libc::S_IFMT == libc::S_IFDIR;
                 sys::unlinkat(dir.as_fd(), name, is_dir).at(self.shown(&e.path))?;
@@ -216,7 +255,7 @@ impl Rollback<'_> {
     }
 
     /// Writes the point's content of `blocks` into file `e` and gives it
-    /// the point's size.
+    /// the point's size (synced with everything else by one `syncfs`).
     fn write_back(
         &self,
         view: &PointView,
@@ -226,6 +265,10 @@ impl Rollback<'_> {
     ) -> Result<()> {
         let shown = self.shown(&e.path);
         let (dir, name) = self.parent(&e.path)?;
+        if blocks.is_empty() && sys::statat(dir.as_fd(), name).at(&shown)?.st_size as u64 == e.size
+        {
+            return Ok(());
+        }
         let fd = sys::openat(
             Some(dir.as_fd()),
             name,
@@ -239,9 +282,7 @@ impl Rollback<'_> {
             let n = view.read(e.ino, e.size, b * block_size, &mut buf)?;
             file.write_all_at(&buf[..n], b * block_size).at(&shown)?;
         }
-        file.set_len(e.size)
-            .and_then(|_| file.sync_all())
-            .at(&shown)
+        file.set_len(e.size).at(&shown)
     }
 
     /// Gives every entry the point's mode, owner and modification time.

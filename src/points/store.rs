@@ -149,16 +149,11 @@ pub struct PointKeeper {
 
 impl PointKeeper {
     /// Opens the points folder at `paths`, removing what an interrupted
-    /// thinning or apply left that the catalog does not name. With a grid
-    /// that keeps no history, every kept point is dropped.
+    /// thinning or apply left that the catalog does not name. The points
+    /// a grid without history does not keep go at [`PointKeeper::settle`],
+    /// once a point left in flight is rolled back (it needs the newest).
     pub fn open(paths: PointsPaths, keep: Retention) -> Result<PointKeeper> {
         make_state_dirs(&paths.dir)?;
-        if !keep.keeps_history() {
-            let n = drop_kept(&paths)?;
-            if n > 0 {
-                log::info!("keeping no recovery points (--keep none): dropped the {n} kept");
-            }
-        }
         let points = read_catalog(&paths)?;
         retention::remove_unnamed(&paths, &points)?;
         Ok(PointKeeper {
@@ -178,32 +173,66 @@ impl PointKeeper {
         lock(&self.paths.lock(), libc::LOCK_EX)
     }
 
-    /// Where the apply of `epoch` saves what it overwrites: the undo of
-    /// the newest point before it (which the apply makes the second
-    /// newest; a replay after a crash finds the same one). `None`
-    /// when no point is kept (none yet, or `--keep none`): then nothing
-    /// needs the old content.
-    pub fn undo_writer(&self, epoch: Epoch, block_size: u64) -> Result<Option<UndoWriter>> {
-        let newest = self.list().into_iter().rfind(|p| p.epoch < epoch.0);
-        match newest {
-            Some(p) if self.keep.keeps_history() => {
-                UndoWriter::open(&self.paths, p.epoch, p.generation, block_size).map(Some)
-            }
-            _ => Ok(None),
+    /// Reads the catalog again, after a rollback rewrote it.
+    pub fn reload(&self) -> Result<()> {
+        *self.catalog.lock().expect("catalog lock") = read_catalog(&self.paths)?;
+        Ok(())
+    }
+
+    /// With a grid that keeps no history, drops every kept point (the
+    /// temporary record of the point before one in flight, or what an
+    /// earlier run with history kept).
+    pub fn settle(&self) -> Result<()> {
+        if self.keep.keeps_history() {
+            return Ok(());
         }
+        let n = self.drop_all()?;
+        if n > 0 {
+            log::info!("keeping no recovery points (--keep none): dropped the {n} kept");
+        }
+        Ok(())
+    }
+
+    /// Where a point applied in place saves what it overwrites: the undo
+    /// of the point before it (`applied`, the live replica now), which is
+    /// first recorded (its namespace walked) unless it is the newest
+    /// point kept: with `--keep none`, before the first point, or after
+    /// history was dropped for space. Rolling back from it is how a point
+    /// that does not complete leaves the replica as it was.
+    pub fn base(&self, root: &Path, applied: PointRecord, block_size: u64) -> Result<UndoWriter> {
+        let mut points = self.list();
+        if points.last().map(|p| p.epoch) != Some(applied.epoch) {
+            let mut record = applied;
+            let dir = self.paths.point(record.epoch);
+            if dir.exists() {
+                fs::remove_dir_all(&dir).at(&dir)?;
+            }
+            make_state_dirs(&dir)?;
+            record.files = namespace::write(root, &self.paths.namespace(record.epoch))?;
+            points.retain(|p| p.epoch < record.epoch);
+            points.push(record);
+            write_catalog(&self.paths, &points)?;
+            *self.catalog.lock().expect("catalog lock") = points.clone();
+        }
+        let p = points.last().expect("recorded above");
+        UndoWriter::open(&self.paths, p.epoch, p.generation, block_size)
     }
 
     /// Records point `record` (just applied to `root`): its namespace,
     /// the undo the apply saved into the previous point (`undo`), the
-    /// catalog; then applies the retention grid. Called under
+    /// catalog; then applies the retention grid. The record of the state
+    /// before the first point (epoch 0) is not a point and goes; with no
+    /// history kept, every point goes. Called under
     /// [`PointKeeper::exclusive`], before the apply is recorded as done.
     pub fn applied(
         &self,
         root: &Path,
         mut record: PointRecord,
-        undo: Option<UndoWriter>,
+        undo: Option<&mut UndoWriter>,
     ) -> Result<()> {
+        let (bytes, blocks) = undo.map(|u| u.finish()).transpose()?.unwrap_or_default();
         if !self.keep.keeps_history() {
+            self.drop_all()?;
             return Ok(());
         }
         let dir = self.paths.point(record.epoch);
@@ -214,15 +243,29 @@ impl PointKeeper {
         record.files = namespace::write(root, &self.paths.namespace(record.epoch))?;
         let mut points = self.list();
         points.retain(|p| p.epoch < record.epoch);
-        if let (Some(undo), Some(previous)) = (undo, points.last_mut()) {
-            let (bytes, blocks) = undo.finish()?;
+        if let Some(previous) = points.last_mut() {
             previous.undo_bytes = bytes;
             previous.undo_blocks = blocks;
         }
+        let before_first = points.first().is_some_and(|p| p.epoch == 0);
+        points.retain(|p| p.epoch != 0);
         points.push(record);
         write_catalog(&self.paths, &points)?;
+        if before_first {
+            let dir = self.paths.point(0);
+            fs::remove_dir_all(&dir).at(&dir)?;
+        }
         *self.catalog.lock().expect("catalog lock") = points;
         self.retain()
+    }
+
+    /// The undo of the newest point before `epoch`, if one is kept: where
+    /// a point finished after a crash had saved what it overwrote.
+    pub fn undo_before(&self, epoch: Epoch, block_size: u64) -> Result<Option<UndoWriter>> {
+        match self.list().into_iter().rfind(|p| p.epoch < epoch.0) {
+            Some(p) => UndoWriter::open(&self.paths, p.epoch, p.generation, block_size).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Applies the retention grid (after each point).

@@ -36,7 +36,7 @@ fn point(
     at_ns: u64,
     change: impl FnOnce(&mut undo::UndoWriter),
 ) {
-    let mut undo = keeper.undo_writer(Epoch(epoch), BS).expect("undo");
+    let mut undo = keeper.undo_before(Epoch(epoch), BS).expect("undo");
     if let Some(undo) = undo.as_mut() {
         change(undo);
     }
@@ -45,7 +45,9 @@ fn point(
         at_ns,
         ..Default::default()
     };
-    keeper.applied(root, record, undo).expect("applied");
+    keeper
+        .applied(root, record, undo.as_mut())
+        .expect("applied");
 }
 
 /// Overwrites block `b` of `path` with `byte`, saving it first.

@@ -314,7 +314,7 @@ impl UndoWriter {
     }
 
     /// Syncs the rest; returns the undo's size: bytes of data and blocks.
-    pub fn finish(mut self) -> Result<(u64, u64)> {
+    pub fn finish(&mut self) -> Result<(u64, u64)> {
         self.sync()?;
         Ok((self.data_len, self.records))
     }

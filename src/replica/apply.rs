@@ -1,23 +1,32 @@
-//! The atomic apply of a staged epoch: redo → apply → applied.
+//! The apply of a point as it arrives, each block written once, in place.
 //!
-//! An epoch is first staged completely (block data, the lists of its
-//! Begin and Manifest chunks in `point`, its offers in `offers`, all
-//! fsynced) in `REPLICA/.hbrfs/staging/`; then a `redo` record naming it
-//! is written durably — the commit point ([`write_commit_point`]); then it
-//! is applied in place and the replica fsynced ([`Apply::run`]), reading
-//! the staged lists and offers back one record at a time, so the apply's
-//! memory does not grow with the point; then `applied` is updated and the
-//! redo record and staging removed (by the store, which owns the in-memory
-//! state). A restart that finds a redo record applies the staged epoch
-//! again (every step is idempotent; namespace operations count their
-//! progress in `staging/ops-done`). So after
-//! a crash at any instant the replica is at the previous point or, after
-//! the replay at start, at the new one — never between. The mirrored mount
-//! is kept out of the replica (the store's `view` lock) while an epoch
-//! applies.
+//! A point is applied while it streams in ([`Apply::start`] once its lists
+//! are complete, [`Apply::write`] for each batch of blocks, then
+//! [`Apply::finish`] at its commit), with the replica kept recoverable to
+//! the point before it (E-1) at every instant by undo, not by a staged
+//! copy of the new data:
+//!
+//! 1. Before anything changes, the store makes sure E-1 is a recorded
+//!    point (its namespace; a temporary one with `--keep none` or before
+//!    the first point) and writes the `inflight` record durably.
+//! 2. Namespace operations and sizes, then blocks batch by batch: the old
+//!    content of each batch is saved into E-1's undo and synced, then the
+//!    new content is written in place (once; the kernel's page cache is
+//!    the only copy). Nothing is synced per file.
+//! 3. At the commit: one `syncfs` (every block durable), then the `redo`
+//!    record (the commit point), then the point's metadata, a second
+//!    `syncfs`, the recovery point and `applied`.
+//!
+//! A crash or a failure before the commit point rolls the replica back to
+//! E-1 from the undo (`points::undo_in_flight`); after it, the restart
+//! finishes the apply from the redo record (metadata and the record only:
+//! the blocks are durable). So after a crash at any instant the replica is
+//! at E-1 or, after the restart, at E — never between. The mirrored mount
+//! is kept out of the replica (the store's `view` lock) while a point is
+//! in flight.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -28,8 +37,7 @@ use std::path::{Path, PathBuf};
 use super::confine;
 use super::index::ContentIndex;
 use super::meta::{self, Refusals};
-use super::records::{Applied, Redo, bad};
-use super::resume::read_offers;
+use super::records::{Applied, bad};
 use super::spill::Records;
 use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, Epoch, FileId};
@@ -38,13 +46,8 @@ use crate::points::undo::UndoWriter;
 use crate::proto::points::PointRecord;
 use crate::proto::replica::StagedBlock;
 use crate::proto::replication::{Begin, Manifest, NamespaceOp, OpKind};
-use crate::state::{self, ReplicaPaths, now_ns, write_durably};
+use crate::state::{self, ReplicaPaths, now_ns};
 use crate::sys;
-
-/// Blocks whose old content is saved and synced before they are written
-/// (one fsync of the undo per batch, not per block; 1024 measured faster
-/// than 256 for a 512 MiB overwrite).
-const UNDO_BATCH: usize = 1024;
 
 /// Replica folders and files are made private (0700, 0600) whatever the
 /// secondary's umask, and keep that mode until the point's metadata
@@ -70,21 +73,11 @@ fn missing(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
-/// The commit point: the operations-done count at zero, then the redo
-/// record, each written durably (the session synced the staging first:
-/// block data, lists, offers). From here a crash replays the apply.
-pub fn write_commit_point(paths: &ReplicaPaths, epoch: Epoch) -> Result<()> {
-    write_durably(&paths.ops_done(), b"")?;
-    Redo { epoch, ops_done: 0 }.write(paths)
-}
-
-/// How many operations of the staged point an interrupted apply did: the
-/// length of the `ops-done` file (or the count of an older build's redo
-/// record).
-pub fn ops_done(paths: &ReplicaPaths, redo: &Redo) -> usize {
-    let len = fs::metadata(paths.ops_done()).map_or(0, |m| m.len());
-    redo.ops_done
-        .max(usize::try_from(len).unwrap_or(usize::MAX))
+/// Syncs the file system holding the replica at `root` (its state folder
+/// with it): one barrier for everything a point wrote.
+pub fn sync_replica(root: &Path) -> Result<()> {
+    let dir = File::open(root).at(root)?;
+    sys::syncfs(dir.as_fd()).at(root)
 }
 
 /// Reads the staged point's lists back one Manifest chunk at a time,
@@ -118,6 +111,37 @@ fn read_lists(
     }
 }
 
+/// Every path the staged point `epoch` names (its operations' paths and
+/// targets, its files) and the folders above them (which applying it
+/// makes where missing): what a rollback of it may remove.
+pub fn touched_paths(paths: &ReplicaPaths, epoch: Epoch) -> Result<HashSet<Vec<u8>>> {
+    let mut touched = HashSet::new();
+    let mut add = |path: &[u8]| {
+        let ends = path.iter().enumerate().filter(|(_, b)| **b == b'/');
+        touched.extend(ends.map(|(at, _)| path[..at].to_vec()));
+        touched.insert(path.to_vec());
+    };
+    read_lists(paths, epoch, |chunk| {
+        for op in &chunk.ops {
+            add(&op.path);
+            add(&op.target);
+        }
+        chunk.files.iter().for_each(|f| add(&f.path));
+        Ok(())
+    })?;
+    Ok(touched)
+}
+
+/// One block of a point on its way into the replica: where it goes (a
+/// zero block is a hole) and, unless zero, its content.
+#[derive(Debug)]
+pub struct Landing {
+    /// The offer it answers (file, block, length, hash, zero).
+    pub block: StagedBlock,
+    /// Its content (empty for a zero block).
+    pub data: Vec<u8>,
+}
+
 /// What an apply works on: the replica root, its state folder and its
 /// content index, at the pair's block size.
 #[derive(Debug)]
@@ -126,38 +150,89 @@ pub struct Apply<'a> {
     pub root: &'a Path,
     /// Its state folder (staging, redo, applied).
     pub paths: &'a ReplicaPaths,
-    /// The content index, updated with what the epoch writes.
+    /// The content index, updated with what the point writes.
     pub index: &'a ContentIndex,
     /// The pair's block size in bytes.
     pub block_size: u64,
     /// Whether device nodes are made (`serve --allow-devices`).
     pub allow_devices: bool,
     /// Where the old content of what the apply overwrites, punches,
-    /// truncates or removes is saved first (the previous point's undo);
-    /// `None` when no older point is kept.
+    /// truncates or removes is saved first: the undo of the point before
+    /// (recorded for this, temporarily if no history is kept). Always
+    /// there for a point in flight; `None` only when finishing one after
+    /// a crash whose point before is no longer kept.
     pub undo: RefCell<Option<UndoWriter>>,
     /// The recovery points, which record this one once it is applied.
     pub points: &'a PointKeeper,
 }
 
 impl Apply<'_> {
-    /// Applies the staged epoch in place from operation `ops_done` on and
-    /// records it durably as applied; returns that record and what the
-    /// apply refused to do (see `meta`). The redo record and the staging
-    /// are the caller's to remove. The staged lists and offers are read
-    /// back from disk one record at a time, however large the point.
-    pub fn run(&self, epoch: Epoch, ops_done: usize) -> Result<(Applied, Refusals)> {
-        let mut refusals = Refusals::new();
-        let begin = self.apply_ops(epoch, ops_done, &mut refusals)?;
-        let mut files = self.size_files(epoch)?;
-        let changed_blocks = self.write_blocks(epoch, &mut files)?;
-        self.sync_files(&files)?;
-        read_lists(self.paths, epoch, |chunk| {
-            meta::apply_metas(self.root, &chunk.metas, &mut refusals)
+    /// The point's namespace operations, then every file of it given its
+    /// final size (its path recorded in the index); returns the files
+    /// and their sizes. What this refuses to do is added to `refusals`.
+    pub fn start(&self, epoch: Epoch, refusals: &mut Refusals) -> Result<HashMap<u64, u64>> {
+        self.apply_ops(epoch, refusals)?;
+        self.size_files(epoch)
+    }
+
+    /// Writes `blocks` (of files `files` lists) in place: their old
+    /// content saved into the undo and synced first, so a rollback after
+    /// a crash finds every overwritten block saved and never saves new
+    /// content as old. Files are opened once per run of their blocks.
+    pub fn write(&self, blocks: &[Landing], files: &HashMap<u64, u64>) -> Result<()> {
+        let mut open: Vec<(u64, File, PathBuf)> = Vec::new();
+        let mut undo = self.undo.borrow_mut();
+        let undo = undo.as_mut().ok_or_else(|| self.no_undo())?;
+        for b in blocks {
+            let id = b.block.file_id;
+            if open.last().is_none_or(|(last, ..)| *last != id) {
+                if !files.contains_key(&id) {
+                    let wrong = format!("blocks of file {id}, which the point does not list");
+                    return Err(bad(&self.paths.staged_point(), wrong));
+                }
+                let (file, path) = self.open_file(id)?;
+                open.push((id, file, path));
+            }
+            let (_, file, path) = open.last().expect("opened above");
+            let ino = file.metadata().at(path)?.ino();
+            undo.save(file, ino, b.block.block, b.block.zero, path)?;
+        }
+        undo.sync()?;
+        let mut at_file = open.iter();
+        let mut current: Option<&(u64, File, PathBuf)> = None;
+        for b in blocks {
+            if current.is_none_or(|(id, ..)| *id != b.block.file_id) {
+                current = at_file.next();
+            }
+            let (_, file, path) = current.expect("one per run");
+            self.write_block(file, path, b)?;
+        }
+        crate::state::crash_point("apply-blocks");
+        Ok(())
+    }
+
+    /// The end of the point (after the commit point): sizes set again for
+    /// the files that got blocks (of two files of the point at one path,
+    /// the later wins; `None`: all of them, as after a crash), the point's
+    /// metadata, a sync, then the recovery point and `applied`, durably;
+    /// returns that record. Done again whole after a crash (every step is
+    /// idempotent).
+    pub fn finish(
+        &self,
+        epoch: Epoch,
+        written: Option<&HashSet<u64>>,
+        changed_blocks: u64,
+        refusals: &mut Refusals,
+    ) -> Result<Applied> {
+        let begin = read_lists(self.paths, epoch, |chunk| {
+            let got_blocks = |id: &u64| written.is_none_or(|w| w.contains(id));
+            for f in chunk.files.iter().filter(|f| got_blocks(&f.file_id)) {
+                let (file, path) = self.open_file(f.file_id)?;
+                file.set_len(f.size).at(&path)?;
+            }
+            meta::apply_metas(self.root, &chunk.metas, refusals)
         })?;
-        self.sync_dirs(epoch)?;
-        let root = File::open(self.root).at(self.root)?;
-        sys::syncfs(root.as_fd()).at(self.root)?;
+        sync_replica(self.root)?;
         self.index.flush()?;
         let applied = Applied {
             epoch,
@@ -171,70 +246,43 @@ impl Apply<'_> {
             changed_blocks,
             ..Default::default()
         };
-        let undo = self.undo.borrow_mut().take();
-        self.points.applied(self.root, record, undo)?;
+        self.points
+            .applied(self.root, record, self.undo.borrow_mut().as_mut())?;
         applied.write(self.paths)?;
-        Ok((applied, refusals))
+        Ok(applied)
     }
 
-    /// The namespace operations from `ops_done` on, each counted in the
-    /// `ops-done` file. None is ever skipped. They are idempotent by
-    /// design (each is a no-op when it finds its effect done: a create or
-    /// mkdir of a name that exists, an unlink, rmdir, truncate or rename
-    /// of a name that is gone, a link whose new name exists), so a replay
-    /// after a crash or a failure is harmless. Any other failure is either
-    /// the replica's file system failing (no space, no descriptors, an IO
-    /// error) or a true conflict (the replica was changed behind the
-    /// secondary's back: a file left in a folder the primary removed);
-    /// both fail the apply with that cause, which both sides' `status`
-    /// shows. The count stays at this operation, and the retry (next
-    /// hello or stream) starts there once the cause is fixed.
-    ///
-    /// The count is the file's length, set by one `ftruncate` per
-    /// operation and synced once after the last: cheap enough for a
-    /// backlog of 300,000 operations (a durable write per operation cost
-    /// a few ms each). A length is metadata, which a journaling file
-    /// system (ext4, XFS: what is assumed of the replica's) commits in
-    /// order with the folder changes of the operations themselves, so
-    /// after a crash the count matches what the replica holds; after a
-    /// `kill -9` it is exact.
-    fn apply_ops(&self, epoch: Epoch, ops_done: usize, refusals: &mut Refusals) -> Result<Begin> {
-        let path = self.paths.ops_done();
-        let progress = crate::state::state_file_options()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .at(&path)?;
+    /// The point's namespace operations, in order. None is ever skipped.
+    /// Any failure is either the replica's file system failing (no space,
+    /// no descriptors, an IO error) or a true conflict (the replica was
+    /// changed behind the secondary's back: a file left in a folder the
+    /// primary removed); both fail the point with that cause, which both
+    /// sides' `status` shows, and the replica is rolled back to the point
+    /// before; the retry (next stream) starts over once the cause is fixed.
+    fn apply_ops(&self, epoch: Epoch, refusals: &mut Refusals) -> Result<()> {
         let mut i = 0usize;
-        let begin = read_lists(self.paths, epoch, |chunk| {
+        read_lists(self.paths, epoch, |chunk| {
             for op in &chunk.ops {
-                if i >= ops_done {
-                    self.apply_op(op, refusals).inspect_err(|e| {
-                        log::error!(
-                            "epoch {epoch}: operation {i} ({:?} {}) failed, the apply stops here \
-                             and is retried from it: {e}",
-                            op.kind(),
-                            String::from_utf8_lossy(&op.path)
-                        )
-                    })?;
-                    progress.set_len(i as u64 + 1).at(&path)?;
-                }
+                self.apply_op(op, refusals).inspect_err(|e| {
+                    log::error!(
+                        "epoch {epoch}: operation {i} ({:?} {}) failed, the point stops here \
+                         and is rolled back: {e}",
+                        op.kind(),
+                        String::from_utf8_lossy(&op.path)
+                    )
+                })?;
                 i += 1;
             }
             Ok(())
-        })?;
-        progress.sync_all().at(&path)?;
-        Ok(begin)
+        })
+        .map(drop)
     }
 
-    /// Gives every file of the epoch its final size, one at a time, and
-    /// records its path in the index; returns the files (size, and
-    /// whether synced: none yet).
+    /// Gives every file of the point its final size, one at a time, and
+    /// records its path in the index; returns the files' sizes.
     /// Any failure (EMFILE, ENOSPC, EIO, EFBIG, a path that cannot be
-    /// made) fails the apply: the redo record stays and the whole apply is
-    /// retried, nothing is skipped.
-    fn size_files(&self, epoch: Epoch) -> Result<HashMap<u64, (u64, bool)>> {
+    /// made) fails the point: it is rolled back, nothing is skipped.
+    fn size_files(&self, epoch: Epoch) -> Result<HashMap<u64, u64>> {
         let mut files = HashMap::new();
         read_lists(self.paths, epoch, |chunk| {
             for f in &chunk.files {
@@ -244,7 +292,7 @@ impl Apply<'_> {
                 self.before_resize(&file, f.size, &path)?;
                 file.set_len(f.size).at(&path)?;
                 self.index.set_path(FileId(f.file_id), &f.path)?;
-                files.insert(f.file_id, (f.size, false));
+                files.insert(f.file_id, f.size);
             }
             Ok(())
         })?;
@@ -266,104 +314,30 @@ impl Apply<'_> {
         Ok((file, path))
     }
 
-    /// Writes the staged blocks (returns how many), read from the offers log in order (file
-    /// by file): each file is opened once, gets its blocks (holes punched
-    /// for zero blocks, content indexed), and is fsynced and closed before
-    /// the next is opened, so an apply holds one file open whatever the
-    /// size of its point. `files` notes each file synced. A file's size is
-    /// set again after its blocks, as when each file was sized and written
-    /// in turn: of two files of the point at one path, the later wins.
-    fn write_blocks(&self, epoch: Epoch, files: &mut HashMap<u64, (u64, bool)>) -> Result<u64> {
-        let data_path = self.paths.staged_data();
-        let data = File::open(&data_path).at(&data_path)?;
-        let offers = self.paths.staged_offers();
-        let (header, mut records) = read_offers(self.paths)?;
-        if header.epoch != epoch.0 {
-            let wrong = format!("offers of epoch {} where {epoch} is applied", header.epoch);
-            return Err(bad(&offers, wrong));
-        }
-        // The file being written: its id, size, descriptor and path; and
-        // its blocks read but not yet written.
-        let mut open: Option<(u64, u64, File, PathBuf)> = None;
-        let mut batch = Vec::new();
-        let done = |(_, size, file, path): (u64, u64, File, PathBuf)| {
-            file.set_len(size).and_then(|_| file.sync_all()).at(&path)
-        };
-        let staged = (&data, data_path.as_path());
-        let mut count = 0;
-        while let Some(b) = records.read::<StagedBlock>()? {
-            count += 1;
-            if open.as_ref().is_none_or(|(id, ..)| *id != b.file_id) {
-                if let Some((_, _, file, path)) = &open {
-                    self.write_batch(file, path, &mut batch, staged)?;
-                }
-                open.take().map(done).transpose()?;
-                let Some((size, synced)) = files.get_mut(&b.file_id) else {
-                    let id = b.file_id;
-                    let wrong =
-                        format!("staged blocks of file {id}, which the epoch does not list");
-                    return Err(bad(&offers, wrong));
-                };
-                *synced = true;
-                let (file, path) = self.open_file(b.file_id)?;
-                open = Some((b.file_id, *size, file, path));
-            }
-            batch.push(b);
-            if batch.len() == UNDO_BATCH {
-                let (_, _, file, path) = open.as_ref().expect("opened above");
-                self.write_batch(file, path, &mut batch, staged)?;
-            }
-        }
-        if let Some((_, _, file, path)) = &open {
-            self.write_batch(file, path, &mut batch, staged)?;
-        }
-        open.map(done).transpose()?;
-        Ok(count)
+    /// A change to the replica asked of an apply that has no undo to save
+    /// the old content in (only a finish after a crash has none).
+    fn no_undo(&self) -> crate::error::Error {
+        bad(
+            self.root,
+            "a change to the replica with no undo to roll it back",
+        )
     }
 
-    /// Writes `batch` (blocks of `file`, at `path`) from the staging
-    /// (`staged`: its data file and path), after saving and syncing their
-    /// old content when undo is kept: a replay after a crash then finds
-    /// every overwritten block saved, and never saves new content as old.
-    fn write_batch(
-        &self,
-        file: &File,
-        path: &Path,
-        batch: &mut Vec<StagedBlock>,
-        staged: (&File, &Path),
-    ) -> Result<()> {
-        if let Some(undo) = self.undo.borrow_mut().as_mut() {
-            let ino = file.metadata().at(path)?.ino();
-            for b in batch.iter() {
-                undo.save(file, ino, b.block, b.zero, path)?;
-            }
-            undo.sync()?;
-        }
-        let mut buf = Vec::new();
-        for b in batch.drain(..) {
-            self.write_block(file, path, &b, staged.0, staged.1, &mut buf)?;
-        }
-        crate::state::crash_point("apply-blocks");
-        Ok(())
-    }
-
-    /// Syncs the files of the epoch that got no block (their size and
-    /// existence), so every file is durable before `applied` is written.
-    fn sync_files(&self, files: &HashMap<u64, (u64, bool)>) -> Result<()> {
-        for (&id, _) in files.iter().filter(|(_, (_, synced))| !*synced) {
-            let (file, path) = self.open_file(id)?;
-            file.sync_all().at(&path)?;
-        }
-        Ok(())
+    /// The content block `b` names, as the replica holds it now (what a
+    /// point in flight wrote there): read back before a rollback.
+    pub fn read_back(&self, b: &StagedBlock) -> Result<Vec<u8>> {
+        let (file, path) = self.open_file(b.file_id)?;
+        let mut buf = vec![0u8; b.length as usize];
+        file.read_exact_at(&mut buf, b.block * self.block_size)
+            .at(&path)?;
+        Ok(buf)
     }
 
     /// Saves (durably) the blocks of `file` a resize to `size` cuts off,
-    /// and notes its size before the apply, when undo is kept.
+    /// and notes its size before the apply.
     fn before_resize(&self, file: &File, size: u64, path: &Path) -> Result<()> {
         let mut undo = self.undo.borrow_mut();
-        let Some(undo) = undo.as_mut() else {
-            return Ok(());
-        };
+        let undo = undo.as_mut().ok_or_else(|| self.no_undo())?;
         let st = file.metadata().at(path)?;
         undo.note_size(st.ino(), st.size());
         if st.size() > size {
@@ -373,12 +347,10 @@ impl Apply<'_> {
     }
 
     /// Keeps the file `name` in `dir`, which the apply is about to remove
-    /// or rename over, when undo is kept (a hard link: no copy).
+    /// or rename over (a hard link: no copy).
     fn before_remove(&self, dir: BorrowedFd<'_>, name: &OsStr, path: &Path) -> Result<()> {
         let mut undo = self.undo.borrow_mut();
-        let Some(undo) = undo.as_mut() else {
-            return Ok(());
-        };
+        let undo = undo.as_mut().ok_or_else(|| self.no_undo())?;
         match sys::statat(dir, name) {
             Ok(st) => undo.keep_removed(dir, name, &st),
             Err(e) if missing(&e) => Ok(()),
@@ -386,66 +358,30 @@ impl Apply<'_> {
         }
     }
 
-    /// Writes one staged block into `file` (at `path`): a hole punched
-    /// (zeros written where punching is not supported) for a zero block,
-    /// else its data from the staging file, indexed.
-    fn write_block(
-        &self,
-        file: &File,
-        path: &Path,
-        b: &StagedBlock,
-        data: &File,
-        data_path: &Path,
-        buf: &mut Vec<u8>,
-    ) -> Result<()> {
-        let at = b.block * self.block_size;
-        if b.zero {
+    /// Writes one block into `file` (at `path`): a hole punched (zeros
+    /// written where punching is not supported) for a zero block, else
+    /// its content, indexed.
+    fn write_block(&self, file: &File, path: &Path, b: &Landing) -> Result<()> {
+        let at = b.block.block * self.block_size;
+        if b.block.zero {
             let punched = sys::fallocate(
                 file.as_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 at,
-                u64::from(b.length),
+                u64::from(b.block.length),
             );
             if punched.is_err() {
-                file.write_all_at(&vec![0u8; b.length as usize], at)
+                file.write_all_at(&vec![0u8; b.block.length as usize], at)
                     .at(path)?;
             }
             return Ok(());
         }
-        buf.resize(b.length as usize, 0);
-        data.read_exact_at(buf, b.offset).at(data_path)?;
-        file.write_all_at(buf, at).at(path)?;
-        self.index
-            .record(&b.hash, FileId(b.file_id), BlockNo(b.block))
-    }
-
-    /// Syncs the folders whose entries this epoch changed (its files were
-    /// fsynced as they were written): only what it touched, not the whole
-    /// file system. A folder a later operation removed is not there to
-    /// sync; any other failure fails the apply.
-    fn sync_dirs(&self, epoch: Epoch) -> Result<()> {
-        let mut dirs: BTreeSet<Vec<u8>> = BTreeSet::from([Vec::new()]);
-        read_lists(self.paths, epoch, |chunk| {
-            let raw_paths = chunk.ops.iter().flat_map(|op| [&op.path, &op.target]);
-            for raw in raw_paths.chain(chunk.files.iter().map(|f| &f.path)) {
-                if confine::join(self.root, raw).is_ok() {
-                    let ends = raw.iter().enumerate().filter(|(_, b)| **b == b'/');
-                    dirs.extend(ends.map(|(at, _)| raw[..at].to_vec()));
-                }
-            }
-            Ok(())
-        })?;
-        let root = self.root_fd()?;
-        for rel in dirs {
-            let shown = self.root.join(OsStr::from_bytes(&rel));
-            let dir = match state::dir_beneath(root.as_fd(), &rel, None) {
-                Err(e) if missing(&e) => continue,
-                opened => opened.at(&shown)?,
-            };
-            let dir = sys::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).at(&shown)?;
-            File::from(dir).sync_all().at(&shown)?;
-        }
-        Ok(())
+        file.write_all_at(&b.data, at).at(path)?;
+        self.index.record(
+            &b.block.hash,
+            FileId(b.block.file_id),
+            BlockNo(b.block.block),
+        )
     }
 
     /// A descriptor of the replica root, which every path of a point is

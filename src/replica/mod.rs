@@ -12,7 +12,8 @@
 //! - `spill`: append-only files of records in staging, read back one at a
 //!   time: how a point's lists and offers stay out of memory.
 //! - `store`: the replica folder as one object, wiring the parts below.
-//! - `apply`: redo → apply → applied, and the replay after a crash.
+//! - `apply`: a point applied in place as it arrives, undo first.
+//! - `inflight`: the point being applied: begin, commit, or rollback.
 //! - `meta`: a point's metadata (modes, owners, xattrs, times) and its
 //!   FIFOs, sockets and device nodes, with what this secondary refuses.
 //! - `verify`: `hbrfs verify` against the applied point.
@@ -37,6 +38,7 @@
 pub mod apply;
 pub mod confine;
 pub mod index;
+pub mod inflight;
 pub mod meta;
 pub mod preflight;
 pub mod records;

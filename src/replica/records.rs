@@ -134,14 +134,15 @@ impl Applied {
     }
 }
 
-/// The commit point of an apply: while it exists, the staged epoch is
-/// applied again at start (see `apply`).
+/// The commit point of a point applied in place: every block of it is
+/// durable, and while this record exists the rest (metadata, the record
+/// of the point) is done again at start (see `apply`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Redo {
     /// The epoch being applied.
     pub epoch: Epoch,
-    /// How many of its namespace operations are done.
-    pub ops_done: usize,
+    /// How many blocks it changed (for its recovery point's record).
+    pub blocks: u64,
 }
 
 impl Redo {
@@ -153,21 +154,19 @@ impl Redo {
             return Ok(None);
         };
         let mut words = text.split_whitespace();
-        let epoch = words
-            .next()
-            .and_then(|w| w.parse().ok())
-            .ok_or_else(|| bad(&path, "unreadable redo record"))?;
-        let ops_done = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+        let mut number = || words.next().and_then(|w| w.parse().ok());
+        let (Some(epoch), Some(blocks)) = (number(), number()) else {
+            return Err(bad(&path, "unreadable redo record"));
+        };
         Ok(Some(Redo {
             epoch: Epoch(epoch),
-            ops_done,
+            blocks,
         }))
     }
 
-    /// Records the progress durably: a crash from here on replays the
-    /// apply from `ops_done`.
+    /// Writes the record durably: the commit point.
     pub fn write(&self, paths: &ReplicaPaths) -> Result<()> {
-        let line = format!("{} {}\n", self.epoch, self.ops_done);
+        let line = format!("{} {}\n", self.epoch, self.blocks);
         write_durably(&paths.redo(), line.as_bytes())
     }
 
@@ -219,16 +218,16 @@ mod tests {
         assert_eq!(Redo::read(&paths).expect("no redo"), None);
         let redo = Redo {
             epoch: Epoch(43),
-            ops_done: 7,
+            blocks: 7,
         };
         redo.write(&paths).expect("redo");
         let text = fs::read_to_string(paths.redo()).expect("redo text");
         assert_eq!(text, "43 7\n");
         assert_eq!(Redo::read(&paths).expect("read redo"), Some(redo));
-        // An old redo record without its count starts from the first op.
+        // A record without its count is not one: it was written by a build
+        // that staged points, whose apply this one cannot finish.
         fs::write(paths.redo(), "44\n").expect("old redo");
-        let old = Redo::read(&paths).expect("read old redo");
-        assert_eq!(old.map(|r| (r.epoch, r.ops_done)), Some((Epoch(44), 0)));
+        assert!(Redo::read(&paths).is_err());
         Redo::remove(&paths).expect("remove redo");
         assert_eq!(Redo::read(&paths).expect("gone"), None);
     }

@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 
 use super::spill::{Records, Spill};
 use crate::block::{BlockHash, HashKey};
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::ids::{BlockNo, Epoch, FileId};
 use crate::proto::replica::{PartialHeader, StagedBlock};
 use crate::state::ReplicaPaths;
@@ -186,9 +186,10 @@ impl OffersLog {
         Ok(())
     }
 
-    /// Makes every offer pushed durable.
-    pub fn sync(&mut self) -> Result<()> {
-        self.spill.sync()
+    /// Writes out every offer pushed (not synced: a restart re-hashes
+    /// what the log names).
+    pub fn flush(&mut self) -> Result<()> {
+        self.spill.flush()
     }
 
     /// What a broken stream leaves of the point: its complete offers,
@@ -202,6 +203,45 @@ impl OffersLog {
             progress: self.progress,
         })
     }
+}
+
+/// Stages the content of the offers logged for a point applied in place
+/// (read back from the replica by `read`) before it is rolled back, so
+/// that the next stream resumes it as if it had been staged: a new data
+/// file and log replace the staging's, ending at the first block whose
+/// content is not there or does not hash as offered. No log, nothing to
+/// stage.
+pub fn stage_written(
+    paths: &ReplicaPaths,
+    key: &HashKey,
+    mut read: impl FnMut(&StagedBlock) -> Option<Vec<u8>>,
+) -> Result<()> {
+    let Ok((header, mut records)) = read_offers(paths) else {
+        return Ok(());
+    };
+    let (data_path, log_path) = (
+        paths.staging().join("data.new"),
+        paths.staging().join("offers.new"),
+    );
+    let mut data = Spill::create(&data_path)?;
+    let mut log = Spill::create(&log_path)?;
+    log.push(&header)?;
+    while let Ok(Some(mut b)) = records.read::<StagedBlock>() {
+        if !b.zero {
+            let Some(hash) = BlockHash::from_bytes(&b.hash) else {
+                break;
+            };
+            let Some(content) = read(&b).filter(|c| key.hash(c) == hash) else {
+                break;
+            };
+            b.offset = data.append(&content)?;
+        }
+        log.push(&b)?;
+    }
+    data.flush()?;
+    log.flush()?;
+    std::fs::rename(&data_path, paths.staged_data()).at(&data_path)?;
+    std::fs::rename(&log_path, paths.staged_offers()).at(&log_path)
 }
 
 /// The offers of the staged point at `paths`: the log's header (checked

@@ -1,35 +1,37 @@
 //! One Ship stream at the secondary: checks every message against what
-//! came before and the limits, stages the epoch's blocks, and hands the
-//! complete epoch to the store. Anything malformed ends the stream with a
-//! message naming what is wrong; nothing reaches the replica before the
-//! commit, so the replica stays at its last consistent point.
+//! came before and the limits, and applies the point in place as it
+//! arrives (`inflight`). Anything malformed ends the stream with a message
+//! naming what is wrong, and the point is rolled back: the replica stays
+//! at its last consistent point.
 //!
 //! Bounded: Begin is a header; the point's lists arrive in Manifest chunks,
-//! each checked (`preflight`) and spilled to `staging/point`; offers go
+//! each checked (`preflight`) and spilled to `staging/point`; once they
+//! end, the point's namespace operations and sizes are applied. Offers go
 //! file by file, blocks ascending, up to [`MAX_WINDOW_OFFERS`] ahead of
-//! their blocks, and each one complete is appended to the offer manifest
-//! `staging/offers` (`resume`). Blocks are decoded and hash-checked across
-//! the cores (`workers`), and staged in the order they came. So what a session holds
-//! in memory does not grow with the operations or offers of the point.
+//! their blocks. Blocks are decoded and hash-checked across the cores
+//! (`workers`); a block whose content is here already (the content index,
+//! this batch, a broken stream's) is not asked for. Blocks are written in
+//! place in batches of [`WRITE_BATCH_BYTES`] (their old content saved to
+//! the undo first), and each offer written is appended, in the primary's
+//! order, to the offer manifest `staging/offers` (`resume`). So what a
+//! session holds in memory does not grow with the operations or offers of
+//! the point.
 //!
-//! Resuming: a stream that breaks before its commit leaves what it staged
-//! behind (`Carried`), so a reconnect loop always moves forward even when
-//! the connection breaks faster than a whole point ships:
-//! - the point itself, up to the first offer whose block has not arrived:
-//!   a stream of the same point (same point id: the primary retries a
-//!   point unchanged) starts there, and the answer to its lists says
-//!   where. The offer manifest is synced every `CHECKPOINT_BYTES`, so a
-//!   restart of the secondary resumes it too. A refused stream keeps no
+//! Resuming: a stream that breaks before its commit leaves what it wrote,
+//! read back into the staging folder before the rollback (`Carried`), so a
+//! reconnect loop always moves forward even when the connection breaks
+//! faster than a whole point ships:
+//! - the point itself, up to the first offer not yet written: a stream of
+//!   the same point (same point id: the primary retries a point unchanged)
+//!   writes that part from the staging folder and starts after it, and the
+//!   answer to its lists says where. A restart of the secondary does the
+//!   same from the offers log (flushed after every batch, never synced: a
+//!   restart re-hashes what it reads back). A refused stream keeps no
 //!   point (a primary never resends a refused one);
 //! - its content by hash: a stream of another point (the primary folded
 //!   the old one into a newer cut) fills offers of the same content from it
 //!   instead of asking again. Like the content index these are hints, each
 //!   re-read and re-hashed before use.
-//!
-//! The staging data file only grows while content is carried; once it is
-//! larger than the files of a new point (mostly content rewritten since),
-//! it is started afresh, so staging never needs more than twice the size
-//! of the point's files.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File};
@@ -38,9 +40,11 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use super::apply::Landing;
+use super::inflight::InFlight;
 use super::preflight::Walk;
 use super::refused::Refused;
-use super::resume::{Carried, Content, OffersLog, PartialPoint, Place, hint};
+use super::resume::{Carried, Content, OffersLog, PartialPoint, Place};
 use super::spill::Spill;
 use super::store::{ReplicaCounts, ReplicaStore};
 use crate::block::{self, BlockHash, HashKey};
@@ -51,9 +55,10 @@ use crate::proto::replication::{
 };
 use crate::wire::{MAX_BLOCKS, MAX_ENTRIES, MAX_OFFERS, MAX_WINDOW_OFFERS};
 
-/// Staged bytes between two checkpoints of the point's log (every message
-/// in unit tests, so that the fuzz suite exercises the log too).
-const CHECKPOINT_BYTES: u64 = if cfg!(test) { 1 } else { 32 * 1024 * 1024 };
+/// Bytes of blocks written in place at once, each batch's old content
+/// saved and synced to the undo first (two blocks of the fuzz suite's in
+/// unit tests, so that it exercises the batches and the log).
+const WRITE_BATCH_BYTES: usize = if cfg!(test) { 8192 } else { 16 * 1024 * 1024 };
 
 /// Raw bytes of blocks decoded at once by the workers: what a Blocks
 /// message costs in memory at most beyond itself.
@@ -90,7 +95,7 @@ struct Lists<'a> {
 #[derive(Debug)]
 struct Slot {
     block: StagedBlock,
-    /// Its content is staged (or it is a zero block).
+    /// Its block is written in place.
     ready: bool,
 }
 
@@ -116,18 +121,24 @@ pub struct Session<'a> {
     listed: Option<Spill>,
     /// Every file of the point, with its size at the cut.
     sizes: HashMap<FileId, u64>,
+    /// The staging data file: content broken streams left (see `resume`).
     data_path: PathBuf,
     data: File,
     data_len: u64,
+    /// The point being applied, once its lists are complete.
+    inflight: Option<InFlight<'a>>,
+    /// Blocks ready to be written (their offers' numbers alongside), and
+    /// where in it each content lies by hash, with its bytes.
+    batch: Vec<Landing>,
+    batch_numbers: Vec<u64>,
+    batch_hashes: HashMap<BlockHash, usize>,
+    batch_bytes: usize,
     /// The offers not yet logged (from the first whose block has not
     /// come), the first being the log's next.
     window: VecDeque<Slot>,
     /// Wanted blocks awaiting data: place → (hash, the offer's number in
     /// the point; minus the offers logged, its position in `window`).
     pending: HashMap<Place, (BlockHash, u64)>,
-    /// Content staged in this epoch by hash, so a repeated block is
-    /// staged once (a hint: capped).
-    staged: Content,
     /// Content staged by earlier streams that broke, not yet used here.
     carried: Content,
     /// The point an earlier stream broke in, until the manifest says
@@ -138,8 +149,6 @@ pub struct Session<'a> {
     log: Option<OffersLog>,
     /// Files whose offers are over (offers go file by file).
     left: HashSet<FileId>,
-    /// Staged bytes since the last checkpoint.
-    unlogged_bytes: u64,
     /// Set once the epoch is applied: nothing is left to carry.
     committed: bool,
     /// Set when the stream was refused: no point is kept for resuming.
@@ -186,14 +195,17 @@ impl<'a> Session<'a> {
             data_path,
             data,
             data_len,
+            inflight: None,
+            batch: Vec::new(),
+            batch_numbers: Vec::new(),
+            batch_hashes: HashMap::new(),
+            batch_bytes: 0,
             window: VecDeque::new(),
             pending: HashMap::new(),
-            staged: HashMap::new(),
             carried,
             partial,
             log: None,
             left: HashSet::new(),
-            unlogged_bytes: 0,
             committed: false,
             refused: false,
         })
@@ -281,7 +293,11 @@ impl<'a> Session<'a> {
         if !chunk.end {
             return Ok(None);
         }
-        self.listed = self.lists.take().map(|l| l.spill);
+        let mut listed = self.lists.take().map(|l| l.spill);
+        if let Some(spill) = listed.as_mut() {
+            spill.flush().map_err(Refused::Spill)?;
+        }
+        self.listed = listed;
         self.start_offers().map(Some)
     }
 
@@ -309,17 +325,39 @@ impl<'a> Session<'a> {
         }
         let log = OffersLog::start(&self.store.paths, &point, epoch).map_err(Refused::Spill)?;
         self.log = Some(log);
+        self.begin_in_flight(epoch)?;
         Ok(Resumed { offers_done: 0 })
     }
 
+    /// Starts applying the point in place: its namespace operations and
+    /// sizes (see `inflight`).
+    fn begin_in_flight(&mut self, epoch: Epoch) -> Result<(), Refused> {
+        let apply = |source| Refused::Apply {
+            epoch: epoch.0,
+            source,
+        };
+        let inflight = self
+            .inflight
+            .insert(InFlight::begin(self.store, epoch).map_err(apply)?);
+        inflight.start().map_err(apply)
+    }
+
+    /// The point's epoch, once Begin came.
+    fn epoch(&self) -> u64 {
+        self.begin.as_ref().map_or(0, |b| b.epoch)
+    }
+
     /// Takes up the point an earlier, broken stream of the same point left:
-    /// its complete offers, logged; returns how many they are.
+    /// its complete offers, logged, are written in place from the staging
+    /// folder; returns how many they are.
     fn resume_point(&mut self, p: PartialPoint, epoch: Epoch) -> Result<Resumed, Refused> {
         let offers_done = p.progress.done;
         log::info!(
             "epoch {epoch}: resuming after {offers_done} offers a broken stream left complete"
         );
         self.left = p.progress.left.clone();
+        self.begin_in_flight(epoch)?;
+        self.write_carried(offers_done)?;
         let log = OffersLog::resume(&self.store.paths, p).map_err(Refused::Spill)?;
         self.log = Some(log);
         self.store
@@ -329,9 +367,45 @@ impl<'a> Session<'a> {
         Ok(Resumed { offers_done })
     }
 
+    /// Writes in place the first `count` offers of the log a broken stream
+    /// of this point left, from the staging data file (re-hashed when they
+    /// were read back into it).
+    fn write_carried(&mut self, count: u64) -> Result<(), Refused> {
+        let spill = |e| Refused::Spill(e);
+        let (_, mut records) = super::resume::read_offers(&self.store.paths).map_err(spill)?;
+        let mut landings = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..count {
+            let Some(b) = records.read::<StagedBlock>().map_err(spill)? else {
+                break;
+            };
+            let mut data = vec![0u8; if b.zero { 0 } else { b.length as usize }];
+            self.data
+                .read_exact_at(&mut data, b.offset)
+                .map_err(|e| Refused::staging(&self.data_path, e))?;
+            bytes += data.len();
+            landings.push(Landing { block: b, data });
+            if bytes >= WRITE_BATCH_BYTES {
+                self.write_landings(&landings)?;
+                landings.clear();
+                bytes = 0;
+            }
+        }
+        self.write_landings(&landings)
+    }
+
+    /// Writes `landings` in place through the point in flight.
+    fn write_landings(&mut self, landings: &[Landing]) -> Result<(), Refused> {
+        let epoch = self.epoch();
+        let inflight = self.inflight.as_mut().ok_or(Refused::OffersBeforeBegin)?;
+        inflight
+            .write(landings)
+            .map_err(|source| Refused::Apply { epoch, source })
+    }
+
     /// Content for `hash` that an earlier, broken stream staged, checked
-    /// again; its place in the data file.
-    fn resume(&mut self, hash: BlockHash, length: u32) -> Option<(u64, u32)> {
+    /// again.
+    fn resume(&mut self, hash: BlockHash, length: u32) -> Option<Vec<u8>> {
         let (offset, len) = self.carried.remove(&hash)?;
         let mut buf = vec![0u8; len as usize];
         if len != length
@@ -340,18 +414,7 @@ impl<'a> Session<'a> {
         {
             return None;
         }
-        hint(&mut self.staged, hash, (offset, len));
-        Some((offset, len))
-    }
-
-    fn append(&mut self, data: &[u8]) -> Result<u64, Refused> {
-        let at = self.data_len;
-        self.data
-            .write_all_at(data, at)
-            .map_err(|e| Refused::staging(&self.data_path, e))?;
-        self.data_len += data.len() as u64;
-        self.unlogged_bytes += data.len() as u64;
-        Ok(at)
+        Some(buf)
     }
 
     fn log(&mut self) -> Result<&mut OffersLog, Refused> {
@@ -368,28 +431,38 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Every `CHECKPOINT_BYTES` staged: syncs the data file, then the log
-    /// of the offers complete so far, so a restart resumes after them.
-    fn checkpoint(&mut self) -> Result<(), Refused> {
-        if self.unlogged_bytes < CHECKPOINT_BYTES {
-            return Ok(());
+    /// Adds a block whose content is at hand (`data`; empty for a zero
+    /// block) for offer `number`, writing the batch once it is full.
+    fn land(&mut self, block: StagedBlock, data: Vec<u8>, number: u64) -> Result<(), Refused> {
+        if let Some(hash) = BlockHash::from_bytes(&block.hash) {
+            self.batch_hashes.insert(hash, self.batch.len());
         }
-        self.unlogged_bytes = 0;
-        self.log_complete()?;
-        self.data
-            .sync_data()
-            .map_err(|e| Refused::staging(&self.data_path, e))?;
-        self.log()?.sync().map_err(Refused::Spill)
+        self.batch_bytes += data.len().max(1);
+        self.batch.push(Landing { block, data });
+        self.batch_numbers.push(number);
+        if self.batch_bytes >= WRITE_BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
     }
 
-    /// Stages `data` (once per hash); its place in the data file.
-    fn stage(&mut self, hash: BlockHash, data: &[u8]) -> Result<(u64, u32), Refused> {
-        if let Some(&at) = self.staged.get(&hash) {
-            return Ok(at);
+    /// Writes the batch in place, marks its offers complete and logs
+    /// those at the front of the window (the log written out to the
+    /// kernel: a `kill -9` loses none of it).
+    fn flush(&mut self) -> Result<(), Refused> {
+        if self.batch.is_empty() {
+            return Ok(());
         }
-        let at = (self.append(data)?, data.len() as u32);
-        hint(&mut self.staged, hash, at);
-        Ok(at)
+        let batch = std::mem::take(&mut self.batch);
+        self.write_landings(&batch)?;
+        let done = self.log()?.progress().done;
+        for number in self.batch_numbers.drain(..) {
+            self.window[(number - done) as usize].ready = true;
+        }
+        self.batch_hashes.clear();
+        self.batch_bytes = 0;
+        self.log_complete()?;
+        self.log()?.flush().map_err(Refused::Spill)
     }
 
     /// Refuses an offer for a file not in the epoch, past its end, of the
@@ -425,19 +498,19 @@ impl<'a> Session<'a> {
         Ok(key)
     }
 
-    /// Where content of `hash` already staged in this epoch, or carried
-    /// from a broken stream, lies in the data file.
-    fn staged_content(&mut self, hash: BlockHash, length: u32) -> Option<(u64, u32)> {
-        match self.staged.get(&hash) {
-            Some(&(offset, len)) if len == length => Some((offset, len)),
-            Some(_) => None,
-            None => self.resume(hash, length).inspect(|_| {
-                self.store
-                    .stats
-                    .blocks_resumed
-                    .fetch_add(1, Ordering::Relaxed);
-            }),
+    /// Content of `hash` at hand: in the batch being written, or carried
+    /// from a broken stream.
+    fn content_at_hand(&mut self, hash: BlockHash, length: u32) -> Option<Vec<u8>> {
+        if let Some(&i) = self.batch_hashes.get(&hash) {
+            let data = &self.batch[i].data;
+            return (data.len() == length as usize).then(|| data.clone());
         }
+        self.resume(hash, length).inspect(|_| {
+            self.store
+                .stats
+                .blocks_resumed
+                .fetch_add(1, Ordering::Relaxed);
+        })
     }
 
     /// Hash offers: answers which blocks must be sent. Offers stream
@@ -451,8 +524,8 @@ impl<'a> Session<'a> {
         if offers.offers.len() > MAX_OFFERS {
             return Err(Refused::TooManyOffers(offers.offers.len()));
         }
-        self.log_complete()?;
-        let awaiting = self.window.len();
+        // Offers whose blocks are at hand, being written, await nothing.
+        let awaiting = self.window.len() - self.batch_numbers.len();
         if awaiting + offers.offers.len() > MAX_WINDOW_OFFERS {
             return Err(Refused::WindowFull {
                 offers: offers.offers.len(),
@@ -465,7 +538,6 @@ impl<'a> Session<'a> {
                 wants.push(i as u32);
             }
         }
-        self.checkpoint()?;
         Ok(Wants { positions: wants })
     }
 
@@ -492,8 +564,13 @@ impl<'a> Session<'a> {
             length: o.length,
             hash: Vec::new(),
         };
+        let number = self.log()?.progress().done + self.window.len() as u64;
         if o.zero {
-            self.window.push_back(Slot { block, ready: true });
+            self.window.push_back(Slot {
+                block: block.clone(),
+                ready: false,
+            });
+            self.land(block, Vec::new(), number)?;
             return Ok(false);
         }
         let Some(hash) = BlockHash::from_bytes(&o.hash) else {
@@ -504,24 +581,24 @@ impl<'a> Session<'a> {
             });
         };
         block.hash = o.hash;
-        let at = match self.staged_content(hash, o.length) {
-            Some(at) => Some(at),
-            None => match self.store.find(&self.key, hash, o.length as usize) {
-                Ok(Some(data)) => Some(self.stage(hash, &data)?),
-                Ok(None) => None,
-                Err(e) => return Err(Refused::Index(e)),
-            },
+        let data = match self.content_at_hand(hash, o.length) {
+            Some(data) => Some(data),
+            None => self
+                .store
+                .find(&self.key, hash, o.length as usize)
+                .map_err(Refused::Index)?,
         };
-        let ready = at.is_some();
-        if let Some((offset, _)) = at {
-            block.offset = offset;
-            self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
-        } else {
-            let number = self.log()?.progress().done + self.window.len() as u64;
+        self.window.push_back(Slot {
+            block: block.clone(),
+            ready: false,
+        });
+        let Some(data) = data else {
             self.pending.insert(key, (hash, number));
-        }
-        self.window.push_back(Slot { block, ready });
-        Ok(!ready)
+            return Ok(true);
+        };
+        self.store.stats.blocks_have.fetch_add(1, Ordering::Relaxed);
+        self.land(block, data, number)?;
+        Ok(false)
     }
 
     /// Wanted blocks: decompressed within bounds and checked against the
@@ -533,7 +610,6 @@ impl<'a> Session<'a> {
         }
         // Before the offers began nothing is pending: the first block is
         // refused as not asked for.
-        let done = self.log.as_ref().map_or(0, |l| l.progress().done);
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         let last = blocks.blocks.len();
@@ -542,6 +618,7 @@ impl<'a> Session<'a> {
             let Some((hash, number)) = self.pending.remove(&place(file, block)) else {
                 return Err(Refused::NotAskedFor { block, file });
             };
+            let done = self.log()?.progress().done;
             let length = self.window[(number - done) as usize].block.length as usize;
             batch_bytes += length;
             batch.push(Wanted {
@@ -551,16 +628,16 @@ impl<'a> Session<'a> {
                 length,
             });
             if batch_bytes >= DECODE_BATCH_BYTES || i + 1 == last {
-                self.stage_batch(std::mem::take(&mut batch), done)?;
+                self.decode_batch(std::mem::take(&mut batch))?;
                 batch_bytes = 0;
             }
         }
-        self.checkpoint()
+        Ok(())
     }
 
-    /// Decodes and checks `batch` across the workers, then stages each
-    /// block in order and marks its offer ready.
-    fn stage_batch(&mut self, batch: Vec<Wanted>, done: u64) -> Result<(), Refused> {
+    /// Decodes and checks `batch` across the workers, then lands each
+    /// block in order.
+    fn decode_batch(&mut self, batch: Vec<Wanted>) -> Result<(), Refused> {
         let key = self.key.clone();
         let decoded = crate::workers::map(batch, move |w| {
             let (block, file) = (w.block.block, w.block.file_id);
@@ -584,10 +661,9 @@ impl<'a> Session<'a> {
                 .bytes_received
                 .fetch_add(w.block.zstd.len() as u64, Ordering::Relaxed);
             self.store.stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
-            let (offset, _) = self.stage(w.hash, &data)?;
-            let slot = &mut self.window[(w.number - done) as usize];
-            slot.block.offset = offset;
-            slot.ready = true;
+            let done = self.log()?.progress().done;
+            let block = self.window[(w.number - done) as usize].block.clone();
+            self.land(block, data, w.number)?;
         }
         Ok(())
     }
@@ -616,30 +692,21 @@ impl<'a> Session<'a> {
         self.refused = true;
     }
 
-    /// The end of the epoch: makes its staging durable (data, lists,
-    /// offers) and applies it atomically.
+    /// The end of the epoch: its last blocks written, then the point
+    /// committed and finished (see `inflight`).
     pub fn commit(mut self, commit: Commit) -> Result<Applied, Refused> {
         let checked = self.check_commit(&commit);
         let begin = checked.inspect_err(|_| self.refused = true)?;
-        self.log_complete()?;
-        self.data
-            .sync_all()
-            .map_err(|e| Refused::staging(&self.data_path, e))?;
-        let mut log = self.log.take().expect("checked by check_commit");
-        log.sync().map_err(Refused::Spill)?;
-        let blocks = log.progress().done;
-        let mut listed = self
-            .listed
-            .take()
-            .expect("the lists ended before the offers");
-        listed.sync().map_err(Refused::Spill)?;
+        self.flush()?;
+        let blocks = self.log()?.progress().done;
         let epoch = begin.epoch;
-        // From here the staging belongs to the apply (or its redo record).
+        let inflight = self.inflight.take().ok_or(Refused::CommitBeforeBegin)?;
+        // From here the point is the commit's: finished, or rolled back by
+        // the commit itself when it fails before its commit point.
         self.committed = true;
         let applying = Instant::now();
-        let refusals = self
-            .store
-            .commit(Epoch(epoch))
+        let refusals = inflight
+            .commit()
             .map_err(|source| Refused::Apply { epoch, source })?;
         // The point is applied; if it covers the resync list and the list
         // cannot go, the stream fails: the primary finds the point applied
@@ -651,7 +718,7 @@ impl<'a> Session<'a> {
         let c = self.store.stats.counts().since(before);
         log::info!(
             "epoch {epoch} applied: {} blocks ({} received, {} held already, {} resumed), {} bytes \
-             received, in {:.3} s ({:.3} s applying)",
+             received, in {:.3} s ({:.3} s committing)",
             blocks,
             c.blocks_sent,
             c.blocks_have,
@@ -682,18 +749,15 @@ impl<'a> Session<'a> {
 }
 
 impl Drop for Session<'_> {
-    /// A stream that ends without its commit leaves its staged content to
-    /// the next one (and, unless it was refused, its point).
+    /// A stream that ends without its commit rolls its point back, leaving
+    /// what it wrote (read back into the staging folder) to the next
+    /// stream: its content and, unless it was refused, its point.
     fn drop(&mut self) {
         if self.committed {
             return;
         }
-        let mut content = std::mem::take(&mut self.carried);
-        for (hash, at) in self.staged.drain() {
-            hint(&mut content, hash, at);
-        }
-        let point = if self.refused {
-            let _ = fs::remove_file(self.store.paths.staged_offers());
+        // What came is written first, so that all of it is resumed.
+        let point = if self.refused || self.flush().is_err() {
             None
         } else {
             self.leave_point()
@@ -701,8 +765,15 @@ impl Drop for Session<'_> {
         if point.is_none() {
             let _ = fs::remove_file(self.store.paths.staged_offers());
         }
-        if !content.is_empty() || point.is_some() {
-            self.store.keep_carried(Carried { content, point });
+        let carried = match self.inflight.take() {
+            Some(inflight) => inflight.abandon(&self.key, point.is_some()),
+            None => Some(Carried {
+                content: std::mem::take(&mut self.carried),
+                point,
+            }),
+        };
+        if let Some(c) = carried.filter(|c| !c.content.is_empty() || c.point.is_some()) {
+            self.store.keep_carried(c);
         }
     }
 }

@@ -60,6 +60,15 @@ impl Spill {
         }
     }
 
+    /// Appends `bytes` as they are (no record around them: a data file
+    /// next to a log); returns where they start.
+    pub fn append(&mut self, bytes: &[u8]) -> Result<u64> {
+        let at = self.len;
+        self.out.write_all(bytes).at(&self.path)?;
+        self.len += bytes.len() as u64;
+        Ok(at)
+    }
+
     /// Appends one record.
     pub fn push(&mut self, record: &impl Message) -> Result<()> {
         let bytes = record.encode_length_delimited_to_vec();

@@ -5,18 +5,18 @@
 //! the content index, `apply` for the atomic apply, `resume` for what a
 //! broken stream leaves behind.
 
-use std::cell::RefCell;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::apply::{self, Apply, make_dirs};
+use super::apply::make_dirs;
 use super::index::ContentIndex;
+use super::inflight::left_in_flight;
 use super::meta::Refusals;
 use super::records::{Applied, Pair, Redo};
 use super::refused::Refused;
-use super::resume::Carried;
+use super::resume::{self, Carried};
 use super::resync;
 use super::seed;
 use crate::block::{BlockHash, HashKey};
@@ -58,7 +58,7 @@ pub struct ReplicaStats {
 
 impl ReplicaStats {
     /// Counts and logs what an apply refused to do.
-    fn refused(&self, epoch: Epoch, refusals: &[String]) {
+    pub(super) fn refused(&self, epoch: Epoch, refusals: &[String]) {
         for r in refusals {
             log::error!("epoch {epoch}: refused: {r}");
         }
@@ -180,10 +180,10 @@ pub struct ReplicaStore {
     pub paths: ReplicaPaths,
     /// The index of content held. Hints only: every use re-reads and
     /// re-hashes the content.
-    index: ContentIndex,
+    pub(super) index: ContentIndex,
     pair: Mutex<Option<Pair>>,
     /// The last applied point.
-    applied: Mutex<Applied>,
+    pub(super) applied: Mutex<Applied>,
     /// Content staged by streams that broke before their commit, handed
     /// to the next stream (see `session`); `None` when staging is empty.
     carried: Mutex<Option<Carried>>,
@@ -193,7 +193,7 @@ pub struct ReplicaStore {
     /// Counters.
     pub stats: ReplicaStats,
     /// Whether points may make device nodes (`serve --allow-devices`).
-    allow_devices: bool,
+    pub(super) allow_devices: bool,
     /// The recovery points kept of this replica.
     pub points: PointKeeper,
     /// The token of the resync list a demote left (see `resync`), until
@@ -237,7 +237,7 @@ fn reserve(paths: &ReplicaPaths) -> PathBuf {
 
 /// Takes the reserve (best effort: on a full file system it waits for
 /// the next applied point).
-fn keep_reserve(paths: &ReplicaPaths) {
+pub(super) fn keep_reserve(paths: &ReplicaPaths) {
     let path = reserve(paths);
     if path.exists() {
         return;
@@ -283,6 +283,7 @@ impl ReplicaStore {
             paths,
         };
         store.recover(full)?;
+        store.points.settle()?;
         keep_reserve(&store.paths);
         Ok(store)
     }
@@ -395,7 +396,7 @@ impl ReplicaStore {
         self.index.file_path(id)
     }
 
-    fn block_size(&self) -> u64 {
+    pub(super) fn block_size(&self) -> u64 {
         self.pair().map_or(0, |p| u64::from(p.block_size))
     }
 
@@ -406,40 +407,46 @@ impl ReplicaStore {
             .find(&self.root, self.block_size(), key, hash, length)
     }
 
-    /// Applies the epoch staged (and synced) by a session durably (see
-    /// `apply` for the order); returns what it refused to do.
-    pub fn commit(&self, epoch: Epoch) -> Result<Refusals> {
-        // The commit point is written with readers held off, as the apply
-        // is: a point view that finds a redo record under the points lock
-        // knows an apply was interrupted, not that one is about to start.
-        let _view = self.view.write().expect("view lock");
-        let _points = self.points.exclusive()?;
-        apply::write_commit_point(&self.paths, epoch)?;
-        self.apply_held(epoch, 0)
-    }
-
-    /// Finishes an apply that failed earlier (its redo record waits), if
-    /// there is one: the failure to apply is retryable, so is this.
+    /// Settles what an earlier point left, if anything, before a new
+    /// one: finishes a committed point (its redo record waits), or rolls
+    /// back one left in flight whose rollback failed. Either failure is
+    /// retryable, so is this.
     pub fn finish_pending(&self) -> std::result::Result<(), Refused> {
-        let redo =
-            Redo::read(&self.paths).map_err(|source| Refused::ApplyPending { epoch: 0, source })?;
-        let Some(redo) = redo else {
-            return Ok(());
+        let pending = |source| {
+            let epoch = Redo::read(&self.paths)
+                .ok()
+                .flatten()
+                .map_or(0, |r| r.epoch.0);
+            Refused::ApplyPending { epoch, source }
         };
-        log::warn!("retrying the apply of epoch {} that failed", redo.epoch);
-        self.finish(redo).map_err(|source| Refused::ApplyPending {
-            epoch: redo.epoch.0,
-            source,
-        })?;
-        log::info!("epoch {} applied on retry", redo.epoch);
+        if let Some(redo) = Redo::read(&self.paths).map_err(pending)? {
+            log::warn!("retrying the apply of epoch {} that failed", redo.epoch);
+            self.finish(redo).map_err(pending)?;
+            log::info!("epoch {} applied on retry", redo.epoch);
+        } else if let Some(epoch) = left_in_flight(&self.paths) {
+            let _view = self.view.write().expect("view lock");
+            self.roll_back(epoch).map_err(pending)?;
+        }
         Ok(())
     }
 
-    /// Finishes an apply that a crash interrupted; on a `full` file system
-    /// (the reserve went to open the index) the apply waits for the next
+    /// Settles what a stop left: finishes a committed point, or rolls back
+    /// one that was in flight (keeping what it received for the primary to
+    /// resume), or keeps a point a stream was receiving. On a `full` file
+    /// system (the reserve went to open the index) this waits for the next
     /// hello or stream, so the secondary can start and say why.
     fn recover(&self, full: bool) -> Result<()> {
-        let Some(redo) = Redo::read(&self.paths)? else {
+        let redo = Redo::read(&self.paths)?;
+        let in_flight = left_in_flight(&self.paths);
+        if redo.is_some() && in_flight.is_none() {
+            return Err(Error::BadState {
+                path: self.paths.redo(),
+                reason: "an apply staged by an older hbrfs is pending: finish it by starting \
+                         that version's `hbrfs serve` once, then this one"
+                    .into(),
+            });
+        }
+        if redo.is_none() && in_flight.is_none() {
             // A point a stream was receiving when the secondary stopped:
             // kept for the primary to resume, if its log checks out.
             let key = self.pair().map(|p| p.key);
@@ -451,24 +458,26 @@ impl ReplicaStore {
                 None => self.clear_staging()?,
             }
             return Ok(());
-        };
-        log::warn!(
-            "an apply of epoch {} was interrupted; applying it again from staging",
-            redo.epoch
-        );
-        // A replay that fails (the disk is still full) must not keep the
-        // secondary from serving: its redo record stays, `status` says
-        // why, and the next hello or stream retries it.
-        let replayed = if full {
+        }
+        // A recovery that fails (the disk is still full) must not keep the
+        // secondary from serving: its records stay, `status` says why, and
+        // the next hello or stream retries.
+        let settled = if full {
             Err(Error::Io {
                 path: self.paths.dir.clone(),
                 source: std::io::Error::from_raw_os_error(libc::ENOSPC),
             })
-        } else {
+        } else if let Some(redo) = redo {
+            log::warn!(
+                "the apply of epoch {} was interrupted after its commit point; finishing it",
+                redo.epoch
+            );
             self.finish(redo)
+        } else {
+            self.recover_in_flight(in_flight.expect("checked above"))
         };
-        if let Err(source) = replayed {
-            let epoch = redo.epoch.0;
+        if let Err(source) = settled {
+            let epoch = in_flight.map_or(0, |e| e.0);
             let cause = Refused::ApplyPending { epoch, source }.cause(&self.root);
             log::error!("{cause}");
             self.stats.failed(&cause);
@@ -476,74 +485,57 @@ impl ReplicaStore {
         Ok(())
     }
 
-    /// Applies the staged epoch `redo` names again, from where it stopped
-    /// (every step is idempotent); only retires it if it is already applied.
+    /// Rolls back the point a stop left in flight, after reading what it
+    /// wrote (as far as its offers log says, re-hashed) into the staging
+    /// folder, so the primary resumes it rather than starting over.
+    fn recover_in_flight(&self, epoch: Epoch) -> Result<()> {
+        log::warn!("epoch {epoch} was being applied when the secondary stopped: rolling it back");
+        if let Some(pair) = self.pair() {
+            let apply = self.apply_with(None);
+            let staged = resume::stage_written(&self.paths, &pair.key, |b| apply.read_back(b).ok());
+            if let Err(e) = staged {
+                log::warn!("epoch {epoch}: keeping what was received failed: {e}");
+                let _ = fs::remove_file(self.paths.staged_offers());
+            }
+        }
+        self.roll_back(epoch)?;
+        if let Some(carried) = self
+            .pair()
+            .and_then(|p| Carried::from_log(&self.paths, &p.key))
+        {
+            log::info!("kept the part of a point received before the restart: {carried}");
+            self.keep_carried(carried);
+        }
+        Ok(())
+    }
+
+    /// Finishes the committed point `redo` names (every step is
+    /// idempotent); only retires it if it is already applied.
     fn finish(&self, redo: Redo) -> Result<()> {
         let epoch = redo.epoch;
         if epoch <= self.applied().epoch {
             log::info!("epoch {epoch} was applied already; removing its staging");
             Redo::remove(&self.paths)?;
+            let path = self.paths.in_flight();
+            if path.exists() {
+                fs::remove_file(&path).at(&path)?;
+            }
             return self.clear_staging();
         }
-        self.apply(epoch, apply::ops_done(&self.paths, &redo))
-            .map(drop)
+        let _view = self.view.write().expect("view lock");
+        let _points = self.points.exclusive()?;
+        let undo = self.points.undo_before(epoch, self.block_size())?;
+        let mut refusals = Refusals::new();
+        let applied = self
+            .apply_with(undo)
+            .finish(epoch, None, redo.blocks, &mut refusals)?;
+        self.finished(applied, &refusals)
     }
 
-    fn clear_staging(&self) -> Result<()> {
+    pub(super) fn clear_staging(&self) -> Result<()> {
         *self.carried.lock().expect("carried lock") = None;
         let dir = self.paths.staging();
         fs::remove_dir_all(&dir).at(&dir)?;
         crate::state::make_state_dirs(&dir)
-    }
-
-    /// History gives way to the replica: an apply that failed for want of
-    /// space while points are kept drops them (loudly), so its retry
-    /// needs no undo.
-    fn undo_failed(&self, e: &Error) {
-        if e.errno() != Some(libc::ENOSPC) || self.points.list().is_empty() {
-            return;
-        }
-        match self.points.drop_all() {
-            Ok(n) => log::error!(
-                "no space left on {} for the undo of the next point: dropped all {n} recovery points \
-                 (the replica comes first); the apply is retried without undo",
-                self.root.display()
-            ),
-            Err(drop) => log::error!("dropping the recovery points to make space failed: {drop}"),
-        }
-    }
-
-    /// Applies the staged epoch with the mirror kept out, then retires
-    /// the redo record and the staging; returns what it refused to do
-    /// (counted and logged here).
-    fn apply(&self, epoch: Epoch, ops_done: usize) -> Result<Refusals> {
-        let _view = self.view.write().expect("view lock");
-        let _points = self.points.exclusive()?;
-        self.apply_held(epoch, ops_done)
-    }
-
-    /// [`ReplicaStore::apply`] with the view lock and the points lock
-    /// held by the caller.
-    fn apply_held(&self, epoch: Epoch, ops_done: usize) -> Result<Refusals> {
-        let undo = self.points.undo_writer(epoch, self.block_size())?;
-        let run = Apply {
-            root: &self.root,
-            paths: &self.paths,
-            index: &self.index,
-            block_size: self.block_size(),
-            allow_devices: self.allow_devices,
-            undo: RefCell::new(undo),
-            points: &self.points,
-        }
-        .run(epoch, ops_done);
-        let (applied, refusals) = run.inspect_err(|e| self.undo_failed(e))?;
-        self.stats.refused(epoch, &refusals);
-        *self.applied.lock().expect("applied lock") = applied;
-        self.stats.points_applied.fetch_add(1, Ordering::Relaxed);
-        self.stats.failed("");
-        Redo::remove(&self.paths)?;
-        self.clear_staging()?;
-        keep_reserve(&self.paths);
-        Ok(refusals)
     }
 }

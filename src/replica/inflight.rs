@@ -1,0 +1,244 @@
+//! A point being applied in place while it streams in (see `apply` for
+//! the order of writes): it holds the mirror ([`ReplicaStore::view`]) and
+//! the point views (the points lock) out from its first change to the
+//! replica until it is committed or rolled back, so no reader ever sees
+//! the replica between two points.
+//!
+//! A point that does not reach its commit (the stream broke, was refused,
+//! or the secondary stopped) is rolled back to the point before it from
+//! the undo. What it had written is first read back into the staging
+//! folder (re-hashed, as a broken stream's staged content always was), so
+//! that a stream of the same point resumes where it stopped and a stream
+//! of another point finds that content by hash (`resume`).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::sync::RwLockWriteGuard;
+use std::sync::atomic::Ordering;
+
+use super::apply::{self, Apply, Landing};
+use super::meta::Refusals;
+use super::records::{Applied, Redo};
+use super::resume::{self, Carried};
+use super::store::ReplicaStore;
+use crate::block::HashKey;
+use crate::error::{IoContext, Result};
+use crate::ids::Epoch;
+use crate::points::store::Locked;
+use crate::points::undo_in_flight;
+use crate::proto::points::PointRecord;
+use crate::state::{ReplicaPaths, write_durably};
+
+/// The epoch of the point left in flight at `paths`, if one is.
+pub fn left_in_flight(paths: &ReplicaPaths) -> Option<Epoch> {
+    let text = fs::read_to_string(paths.in_flight()).ok()?;
+    text.trim().parse().ok().map(Epoch)
+}
+
+/// A point being applied in place.
+#[derive(Debug)]
+pub struct InFlight<'s> {
+    store: &'s ReplicaStore,
+    epoch: Epoch,
+    apply: Apply<'s>,
+    /// The point's files and their sizes, once started.
+    files: HashMap<u64, u64>,
+    /// Files that got blocks.
+    written: HashSet<u64>,
+    /// Blocks written.
+    blocks: u64,
+    refusals: Refusals,
+    /// The points lock, held exclusively (dropped before a rollback,
+    /// whose point view takes it shared).
+    points: Option<Locked>,
+    _view: RwLockWriteGuard<'s, ()>,
+    /// Set at the commit point: from there the point is finished, never
+    /// rolled back.
+    committed: bool,
+}
+
+impl<'s> InFlight<'s> {
+    /// Starts applying point `epoch` over the applied one: readers held
+    /// out, the point before recorded for undo, the `inflight` record
+    /// written durably, then the namespace operations and sizes. A
+    /// failure here leaves an `InFlight` to roll back: the caller drops
+    /// it through [`InFlight::abandon`].
+    pub fn begin(store: &'s ReplicaStore, epoch: Epoch) -> Result<InFlight<'s>> {
+        let view = store.view.write().expect("view lock");
+        let points = store.points.exclusive()?;
+        let applied = store.applied();
+        let base = PointRecord {
+            epoch: applied.epoch.0,
+            at_ns: applied.at_ns,
+            point: applied.point,
+            ..Default::default()
+        };
+        let undo = store.points.base(&store.root, base, store.block_size())?;
+        write_durably(&store.paths.in_flight(), format!("{epoch}\n").as_bytes())?;
+        Ok(InFlight {
+            apply: store.apply_with(Some(undo)),
+            store,
+            epoch,
+            files: HashMap::new(),
+            written: HashSet::new(),
+            blocks: 0,
+            refusals: Refusals::new(),
+            points: Some(points),
+            _view: view,
+            committed: false,
+        })
+    }
+
+    /// The namespace operations and sizes of the point (its lists are in
+    /// the staging folder).
+    pub fn start(&mut self) -> Result<()> {
+        self.files = self.apply.start(self.epoch, &mut self.refusals)?;
+        Ok(())
+    }
+
+    /// Writes a batch of blocks in place (see [`Apply::write`]).
+    pub fn write(&mut self, blocks: &[Landing]) -> Result<()> {
+        self.apply.write(blocks, &self.files)?;
+        for b in blocks {
+            self.written.insert(b.block.file_id);
+        }
+        self.blocks += blocks.len() as u64;
+        Ok(())
+    }
+
+    /// The commit: every block synced, the redo record written (the
+    /// commit point), then the point finished and recorded; returns what
+    /// it refused to do. A failure after the commit point leaves the redo
+    /// record for the next stream or start to finish the point.
+    pub fn commit(mut self) -> Result<Refusals> {
+        apply::sync_replica(&self.store.root)?;
+        let redo = Redo {
+            epoch: self.epoch,
+            blocks: self.blocks,
+        };
+        redo.write(&self.store.paths)?;
+        self.committed = true;
+        crate::state::crash_point("committed");
+        let applied = self.apply.finish(
+            self.epoch,
+            Some(&self.written),
+            self.blocks,
+            &mut self.refusals,
+        )?;
+        self.store.finished(applied, &self.refusals)?;
+        Ok(std::mem::take(&mut self.refusals))
+    }
+
+    /// Rolls the point back (the replica is the point before it again),
+    /// after reading what it wrote back into the staging folder when
+    /// `keep` (the offers log names it); returns what the next stream can
+    /// use of it. A failure is logged and shown in `status`, and the
+    /// rollback is retried before the next stream.
+    pub fn abandon(mut self, key: &HashKey, keep: bool) -> Option<Carried> {
+        self.committed = true;
+        if keep {
+            let staged =
+                resume::stage_written(&self.store.paths, key, |b| self.apply.read_back(b).ok());
+            if let Err(e) = staged {
+                log::warn!(
+                    "epoch {}: keeping what was received failed: {e}",
+                    self.epoch
+                );
+                let _ = fs::remove_file(self.store.paths.staged_offers());
+            }
+        } else {
+            let _ = fs::remove_file(self.store.paths.staged_offers());
+        }
+        self.points = None;
+        match self.store.roll_back(self.epoch) {
+            Ok(()) => Carried::from_log(&self.store.paths, key),
+            Err(e) => {
+                let cause = format!(
+                    "epoch {} did not complete and rolling it back failed (retried before the \
+                     next point): {e}",
+                    self.epoch
+                );
+                log::error!("{cause}");
+                self.store.stats.failed(&cause);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    /// An in-flight point dropped without [`InFlight::commit`] or
+    /// [`InFlight::abandon`] (a panic) is rolled back, keeping nothing.
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        self.committed = true;
+        self.points = None;
+        if let Err(e) = self.store.roll_back(self.epoch) {
+            log::error!("epoch {}: rolling back failed: {e}", self.epoch);
+        }
+    }
+}
+
+impl ReplicaStore {
+    /// An apply over this replica saving into `undo`.
+    pub(super) fn apply_with(&self, undo: Option<crate::points::undo::UndoWriter>) -> Apply<'_> {
+        Apply {
+            root: &self.root,
+            paths: &self.paths,
+            index: &self.index,
+            block_size: self.block_size(),
+            allow_devices: self.allow_devices,
+            undo: RefCell::new(undo),
+            points: &self.points,
+        }
+    }
+
+    /// Rolls back the point left in flight (`epoch`), its `inflight`
+    /// record last. Called with the view lock held (or before the mirror
+    /// exists) and the points lock free.
+    pub(super) fn roll_back(&self, epoch: Epoch) -> Result<()> {
+        let touched = apply::touched_paths(&self.paths, epoch)
+            .inspect_err(|e| {
+                log::warn!("epoch {epoch}: its lists are unreadable ({e}); rolling back every path")
+            })
+            .ok();
+        let named = |path: &[u8]| {
+            let Some(set) = &touched else {
+                return true;
+            };
+            let ends = path.iter().enumerate().filter(|(_, b)| **b == b'/');
+            set.contains(path) || ends.map(|(at, _)| &path[..at]).any(|dir| set.contains(dir))
+        };
+        let to = undo_in_flight(&self.root, self.block_size(), &named)?;
+        self.points.reload()?;
+        let path = self.paths.in_flight();
+        fs::remove_file(&path).at(&path)?;
+        self.points.settle()?;
+        log::warn!(
+            "epoch {epoch} did not complete: the replica is rolled back to epoch {}",
+            to.map_or(0, |e| e.0)
+        );
+        Ok(())
+    }
+
+    /// The point is applied and recorded: the store's state follows, and
+    /// the redo and in-flight records and the staging go.
+    pub(super) fn finished(&self, applied: Applied, refusals: &Refusals) -> Result<()> {
+        let epoch = applied.epoch;
+        self.stats.refused(epoch, refusals);
+        *self.applied.lock().expect("applied lock") = applied;
+        self.stats.points_applied.fetch_add(1, Ordering::Relaxed);
+        self.stats.failed("");
+        Redo::remove(&self.paths)?;
+        let path = self.paths.in_flight();
+        if path.exists() {
+            fs::remove_file(&path).at(&path)?;
+        }
+        self.clear_staging()?;
+        super::store::keep_reserve(&self.paths);
+        Ok(())
+    }
+}
