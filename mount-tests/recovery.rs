@@ -172,15 +172,18 @@ fn rounds(m: &Mount, sec: &Secondary, ks: std::ops::Range<u64>) -> Vec<(u64, Vec
     ks.map(|k| round(m, sec, k)).collect()
 }
 
-#[test]
-fn a_secondary_killed_in_the_middle_of_an_apply_keeps_every_point_exact() {
+/// Kills the secondary at `crash_point` in the apply of a point that
+/// rewrites the whole image (several batches of undo), checks it left
+/// `record` (`inflight`: a point to roll back; `redo`: one to finish),
+/// and that after a restart every point is exact and the replica catches
+/// up.
+fn killed_in_an_apply_keeps_every_point_exact(crash_point: &str, record: &str) {
     let mut sec = Secondary::start();
     let m = primary_with_image(&sec);
     let mut done = rounds(&m, &sec, 0..3);
     sec.stop();
-    sec.crash_point = Some("apply-blocks".into());
+    sec.crash_point = Some(crash_point.into());
     sec.restart();
-    // A round big enough for several batches of undo: the whole image.
     let f = open_rw(&m.mnt(IMAGE));
     f.write_all_at(&pattern((BLOCKS * BS) as usize, 77), 0)
         .expect("rewrite");
@@ -189,8 +192,8 @@ fn a_secondary_killed_in_the_middle_of_an_apply_keeps_every_point_exact() {
     m.cut();
     sec.wait_crashed(APPLY_TIMEOUT);
     assert!(
-        sec.rep(".hbrfs/redo").exists(),
-        "the crash left no apply to finish"
+        sec.rep(&format!(".hbrfs/{record}")).exists(),
+        "the crash at {crash_point} left no {record} record"
     );
     sec.crash_point = None;
     sec.restart();
@@ -203,6 +206,19 @@ fn a_secondary_killed_in_the_middle_of_an_apply_keeps_every_point_exact() {
         points_ls(&sec.replica)
     );
     assert_replica_matches(&m.backing, &sec.replica);
+}
+
+/// Killed while blocks are written in place: the point is rolled back at
+/// restart (what arrived kept for the primary to resume).
+#[test]
+fn a_secondary_killed_in_the_middle_of_an_apply_keeps_every_point_exact() {
+    killed_in_an_apply_keeps_every_point_exact("apply-blocks", "inflight");
+}
+
+/// Killed right after the commit point: the point is finished at restart.
+#[test]
+fn a_secondary_killed_after_the_commit_point_finishes_the_point_exact() {
+    killed_in_an_apply_keeps_every_point_exact("committed", "redo");
 }
 
 #[test]

@@ -82,7 +82,7 @@ fn roll_back(
     touched: &dyn Fn(&[u8]) -> bool,
 ) -> Result<RolledBack> {
     let paths = PointsPaths::new(ReplicaPaths::of(root).points());
-    let view = PointView::open(root, to.0, block_size)?;
+    let view = PointView::open_to_settle(root, to.0, block_size)?;
     let later: Vec<_> = points.iter().filter(|p| p.epoch >= to.0).collect();
     let mut changed: HashMap<u64, Vec<u64>> = HashMap::new();
     for p in &later {

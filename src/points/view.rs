@@ -76,6 +76,9 @@ pub struct PointView {
     chain: Mutex<Chain>,
     /// The pin, locked shared for the view's life.
     _pin: File,
+    /// Reads while the replica is between points (a redo or in-flight
+    /// record there) are refused, except by the rollback that settles it.
+    settling: bool,
 }
 
 impl PointView {
@@ -111,7 +114,16 @@ impl PointView {
             block_size,
             chain: Mutex::new(Chain::default()),
             _pin: pin,
+            settling: false,
         })
+    }
+
+    /// [`PointView::open`] for the rollback of a point left in flight,
+    /// which reads the point while the replica is between points.
+    pub fn open_to_settle(root: &Path, epoch: u64, block_size: u64) -> Result<PointView> {
+        let mut view = PointView::open(root, epoch, block_size)?;
+        view.settling = true;
+        Ok(view)
     }
 
     /// The point's record (epoch, time, counts).
@@ -133,11 +145,12 @@ impl PointView {
             return Ok(0);
         }
         let _shared = lock(&self.paths.lock(), libc::LOCK_SH)?;
-        if self.replica.redo().exists() {
+        let between = [self.replica.redo(), self.replica.in_flight()];
+        if let Some(record) = between.iter().find(|r| !self.settling && r.exists()) {
             return Err(bad(
-                &self.replica.redo(),
+                record,
                 "an apply was interrupted and the replica is between points: \
-                 start `hbrfs serve` on it to finish the apply",
+                 start `hbrfs serve` on it to finish or roll back the apply",
             ));
         }
         let mut chain = self.chain.lock().expect("chain lock");

@@ -132,6 +132,10 @@ pub fn touched_paths(paths: &ReplicaPaths, epoch: Epoch) -> Result<HashSet<Vec<u
     Ok(touched)
 }
 
+/// Files an apply holds open at once (a secondary may run under a low
+/// open-file limit).
+const OPEN_FILES: usize = 64;
+
 /// One block of a point on its way into the replica: where it goes (a
 /// zero block is a hole) and, unless zero, its content.
 #[derive(Debug)]
@@ -178,8 +182,31 @@ impl Apply<'_> {
     /// Writes `blocks` (of files `files` lists) in place: their old
     /// content saved into the undo and synced first, so a rollback after
     /// a crash finds every overwritten block saved and never saves new
-    /// content as old. Files are opened once per run of their blocks.
+    /// content as old. Files are opened once per run of their blocks, at
+    /// most [`OPEN_FILES`] at a time (one sync of the undo per group).
     pub fn write(&self, blocks: &[Landing], files: &HashMap<u64, u64>) -> Result<()> {
+        let mut start = 0;
+        while start < blocks.len() {
+            let mut runs = 0;
+            let mut end = start;
+            while end < blocks.len() {
+                let new_run =
+                    end == start || blocks[end].block.file_id != blocks[end - 1].block.file_id;
+                if new_run && runs == OPEN_FILES {
+                    break;
+                }
+                runs += usize::from(new_run);
+                end += 1;
+            }
+            self.write_group(&blocks[start..end], files)?;
+            start = end;
+        }
+        crate::state::crash_point("apply-blocks");
+        Ok(())
+    }
+
+    /// [`Apply::write`] for blocks of at most [`OPEN_FILES`] runs.
+    fn write_group(&self, blocks: &[Landing], files: &HashMap<u64, u64>) -> Result<()> {
         let mut open: Vec<(u64, File, PathBuf)> = Vec::new();
         let mut undo = self.undo.borrow_mut();
         let undo = undo.as_mut().ok_or_else(|| self.no_undo())?;
@@ -207,7 +234,6 @@ impl Apply<'_> {
             let (_, file, path) = current.expect("one per run");
             self.write_block(file, path, b)?;
         }
-        crate::state::crash_point("apply-blocks");
         Ok(())
     }
 

@@ -64,10 +64,20 @@ impl<'s> InFlight<'s> {
     /// written durably, then the namespace operations and sizes. A
     /// failure here leaves an `InFlight` to roll back: the caller drops
     /// it through [`InFlight::abandon`].
-    pub fn begin(store: &'s ReplicaStore, epoch: Epoch) -> Result<InFlight<'s>> {
+    pub fn begin(store: &'s ReplicaStore, epoch: Epoch, base: Epoch) -> Result<InFlight<'s>> {
         let view = store.view.write().expect("view lock");
         let points = store.points.exclusive()?;
         let applied = store.applied();
+        if applied.epoch != base {
+            return Err(crate::error::Error::BadState {
+                path: store.paths.applied(),
+                reason: format!(
+                    "epoch {epoch} follows epoch {base}, but another stream applied epoch {} \
+                     meanwhile",
+                    applied.epoch
+                ),
+            });
+        }
         let base = PointRecord {
             epoch: applied.epoch.0,
             at_ns: applied.at_ns,

@@ -336,9 +336,10 @@ impl<'a> Session<'a> {
             epoch: epoch.0,
             source,
         };
+        let base = Epoch(self.begin.as_ref().map_or(0, |b| b.base_epoch));
         let inflight = self
             .inflight
-            .insert(InFlight::begin(self.store, epoch).map_err(apply)?);
+            .insert(InFlight::begin(self.store, epoch, base).map_err(apply)?);
         inflight.start().map_err(apply)
     }
 
@@ -437,7 +438,9 @@ impl<'a> Session<'a> {
         if let Some(hash) = BlockHash::from_bytes(&block.hash) {
             self.batch_hashes.insert(hash, self.batch.len());
         }
-        self.batch_bytes += data.len().max(1);
+        // A zero block counts its length too: a batch holds at most
+        // WRITE_BATCH_BYTES of the point, written or punched.
+        self.batch_bytes += block.length as usize;
         self.batch.push(Landing { block, data });
         self.batch_numbers.push(number);
         if self.batch_bytes >= WRITE_BATCH_BYTES {

@@ -423,9 +423,13 @@ impl ReplicaStore {
             log::warn!("retrying the apply of epoch {} that failed", redo.epoch);
             self.finish(redo).map_err(pending)?;
             log::info!("epoch {} applied on retry", redo.epoch);
-        } else if let Some(epoch) = left_in_flight(&self.paths) {
+        } else if left_in_flight(&self.paths).is_some() {
+            // Another stream's point may be in flight: once it is done (its
+            // record gone), there is nothing left to roll back.
             let _view = self.view.write().expect("view lock");
-            self.roll_back(epoch).map_err(pending)?;
+            if let Some(epoch) = left_in_flight(&self.paths) {
+                self.roll_back(epoch).map_err(pending)?;
+            }
         }
         Ok(())
     }
