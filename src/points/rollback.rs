@@ -48,6 +48,7 @@ pub fn rollback_to(root: &Path, to: Epoch, block_size: u64) -> Result<RolledBack
     if points.iter().filter(|p| p.epoch >= to.0).count() <= 1 {
         return Ok(RolledBack::default());
     }
+    let _views_out = super::store::lock(&paths.lock(), libc::LOCK_EX)?;
     roll_back(root, to, block_size, points, &|_| true)
 }
 
@@ -58,7 +59,7 @@ pub fn rollback_to(root: &Path, to: Epoch, block_size: u64) -> Result<RolledBack
 /// kept files what it removed. Only entries at or below a path for which
 /// `touched` holds (what the point's operations and files name) are
 /// removed: what else is there, the point did not make. Returns the point
-/// rolled back to, if any.
+/// rolled back to, if any. The caller holds the points lock exclusively.
 pub fn undo_in_flight(
     root: &Path,
     block_size: u64,

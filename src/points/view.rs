@@ -76,8 +76,9 @@ pub struct PointView {
     chain: Mutex<Chain>,
     /// The pin, locked shared for the view's life.
     _pin: File,
-    /// Reads while the replica is between points (a redo or in-flight
-    /// record there) are refused, except by the rollback that settles it.
+    /// Opened by a rollback: it holds the points lock (reads take none)
+    /// and reads while the replica is between points (a redo or in-flight
+    /// record there), which other views refuse.
     settling: bool,
 }
 
@@ -86,9 +87,22 @@ impl PointView {
     /// `block_size`) and pins it. A point that is not kept is a usage
     /// error naming the points there are.
     pub fn open(root: &Path, epoch: u64, block_size: u64) -> Result<PointView> {
+        PointView::open_with(root, epoch, block_size, false)
+    }
+
+    /// [`PointView::open`] for a rollback, which holds the points lock
+    /// exclusively (no shared lock is taken) and reads the point while the
+    /// replica may be between points.
+    pub fn open_to_settle(root: &Path, epoch: u64, block_size: u64) -> Result<PointView> {
+        PointView::open_with(root, epoch, block_size, true)
+    }
+
+    fn open_with(root: &Path, epoch: u64, block_size: u64, settling: bool) -> Result<PointView> {
         let replica = ReplicaPaths::of(root);
         let paths = PointsPaths::new(replica.points());
-        let _shared = lock(&paths.lock(), libc::LOCK_SH)?;
+        let _shared = (!settling)
+            .then(|| lock(&paths.lock(), libc::LOCK_SH))
+            .transpose()?;
         let points = read_catalog(&paths)?;
         let Some(record) = points.iter().find(|p| p.epoch == epoch).cloned() else {
             let kept: Vec<String> = points.iter().map(|p| p.epoch.to_string()).collect();
@@ -114,16 +128,8 @@ impl PointView {
             block_size,
             chain: Mutex::new(Chain::default()),
             _pin: pin,
-            settling: false,
+            settling,
         })
-    }
-
-    /// [`PointView::open`] for the rollback of a point left in flight,
-    /// which reads the point while the replica is between points.
-    pub fn open_to_settle(root: &Path, epoch: u64, block_size: u64) -> Result<PointView> {
-        let mut view = PointView::open(root, epoch, block_size)?;
-        view.settling = true;
-        Ok(view)
     }
 
     /// The point's record (epoch, time, counts).
@@ -144,7 +150,9 @@ impl PointView {
         if offset >= end {
             return Ok(0);
         }
-        let _shared = lock(&self.paths.lock(), libc::LOCK_SH)?;
+        let _shared = (!self.settling)
+            .then(|| lock(&self.paths.lock(), libc::LOCK_SH))
+            .transpose()?;
         let between = [self.replica.redo(), self.replica.in_flight()];
         if let Some(record) = between.iter().find(|r| !self.settling && r.exists()) {
             return Err(bad(

@@ -799,10 +799,10 @@ fn a_point_that_cannot_be_applied_is_rolled_back_and_applies_once_the_cause_is_g
 }
 
 /// A point that fails after its commit point (its blocks are durable; here
-/// a folder put in the way of `vms/a.img` just before the Commit, so that
-/// finishing it fails) keeps its redo record: the replica is not at a new
-/// point yet, each next stream tries to finish it first and says why it
-/// cannot, and once the cause is gone it finishes, without a restart.
+/// a folder put where its `applied` record goes, so that finishing it
+/// fails) keeps its redo record: the replica is not at a new point yet,
+/// each next stream tries to finish it first and says why it cannot, and
+/// once the cause is gone it finishes, without a restart.
 #[test]
 fn a_point_failing_after_its_commit_point_keeps_its_redo_and_is_finished_once_the_cause_is_gone() {
     let mut fx = Fixture::new();
@@ -811,9 +811,10 @@ fn a_point_failing_after_its_commit_point_keeps_its_redo_and_is_finished_once_th
     for m in msgs[..COMMIT].iter().cloned() {
         handle(&mut session, m).expect("the point is accepted");
     }
-    let (image, moved) = (fx.root.join("vms/a.img"), fx.root.join("moved.img"));
-    fs::rename(&image, &moved).expect("move a.img away");
-    fs::create_dir(&image).expect("a folder in the way");
+    let record = fx.store().paths.applied();
+    let before = fs::read(&record).expect("the applied record");
+    fs::remove_file(&record).expect("remove the applied record");
+    fs::create_dir(&record).expect("a folder in the way");
     let failed = handle(&mut session, msgs[COMMIT].clone()).expect_err("finishing fails");
     drop(session);
     assert!(failed.is_retryable(), "{failed}");
@@ -826,10 +827,10 @@ fn a_point_failing_after_its_commit_point_keeps_its_redo_and_is_finished_once_th
     );
     let again = Session::new(store).expect_err("the retry fails while the cause stays");
     assert!(again.is_retryable(), "{again}");
-    assert!(again.to_string().contains("a.img"), "{again}");
+    assert!(again.to_string().contains("applied"), "{again}");
 
-    fs::remove_dir(&image).expect("rmdir the folder in the way");
-    fs::rename(&moved, &image).expect("move a.img back");
+    fs::remove_dir(&record).expect("rmdir the folder in the way");
+    fs::write(&record, before).expect("the applied record back");
     let run = fx.drive(Vec::new());
     assert_eq!(run.refused, None, "the retry after the cause went failed");
     assert_applied_as_offered(&fx, &msgs, 2);

@@ -49,9 +49,9 @@ pub struct InFlight<'s> {
     /// Blocks written.
     blocks: u64,
     refusals: Refusals,
-    /// The points lock, held exclusively (dropped before a rollback,
-    /// whose point view takes it shared).
-    points: Option<Locked>,
+    /// The points lock, held exclusively until the point is committed or
+    /// rolled back.
+    _points: Locked,
     _view: RwLockWriteGuard<'s, ()>,
     /// Set at the commit point: from there the point is finished, never
     /// rolled back.
@@ -94,7 +94,7 @@ impl<'s> InFlight<'s> {
             written: HashSet::new(),
             blocks: 0,
             refusals: Refusals::new(),
-            points: Some(points),
+            _points: points,
             _view: view,
             committed: false,
         })
@@ -160,7 +160,6 @@ impl<'s> InFlight<'s> {
         } else {
             let _ = fs::remove_file(self.store.paths.staged_offers());
         }
-        self.points = None;
         match self.store.roll_back(self.epoch) {
             Ok(()) => Carried::from_log(&self.store.paths, key),
             Err(e) => {
@@ -185,7 +184,6 @@ impl Drop for InFlight<'_> {
             return;
         }
         self.committed = true;
-        self.points = None;
         if let Err(e) = self.store.roll_back(self.epoch) {
             log::error!("epoch {}: rolling back failed: {e}", self.epoch);
         }
@@ -208,7 +206,7 @@ impl ReplicaStore {
 
     /// Rolls back the point left in flight (`epoch`), its `inflight`
     /// record last. Called with the view lock held (or before the mirror
-    /// exists) and the points lock free.
+    /// exists) and the points lock held exclusively.
     pub(super) fn roll_back(&self, epoch: Epoch) -> Result<()> {
         let touched = apply::touched_paths(&self.paths, epoch)
             .inspect_err(|e| {

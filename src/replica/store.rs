@@ -427,6 +427,7 @@ impl ReplicaStore {
             // Another stream's point may be in flight: once it is done (its
             // record gone), there is nothing left to roll back.
             let _view = self.view.write().expect("view lock");
+            let _points = self.points.exclusive().map_err(pending)?;
             if let Some(epoch) = left_in_flight(&self.paths) {
                 self.roll_back(epoch).map_err(pending)?;
             }
@@ -502,7 +503,7 @@ impl ReplicaStore {
                 let _ = fs::remove_file(self.paths.staged_offers());
             }
         }
-        self.roll_back(epoch)?;
+        self.roll_back_locking(epoch)?;
         if let Some(carried) = self
             .pair()
             .and_then(|p| Carried::from_log(&self.paths, &p.key))
@@ -511,6 +512,12 @@ impl ReplicaStore {
             self.keep_carried(carried);
         }
         Ok(())
+    }
+
+    /// [`ReplicaStore::roll_back`], taking the points lock for it.
+    fn roll_back_locking(&self, epoch: Epoch) -> Result<()> {
+        let _points = self.points.exclusive()?;
+        self.roll_back(epoch)
     }
 
     /// Finishes the committed point `redo` names (every step is
