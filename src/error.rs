@@ -158,6 +158,10 @@ impl Error {
     pub fn errno(&self) -> Option<i32> {
         match self {
             Error::Io { source, .. } => source.raw_os_error(),
+            Error::Journal {
+                source: sled::Error::Io(source),
+                ..
+            } => source.raw_os_error(),
             _ => None,
         }
     }

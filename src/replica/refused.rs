@@ -250,8 +250,16 @@ impl Refused {
                 | Refused::ApplyPending { .. }
                 | Refused::Staging { .. }
                 | Refused::Spill(_)
+                | Refused::Index(_)
                 | Refused::Workers
         )
+    }
+
+    /// Whether this failure is the replica's file system being full:
+    /// then what a broken point wrote is not read back into staging (it
+    /// would fill it again), and the primary sends it again.
+    pub fn out_of_space(&self) -> bool {
+        matches!(self.errno(), Some(libc::ENOSPC | libc::EDQUOT))
     }
 
     /// The system error behind a failure, when there is one.
@@ -260,6 +268,7 @@ impl Refused {
             Refused::Staging { source, .. } => source.raw_os_error(),
             Refused::Apply { source, .. }
             | Refused::ApplyPending { source, .. }
+            | Refused::Index(source)
             | Refused::Spill(source) => source.errno(),
             _ => None,
         }

@@ -223,25 +223,32 @@ pub fn stage_written(
         paths.staging().join("data.new"),
         paths.staging().join("offers.new"),
     );
-    let mut data = Spill::create(&data_path)?;
-    let mut log = Spill::create(&log_path)?;
-    log.push(&header)?;
-    while let Ok(Some(mut b)) = records.read::<StagedBlock>() {
-        if !b.zero {
-            let Some(hash) = BlockHash::from_bytes(&b.hash) else {
-                break;
-            };
-            let Some(content) = read(&b).filter(|c| key.hash(c) == hash) else {
-                break;
-            };
-            b.offset = data.append(&content)?;
+    let staged = (|| {
+        let mut data = Spill::create(&data_path)?;
+        let mut log = Spill::create(&log_path)?;
+        log.push(&header)?;
+        while let Ok(Some(mut b)) = records.read::<StagedBlock>() {
+            if !b.zero {
+                let Some(hash) = BlockHash::from_bytes(&b.hash) else {
+                    break;
+                };
+                let Some(content) = read(&b).filter(|c| key.hash(c) == hash) else {
+                    break;
+                };
+                b.offset = data.append(&content)?;
+            }
+            log.push(&b)?;
         }
-        log.push(&b)?;
+        data.flush()?;
+        log.flush()?;
+        std::fs::rename(&data_path, paths.staged_data()).at(&data_path)?;
+        std::fs::rename(&log_path, paths.staged_offers()).at(&log_path)
+    })();
+    if staged.is_err() {
+        let _ = std::fs::remove_file(&data_path);
+        let _ = std::fs::remove_file(&log_path);
     }
-    data.flush()?;
-    log.flush()?;
-    std::fs::rename(&data_path, paths.staged_data()).at(&data_path)?;
-    std::fs::rename(&log_path, paths.staged_offers()).at(&log_path)
+    staged
 }
 
 /// The offers of the staged point at `paths`: the log's header (checked

@@ -95,10 +95,12 @@ pub(super) fn handle(
     msg: ShipMessage,
 ) -> Result<Option<ShipReply>, Refused> {
     let result = handle_body(session, msg);
-    if let (Err(e), Some(s)) = (&result, session.as_mut())
-        && !e.is_retryable()
-    {
-        s.mark_refused();
+    if let (Err(e), Some(s)) = (&result, session.as_mut()) {
+        if !e.is_retryable() {
+            s.mark_refused();
+        } else if e.out_of_space() {
+            s.mark_out_of_space();
+        }
     }
     result
 }

@@ -153,6 +153,9 @@ pub struct Session<'a> {
     committed: bool,
     /// Set when the stream was refused: no point is kept for resuming.
     refused: bool,
+    /// Set when the replica's file system filled: what the point wrote is
+    /// not read back into staging.
+    out_of_space: bool,
 }
 
 impl<'a> Session<'a> {
@@ -208,6 +211,7 @@ impl<'a> Session<'a> {
             left: HashSet::new(),
             committed: false,
             refused: false,
+            out_of_space: false,
         })
     }
 
@@ -695,6 +699,12 @@ impl<'a> Session<'a> {
         self.refused = true;
     }
 
+    /// This stream failed for want of space on the replica: its point is
+    /// rolled back keeping nothing (the primary sends it again).
+    pub fn mark_out_of_space(&mut self) {
+        self.out_of_space = true;
+    }
+
     /// The end of the epoch: its last blocks written, then the point
     /// committed and finished (see `inflight`).
     pub fn commit(mut self, commit: Commit) -> Result<Applied, Refused> {
@@ -760,7 +770,7 @@ impl Drop for Session<'_> {
             return;
         }
         // What came is written first, so that all of it is resumed.
-        let point = if self.refused || self.flush().is_err() {
+        let point = if self.refused || self.out_of_space || self.flush().is_err() {
             None
         } else {
             self.leave_point()
