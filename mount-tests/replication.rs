@@ -25,8 +25,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::harness::{
-    BLOCK, Mount, create_sparse, detach_all, errno, fuse_mounts_at, hbrfs, json_u64, path_str,
-    pattern, read, run, sync_file, temp_dir, write_ranges,
+    BLOCK, Mount, create_sparse, detach_all, errno, fuse_mounts_at, hbrfs, json_u64, open_rw,
+    path_str, pattern, read, run, sync_file, temp_dir, write_ranges,
 };
 
 pub(crate) const MIB: u64 = 1024 * 1024;
@@ -2183,4 +2183,55 @@ fn incompressible_blocks_travel_raw_and_land_byte_identical() {
         repl_counter(&p, "compressed_bytes_sent") < 8 * MIB + 8 * MIB / 10,
         "the text half is compressed, the random half costs its size: {p}"
     );
+}
+
+/// A point that changes only block content is written in place while it
+/// streams in, and the mirror keeps serving the point before meanwhile:
+/// a read of the image during the transfer (held to 8 MiB/s) returns at
+/// once with the old content, not after the commit, and once the point is
+/// applied the mirror shows the new content.
+#[test]
+fn the_mirror_serves_the_point_before_while_a_content_only_point_is_in_flight() {
+    const MIB_IMAGE: usize = 32;
+    let (sec, m) = pair(&["--max-rate", "8M"]);
+    let image = m.mnt("disk.img");
+    fs::write(&image, pattern(MIB_IMAGE << 20, 1)).expect("write the image");
+    sync_file(&image);
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    let before = sha256(&sec.mir("disk.img"));
+
+    let f = open_rw(&image);
+    f.write_all_at(&pattern(MIB_IMAGE << 20, 2), 0)
+        .expect("rewrite the image");
+    f.sync_all().expect("fsync");
+    drop(f);
+    let deadline = Instant::now() + APPLY_TIMEOUT;
+    while in_flight_epoch(&sec).is_none() {
+        assert!(Instant::now() < deadline, "no point went in flight");
+        sleep(Duration::from_millis(5));
+    }
+    let applied = sec.applied_epoch();
+    let mut reads = 0;
+    while let Some(epoch) = in_flight_epoch(&sec) {
+        let read_at = Instant::now();
+        let during = sha256(&sec.mir("disk.img"));
+        // A read that the commit fell into (it reads in several calls)
+        // is not a read during the transfer.
+        if in_flight_epoch(&sec) == Some(epoch) && sec.applied_epoch() == applied {
+            assert_eq!(
+                during, before,
+                "read {reads}: the mirror showed a point in flight"
+            );
+            assert!(
+                read_at.elapsed() < Duration::from_secs(2),
+                "read {reads} waited {:?} for a point in flight",
+                read_at.elapsed()
+            );
+            reads += 1;
+        }
+    }
+    assert!(reads > 0, "no read fell within the point's transfer");
+    wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
+    assert_eq!(sha256(&sec.mir("disk.img")), sha256(&m.back("disk.img")));
+    println!("{reads} reads of the mirror during the point's transfer, each the point before");
 }

@@ -106,7 +106,8 @@ pub(super) fn start_secondary(opts: &ServeOptions) -> Result<Secondary> {
     let (mirror_thread, mirror_unmount) = match &opts.mount {
         Some(mnt) => {
             let mountpoint = check_mountpoint(mnt, &store.root)?;
-            let fs = Mirror::new(&store.root, store.view.clone()).at(&store.root)?;
+            let fs = Mirror::new(&store.root, store.view.clone(), store.overlay.clone())
+                .at(&store.root)?;
             let kind = MountKind::Mirror {
                 allow_other: opts.mirror_allow_other,
             };
@@ -181,7 +182,7 @@ pub fn run_mount_replica(replica: &Path, mountpoint: &Path) -> Result<()> {
     sys::block_shutdown_signals().at("signal mask")?;
     let root = existing_dir(replica, "replica folder")?;
     let mountpoint = check_mountpoint(mountpoint, &root)?;
-    let fs = Mirror::new(&root, Arc::new(std::sync::RwLock::new(()))).at(&root)?;
+    let fs = Mirror::new(&root, Arc::default(), Arc::default()).at(&root)?;
     let kind = MountKind::Mirror { allow_other: false };
     let shown = format!(
         "replica {} mounted read-only at {}",

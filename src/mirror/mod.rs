@@ -36,6 +36,7 @@ use crate::fs::{Cache, Passthrough};
 use crate::points::{PointsPaths, find_point, read_catalog};
 use crate::proto::points::PointRecord;
 use crate::replica::Pair;
+use crate::replica::overlay::SharedOverlay;
 use crate::state::ReplicaPaths;
 
 pub mod point;
@@ -92,6 +93,10 @@ pub struct Mirror {
     /// on `.points`: point views take the points lock, which an apply
     /// takes after this one.
     view: Arc<RwLock<()>>,
+    /// The point before, while a point that changes only block content
+    /// is in flight (the view lock is not held then): reads are patched
+    /// with the old content of what it overwrote.
+    overlay: SharedOverlay,
     /// `.points/` in the root.
     points: Arc<PointsDir>,
     /// Whether the shadowed `.points` of the replica was warned about.
@@ -99,13 +104,15 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// A mirror of the replica at `root`, whose applies hold `view`.
-    pub fn new(root: &Path, view: Arc<RwLock<()>>) -> io::Result<Mirror> {
+    /// A mirror of the replica at `root`, whose applies hold `view` or
+    /// serve the point before through `overlay`.
+    pub fn new(root: &Path, view: Arc<RwLock<()>>, overlay: SharedOverlay) -> io::Result<Mirror> {
         let points = Arc::new(PointsDir::new(root)?);
         PointsDir::sweep_while_alive(Arc::downgrade(&points))?;
         Ok(Mirror {
             fs: Passthrough::new(root, None, Cache::Never)?,
             view,
+            overlay,
             points,
             warned: AtomicBool::new(false),
         })
@@ -199,7 +206,17 @@ impl Filesystem for Mirror {
             return reply.answer(self.points.op_read(ino, offset, size));
         }
         let _view = self.viewing();
-        reply.answer(self.fs.op_read(fh, offset, size));
+        let overlay = self.overlay.read().expect("overlay lock");
+        let read = self.fs.op_read(fh, offset, size).and_then(|mut data| {
+            if overlay.is_active() {
+                let ino = self.fs.backing_ino(fh)?;
+                overlay
+                    .patch(ino, offset, &mut data)
+                    .map_err(crate::fs::reply::state_errno)?;
+            }
+            Ok(data)
+        });
+        reply.answer(read);
     }
 
     fn flush(&self, _: &Request, _: INodeNo, _: FileHandle, _: LockOwner, reply: ReplyEmpty) {

@@ -213,8 +213,9 @@ impl UndoWriter {
 
     /// Saves block `block` of `file` (inode `ino`) as it is now, unless it
     /// lies past the file's size before the apply, or it is zeros and
-    /// `zero_next` (the apply writes zeros there too: nothing changes).
-    /// Not durable until [`UndoWriter::sync`].
+    /// `zero_next` (the apply writes zeros there too: nothing changes);
+    /// returns where it was saved, if it was. Not durable until
+    /// [`UndoWriter::sync`].
     pub fn save(
         &mut self,
         file: &File,
@@ -222,14 +223,14 @@ impl UndoWriter {
         block: u64,
         zero_next: bool,
         shown: &Path,
-    ) -> Result<()> {
+    ) -> Result<Option<UndoRef>> {
         let size = match self.sizes.get(&ino) {
             Some(&size) => size,
             None => file.metadata().at(shown)?.size(),
         };
         let at = block * self.block_size;
         if at >= size {
-            return Ok(());
+            return Ok(None);
         }
         let mut buf = vec![0u8; (size - at).min(self.block_size) as usize];
         let n = read_full(file, &mut buf, at).at(shown)?;
@@ -242,7 +243,7 @@ impl UndoWriter {
             raw: false,
         };
         if r.zero && zero_next {
-            return Ok(());
+            return Ok(None);
         }
         if !r.zero {
             let frame = compressed(&buf).at(&self.data_path)?;
@@ -255,7 +256,7 @@ impl UndoWriter {
         self.pending_index
             .extend_from_slice(&encode(ino, block, &r));
         self.records += 1;
-        Ok(())
+        Ok(Some(r))
     }
 
     /// Saves the blocks of `file` that a shrink to `new_size` cuts off or
@@ -295,6 +296,11 @@ impl UndoWriter {
             return Ok(());
         }
         sys::linkat(dir, name, files.as_fd(), &link).at(self.files.join(&link))
+    }
+
+    /// The data file saved blocks are in (see [`UndoRef`]).
+    pub fn data_path(&self) -> &Path {
+        &self.data_path
     }
 
     /// Syncs what was saved since the last sync: the frames (written as

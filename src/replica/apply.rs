@@ -33,10 +33,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use super::confine;
 use super::index::ContentIndex;
 use super::meta::{self, Refusals};
+use super::overlay::Overlay;
 use super::records::{Applied, bad};
 use super::spill::Records;
 use crate::error::{IoContext, Result};
@@ -132,6 +134,17 @@ pub fn touched_paths(paths: &ReplicaPaths, epoch: Epoch) -> Result<HashSet<Vec<u
     Ok(touched)
 }
 
+/// A point's files, once its namespace operations and sizes are applied.
+#[derive(Debug)]
+pub struct Started {
+    /// Every file of the point and its size.
+    pub files: HashMap<u64, u64>,
+    /// The point changes block content only: no operation, no file made
+    /// or resized (the mirror can read the point before through the undo
+    /// while it is in flight).
+    pub content_only: bool,
+}
+
 /// Files an apply holds open at once (a secondary may run under a low
 /// open-file limit).
 const OPEN_FILES: usize = 64;
@@ -168,15 +181,23 @@ pub struct Apply<'a> {
     pub undo: RefCell<Option<UndoWriter>>,
     /// The recovery points, which record this one once it is applied.
     pub points: &'a PointKeeper,
+    /// The mirror's view of the point before, told of each block before
+    /// it is overwritten (when active).
+    pub overlay: &'a RwLock<Overlay>,
 }
 
 impl Apply<'_> {
     /// The point's namespace operations, then every file of it given its
-    /// final size (its path recorded in the index); returns the files
-    /// and their sizes. What this refuses to do is added to `refusals`.
-    pub fn start(&self, epoch: Epoch, refusals: &mut Refusals) -> Result<HashMap<u64, u64>> {
-        self.apply_ops(epoch, refusals)?;
-        self.size_files(epoch)
+    /// final size (its path recorded in the index); returns the files and
+    /// their sizes, and whether the point changes only block content.
+    /// What this refuses to do is added to `refusals`.
+    pub fn start(&self, epoch: Epoch, refusals: &mut Refusals) -> Result<Started> {
+        let ops = self.apply_ops(epoch, refusals)?;
+        let (files, resized) = self.size_files(epoch)?;
+        Ok(Started {
+            files,
+            content_only: ops == 0 && !resized,
+        })
     }
 
     /// Writes `blocks` (of files `files` lists) in place: their old
@@ -208,6 +229,7 @@ impl Apply<'_> {
     /// [`Apply::write`] for blocks of at most [`OPEN_FILES`] runs.
     fn write_group(&self, blocks: &[Landing], files: &HashMap<u64, u64>) -> Result<()> {
         let mut open: Vec<(u64, File, PathBuf)> = Vec::new();
+        let mut saved = Vec::new();
         let mut undo = self.undo.borrow_mut();
         let undo = undo.as_mut().ok_or_else(|| self.no_undo())?;
         for b in blocks {
@@ -222,9 +244,16 @@ impl Apply<'_> {
             }
             let (_, file, path) = open.last().expect("opened above");
             let ino = file.metadata().at(path)?.ino();
-            undo.save(file, ino, b.block.block, b.block.zero, path)?;
+            if let Some(r) = undo.save(file, ino, b.block.block, b.block.zero, path)? {
+                saved.push((ino, b.block.block, r));
+            }
         }
         undo.sync()?;
+        let mut overlay = self.overlay.write().expect("overlay lock");
+        for (ino, block, r) in saved {
+            overlay.insert(ino, block, r);
+        }
+        drop(overlay);
         let mut at_file = open.iter();
         let mut current: Option<&(u64, File, PathBuf)> = None;
         for b in blocks {
@@ -285,7 +314,7 @@ impl Apply<'_> {
     /// primary removed); both fail the point with that cause, which both
     /// sides' `status` shows, and the replica is rolled back to the point
     /// before; the retry (next stream) starts over once the cause is fixed.
-    fn apply_ops(&self, epoch: Epoch, refusals: &mut Refusals) -> Result<()> {
+    fn apply_ops(&self, epoch: Epoch, refusals: &mut Refusals) -> Result<usize> {
         let mut i = 0usize;
         read_lists(self.paths, epoch, |chunk| {
             for op in &chunk.ops {
@@ -300,29 +329,35 @@ impl Apply<'_> {
                 i += 1;
             }
             Ok(())
-        })
-        .map(drop)
+        })?;
+        Ok(i)
     }
 
     /// Gives every file of the point its final size, one at a time, and
     /// records its path in the index; returns the files' sizes.
     /// Any failure (EMFILE, ENOSPC, EIO, EFBIG, a path that cannot be
-    /// made) fails the point: it is rolled back, nothing is skipped.
-    fn size_files(&self, epoch: Epoch) -> Result<HashMap<u64, u64>> {
+    /// made) fails the point: it is rolled back, nothing is skipped. Also
+    /// returns whether a file was made or resized.
+    fn size_files(&self, epoch: Epoch) -> Result<(HashMap<u64, u64>, bool)> {
         let mut files = HashMap::new();
+        let mut resized = false;
         read_lists(self.paths, epoch, |chunk| {
             for f in &chunk.files {
                 let path = self.shown(&f.path)?;
                 let (dir, name) = self.parent(&f.path, true)?;
+                let existed = sys::statat(dir.as_fd(), name)
+                    .ok()
+                    .map(|st| st.st_size as u64);
                 let file = open_for_write(dir.as_fd(), name).at(&path)?;
                 self.before_resize(&file, f.size, &path)?;
                 file.set_len(f.size).at(&path)?;
+                resized |= existed != Some(f.size);
                 self.index.set_path(FileId(f.file_id), &f.path)?;
                 files.insert(f.file_id, f.size);
             }
             Ok(())
         })?;
-        Ok(files)
+        Ok((files, resized))
     }
 
     /// Opens file `id` of the epoch for writing, where it lies (its path

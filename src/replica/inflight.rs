@@ -1,8 +1,10 @@
 //! A point being applied in place while it streams in (see `apply` for
-//! the order of writes): it holds the mirror ([`ReplicaStore::view`]) and
-//! the point views (the points lock) out from its first change to the
-//! replica until it is committed or rolled back, so no reader ever sees
-//! the replica between two points.
+//! the order of writes): it holds the point views (the points lock) out
+//! from its first change to the replica until it is committed or rolled
+//! back, and the mirror ([`ReplicaStore::view`]) too, unless the point
+//! changes only block content: then the mirror reads the point before
+//! through the `overlay` until the commit. No reader ever sees the replica
+//! between two points.
 //!
 //! A point that does not reach its commit (the stream broke, was refused,
 //! or the secondary stopped) is rolled back to the point before it from
@@ -52,11 +54,15 @@ pub struct InFlight<'s> {
     /// The points lock, held exclusively until the point is committed or
     /// rolled back.
     _points: Locked,
-    _view: RwLockWriteGuard<'s, ()>,
+    view: ViewGuard<'s>,
     /// Set at the commit point: from there the point is finished, never
     /// rolled back.
     committed: bool,
 }
+
+/// The mirror's lock, held by a point in flight (`None` while the mirror
+/// reads through the overlay).
+type ViewGuard<'s> = Option<RwLockWriteGuard<'s, ()>>;
 
 impl<'s> InFlight<'s> {
     /// Starts applying point `epoch` over the applied one: readers held
@@ -95,16 +101,33 @@ impl<'s> InFlight<'s> {
             blocks: 0,
             refusals: Refusals::new(),
             _points: points,
-            _view: view,
+            view: Some(view),
             committed: false,
         })
     }
 
     /// The namespace operations and sizes of the point (its lists are in
-    /// the staging folder).
+    /// the staging folder); a point that changes only block content then
+    /// lets the mirror in, through the overlay.
     pub fn start(&mut self) -> Result<()> {
-        self.files = self.apply.start(self.epoch, &mut self.refusals)?;
+        let started = self.apply.start(self.epoch, &mut self.refusals)?;
+        self.files = started.files;
+        let undo = self.apply.undo.borrow();
+        if let (true, Some(undo)) = (started.content_only, undo.as_ref()) {
+            let mut overlay = self.store.overlay.write().expect("overlay lock");
+            overlay.start(undo.data_path(), self.store.block_size())?;
+            self.view = None;
+        }
         Ok(())
+    }
+
+    /// Holds the mirror out again (and stops the overlay): the point is
+    /// about to be finished or rolled back.
+    fn hold_mirror(&mut self) {
+        if self.view.is_none() {
+            self.view = Some(self.store.view.write().expect("view lock"));
+        }
+        self.store.overlay.write().expect("overlay lock").clear();
     }
 
     /// Writes a batch of blocks in place (see [`Apply::write`]).
@@ -130,6 +153,7 @@ impl<'s> InFlight<'s> {
         redo.write(&self.store.paths)?;
         self.committed = true;
         crate::state::crash_point("committed");
+        self.hold_mirror();
         let applied = self.apply.finish(
             self.epoch,
             Some(&self.written),
@@ -143,10 +167,13 @@ impl<'s> InFlight<'s> {
     /// Rolls the point back (the replica is the point before it again),
     /// after reading what it wrote back into the staging folder when
     /// `keep` (the offers log names it); returns what the next stream can
-    /// use of it. A failure is logged and shown in `status`, and the
-    /// rollback is retried before the next stream.
-    pub fn abandon(mut self, key: &HashKey, keep: bool) -> Option<Carried> {
+    /// use of it. When it failed for want of space (`full`), history gives
+    /// way to the replica: the older points go, so that the retry has the
+    /// space their undo held. A failure is logged and shown in `status`,
+    /// and the rollback is retried before the next stream.
+    pub fn abandon(mut self, key: &HashKey, keep: bool, full: bool) -> Option<Carried> {
         self.committed = true;
+        self.hold_mirror();
         if keep {
             let staged =
                 resume::stage_written(&self.store.paths, key, |b| self.apply.read_back(b).ok());
@@ -161,7 +188,12 @@ impl<'s> InFlight<'s> {
             let _ = fs::remove_file(self.store.paths.staged_offers());
         }
         match self.store.roll_back(self.epoch) {
-            Ok(()) => Carried::from_log(&self.store.paths, key),
+            Ok(()) => {
+                if full {
+                    self.store.give_way();
+                }
+                Carried::from_log(&self.store.paths, key)
+            }
             Err(e) => {
                 let cause = format!(
                     "epoch {} did not complete and rolling it back failed (retried before the \
@@ -184,6 +216,7 @@ impl Drop for InFlight<'_> {
             return;
         }
         self.committed = true;
+        self.hold_mirror();
         if let Err(e) = self.store.roll_back(self.epoch) {
             log::error!("epoch {}: rolling back failed: {e}", self.epoch);
         }
@@ -201,6 +234,7 @@ impl ReplicaStore {
             allow_devices: self.allow_devices,
             undo: RefCell::new(undo),
             points: &self.points,
+            overlay: &self.overlay,
         }
     }
 
@@ -230,6 +264,24 @@ impl ReplicaStore {
             to.map_or(0, |e| e.0)
         );
         Ok(())
+    }
+
+    /// History gives way to the replica: a point that failed for want of
+    /// space drops the recovery points but the live one (loudly), so its
+    /// retry does not compete with their undo.
+    fn give_way(&self) {
+        let older = self.points.list().len().saturating_sub(1);
+        if older == 0 {
+            return;
+        }
+        match self.points.drop_all() {
+            Ok(_) => log::error!(
+                "no space left on {} for the next point: dropped the {older} older recovery \
+                 points (the replica comes first)",
+                self.root.display()
+            ),
+            Err(e) => log::error!("dropping the recovery points to make space failed: {e}"),
+        }
     }
 
     /// The point is applied and recorded: the store's state follows, and

@@ -14,6 +14,8 @@
 //! - `store`: the replica folder as one object, wiring the parts below.
 //! - `apply`: a point applied in place as it arrives, undo first.
 //! - `inflight`: the point being applied: begin, commit, or rollback.
+//! - `overlay`: what the mirror reads of the point before while a point
+//!   that changes only block content is in flight.
 //! - `meta`: a point's metadata (modes, owners, xattrs, times) and its
 //!   FIFOs, sockets and device nodes, with what this secondary refuses.
 //! - `verify`: `hbrfs verify` against the applied point.
@@ -40,6 +42,7 @@ pub mod confine;
 pub mod index;
 pub mod inflight;
 pub mod meta;
+pub mod overlay;
 pub mod preflight;
 pub mod records;
 pub mod refused;

@@ -779,7 +779,7 @@ impl Drop for Session<'_> {
             let _ = fs::remove_file(self.store.paths.staged_offers());
         }
         let carried = match self.inflight.take() {
-            Some(inflight) => inflight.abandon(&self.key, point.is_some()),
+            Some(inflight) => inflight.abandon(&self.key, point.is_some(), self.out_of_space),
             None => Some(Carried {
                 content: std::mem::take(&mut self.carried),
                 point,

@@ -14,6 +14,7 @@ use super::apply::make_dirs;
 use super::index::ContentIndex;
 use super::inflight::left_in_flight;
 use super::meta::Refusals;
+use super::overlay::SharedOverlay;
 use super::records::{Applied, Pair, Redo};
 use super::refused::Refused;
 use super::resume::{self, Carried};
@@ -190,6 +191,9 @@ pub struct ReplicaStore {
     /// Held exclusively while an epoch applies, shared by the mirror's
     /// reads, so the mirror never shows a half-applied point.
     pub view: Arc<RwLock<()>>,
+    /// What the mirror reads of the point before while a point that
+    /// changes only block content is in flight (see `overlay`).
+    pub overlay: SharedOverlay,
     /// Counters.
     pub stats: ReplicaStats,
     /// Whether points may make device nodes (`serve --allow-devices`).
@@ -277,6 +281,7 @@ impl ReplicaStore {
             carried: Mutex::new(None),
             resync: Mutex::new(resync::header(&paths)?.map(|h| h.token)),
             view: Arc::new(RwLock::new(())),
+            overlay: SharedOverlay::default(),
             stats: ReplicaStats::default(),
             allow_devices,
             root,

@@ -127,6 +127,14 @@ impl Passthrough {
         self.handles.remove(fh);
     }
 
+    /// The inode number of the backing file open as `fh` (what a replica's
+    /// undo is keyed by).
+    pub fn backing_ino(&self, fh: FileHandle) -> Res<u64> {
+        let h = self.open_file(fh)?;
+        let st = stat(file_of(&h)?.file.as_fd())?;
+        Ok(st.st_ino)
+    }
+
     /// Reads `size` bytes at `offset` (fewer only at the end of the file).
     pub fn op_read(&self, fh: FileHandle, offset: u64, size: u32) -> Res<Vec<u8>> {
         let h = self.open_file(fh)?;
