@@ -137,7 +137,7 @@ pub(super) fn lock(path: &Path, op: i32) -> Result<Locked> {
 }
 
 /// The applying secondary's points: it saves undo through
-/// [`PointKeeper::undo_writer`], records each applied point with
+/// [`PointKeeper::base`], records each applied point with
 /// [`PointKeeper::applied`], and applies the retention grid after each.
 #[derive(Debug)]
 pub struct PointKeeper {

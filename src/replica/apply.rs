@@ -204,7 +204,7 @@ impl Apply<'_> {
     /// content saved into the undo and synced first, so a rollback after
     /// a crash finds every overwritten block saved and never saves new
     /// content as old. Files are opened once per run of their blocks, at
-    /// most [`OPEN_FILES`] at a time (one sync of the undo per group).
+    /// most 64 at a time (one sync of the undo per group).
     pub fn write(&self, blocks: &[Landing], files: &HashMap<u64, u64>) -> Result<()> {
         let mut start = 0;
         while start < blocks.len() {

@@ -11,7 +11,7 @@
 //! their blocks. Blocks are decoded and hash-checked across the cores
 //! (`workers`); a block whose content is here already (the content index,
 //! this batch, a broken stream's) is not asked for. Blocks are written in
-//! place in batches of [`WRITE_BATCH_BYTES`] (their old content saved to
+//! place in batches of 16 MiB (their old content saved to
 //! the undo first), and each offer written is appended, in the primary's
 //! order, to the offer manifest `staging/offers` (`resume`). So what a
 //! session holds in memory does not grow with the operations or offers of
