@@ -20,8 +20,10 @@
 #      second; then waited until the replica caught up.
 # Measured:
 #   (a) apply throughput: bytes of the blocks applied after the baseline
-#       divided by the seconds the secondary spent applying them (summed
-#       from its "epoch N applied: B blocks … (A s applying)" log lines),
+#       divided by the seconds the secondary spent on their points, from a
+#       point's stream start to its applied record (points are applied in
+#       place as they arrive; summed from its "epoch N applied: B blocks …
+#       in S s (C s committing)" log lines),
 #       and end to end: IO_MB over the time from the start of fio until
 #       the replica caught up; undo / none is the ratio (target ≥ 0.7).
 #   (b) undo per point: `hbrfs points ls --json` of the keeping run: the
@@ -102,7 +104,7 @@ start_pair() {
 # applied DIR AFTER: "blocks seconds" applied after epoch AFTER, summed
 # from the secondary's log.
 applied() {
-    sed -n 's/.*epoch \([0-9]*\) applied: \([0-9]*\) blocks .*(\([0-9.]*\) s applying).*/\1 \2 \3/p' \
+    sed -n 's/.*epoch \([0-9]*\) applied: \([0-9]*\) blocks .* in \([0-9.]*\) s (.*committing).*/\1 \2 \3/p' \
         "$1/secondary.log" | awk -v after="$2" '$1 > after { b += $2; s += $3 } END { print b + 0, s + 0 }'
 }
 
@@ -123,7 +125,7 @@ run_mode() {
     catchup_ns=$((t_caught - t_end)) total_ns=$((t_caught - t_fio))
     read -r blocks apply_s < <(applied "$dir" "$base_epoch")
     ((blocks > 0)) || die "$name: no block applied after the baseline"
-    log "$name: $blocks blocks applied in $apply_s s of applying; caught up $(secs "$catchup_ns") s after fio"
+    log "$name: $blocks blocks applied in $apply_s s of streams; caught up $(secs "$catchup_ns") s after fio"
 }
 
 run_mode none none
@@ -181,7 +183,7 @@ cat <<EOF
 | measure | no points (--keep none) | points (default --keep) | ratio |
 | --- | --- | --- | --- |
 | blocks applied after the baseline | $n_blocks | $u_blocks | |
-| seconds applying them | $n_apply | $u_apply | |
+| seconds of their points' streams (start → applied) | $n_apply | $u_apply | |
 | (a) apply throughput, MiB/s | $(printf %.1f "$n_rate") | $(printf %.1f "$u_rate") | $(ratio "$u_rate" "$n_rate")x (target ≥ 0.7) |
 | (a) end to end, MiB/s (fio start → caught up) | $(printf %.1f "$n_e2e") | $(printf %.1f "$u_e2e") | $(ratio "$u_e2e" "$n_e2e")x |
 | catch-up after fio ended, s | $(secs "$n_catchup") | $(secs "$u_catchup") | $(ratio "$u_catchup" "$n_catchup")x |
