@@ -202,13 +202,7 @@ impl PointKeeper {
     pub fn base(&self, root: &Path, applied: PointRecord, block_size: u64) -> Result<UndoWriter> {
         let mut points = self.list();
         if points.last().map(|p| p.epoch) != Some(applied.epoch) {
-            let mut record = applied;
-            let dir = self.paths.point(record.epoch);
-            if dir.exists() {
-                fs::remove_dir_all(&dir).at(&dir)?;
-            }
-            make_state_dirs(&dir)?;
-            record.files = namespace::write(root, &self.paths.namespace(record.epoch))?;
+            let record = self.with_namespace(root, applied)?;
             points.retain(|p| p.epoch < record.epoch);
             points.push(record);
             write_catalog(&self.paths, &points)?;
@@ -227,7 +221,7 @@ impl PointKeeper {
     pub fn applied(
         &self,
         root: &Path,
-        mut record: PointRecord,
+        record: PointRecord,
         undo: Option<&mut UndoWriter>,
     ) -> Result<()> {
         let (bytes, blocks) = undo.map(|u| u.finish()).transpose()?.unwrap_or_default();
@@ -235,12 +229,7 @@ impl PointKeeper {
             self.drop_all()?;
             return Ok(());
         }
-        let dir = self.paths.point(record.epoch);
-        if dir.exists() {
-            fs::remove_dir_all(&dir).at(&dir)?;
-        }
-        make_state_dirs(&dir)?;
-        record.files = namespace::write(root, &self.paths.namespace(record.epoch))?;
+        let record = self.with_namespace(root, record)?;
         let mut points = self.list();
         points.retain(|p| p.epoch < record.epoch);
         if let Some(previous) = points.last_mut() {
@@ -257,6 +246,18 @@ impl PointKeeper {
         }
         *self.catalog.lock().expect("catalog lock") = points;
         self.retain()
+    }
+
+    /// Point `record`'s folder made afresh with the namespace of the
+    /// replica at `root` now; the record with its file count.
+    fn with_namespace(&self, root: &Path, mut record: PointRecord) -> Result<PointRecord> {
+        let dir = self.paths.point(record.epoch);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).at(&dir)?;
+        }
+        make_state_dirs(&dir)?;
+        record.files = namespace::write(root, &self.paths.namespace(record.epoch))?;
+        Ok(record)
     }
 
     /// The undo of the newest point before `epoch`, if one is kept: where

@@ -206,47 +206,37 @@ impl Apply<'_> {
     /// content as old. Files are opened once per run of their blocks, at
     /// most 64 at a time (one sync of the undo per group).
     pub fn write(&self, blocks: &[Landing], files: &HashMap<u64, u64>) -> Result<()> {
-        let mut start = 0;
-        while start < blocks.len() {
-            let mut runs = 0;
-            let mut end = start;
-            while end < blocks.len() {
-                let new_run =
-                    end == start || blocks[end].block.file_id != blocks[end - 1].block.file_id;
-                if new_run && runs == OPEN_FILES {
-                    break;
-                }
-                runs += usize::from(new_run);
-                end += 1;
-            }
-            self.write_group(&blocks[start..end], files)?;
-            start = end;
+        let runs: Vec<&[Landing]> = blocks
+            .chunk_by(|a, b| a.block.file_id == b.block.file_id)
+            .collect();
+        for group in runs.chunks(OPEN_FILES) {
+            self.write_group(group, files)?;
         }
         crate::state::crash_point("apply-blocks");
         Ok(())
     }
 
-    /// [`Apply::write`] for blocks of at most [`OPEN_FILES`] runs.
-    fn write_group(&self, blocks: &[Landing], files: &HashMap<u64, u64>) -> Result<()> {
-        let mut open: Vec<(u64, File, PathBuf)> = Vec::new();
+    /// [`Apply::write`] for at most [`OPEN_FILES`] runs of blocks, each of
+    /// one file.
+    fn write_group(&self, runs: &[&[Landing]], files: &HashMap<u64, u64>) -> Result<()> {
+        let mut open = Vec::with_capacity(runs.len());
         let mut saved = Vec::new();
         let mut undo = self.undo.borrow_mut();
         let undo = undo.as_mut().ok_or_else(|| self.no_undo())?;
-        for b in blocks {
-            let id = b.block.file_id;
-            if open.last().is_none_or(|(last, ..)| *last != id) {
-                if !files.contains_key(&id) {
-                    let wrong = format!("blocks of file {id}, which the point does not list");
-                    return Err(bad(&self.paths.staged_point(), wrong));
+        for run in runs {
+            let id = run[0].block.file_id;
+            if !files.contains_key(&id) {
+                let wrong = format!("blocks of file {id}, which the point does not list");
+                return Err(bad(&self.paths.staged_point(), wrong));
+            }
+            let (file, path) = self.open_file(id)?;
+            let ino = file.metadata().at(&path)?.ino();
+            for b in *run {
+                if let Some(r) = undo.save(&file, ino, b.block.block, b.block.zero, &path)? {
+                    saved.push((ino, b.block.block, r));
                 }
-                let (file, path) = self.open_file(id)?;
-                open.push((id, file, path));
             }
-            let (_, file, path) = open.last().expect("opened above");
-            let ino = file.metadata().at(path)?.ino();
-            if let Some(r) = undo.save(file, ino, b.block.block, b.block.zero, path)? {
-                saved.push((ino, b.block.block, r));
-            }
+            open.push((file, path));
         }
         undo.sync()?;
         let mut overlay = self.overlay.write().expect("overlay lock");
@@ -254,14 +244,10 @@ impl Apply<'_> {
             overlay.insert(ino, block, r);
         }
         drop(overlay);
-        let mut at_file = open.iter();
-        let mut current: Option<&(u64, File, PathBuf)> = None;
-        for b in blocks {
-            if current.is_none_or(|(id, ..)| *id != b.block.file_id) {
-                current = at_file.next();
+        for (run, (file, path)) in runs.iter().zip(&open) {
+            for b in *run {
+                self.write_block(file, path, b)?;
             }
-            let (_, file, path) = current.expect("one per run");
-            self.write_block(file, path, b)?;
         }
         Ok(())
     }

@@ -175,55 +175,64 @@ impl<'s> InFlight<'s> {
         self.committed = true;
         self.hold_mirror();
         if keep {
-            let staged =
-                resume::stage_written(&self.store.paths, key, |b| self.apply.read_back(b).ok());
-            if let Err(e) = staged {
-                log::warn!(
-                    "epoch {}: keeping what was received failed: {e}",
-                    self.epoch
-                );
-                let _ = fs::remove_file(self.store.paths.staged_offers());
-            }
+            self.store.keep_written(&self.apply, key, self.epoch);
         } else {
             let _ = fs::remove_file(self.store.paths.staged_offers());
         }
-        match self.store.roll_back(self.epoch) {
-            Ok(()) => {
-                if full {
-                    self.store.give_way();
-                }
-                Carried::from_log(&self.store.paths, key)
-            }
-            Err(e) => {
-                let cause = format!(
-                    "epoch {} did not complete and rolling it back failed (retried before the \
-                     next point): {e}",
-                    self.epoch
-                );
-                log::error!("{cause}");
-                self.store.stats.failed(&cause);
-                None
-            }
+        if !self.roll_back_reporting() {
+            return None;
         }
+        if full {
+            self.store.give_way();
+        }
+        Carried::from_log(&self.store.paths, key)
+    }
+
+    /// Rolls the point back; a failure is logged and shown in `status`,
+    /// and the rollback is retried before the next point. Whether it
+    /// succeeded.
+    fn roll_back_reporting(&self) -> bool {
+        let Err(e) = self.store.roll_back(self.epoch) else {
+            return true;
+        };
+        let cause = format!(
+            "epoch {} did not complete and rolling it back failed (retried before the next \
+             point): {e}",
+            self.epoch
+        );
+        log::error!("{cause}");
+        self.store.stats.failed(&cause);
+        false
     }
 }
 
 impl Drop for InFlight<'_> {
-    /// An in-flight point dropped without [`InFlight::commit`] or
-    /// [`InFlight::abandon`] (a panic) is rolled back, keeping nothing.
+    /// An in-flight point dropped before its commit point without
+    /// [`InFlight::abandon`] (its commit failed before the redo record, or
+    /// a panic) is rolled back, keeping nothing.
     fn drop(&mut self) {
         if self.committed {
             return;
         }
         self.committed = true;
         self.hold_mirror();
-        if let Err(e) = self.store.roll_back(self.epoch) {
-            log::error!("epoch {}: rolling back failed: {e}", self.epoch);
-        }
+        self.roll_back_reporting();
     }
 }
 
 impl ReplicaStore {
+    /// Reads what the point in flight `epoch` wrote (as far as the offers
+    /// log names it) back into staging before its rollback, for the next
+    /// stream to resume; on failure the log goes (the primary sends the
+    /// point again) and the cause is logged.
+    pub(super) fn keep_written(&self, apply: &Apply<'_>, key: &HashKey, epoch: Epoch) {
+        let staged = resume::stage_written(&self.paths, key, |b| apply.read_back(b).ok());
+        if let Err(e) = staged {
+            log::warn!("epoch {epoch}: keeping what was received failed: {e}");
+            let _ = fs::remove_file(self.paths.staged_offers());
+        }
+    }
+
     /// An apply over this replica saving into `undo`.
     pub(super) fn apply_with(&self, undo: Option<crate::points::undo::UndoWriter>) -> Apply<'_> {
         Apply {
@@ -292,13 +301,19 @@ impl ReplicaStore {
         *self.applied.lock().expect("applied lock") = applied;
         self.stats.points_applied.fetch_add(1, Ordering::Relaxed);
         self.stats.failed("");
+        self.retire()?;
+        super::store::keep_reserve(&self.paths);
+        Ok(())
+    }
+
+    /// A committed point is applied: its redo and in-flight records and
+    /// its staging go.
+    pub(super) fn retire(&self) -> Result<()> {
         Redo::remove(&self.paths)?;
         let path = self.paths.in_flight();
         if path.exists() {
             fs::remove_file(&path).at(&path)?;
         }
-        self.clear_staging()?;
-        super::store::keep_reserve(&self.paths);
-        Ok(())
+        self.clear_staging()
     }
 }

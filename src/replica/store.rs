@@ -17,7 +17,7 @@ use super::meta::Refusals;
 use super::overlay::SharedOverlay;
 use super::records::{Applied, Pair, Redo};
 use super::refused::Refused;
-use super::resume::{self, Carried};
+use super::resume::Carried;
 use super::resync;
 use super::seed;
 use crate::block::{BlockHash, HashKey};
@@ -459,13 +459,8 @@ impl ReplicaStore {
         if redo.is_none() && in_flight.is_none() {
             // A point a stream was receiving when the secondary stopped:
             // kept for the primary to resume, if its log checks out.
-            let key = self.pair().map(|p| p.key);
-            match key.and_then(|key| Carried::from_log(&self.paths, &key)) {
-                Some(carried) => {
-                    log::info!("kept the part of a point received before the restart: {carried}");
-                    self.keep_carried(carried);
-                }
-                None => self.clear_staging()?,
+            if !self.keep_logged() {
+                self.clear_staging()?;
             }
             return Ok(());
         }
@@ -501,22 +496,23 @@ impl ReplicaStore {
     fn recover_in_flight(&self, epoch: Epoch) -> Result<()> {
         log::warn!("epoch {epoch} was being applied when the secondary stopped: rolling it back");
         if let Some(pair) = self.pair() {
-            let apply = self.apply_with(None);
-            let staged = resume::stage_written(&self.paths, &pair.key, |b| apply.read_back(b).ok());
-            if let Err(e) = staged {
-                log::warn!("epoch {epoch}: keeping what was received failed: {e}");
-                let _ = fs::remove_file(self.paths.staged_offers());
-            }
+            self.keep_written(&self.apply_with(None), &pair.key, epoch);
         }
         self.roll_back_locking(epoch)?;
-        if let Some(carried) = self
-            .pair()
-            .and_then(|p| Carried::from_log(&self.paths, &p.key))
-        {
-            log::info!("kept the part of a point received before the restart: {carried}");
-            self.keep_carried(carried);
-        }
+        self.keep_logged();
         Ok(())
+    }
+
+    /// Keeps, for the primary to resume, the point the offers log in
+    /// staging holds, if it checks out; whether it did.
+    fn keep_logged(&self) -> bool {
+        let key = self.pair().map(|p| p.key);
+        let Some(carried) = key.and_then(|key| Carried::from_log(&self.paths, &key)) else {
+            return false;
+        };
+        log::info!("kept the part of a point received before the restart: {carried}");
+        self.keep_carried(carried);
+        true
     }
 
     /// [`ReplicaStore::roll_back`], taking the points lock for it.
@@ -531,12 +527,7 @@ impl ReplicaStore {
         let epoch = redo.epoch;
         if epoch <= self.applied().epoch {
             log::info!("epoch {epoch} was applied already; removing its staging");
-            Redo::remove(&self.paths)?;
-            let path = self.paths.in_flight();
-            if path.exists() {
-                fs::remove_file(&path).at(&path)?;
-            }
-            return self.clear_staging();
+            return self.retire();
         }
         let _view = self.view.write().expect("view lock");
         let _points = self.points.exclusive()?;
