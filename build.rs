@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/replication.proto",
         "proto/replica.proto",
         "proto/points.proto",
+        "proto/object.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
