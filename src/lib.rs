@@ -86,4 +86,8 @@ pub mod proto {
     pub mod points {
         tonic::include_proto!("hbrfs.points");
     }
+    /// Records of the object-store repository (`proto/object.proto`).
+    pub mod object {
+        tonic::include_proto!("hbrfs.object");
+    }
 }
