@@ -54,6 +54,7 @@ pub mod fs;
 pub mod ids;
 pub mod journal;
 pub mod mirror;
+pub mod object;
 pub mod points;
 pub mod qcow2;
 pub mod roles;
