@@ -314,7 +314,7 @@ impl Cache {
             let Some(id) = rel
                 .rsplit('/')
                 .next()
-                .and_then(|h| crate::state::unhex(h))
+                .and_then(crate::state::unhex)
                 .and_then(|b| pack_id(&b))
             else {
                 continue;
