@@ -36,6 +36,7 @@
 //! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.
 //! - [`wire`]: the protocol version and every message limit both wings obey.
 //! - [`state`]: the state folders' paths ([`state::StatePaths`], [`state::ReplicaPaths`]), durable small writes, time, hex, the tree walk.
+//! - [`keep`]: the retention grid (`--keep`): which recovery points stay, for a replica's points and an object store's alike.
 //! - [`throttle`]: the token bucket behind `--max-rate`.
 //! - [`qcow2`]: a sequential qcow2 v3 image writer, for exporting a point (or the change since another) as a backing chain.
 //! - [`workers`]: one thread per core for the block work of both wings (compression, decompression and hash checks), contexts kept per thread.
@@ -53,6 +54,7 @@ pub mod error;
 pub mod fs;
 pub mod ids;
 pub mod journal;
+pub mod keep;
 pub mod mirror;
 pub mod object;
 pub mod points;

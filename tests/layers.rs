@@ -31,6 +31,7 @@ const MAP: &[(&str, u32, Wing)] = &[
     ("fs", 20, Wing::Shared),
     ("tls", 16, Wing::Shared),
     ("auth", 15, Wing::Shared),
+    ("keep", 12, Wing::Shared),
     ("throttle", 12, Wing::Shared),
     ("qcow2", 12, Wing::Shared),
     ("block", 12, Wing::Shared),

@@ -8,6 +8,7 @@
 //! - `status`: `hbrfs status` for a primary or a secondary, and `--watch`.
 //! - `roles`: `hbrfs promote` and `hbrfs demote`, and what they say.
 
+mod gc;
 mod points;
 mod render;
 mod roles;
@@ -256,6 +257,35 @@ enum Command {
         #[arg(long, value_parser = parse_duration, default_value = "10m")]
         timeout: Duration,
     },
+    /// Garbage-collect an object store (s3://BUCKET/PREFIX): delete the
+    /// packs no live point needs once they have been candidates for the
+    /// grace period; with --keep, apply the retention grid to every
+    /// datastore's points first. One GC at a time (a lease object).
+    Gc {
+        /// The repository, s3://BUCKET/PREFIX.
+        repo: String,
+        /// The store's endpoint when it is not AWS (e.g. http://127.0.0.1:8333).
+        #[arg(long, value_name = "URL")]
+        s3_endpoint: Option<String>,
+        /// Report what would be freed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long an unreferenced pack waits before it goes (and how
+        /// old it must be to be a candidate): longer than any upload.
+        #[arg(long, value_parser = parse_duration, default_value = "24h")]
+        grace: Duration,
+        /// Apply this retention grid (as `mount --keep`) to every
+        /// datastore's points first.
+        #[arg(long, value_parser = parse_keep)]
+        keep: Option<KeepGrid>,
+        /// Where index segments and map chunks are cached between runs;
+        /// default $XDG_CACHE_HOME/hbrfs/REPO-ID-gc.
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -489,6 +519,23 @@ fn run(cli: Cli) -> Result<()> {
         Command::Promote { replica, point } => roles::promote(&replica, point.as_deref()),
         Command::Demote { backing } => roles::demote(&backing),
         Command::Migrate { datastore, timeout } => roles::migrate(&datastore, timeout),
+        Command::Gc {
+            repo,
+            s3_endpoint,
+            dry_run,
+            grace,
+            keep,
+            cache_dir,
+            json,
+        } => gc::run(gc::GcArgs {
+            repo,
+            endpoint: s3_endpoint,
+            grace,
+            dry_run,
+            keep: keep.map(|k| Retention::new(k.0, None)),
+            cache_dir,
+            json,
+        }),
     }
 }
 

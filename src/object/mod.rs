@@ -45,12 +45,16 @@
 //!   from pack footers when segments are lost.
 //! - [`manifest`]: series, point manifests and map chunks.
 //! - [`namespace`]: a point's namespace replayed from the primary's lists.
+//! - [`retention`]: the `--keep` grid applied to a series (manifests go).
+//! - [`gc`]: mark, grace and sweep of unreferenced packs, under a lease.
 
 pub mod cache;
 pub mod format;
+pub mod gc;
 pub mod manifest;
 pub mod namespace;
 pub mod pack;
+pub mod retention;
 pub mod s3;
 
 use std::sync::Arc;

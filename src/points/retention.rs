@@ -1,11 +1,7 @@
-//! The retention grid (`serve --keep 1s:1h,1m:24h,1h:7d --keep-space N`):
-//! which points stay, and the two ways one goes.
-//!
-//! A point of age A falls in the first tier `STEP:SPAN` with A ≤ SPAN;
-//! of the points in one STEP-wide slot of time (unix time / STEP) the
-//! oldest stays. The newest point (the live replica) always stays; a
-//! point older than every span goes; and while the undo kept exceeds
-//! `--keep-space`, the oldest points go. A point a view has pinned stays.
+//! A replica's recovery points under the retention grid (`serve --keep
+//! 1s:1h,1m:24h,1h:7d --keep-space N`, decided by [`crate::keep`]): the
+//! two ways one goes. The newest point is the live replica; the space cap
+//! counts undo bytes; a point a view has pinned stays.
 //!
 //! The oldest point goes by **expiry**: its folder is removed (its undo
 //! composed it from the next point; nothing older needs it). Any other
@@ -19,73 +15,25 @@ use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::time::Duration;
 
 use super::store::{PointsPaths, open_lock, write_catalog};
 use super::undo::read_index;
 use crate::error::{IoContext, Result};
+pub use crate::keep::Retention;
 use crate::proto::points::PointRecord;
 use crate::state::{make_state_dirs, state_file_options};
 use crate::sys;
 
-/// What `--keep` and `--keep-space` ask.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Retention {
-    /// (step, span) tiers, shortest span first.
-    tiers: Vec<(Duration, Duration)>,
-    /// The most undo bytes kept, if capped.
-    space: Option<u64>,
-}
-
-impl Retention {
-    /// The default grid: every point for an hour, one a minute for a
-    /// day, one an hour for a week.
-    pub const DEFAULT: &'static str = "1s:1h,1m:24h,1h:7d";
-
-    /// A grid of (step, span) tiers (empty: keep no history, only the
-    /// live replica) and an optional cap on undo bytes.
-    pub fn new(mut tiers: Vec<(Duration, Duration)>, space: Option<u64>) -> Retention {
-        tiers.sort_by_key(|&(_, span)| span);
-        Retention { tiers, space }
-    }
-
-    /// Whether any older point is kept (else no undo is saved at all).
-    pub fn keeps_history(&self) -> bool {
-        !self.tiers.is_empty()
-    }
-
-    /// The slot point `p` falls in at `now_ns`: (tier, slot), `None` when
-    /// it is older than every span.
-    fn slot(&self, p: &PointRecord, now_ns: u64) -> Option<(usize, u64)> {
-        let age = Duration::from_nanos(now_ns.saturating_sub(p.at_ns));
-        let (tier, (step, _)) = self
-            .tiers
-            .iter()
-            .enumerate()
-            .find(|(_, (_, span))| age <= *span)?;
-        let step = step.as_nanos().max(1) as u64;
-        Some((tier, p.at_ns / step))
-    }
-
-    /// The index of the next point to let go, if any.
-    fn next_to_drop(
-        &self,
-        points: &[PointRecord],
-        now_ns: u64,
-        pinned: &HashSet<u64>,
-    ) -> Option<usize> {
-        let last = points.len().checked_sub(1)?;
-        let free = |i: &usize| !pinned.contains(&points[*i].epoch);
-        let by_grid = (0..last)
-            .filter(free)
-            .find(|&i| match self.slot(&points[i], now_ns) {
-                None => true,
-                Some(slot) => i > 0 && self.slot(&points[i - 1], now_ns) == Some(slot),
-            });
-        let undo: u64 = points.iter().map(|p| p.undo_bytes).sum();
-        let over = self.space.is_some_and(|cap| undo > cap);
-        by_grid.or_else(|| over.then(|| (0..last).find(free)).flatten())
-    }
+/// The next of `points` `keep` lets go, none of `pinned`.
+fn next(
+    keep: &Retention,
+    points: &[PointRecord],
+    now_ns: u64,
+    pinned: &HashSet<u64>,
+) -> Option<usize> {
+    let times: Vec<u64> = points.iter().map(|p| p.at_ns).collect();
+    let undo = points.iter().map(|p| p.undo_bytes).sum();
+    keep.next_to_drop(&times, undo, now_ns, |i| !pinned.contains(&points[i].epoch))
 }
 
 /// Whether a view holds point `epoch` (its pin is locked).
@@ -110,7 +58,7 @@ pub fn apply(
     // Only the candidates' pins are checked: a pass costs the points it
     // lets go, not every kept point.
     let mut pinned = HashSet::new();
-    while let Some(i) = keep.next_to_drop(points, now_ns, &pinned) {
+    while let Some(i) = next(keep, points, now_ns, &pinned) {
         if is_pinned(paths, points[i].epoch)? {
             pinned.insert(points[i].epoch);
             continue;
@@ -259,6 +207,8 @@ fn remove_other_generations(paths: &PointsPaths, p: &PointRecord) -> Result<()> 
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn point(epoch: u64, at_s: u64) -> PointRecord {
@@ -279,7 +229,7 @@ mod tests {
         let now = 10_000u64;
         let mut points: Vec<PointRecord> = (0..5).map(|i| point(i + 10, now - 5 + i)).collect();
         assert_eq!(
-            grid().next_to_drop(&points, now * 1_000_000_000, &HashSet::new()),
+            next(&grid(), &points, now * 1_000_000_000, &HashSet::new()),
             None
         );
         // Two points in one minute, 20 and 30 minutes old: the newer goes.
@@ -292,19 +242,16 @@ mod tests {
             "the test's two points share a minute"
         );
         assert_eq!(
-            grid().next_to_drop(&points, now * 1_000_000_000, &HashSet::new()),
+            next(&grid(), &points, now * 1_000_000_000, &HashSet::new()),
             Some(1)
         );
         // Pinned, it stays.
         let pinned = HashSet::from([2]);
-        assert_eq!(
-            grid().next_to_drop(&points, now * 1_000_000_000, &pinned),
-            None
-        );
+        assert_eq!(next(&grid(), &points, now * 1_000_000_000, &pinned), None);
         // Older than every span: the oldest goes first.
         points.insert(0, point(0, now - 7200));
         assert_eq!(
-            grid().next_to_drop(&points, now * 1_000_000_000, &HashSet::new()),
+            next(&grid(), &points, now * 1_000_000_000, &HashSet::new()),
             Some(0)
         );
     }
@@ -317,9 +264,9 @@ mod tests {
         points[0].undo_bytes = 80;
         points[1].undo_bytes = 80;
         let now = 1003 * 1_000_000_000;
-        assert_eq!(keep.next_to_drop(&points, now, &HashSet::new()), Some(0));
+        assert_eq!(next(&keep, &points, now, &HashSet::new()), Some(0));
         points.remove(0);
-        assert_eq!(keep.next_to_drop(&points, now, &HashSet::new()), None);
+        assert_eq!(next(&keep, &points, now, &HashSet::new()), None);
         let none = Retention::new(vec![], None);
         assert!(!none.keeps_history());
     }
