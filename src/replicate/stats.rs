@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorCounters, ErrorCounts, ErrorKind};
 use crate::ids::Epoch;
+use crate::object::s3::{REQUESTS, RequestCounts};
 use crate::state::now_ns;
 
 /// Counters for `hbrfs status`, shared by the replicator and the control
@@ -128,6 +129,9 @@ pub struct ReplicationReport {
     pub secondary_refusals: u64,
     /// The last of them, empty when none.
     pub last_secondary_refusal: String,
+    /// Requests to the object store (all zero with a secondary).
+    #[serde(default)]
+    pub object_requests: RequestCounts,
 }
 
 /// The ship in progress, so an operator can tell a long baseline from a
@@ -204,6 +208,7 @@ impl ReplStats {
                 .lock()
                 .expect("refusal lock")
                 .clone(),
+            object_requests: REQUESTS.report(),
         }
     }
 
@@ -314,7 +319,7 @@ mod tests {
         assert_eq!(v["dedup_ratio"], 0.0);
         assert!(v["seconds_since_progress"].is_null());
         assert_eq!(v["last_progress_ns"], 0);
-        assert_eq!(v.as_object().unwrap().len(), 29);
+        assert_eq!(v.as_object().unwrap().len(), 30);
         assert_eq!(v["errors"]["remote"], 0);
         stats.secondary_refused(3, &["a".into(), "b".into()]);
         let r = stats.report();
