@@ -73,6 +73,41 @@ pub struct ObjectLink {
 /// A hash of zeros: a zero block or a map chunk of zero blocks.
 const ZERO: [u8; 16] = [0u8; 16];
 
+/// One file's map being rewritten by a point.
+struct Remap {
+    file_id: u64,
+    size: u64,
+    /// Blocks at the cut's size.
+    nblocks: u64,
+    /// Map chunk references: the old map's, cut or grown to the size.
+    chunks: Vec<Vec<u8>>,
+    /// The chunk being rewritten: its index and hashes.
+    open: Option<(usize, Vec<[u8; 16]>)>,
+    /// The file is smaller than in the point before.
+    shrank: bool,
+    /// The last chunk was rewritten (so cut at the end already).
+    closed_last: bool,
+}
+
+impl Remap {
+    /// File `file_id` of `size` bytes, from its map in the point before.
+    fn new(file_id: u64, size: u64, block_size: u64, old: &HashMap<u64, FileMap>) -> Remap {
+        let nblocks = size.div_ceil(block_size);
+        let old = old.get(&file_id);
+        let mut chunks = old.map(|m| m.chunks.clone()).unwrap_or_default();
+        chunks.resize(nblocks.div_ceil(MAP_CHUNK_BLOCKS) as usize, Vec::new());
+        Remap {
+            file_id,
+            size,
+            nblocks,
+            chunks,
+            open: None,
+            shrank: old.is_some_and(|m| m.size > size),
+            closed_last: false,
+        }
+    }
+}
+
 impl Replicator {
     /// Opens the repository at `url` (made on first use), loads its index
     /// and the series' newest point, and reconciles it with this
@@ -270,9 +305,10 @@ impl<'a> Upload<'a> {
     }
 
     /// Reads, dedups and packs every block of `work`, and makes the new
-    /// maps of its files.
+    /// maps of its files, one map chunk at a time: blocks come file by
+    /// file in ascending order, so a chunk is final once a block past it
+    /// arrives, and the primary holds one chunk, not the point's list.
     async fn blocks(&mut self, work: Work, old_maps: &HashMap<u64, FileMap>) -> Result<()> {
-        let bs = self.repo.block_size();
         let (tx, mut rx) = mpsc::channel::<Result<(u64, Vec<ReadBlock>)>>(2);
         let key = self.repo.key.clone();
         let files: Vec<_> = work.iter().map(|(f, _)| (f.id.0, f.at_cut().1)).collect();
@@ -287,19 +323,27 @@ impl<'a> Upload<'a> {
                 }
             }
         });
-        // Map entries set by this point, per file: block → hash.
-        let mut entries: HashMap<u64, Vec<(u64, [u8; 16])>> = HashMap::new();
+        let sizes: HashMap<u64, u64> = files.iter().copied().collect();
+        let mut remap: Option<Remap> = None;
         let result = async {
             while let Some(read) = rx.recv().await {
                 let (file_id, read) = read?;
-                let set = entries.entry(file_id).or_default();
-                for r in &read {
-                    set.push((
-                        r.offer.block,
-                        r.offer.hash.as_slice().try_into().unwrap_or(ZERO),
-                    ));
+                if remap.as_ref().is_none_or(|r| r.file_id != file_id) {
+                    if let Some(done) = remap.take() {
+                        self.finish_map(done).await?;
+                    }
+                    let size = sizes.get(&file_id).copied().unwrap_or(0);
+                    remap = Some(Remap::new(file_id, size, self.repo.block_size(), old_maps));
+                }
+                let r = remap.as_mut().expect("set above");
+                for b in &read {
+                    let hash = b.offer.hash.as_slice().try_into().unwrap_or(ZERO);
+                    self.set_entry(r, b.offer.block, hash).await?;
                 }
                 self.add_blocks(read).await?;
+            }
+            if let Some(done) = remap.take() {
+                self.finish_map(done).await?;
             }
             Ok::<_, Error>(())
         }
@@ -308,13 +352,12 @@ impl<'a> Upload<'a> {
             .await
             .map_err(|e| Error::Remote(format!("reading blocks: {e}")))?;
         result?;
+        // Files whose size or path changed without a block to ship.
         for (file_id, size) in files {
-            let nblocks = size.div_ceil(bs);
-            let set = entries.remove(&file_id).unwrap_or_default();
-            let map = self
-                .remap(file_id, size, nblocks, set, old_maps.get(&file_id))
-                .await?;
-            self.maps.insert(file_id, map);
+            if !self.maps.contains_key(&file_id) {
+                let r = Remap::new(file_id, size, self.repo.block_size(), old_maps);
+                self.finish_map(r).await?;
+            }
         }
         Ok(())
     }
@@ -434,52 +477,56 @@ impl<'a> Upload<'a> {
         Ok(chunk)
     }
 
-    /// The map of file `id` (`size` bytes, `nblocks` blocks) after this
-    /// point: its old map cut to the new size, with the point's blocks
-    /// `set`, only touched chunks rewritten.
-    async fn remap(
-        &mut self,
-        id: u64,
-        size: u64,
-        nblocks: u64,
-        set: Vec<(u64, [u8; 16])>,
-        old: Option<&FileMap>,
-    ) -> Result<FileMap> {
-        let nchunks = nblocks.div_ceil(MAP_CHUNK_BLOCKS) as usize;
-        let mut chunks: Vec<Vec<u8>> = old.map(|m| m.chunks.clone()).unwrap_or_default();
-        chunks.resize(nchunks, Vec::new());
-        let mut touched: HashMap<usize, Vec<(u64, [u8; 16])>> = HashMap::new();
-        for (block, hash) in set {
-            touched
-                .entry((block / MAP_CHUNK_BLOCKS) as usize)
-                .or_default()
-                .push((block, hash));
+    /// Sets block `block` of the file `r` maps to `hash`, first making
+    /// the chunk it falls in the open one (storing the one before).
+    async fn set_entry(&mut self, r: &mut Remap, block: u64, hash: [u8; 16]) -> Result<()> {
+        let idx = (block / MAP_CHUNK_BLOCKS) as usize;
+        if idx >= r.chunks.len() {
+            return Ok(());
         }
-        // A shrink leaves stale entries past the end in the last chunk.
-        let shrank = old.is_some_and(|m| m.size > size);
-        if shrank && nchunks > 0 {
-            touched.entry(nchunks - 1).or_default();
-        }
-        let mut touched: Vec<_> = touched.into_iter().filter(|(i, _)| *i < nchunks).collect();
-        touched.sort_by_key(|(i, _)| *i);
-        for (i, blocks) in touched {
-            let mut hashes = match hash_of(&chunks[i]) {
+        if r.open.as_ref().is_none_or(|(i, _)| *i != idx) {
+            self.close_chunk(r).await?;
+            let hashes = match hash_of(&r.chunks[idx]) {
                 Some(h) => self.map_chunk(h).await?.as_ref().clone(),
                 None => vec![ZERO; MAP_CHUNK_BLOCKS as usize],
             };
-            let first = i as u64 * MAP_CHUNK_BLOCKS;
-            for (block, hash) in blocks {
-                hashes[(block - first) as usize] = hash;
-            }
-            let end = nblocks.saturating_sub(first).min(MAP_CHUNK_BLOCKS) as usize;
-            hashes[end..].fill(ZERO);
-            chunks[i] = self.store_map(hashes).await?;
+            r.open = Some((idx, hashes));
         }
-        Ok(FileMap {
-            file_id: id,
-            size,
-            chunks,
-        })
+        let (_, hashes) = r.open.as_mut().expect("opened above");
+        hashes[(block % MAP_CHUNK_BLOCKS) as usize] = hash;
+        Ok(())
+    }
+
+    /// Stores the open chunk of `r`, cut at the file's end.
+    async fn close_chunk(&mut self, r: &mut Remap) -> Result<()> {
+        let Some((idx, mut hashes)) = r.open.take() else {
+            return Ok(());
+        };
+        let end = r.nblocks.saturating_sub(idx as u64 * MAP_CHUNK_BLOCKS);
+        hashes[end.min(MAP_CHUNK_BLOCKS) as usize..].fill(ZERO);
+        r.chunks[idx] = self.store_map(hashes).await?;
+        r.closed_last |= idx + 1 == r.chunks.len();
+        Ok(())
+    }
+
+    /// Finishes the map of `r`: its open chunk stored, and after a shrink
+    /// its last chunk cut at the new end (entries past it are stale).
+    async fn finish_map(&mut self, mut r: Remap) -> Result<()> {
+        self.close_chunk(&mut r).await?;
+        if r.shrank && !r.closed_last && !r.chunks.is_empty() {
+            let last = r.chunks.len() - 1;
+            if let Some(h) = hash_of(&r.chunks[last]) {
+                r.open = Some((last, self.map_chunk(h).await?.as_ref().clone()));
+                self.close_chunk(&mut r).await?;
+            }
+        }
+        let map = FileMap {
+            file_id: r.file_id,
+            size: r.size,
+            chunks: r.chunks,
+        };
+        self.maps.insert(r.file_id, map);
+        Ok(())
     }
 
     /// Stores a map chunk as a blob (unless some pack holds it); returns
