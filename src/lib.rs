@@ -30,6 +30,7 @@
 //! - [`points`]: recovery points: undo records saved before an apply overwrites, the catalog, retention and thinning, lazy point views, rollback.
 //!
 //! Shared by both wings:
+//! - [`object`]: the object-store repository: a point's namespace replayed in memory (more to come).
 //! - [`fs`]: the FUSE passthrough of every operation images need; tells a `ChangeRecorder` what changed and marks a `TrackedBlocks` before each write.
 //! - [`tls`]: the channel's TLS, with certificates from an authority derived from the pair key.
 //! - [`auth`]: the pre-shared key and the per-request tokens peers authenticate with.
@@ -54,6 +55,7 @@ pub mod fs;
 pub mod ids;
 pub mod journal;
 pub mod mirror;
+pub mod object;
 pub mod points;
 pub mod qcow2;
 pub mod roles;

@@ -28,6 +28,7 @@ const MAP: &[(&str, u32, Wing)] = &[
     ("mirror", 60, Wing::Secondary),
     ("replica", 50, Wing::Secondary),
     ("points", 40, Wing::Secondary),
+    ("object", 45, Wing::Shared),
     ("fs", 20, Wing::Shared),
     ("tls", 16, Wing::Shared),
     ("auth", 15, Wing::Shared),
