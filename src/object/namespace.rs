@@ -709,12 +709,62 @@ fn through_symlink(path: &[u8]) -> Error {
     conflict(path, "a path through a symlink")
 }
 
+/// Random namespace operations for property tests, here and in the
+/// secondary's differential test (`replica::object_namespace_tests`).
+#[cfg(test)]
+pub(crate) mod arbitrary {
+    use proptest::prelude::*;
+
+    use crate::proto::replication::{NamespaceOp, OpKind};
+
+    /// Paths close enough to collide: prefixes, `a-x` between `a` and
+    /// `a/b`, and depth.
+    pub const PATHS: &[&str] = &[
+        "a", "b", "a-x", "a/b", "a/c", "b/a", "a/b/c", "a.b", "b/a/a",
+    ];
+
+    /// One operation of any kind on [`PATHS`] (creates and renames twice
+    /// as often), with a rename, truncate or mknod argument.
+    pub fn any_op() -> impl Strategy<Value = NamespaceOp> {
+        let kind = prop::sample::select(vec![
+            OpKind::Create,
+            OpKind::Create,
+            OpKind::Rename,
+            OpKind::Rename,
+            OpKind::Unlink,
+            OpKind::Mkdir,
+            OpKind::Rmdir,
+            OpKind::Truncate,
+            OpKind::Symlink,
+            OpKind::Link,
+            OpKind::Mknod,
+        ]);
+        let path = prop::sample::select(PATHS.to_vec());
+        let arg = prop_oneof![
+            Just(0u64),
+            Just(u64::from(libc::RENAME_EXCHANGE)),
+            Just(u64::from(libc::S_IFIFO | 0o644)),
+            0u64..9000,
+        ];
+        (kind, path.clone(), path, 1u64..6, arg).prop_map(|(kind, p, t, file_id, arg)| {
+            NamespaceOp {
+                kind: kind as i32,
+                file_id,
+                path: p.into(),
+                target: t.into(),
+                arg,
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use proptest::prelude::*;
 
+    use super::arbitrary::any_op;
     use super::*;
     use crate::mirror::tree::{self, Tree};
 
@@ -1107,35 +1157,6 @@ mod tests {
         let ns = Namespace::from_entries(root, fine, "m").unwrap();
         assert_eq!(ns.files().collect::<Vec<_>>(), [(3, 0)]);
         check(&ns);
-    }
-
-    /// Paths close enough to collide: prefixes, `a-x` between `a` and
-    /// `a/b`, and depth.
-    const PATHS: &[&str] = &[
-        "a", "b", "a-x", "a/b", "a/c", "b/a", "a/b/c", "a.b", "b/a/a",
-    ];
-
-    fn any_op() -> impl Strategy<Value = NamespaceOp> {
-        let kinds = prop::sample::select(vec![
-            OpKind::Create,
-            OpKind::Rename,
-            OpKind::Unlink,
-            OpKind::Mkdir,
-            OpKind::Rmdir,
-            OpKind::Truncate,
-            OpKind::Symlink,
-            OpKind::Link,
-            OpKind::Mknod,
-        ]);
-        let path = prop::sample::select(PATHS.to_vec());
-        let arg = prop_oneof![
-            Just(0u64),
-            Just(u64::from(libc::RENAME_EXCHANGE)),
-            Just(u64::from(libc::S_IFIFO | 0o644)),
-            0u64..5000,
-        ];
-        (kinds, path.clone(), path, 1u64..6, arg)
-            .prop_map(|(k, p, t, id, arg)| op(k, p, t, id, arg))
     }
 
     fn any_step() -> impl Strategy<Value = (u8, NamespaceOp)> {
