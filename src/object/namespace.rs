@@ -708,3 +708,482 @@ impl Namespace {
 fn through_symlink(path: &[u8]) -> Error {
     conflict(path, "a path through a symlink")
 }
+
+/// Random namespace operations for property tests, here and in the
+/// secondary's differential test (`replica::object_namespace_tests`).
+#[cfg(test)]
+pub(crate) mod arbitrary {
+    use proptest::prelude::*;
+
+    use crate::proto::replication::{NamespaceOp, OpKind};
+
+    /// Paths close enough to collide: prefixes, `a-x` between `a` and
+    /// `a/b`, and depth.
+    pub const PATHS: &[&str] = &[
+        "a", "b", "a-x", "a/b", "a/c", "b/a", "a/b/c", "a.b", "b/a/a",
+    ];
+
+    /// One operation of any kind on [`PATHS`] (creates and renames twice
+    /// as often), with a rename, truncate or mknod argument.
+    pub fn any_op() -> impl Strategy<Value = NamespaceOp> {
+        let kind = prop::sample::select(vec![
+            OpKind::Create,
+            OpKind::Create,
+            OpKind::Rename,
+            OpKind::Rename,
+            OpKind::Unlink,
+            OpKind::Mkdir,
+            OpKind::Rmdir,
+            OpKind::Truncate,
+            OpKind::Symlink,
+            OpKind::Link,
+            OpKind::Mknod,
+        ]);
+        let path = prop::sample::select(PATHS.to_vec());
+        let arg = prop_oneof![
+            Just(0u64),
+            Just(u64::from(libc::RENAME_EXCHANGE)),
+            Just(u64::from(libc::S_IFIFO | 0o644)),
+            0u64..9000,
+        ];
+        (kind, path.clone(), path, 1u64..6, arg).prop_map(|(kind, p, t, file_id, arg)| {
+            NamespaceOp {
+                kind: kind as i32,
+                file_id,
+                path: p.into(),
+                target: t.into(),
+                arg,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::arbitrary::any_op;
+    use super::*;
+    use crate::mirror::tree::{self, Tree};
+
+    fn op(kind: OpKind, path: &str, target: &str, file_id: u64, arg: u64) -> NamespaceOp {
+        NamespaceOp {
+            kind: kind as i32,
+            file_id,
+            path: path.into(),
+            target: target.into(),
+            arg,
+        }
+    }
+
+    fn apply(ns: &mut Namespace, kind: OpKind, path: &str, target: &str) -> Result<()> {
+        let id = path.len() as u64;
+        ns.apply_op(&op(kind, path, target, id, 0))
+    }
+
+    fn refused(ns: &mut Namespace, kind: OpKind, path: &str, target: &str) {
+        let done = apply(ns, kind, path, target);
+        assert!(done.is_err(), "{kind:?} {path:?} {target:?} was applied");
+    }
+
+    fn create(ns: &mut Namespace, path: &str, id: u64) {
+        ns.apply_op(&op(OpKind::Create, path, "", id, 0)).unwrap();
+    }
+
+    /// Every path and its type bits, in the order listed.
+    fn listing(ns: &Namespace) -> Vec<(String, u32)> {
+        let (_, entries) = ns.clone().into_parts();
+        let name = |e: &Entry| String::from_utf8_lossy(&e.path).into_owned();
+        entries.iter().map(|e| (name(e), e.mode & S_IFMT)).collect()
+    }
+
+    fn paths(ns: &Namespace) -> Vec<String> {
+        listing(ns).into_iter().map(|(p, _)| p).collect()
+    }
+
+    fn entry_at(ns: &Namespace, path: &str) -> Option<Entry> {
+        let (_, entries) = ns.clone().into_parts();
+        entries.into_iter().find(|e| e.path == path.as_bytes())
+    }
+
+    /// What a manifest of `ns` must satisfy: `Tree::build` takes it, each
+    /// entry's folder comes before it, file ids are regular files' inos
+    /// and no other node shares one, and it reads back as `ns`.
+    fn check(ns: &Namespace) {
+        let (root, entries) = ns.clone().into_parts();
+        let node = tree::Node {
+            mode: root.mode,
+            uid: root.uid,
+            gid: root.gid,
+            size: 0,
+            mtime_ns: root.mtime_ns,
+            rdev: 0,
+            nlink: 2,
+            replica_ino: root.ino,
+            target: Vec::new(),
+            children: BTreeMap::new(),
+        };
+        Tree::build(&entries, node, Path::new("test")).unwrap();
+        let mut seen = HashSet::new();
+        let mut inos = HashMap::new();
+        for e in &entries {
+            if let Some(at) = e.path.iter().rposition(|&b| b == b'/') {
+                assert!(
+                    seen.contains(&e.path[..at]),
+                    "{:?} before its folder",
+                    e.path
+                );
+            }
+            seen.insert(&e.path[..]);
+            let file = e.mode & S_IFMT == libc::S_IFREG;
+            if let Some(other) = inos.insert(e.ino, file) {
+                assert!(other && file, "ino {} shared by a non-file", e.ino);
+            }
+        }
+        let files: HashMap<u64, u64> = ns.files().collect();
+        let listed: HashMap<u64, u64> = entries
+            .iter()
+            .filter(|e| e.mode & S_IFMT == libc::S_IFREG)
+            .map(|e| (e.ino, e.size))
+            .collect();
+        assert_eq!(files, listed);
+        let back = Namespace::from_entries(root, entries, "test").unwrap();
+        assert_eq!(&back, ns);
+    }
+
+    #[test]
+    fn create_mkdir_and_truncate_make_private_placeholders() {
+        let mut ns = Namespace::empty();
+        create(&mut ns, "d/e/f", 7);
+        apply(&mut ns, OpKind::Mkdir, "m/n", "").unwrap();
+        ns.apply_op(&op(OpKind::Truncate, "d/e/f", "", 0, 4096))
+            .unwrap();
+        ns.apply_op(&op(OpKind::Truncate, "gone", "", 0, 1))
+            .unwrap();
+        // A create of a name that is there keeps what is there.
+        create(&mut ns, "d/e/f", 9);
+        let dir = libc::S_IFDIR;
+        assert_eq!(
+            listing(&ns),
+            [
+                ("d".into(), dir),
+                ("d/e".into(), dir),
+                ("d/e/f".into(), libc::S_IFREG),
+                ("m".into(), dir),
+                ("m/n".into(), dir)
+            ]
+        );
+        let f = entry_at(&ns, "d/e/f").unwrap();
+        assert_eq!((f.ino, f.size, f.mode, f.uid), (7, 4096, 0o100600, 0));
+        assert_eq!(entry_at(&ns, "m").unwrap().mode, 0o40700);
+        assert_eq!(ns.files().collect::<Vec<_>>(), [(7, 4096)]);
+        // A file on the way is no folder; truncating a folder fails.
+        refused(&mut ns, OpKind::Mkdir, "d/e/f/g", "");
+        refused(&mut ns, OpKind::Mkdir, "d/e/f", "");
+        refused(&mut ns, OpKind::Truncate, "d", "");
+        check(&ns);
+    }
+
+    #[test]
+    fn unlink_and_rmdir_remove_only_what_the_secondary_would() {
+        let mut ns = Namespace::empty();
+        create(&mut ns, "d/f", 1);
+        apply(&mut ns, OpKind::Mkdir, "e", "").unwrap();
+        refused(&mut ns, OpKind::Rmdir, "d", "");
+        refused(&mut ns, OpKind::Unlink, "d", "");
+        refused(&mut ns, OpKind::Rmdir, "d/f", "");
+        apply(&mut ns, OpKind::Unlink, "d/f", "").unwrap();
+        apply(&mut ns, OpKind::Unlink, "d/f", "").unwrap();
+        apply(&mut ns, OpKind::Rmdir, "d", "").unwrap();
+        apply(&mut ns, OpKind::Rmdir, "d", "").unwrap();
+        // A file on the way: nothing there.
+        create(&mut ns, "g", 2);
+        apply(&mut ns, OpKind::Unlink, "g/x", "").unwrap();
+        assert_eq!(paths(&ns), ["e", "g"]);
+        assert_eq!(ns.files().collect::<Vec<_>>(), [(2, 0)]);
+        check(&ns);
+    }
+
+    #[test]
+    fn a_folder_moves_with_everything_below_it_and_nothing_beside_it() {
+        let mut ns = Namespace::empty();
+        create(&mut ns, "a/b/f", 1);
+        create(&mut ns, "a/g", 2);
+        create(&mut ns, "a-x", 3);
+        create(&mut ns, "a.y/h", 4);
+        apply(&mut ns, OpKind::Rename, "a", "n/m").unwrap();
+        assert_eq!(
+            paths(&ns),
+            [
+                "a-x", "a.y", "a.y/h", "n", "n/m", "n/m/b", "n/m/b/f", "n/m/g"
+            ]
+        );
+        assert_eq!(entry_at(&ns, "n/m/b/f").unwrap().ino, 1);
+        check(&ns);
+        // Missing source, same path: no-ops.
+        apply(&mut ns, OpKind::Rename, "a", "z").unwrap();
+        apply(&mut ns, OpKind::Rename, "n", "n").unwrap();
+        // Below itself, onto a folder that is not empty, across types.
+        refused(&mut ns, OpKind::Rename, "n", "n/m/q");
+        refused(&mut ns, OpKind::Rename, "n/m", "n");
+        apply(&mut ns, OpKind::Mkdir, "e/s", "").unwrap();
+        refused(&mut ns, OpKind::Rename, "n", "e");
+        refused(&mut ns, OpKind::Rename, "a-x", "e");
+        refused(&mut ns, OpKind::Rename, "n", "a-x");
+        // Onto an empty folder, and a file onto a file (replaced).
+        apply(&mut ns, OpKind::Rename, "n", "e/s").unwrap();
+        apply(&mut ns, OpKind::Rename, "a-x", "e/s/m/g").unwrap();
+        assert_eq!(
+            paths(&ns),
+            [
+                "a.y",
+                "a.y/h",
+                "e",
+                "e/s",
+                "e/s/m",
+                "e/s/m/b",
+                "e/s/m/b/f",
+                "e/s/m/g"
+            ]
+        );
+        assert_eq!(entry_at(&ns, "e/s/m/g").unwrap().ino, 3);
+        let mut ids: Vec<u64> = ns.files().map(|(id, _)| id).collect();
+        ids.sort();
+        assert_eq!(ids, [1, 3, 4]);
+        check(&ns);
+    }
+
+    #[test]
+    fn an_exchange_swaps_two_subtrees() {
+        let mut ns = Namespace::empty();
+        create(&mut ns, "a/f", 1);
+        create(&mut ns, "b/x/f", 2);
+        ns.apply_op(&op(OpKind::Link, "a/f", "b/x/g", 0, 0))
+            .unwrap();
+        let exchange = u64::from(libc::RENAME_EXCHANGE);
+        ns.apply_op(&op(OpKind::Rename, "a", "b", 0, exchange))
+            .unwrap();
+        assert_eq!(paths(&ns), ["a", "a/x", "a/x/f", "a/x/g", "b", "b/f"]);
+        assert_eq!(entry_at(&ns, "a/x/g").unwrap().ino, 1);
+        assert_eq!(entry_at(&ns, "b/f").unwrap().ino, 1);
+        check(&ns);
+        let missing = op(OpKind::Rename, "a", "c", 0, exchange);
+        assert!(ns.apply_op(&missing).is_err());
+    }
+
+    #[test]
+    fn a_file_keeps_its_content_under_its_second_name() {
+        let mut ns = Namespace::empty();
+        create(&mut ns, "f", 5);
+        ns.set_file(&FileState {
+            file_id: 5,
+            path: b"f".to_vec(),
+            size: 100,
+        })
+        .unwrap();
+        apply(&mut ns, OpKind::Link, "f", "d/g").unwrap();
+        // A name that is there, or a missing source: nothing changes.
+        create(&mut ns, "h", 6);
+        apply(&mut ns, OpKind::Link, "f", "h").unwrap();
+        apply(&mut ns, OpKind::Link, "nothing", "i").unwrap();
+        let meta = PathMeta {
+            path: b"d/g".to_vec(),
+            mode: libc::S_IFREG | 0o640,
+            uid: 7,
+            ..PathMeta::default()
+        };
+        ns.set_meta(&meta).unwrap();
+        assert_eq!(entry_at(&ns, "f").unwrap().mode, libc::S_IFREG | 0o640);
+        check(&ns);
+        apply(&mut ns, OpKind::Unlink, "f", "").unwrap();
+        let g = entry_at(&ns, "d/g").unwrap();
+        assert_eq!((g.ino, g.size, g.uid), (5, 100, 7));
+        apply(&mut ns, OpKind::Unlink, "d/g", "").unwrap();
+        assert_eq!(ns.files().collect::<Vec<_>>(), [(6, 0)]);
+        apply(&mut ns, OpKind::Mkdir, "k", "").unwrap();
+        refused(&mut ns, OpKind::Link, "k", "l");
+        check(&ns);
+    }
+
+    #[test]
+    fn symlinks_replace_symlinks_only() {
+        let mut ns = Namespace::empty();
+        apply(&mut ns, OpKind::Symlink, "l", "/etc/one").unwrap();
+        apply(&mut ns, OpKind::Symlink, "l", "two").unwrap();
+        let l = entry_at(&ns, "l").unwrap();
+        assert_eq!((l.mode, l.size, &l.target[..]), (0o120777, 3, &b"two"[..]));
+        create(&mut ns, "f", 1);
+        refused(&mut ns, OpKind::Symlink, "f", "x");
+        refused(&mut ns, OpKind::Symlink, "m", "");
+        // A symlink on the way is refused, to walk or to make below.
+        refused(&mut ns, OpKind::Unlink, "l/x", "");
+        refused(&mut ns, OpKind::Mkdir, "l/x", "");
+        check(&ns);
+    }
+
+    #[test]
+    fn mknod_makes_fifos_and_device_nodes_and_keeps_one_of_its_type() {
+        let mut ns = Namespace::empty();
+        let null = u64::from(libc::S_IFCHR | 0o666) | libc::makedev(1, 3) << 32;
+        ns.apply_op(&op(OpKind::Mknod, "dev/null", "", 0, null))
+            .unwrap();
+        let fifo = u64::from(libc::S_IFIFO | 0o644);
+        ns.apply_op(&op(OpKind::Mknod, "p", "", 0, fifo)).unwrap();
+        ns.apply_op(&op(OpKind::Mknod, "p", "", 0, fifo)).unwrap();
+        let n = entry_at(&ns, "dev/null").unwrap();
+        assert_eq!(
+            (n.mode, n.rdev),
+            (libc::S_IFCHR | 0o600, libc::makedev(1, 3))
+        );
+        assert_eq!(entry_at(&ns, "p").unwrap().mode, libc::S_IFIFO | 0o600);
+        assert!(ns.apply_op(&op(OpKind::Mknod, "p", "", 0, null)).is_err());
+        let file = u64::from(libc::S_IFREG | 0o644);
+        assert!(ns.apply_op(&op(OpKind::Mknod, "q", "", 0, file)).is_err());
+        assert!(
+            ns.apply_op(&op(OpKind::Unspecified, "q", "", 0, 0))
+                .is_err()
+        );
+        assert!(
+            ns.apply_op(&NamespaceOp {
+                kind: 99,
+                ..op(OpKind::Create, "q", "", 1, 0)
+            })
+            .is_err()
+        );
+        check(&ns);
+    }
+
+    #[test]
+    fn file_states_make_files_and_take_over_the_file_at_their_path() {
+        let mut ns = Namespace::empty();
+        let state = |id, path: &str, size| FileState {
+            file_id: id,
+            path: path.into(),
+            size,
+        };
+        ns.set_file(&state(1, "vm/disk.img", 1 << 30)).unwrap();
+        create(&mut ns, "old", 9);
+        apply(&mut ns, OpKind::Link, "old", "old2").unwrap();
+        ns.set_file(&state(2, "old", 10)).unwrap();
+        let mut files: Vec<_> = ns.files().collect();
+        files.sort();
+        assert_eq!(files, [(1, 1 << 30), (2, 10)]);
+        assert_eq!(entry_at(&ns, "old2").unwrap().ino, 2);
+        assert_eq!(entry_at(&ns, "vm").unwrap().mode, 0o40700);
+        check(&ns);
+        assert!(ns.set_file(&state(3, "vm", 1)).is_err());
+        assert!(ns.set_file(&state(3, "old/x", 1)).is_err());
+        assert!(ns.set_file(&state(3, "/abs", 1)).is_err());
+    }
+
+    #[test]
+    fn metadata_lands_on_the_same_type_only_and_the_root_takes_it() {
+        let mut ns = Namespace::empty();
+        create(&mut ns, "d/f", 1);
+        apply(&mut ns, OpKind::Symlink, "l", "d").unwrap();
+        let meta = |path: &str, mode: u32| PathMeta {
+            path: path.into(),
+            mode,
+            uid: 1000,
+            gid: 100,
+            mtime_sec: 5,
+            mtime_nsec: 7,
+            ..PathMeta::default()
+        };
+        ns.set_meta(&meta("", libc::S_IFDIR | 0o755)).unwrap();
+        ns.set_meta(&meta("d", libc::S_IFDIR | 0o750)).unwrap();
+        ns.set_meta(&meta("d/f", libc::S_IFDIR | 0o777)).unwrap();
+        ns.set_meta(&meta("l", libc::S_IFLNK | 0o700)).unwrap();
+        ns.set_meta(&meta("gone/x", libc::S_IFREG | 0o700)).unwrap();
+        let mut late = meta("d", libc::S_IFDIR);
+        late.atime_nsec = 1_000_000_000;
+        assert!(ns.set_meta(&late).is_err());
+        let (root, _) = ns.clone().into_parts();
+        assert_eq!(
+            (root.mode, root.uid, root.mtime_ns),
+            (0o40755, 1000, 5_000_000_007)
+        );
+        let d = entry_at(&ns, "d").unwrap();
+        assert_eq!((d.mode, d.gid), (0o40750, 100));
+        assert_eq!(entry_at(&ns, "d/f").unwrap().mode, 0o100600);
+        let l = entry_at(&ns, "l").unwrap();
+        assert_eq!((l.mode, l.uid, l.mtime_ns), (0o120777, 1000, 5_000_000_007));
+        check(&ns);
+    }
+
+    #[test]
+    fn damaged_manifests_are_refused_naming_the_entry() {
+        let root = Entry {
+            mode: libc::S_IFDIR | 0o755,
+            ..Entry::default()
+        };
+        let e = |path: &str, mode: u32, ino: u64| Entry {
+            path: path.into(),
+            mode,
+            ino,
+            ..Entry::default()
+        };
+        let (dir, file) = (libc::S_IFDIR | 0o755, libc::S_IFREG | 0o644);
+        let cases: Vec<(Vec<Entry>, &str)> = vec![
+            (vec![e("a/x", file, 1)], "before its folder"),
+            (vec![e("a", dir, 0), e("a", dir, 0)], "listed twice"),
+            (
+                vec![e("a", file, 1), e("a/x", file, 2)],
+                "below a non-folder",
+            ),
+            (vec![e("", dir, 0)], "empty path"),
+            (vec![e(".", dir, 0)], "component"),
+            (vec![e("a", dir, 0), e("a/..", dir, 0)], "component"),
+            (vec![e("/a", dir, 0)], "component"),
+            (vec![e("a", dir, 0), e("a//b", dir, 0)], "component"),
+            (vec![e("a/", dir, 0)], "component"),
+            (vec![e(".hbrfs", dir, 0)], "state folder"),
+            (vec![e("a", 0o644, 0)], "unknown type"),
+        ];
+        for (entries, why) in cases {
+            let err = Namespace::from_entries(root.clone(), entries.clone(), "points/s/1");
+            let err = err.expect_err(why).to_string();
+            assert!(err.starts_with("points/s/1: entry"), "{err}");
+            assert!(err.contains(why), "{entries:?}: {err}");
+        }
+        let not_dir = Entry {
+            mode: libc::S_IFREG,
+            ..root.clone()
+        };
+        assert!(Namespace::from_entries(not_dir, Vec::new(), "m").is_err());
+        let fine = vec![e("a", dir, 0), e("a-x", file, 3), e("a/b", file, 3)];
+        let ns = Namespace::from_entries(root, fine, "m").unwrap();
+        assert_eq!(ns.files().collect::<Vec<_>>(), [(3, 0)]);
+        check(&ns);
+    }
+
+    fn any_step() -> impl Strategy<Value = (u8, NamespaceOp)> {
+        (0u8..4, any_op())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn any_sequence_lists_a_tree_that_reads_back(steps in prop::collection::vec(any_step(), 1..40)) {
+            let mut ns = Namespace::empty();
+            for (what, op) in steps {
+                // Errors leave a namespace the caller drops; it must still
+                // be whole, so the sequence goes on with it.
+                let _ = match what {
+                    0 => ns.set_file(&FileState { file_id: op.file_id, path: op.path, size: op.arg }),
+                    1 => ns.set_meta(&PathMeta {
+                        path: op.path,
+                        mode: op.arg as u32 | libc::S_IFDIR,
+                        uid: 3,
+                        ..PathMeta::default()
+                    }),
+                    _ => ns.apply_op(&op),
+                };
+                check(&ns);
+            }
+        }
+    }
+}
