@@ -9,6 +9,7 @@ mod export;
 mod harness;
 mod health;
 mod metadata;
+mod object_gc;
 mod object_publish;
 mod object_storage;
 mod passthrough;

@@ -67,7 +67,7 @@ pub(crate) fn wait_published(m: &Mount, timeout: Duration) -> Value {
 }
 
 /// A current-thread runtime for one test's S3 reads.
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -75,7 +75,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Every key under `prefix` in `bucket`, with its size.
-fn objects(server: &S3Server, bucket: &str, prefix: &str) -> Vec<(String, u64)> {
+pub(crate) fn objects(server: &S3Server, bucket: &str, prefix: &str) -> Vec<(String, u64)> {
     let store = server.store(bucket);
     runtime().block_on(async {
         let prefix = ObjectPath::from(prefix);
