@@ -59,9 +59,17 @@ fn open_repo(server: &S3Server, bucket: &str, prefix: &str) -> Repo {
         .expect("a valid s3 url");
     let store: Arc<dyn ObjectStore> = server.store(bucket);
     runtime().block_on(async {
-        let config = store_io::load_or_create_config(&store, &url, None)
-            .await
-            .expect("the repository's config");
+        // The primary makes the repository as it starts.
+        let deadline = std::time::Instant::now() + PUBLISH_TIMEOUT;
+        let config = loop {
+            match store_io::load_or_create_config(&store, &url, None).await {
+                Ok(config) => break config,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("no repository at {url}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
         let key = hbrfs::block::HashKey::from_bytes(&config.hash_key).expect("a hash key");
         Repo {
             store,
