@@ -144,17 +144,25 @@ fn write_point(m: &Mount, repo: &Repo, data: &[u8]) -> u64 {
     *points(repo).1.last().expect("a point")
 }
 
+/// A fresh server with `bucket`, a primary publishing to
+/// `s3://BUCKET/repo` and the repository as the library opens it.
+fn setup(bucket: &str) -> (S3Server, String, Mount, Repo) {
+    let server = S3Server::start();
+    server.create_bucket(bucket);
+    let url = format!("s3://{bucket}/repo");
+    let m = s3_mount(&server, &url, &server.env(), &[]);
+    let repo = open_repo(&server, bucket, "repo");
+    (server, url, m, repo)
+}
+
 /// GC, run every 300 ms with a 1 s grace period and a grid keeping one
 /// point per 2 s, while a primary publishes a point after each change:
 /// every GC succeeds, packs are deleted, and every point left reads back
 /// exactly as it was written.
 #[test]
 fn gc_during_uploads_loses_nothing() {
-    let server = S3Server::start();
-    server.create_bucket("gcrun");
-    let url = "s3://gcrun/repo";
-    let m = s3_mount(&server, url, &server.env(), &[]);
-    let repo = open_repo(&server, "gcrun", "repo");
+    let (server, url, m, repo) = setup("gcrun");
+    let url = url.as_str();
     let cache = temp_dir();
     let cache_dir = cache.path().to_str().expect("utf-8").to_string();
     let stop = Arc::new(AtomicBool::new(false));
@@ -265,11 +273,8 @@ fn has_lease(repo: &Repo) -> bool {
 /// together, each either runs or is refused by the lease.
 #[test]
 fn a_second_gc_is_refused_while_the_lease_is_held() {
-    let server = S3Server::start();
-    server.create_bucket("gclease");
-    let url = "s3://gclease/repo";
-    let mut m = s3_mount(&server, url, &server.env(), &[]);
-    let repo = open_repo(&server, "gclease", "repo");
+    let (server, url, mut m, repo) = setup("gclease");
+    let url = url.as_str();
     write_point(&m, &repo, &pattern(IMAGE_BYTES, 3));
     m.stop();
 
@@ -314,11 +319,8 @@ fn a_second_gc_is_refused_while_the_lease_is_held() {
 /// `none` keeps only the newest point.
 #[test]
 fn dry_run_changes_nothing_and_retention_keeps_the_newest() {
-    let server = S3Server::start();
-    server.create_bucket("gcdry");
-    let url = "s3://gcdry/repo";
-    let mut m = s3_mount(&server, url, &server.env(), &[]);
-    let repo = open_repo(&server, "gcdry", "repo");
+    let (server, url, mut m, repo) = setup("gcdry");
+    let url = url.as_str();
     let mut last = Vec::new();
     for round in 0..4 {
         last = pattern(IMAGE_BYTES, 50 + round);
