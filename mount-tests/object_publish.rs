@@ -318,3 +318,44 @@ fn wrong_credentials_or_a_missing_bucket_is_a_clear_error_and_nothing_is_lost() 
     );
     drop(m);
 }
+
+/// `mount --keep` with an object store: after each publish the points the
+/// grid lets go are deleted, never the newest, and the newest restores.
+#[test]
+fn mount_keep_drops_the_points_outside_the_grid_after_each_publish() {
+    let server = S3Server::start();
+    server.create_bucket("keep");
+    let url = "s3://keep/repo";
+    let m = s3_mount(&server, url, &server.env(), &["--keep", "1s:3s"]);
+    let mut last = Vec::new();
+    for round in 0..16u64 {
+        last = pattern(256 << 10, 100 + round);
+        write_image(&m, "disk.raw", &last);
+        wait_published(&m, PUBLISH_TIMEOUT);
+        sleep(Duration::from_millis(400));
+    }
+    let s = primary_status(&m);
+    let published = json_u64(&s["replication"]["epochs_shipped"]);
+    let kept = manifests(&server, "keep", "repo");
+    eprintln!(
+        "{published} points published, {} kept: {kept:?}",
+        kept.len()
+    );
+    assert!(published >= 16, "every round published a point: {s:#}");
+    assert!(
+        !kept.is_empty() && kept.len() <= 6,
+        "a 1s:3s grid keeps about 4 of {published} points, kept {}",
+        kept.len()
+    );
+    let newest = format!("{:020}", published);
+    assert!(
+        kept.last().is_some_and(|k| k.ends_with(&newest)),
+        "the newest point ({newest}) stays: {kept:?}"
+    );
+    let out = crate::harness::temp_dir();
+    restore(&server, url, "latest", &out.path().join("r"));
+    assert!(
+        std::fs::read(out.path().join("r/disk.raw")).expect("restored") == last,
+        "the newest point restores the last write"
+    );
+}

@@ -42,14 +42,14 @@ use crate::object::cache::{self, Cache, segment_name};
 use crate::object::manifest::{self, decode_map, encode_map, hash_of};
 use crate::object::namespace::Namespace;
 use crate::object::pack::{FinishedPack, PackBuilder};
-use crate::object::{MAP_CHUNK_BLOCKS, Repo, S3Options, S3Url, pack_rel, s3};
+use crate::object::{MAP_CHUNK_BLOCKS, Repo, S3Options, S3Url, pack_rel, retention, s3};
 use crate::proto::object::{BlobKind, FileMap, PointManifest};
 use crate::state::now_ns;
 
-use super::Replicator;
 use super::client::blocking;
 use super::point::Point;
 use super::ship::{ReadBlock, Work, list_blocks, manifest_chunks, pack_blocks, read_and_hash};
+use super::{Replicator, Target};
 
 /// Packs uploading at once: enough to keep a link busy while the next
 /// pack fills, few enough that the primary holds at most this many
@@ -261,6 +261,20 @@ impl Replicator {
             m.new_bytes
         );
         link.latest = Some(m);
+        if let Target::Object {
+            keep: Some(keep), ..
+        } = &self.opts.target
+        {
+            // The point is published whatever happens here: a failure only
+            // leaves older points for the next publish (or `gc --keep`).
+            if let Err(e) = retention::apply(&link.repo, &link.series, keep).await {
+                log::warn!(
+                    "{}: retention failed, retried after the next point: {e}",
+                    link.repo.url
+                );
+                self.stats.fail(&e);
+            }
+        }
         Ok(())
     }
 }
