@@ -45,12 +45,16 @@
 //!   from pack footers when segments are lost.
 //! - [`manifest`]: series, point manifests and map chunks.
 //! - [`namespace`]: a point's namespace replayed from the primary's lists.
+//! - [`read`]: one point read lazily (`mount-point`, `test-failover`,
+//!   `restore` of an `s3://` point), through [`lru`], a cache bounded by bytes.
 
 pub mod cache;
 pub mod format;
+pub mod lru;
 pub mod manifest;
 pub mod namespace;
 pub mod pack;
+pub mod read;
 pub mod s3;
 
 use std::sync::Arc;
