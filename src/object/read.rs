@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -540,6 +541,86 @@ impl PointReader {
             reason: format!("{}: {reason}", self.name()),
         }
     }
+}
+
+/// Where a reading command finds its point: `s3://…` and what the
+/// command line adds.
+#[derive(Clone, Debug)]
+pub struct PointSource {
+    /// The repository.
+    pub url: super::S3Url,
+    /// `--s3-endpoint`.
+    pub opts: super::S3Options,
+    /// `--cache-dir`: the local index; default [`default_cache_dir`].
+    pub cache_dir: Option<PathBuf>,
+    /// `--datastore`: the series, needed when several share the repository.
+    pub datastore: Option<String>,
+    /// Bytes of blocks to keep in memory.
+    pub cache_bytes: u64,
+}
+
+/// `$XDG_CACHE_HOME/hbrfs/<repo-id>`, else `~/.cache/hbrfs/<repo-id>`:
+/// where a reader keeps the index of `repo` between runs.
+pub fn default_cache_dir(repo: &Repo) -> Result<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let base = match (var("XDG_CACHE_HOME"), var("HOME")) {
+        (Some(x), _) => PathBuf::from(x),
+        (None, Some(home)) => PathBuf::from(home).join(".cache"),
+        (None, None) => {
+            return Err(Error::Usage(
+                "neither XDG_CACHE_HOME nor HOME is set: name a cache folder with --cache-dir"
+                    .into(),
+            ));
+        }
+    };
+    Ok(base.join("hbrfs").join(repo.id_hex()))
+}
+
+/// The sequence number `spec` names in `series`: a number from `points
+/// ls`, or `latest`.
+pub async fn resolve_point(repo: &Repo, series: &str, spec: &str) -> Result<u64> {
+    let seqs = manifest::list_points(repo, series).await?;
+    let seq = match spec {
+        "latest" => seqs.last().copied(),
+        n => Some(n.parse::<u64>().map_err(|_| {
+            Error::Usage(format!(
+                "{spec:?}: a point is its number (SEQ in `hbrfs points ls {}`) or `latest`",
+                repo.url
+            ))
+        })?),
+    };
+    match seq {
+        Some(seq) if seqs.contains(&seq) => Ok(seq),
+        _ => Err(Error::Usage(format!(
+            "{} has no point {spec} of datastore {series} (it has {})",
+            repo.url,
+            match (seqs.first(), seqs.last()) {
+                (Some(a), Some(b)) => format!("points {a} to {b}"),
+                _ => "none".into(),
+            }
+        ))),
+    }
+}
+
+/// The repository of `src`, its local index, and the point `spec` of its
+/// series, opened; the index folder is made if missing.
+pub async fn open_point(src: &PointSource, spec: &str) -> Result<(PointReader, PathBuf)> {
+    let repo = Repo::open(&src.url, &src.opts, None).await?;
+    let dir = match &src.cache_dir {
+        Some(d) => d.clone(),
+        None => default_cache_dir(&repo)?,
+    };
+    let index = Cache::open(&dir, &repo).map_err(|e| {
+        Error::Usage(format!(
+            "{e} (is another hbrfs reading {} with this cache folder? Give this one its own \
+             with --cache-dir)",
+            repo.url
+        ))
+    })?;
+    let series = manifest::pick_series(&repo, src.datastore.as_deref()).await?;
+    let seq = resolve_point(&repo, &series, spec).await?;
+    let reader = PointReader::open(repo, Arc::new(index), &series, seq, src.cache_bytes).await?;
+    Ok((reader, dir))
 }
 
 /// `located` in runs of one pack each, by offset, a run spanning at most
