@@ -47,6 +47,7 @@
 //! - [`namespace`]: a point's namespace replayed from the primary's lists.
 //! - [`read`]: one point read lazily (`mount-point`, `test-failover`,
 //!   `restore` of an `s3://` point), through [`lru`], a cache bounded by bytes.
+//! - [`restore`]: one point written out whole into a folder.
 
 pub mod cache;
 pub mod format;
@@ -55,6 +56,7 @@ pub mod manifest;
 pub mod namespace;
 pub mod pack;
 pub mod read;
+pub mod restore;
 pub mod s3;
 
 use std::sync::Arc;
