@@ -31,6 +31,7 @@
 //!
 //! Shared by both wings:
 //! - [`fs`]: the FUSE passthrough of every operation images need; tells a `ChangeRecorder` what changed and marks a `TrackedBlocks` before each write.
+//! - [`object`]: the object-store repository (`s3://BUCKET/PREFIX`): packs, index segments, manifests, the local index; the primary publishes points there, the recovery commands read them.
 //! - [`tls`]: the channel's TLS, with certificates from an authority derived from the pair key.
 //! - [`auth`]: the pre-shared key and the per-request tokens peers authenticate with.
 //! - [`block`]: keyed xxh3-128 block hashes, zero detection, bounded zstd.

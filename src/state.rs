@@ -61,6 +61,11 @@ impl StatePaths {
     pub fn preimage(&self, id: u64) -> PathBuf {
         self.preimages().join(format!("{id}.pre"))
     }
+    /// The local index of the object repository `repo_id` (hex) this
+    /// datastore replicates to (`replicate::object`).
+    pub fn object_cache(&self, repo_id: &str) -> PathBuf {
+        self.dir.join("object").join(repo_id)
+    }
     /// The pair's hash key (made on first replication).
     pub fn pair_key(&self) -> PathBuf {
         self.dir.join("pair.key")

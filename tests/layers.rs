@@ -29,6 +29,7 @@ const MAP: &[(&str, u32, Wing)] = &[
     ("replica", 50, Wing::Secondary),
     ("points", 40, Wing::Secondary),
     ("fs", 20, Wing::Shared),
+    ("object", 18, Wing::Shared),
     ("tls", 16, Wing::Shared),
     ("auth", 15, Wing::Shared),
     ("throttle", 12, Wing::Shared),

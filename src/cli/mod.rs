@@ -24,8 +24,9 @@ use crate::daemon::{self, MountOptions, ServeOptions};
 use crate::datastore::{Access, Datastore};
 use crate::error::{Error, Result};
 use crate::ids::BlockSize;
+use crate::object::{S3Options, S3Url};
 use crate::points::Retention;
-use crate::replicate::ReplicateOptions;
+use crate::replicate::{ReplicateOptions, Target as ReplicaTarget};
 use crate::state::StatePaths;
 
 /// Host-based replication for virtual-disk images.
@@ -57,9 +58,9 @@ enum Command {
         /// Benchmarks only: pass through without tracking anything.
         #[arg(long, hide = true)]
         no_tracking: bool,
-        /// Replicate to the secondary at this address (e.g. 127.0.0.1:7070).
-        #[arg(long, value_name = "ADDR")]
-        replicate_to: Option<String>,
+        /// Where points go.
+        #[command(flatten)]
+        to: TargetArgs,
         /// Recovery point objective, a ceiling: a change is cut into a point
         /// as soon as the link is idle (a few ms after it), and at the
         /// latest this long after it; the replica is never older than this
@@ -76,9 +77,6 @@ enum Command {
         /// Cap on replication bandwidth in bytes per second (e.g. 50M).
         #[arg(long, value_parser = parse_bytes, value_name = "BYTES_PER_S")]
         max_rate: Option<u64>,
-        /// The secondary's pre-shared key (a copy of its REPLICA/.hbrfs/auth.key).
-        #[arg(long, value_name = "FILE")]
-        auth_key: Option<PathBuf>,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9470).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
@@ -409,18 +407,16 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             cut_every,
             no_tracking,
-            replicate_to,
+            to,
             rpo,
             coalesce,
             zstd_level,
             max_rate,
-            auth_key,
             metrics,
         } => {
             let coalesce = coalesce.unwrap_or(crate::replicate::DEFAULT_COALESCE);
             let timing = Timing { rpo, coalesce };
-            let replicate =
-                replicate_options(replicate_to, auth_key, timing, zstd_level, max_rate)?;
+            let replicate = replicate_options(to, timing, zstd_level, max_rate)?;
             daemon::run_mount(&MountOptions {
                 backing,
                 mountpoint,
@@ -498,23 +494,77 @@ struct Timing {
     coalesce: Duration,
 }
 
-/// What `mount --replicate-to` asks for; `--auth-key` must come with it.
-fn replicate_options(
+/// `mount`'s flags saying where points go.
+#[derive(clap::Args, Debug)]
+struct TargetArgs {
+    /// Replicate to the secondary at this address (e.g. 127.0.0.1:7070),
+    /// or to an object store: s3://BUCKET/PREFIX (README, "Replicate to
+    /// object storage").
+    #[arg(long, value_name = "ADDR|s3://BUCKET/PREFIX")]
     replicate_to: Option<String>,
+    /// The secondary's pre-shared key (a copy of its REPLICA/.hbrfs/auth.key).
+    #[arg(long, value_name = "FILE")]
     auth_key: Option<PathBuf>,
+    /// The object store's endpoint, for stores other than AWS (e.g.
+    /// http://127.0.0.1:8333); default AWS_ENDPOINT_URL, else AWS's.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// With s3://: which of this datastore's points the repository keeps
+    /// (STEP:SPAN tiers as `serve --keep`); default every point. What
+    /// they no longer reference goes with `hbrfs gc`.
+    #[arg(long, value_parser = parse_keep, value_name = "GRID")]
+    keep: Option<KeepGrid>,
+}
+
+/// What `mount --replicate-to` asks for: a secondary needs `--auth-key`,
+/// an object store takes `--s3-endpoint` and `--keep`.
+fn replicate_options(
+    to: TargetArgs,
     Timing { rpo, coalesce }: Timing,
     level: i32,
     max_rate: Option<u64>,
 ) -> Result<Option<ReplicateOptions>> {
-    match (replicate_to, auth_key) {
-        (Some(addr), Some(key)) => Ok(Some(ReplicateOptions {
-            addr,
+    let TargetArgs {
+        replicate_to,
+        auth_key,
+        s3_endpoint,
+        keep,
+    } = to;
+    let target = |target| {
+        Ok(Some(ReplicateOptions {
+            target,
             rpo,
             coalesce,
             level,
-            key: AuthKey::load(&key)?,
             max_rate,
-        })),
+        }))
+    };
+    if let Some(url) = replicate_to.as_deref().and_then(S3Url::parse) {
+        if auth_key.is_some() {
+            return Err(Error::Usage(
+                "--auth-key is a secondary's key; an object store takes its credentials from \
+                 AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws (README, \"Replicate to object storage\")"
+                    .into(),
+            ));
+        }
+        return target(ReplicaTarget::Object {
+            url: url?,
+            s3: S3Options {
+                endpoint: s3_endpoint,
+            },
+            keep: keep.map(|k| Retention::new(k.0, None)),
+        });
+    }
+    if s3_endpoint.is_some() || keep.is_some() {
+        return Err(Error::Usage(
+            "--s3-endpoint and --keep go with --replicate-to s3://BUCKET/PREFIX".into(),
+        ));
+    }
+    match (replicate_to, auth_key) {
+        (Some(addr), Some(key)) => target(ReplicaTarget::Secondary {
+            addr,
+            key: AuthKey::load(&key)?,
+        }),
         (Some(_), None) => Err(Error::Usage(
             "--replicate-to needs --auth-key FILE: a copy of the secondary's key \
              (REPLICA/.hbrfs/auth.key on the secondary)"

@@ -215,13 +215,24 @@ fn check_target(given: &Path, max_age: Duration) -> Result<(Health, String)> {
     })
 }
 
+/// What a primary replicates to, as a message names it: "secondary" (as
+/// older daemons report no target), or the object store's address.
+fn target_name(r: &ReplicationReport) -> &str {
+    if r.target.starts_with("s3://") {
+        &r.target
+    } else {
+        "secondary"
+    }
+}
+
 /// Judges a primary's replication against `max_age`: stalled or
 /// disconnected with an error is critical, and so is a replica older than
 /// twice `max_age`; older than `max_age`, or no point applied yet, warns.
 fn judge(r: &ReplicationReport, max_age: Duration) -> (Health, String) {
     let max = max_age.as_secs_f64();
+    let silent = format!("no answer from the {}", target_name(r));
     let cause = if r.last_error.is_empty() {
-        "no answer from the secondary"
+        &silent
     } else {
         &r.last_error
     };
@@ -236,11 +247,11 @@ fn judge(r: &ReplicationReport, max_age: Duration) -> (Health, String) {
     }
     let Some(age) = r.replica_age_ms.map(|ms| ms as f64 / 1e3) else {
         let why = if r.connected {
-            "connected, no point applied yet (the baseline is shipping)"
+            "connected, no point applied yet (the baseline is shipping)".to_string()
         } else {
-            "not connected to the secondary yet"
+            format!("not connected to the {} yet", target_name(r))
         };
-        return (Health::Warning, why.into());
+        return (Health::Warning, why);
     };
     let line = format!(
         "replica age {age:.1} s (max {max:.0} s), epoch {} applied | replica_age={age:.3}s;{max};{}",

@@ -115,7 +115,7 @@ pub(super) fn start_primary(opts: &MountOptions) -> Result<Primary> {
         let task = rt.spawn(replicator.run(stopped));
         log::info!(
             "replicating to {}: a point {:?} after a change with the link idle, at least every {:?}",
-            r.addr,
+            r.target,
             r.coalesce,
             r.rpo
         );

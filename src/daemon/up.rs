@@ -9,7 +9,7 @@ use super::secondary::{ServeOptions, default_key_path, start_secondary};
 use super::{on_signal, unmount};
 use crate::auth::AuthKey;
 use crate::error::{IoContext, Result};
-use crate::replicate::ReplicateOptions;
+use crate::replicate::{ReplicateOptions, Target};
 use crate::state::ReplicaPaths;
 use crate::sys;
 
@@ -55,11 +55,13 @@ pub fn run_up(dir: &Path, rpo: Duration) -> Result<()> {
         cut_every: None,
         tracking: true,
         replicate: Some(ReplicateOptions {
-            addr: listen.trim().to_string(),
+            target: Target::Secondary {
+                addr: listen.trim().to_string(),
+                key,
+            },
             rpo,
             coalesce: crate::replicate::DEFAULT_COALESCE,
             level: crate::replicate::DEFAULT_ZSTD_LEVEL,
-            key,
             max_rate: None,
         }),
         metrics: None,

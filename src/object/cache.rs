@@ -162,6 +162,12 @@ impl Cache {
             .filter(|loc| !self.is_candidate(&loc.pack)))
     }
 
+    /// Whether pack `id` is known (named by a segment, uploaded here, or
+    /// found by a repair) and not deleted by GC.
+    pub fn has_pack(&self, id: &[u8; 16]) -> Result<bool> {
+        self.packs.contains_key(id).map_err(|e| self.err(e))
+    }
+
     /// Whether GC listed pack `id` as a candidate at the last sync.
     pub fn is_candidate(&self, id: &[u8; 16]) -> bool {
         self.candidates

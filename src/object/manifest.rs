@@ -20,6 +20,7 @@ pub fn point_rel(series: &str, seq: u64) -> String {
 /// The series in the repository (one per datastore that wrote there).
 pub async fn list_series(repo: &Repo) -> Result<Vec<String>> {
     let prefix = repo.key("points");
+    s3::REQUESTS.listed();
     let listed = repo
         .store
         .list_with_delimiter(Some(&prefix))

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ use crate::block::HashKey;
 use crate::error::{Error, IoContext, Result};
 use crate::proto::object::RepoConfig;
 use crate::state::now_ns;
+use serde::{Deserialize, Serialize};
 
 use super::FORMAT_VERSION;
 use super::format;
@@ -44,6 +46,76 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a failing request is retried (5xx, timeouts, refused
 /// connections) before its error is reported.
 pub const RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Requests this process made to object stores: what `status` and the
+/// benchmark count (requests, not bytes, are what a store bills and
+/// rate-limits).
+#[derive(Debug)]
+pub struct Requests {
+    puts: AtomicU64,
+    put_bytes: AtomicU64,
+    gets: AtomicU64,
+    get_bytes: AtomicU64,
+    lists: AtomicU64,
+    deletes: AtomicU64,
+}
+
+/// The counts of [`Requests`], as `status` shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounts {
+    /// PUT requests that succeeded.
+    pub puts: u64,
+    /// Bytes of those PUTs.
+    pub put_bytes: u64,
+    /// GET requests (whole or ranged) that succeeded.
+    pub gets: u64,
+    /// Bytes of those GETs.
+    pub get_bytes: u64,
+    /// LIST calls.
+    pub lists: u64,
+    /// DELETE requests.
+    pub deletes: u64,
+}
+
+/// This process's requests.
+pub static REQUESTS: Requests = Requests {
+    puts: AtomicU64::new(0),
+    put_bytes: AtomicU64::new(0),
+    gets: AtomicU64::new(0),
+    get_bytes: AtomicU64::new(0),
+    lists: AtomicU64::new(0),
+    deletes: AtomicU64::new(0),
+};
+
+impl Requests {
+    /// The counts so far.
+    pub fn report(&self) -> RequestCounts {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RequestCounts {
+            puts: l(&self.puts),
+            put_bytes: l(&self.put_bytes),
+            gets: l(&self.gets),
+            get_bytes: l(&self.get_bytes),
+            lists: l(&self.lists),
+            deletes: l(&self.deletes),
+        }
+    }
+
+    fn put(&self, bytes: usize) {
+        self.puts.fetch_add(1, Ordering::Relaxed);
+        self.put_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn got(&self, bytes: usize) {
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        self.get_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one LIST call.
+    pub fn listed(&self) {
+        self.lists.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// Where a repository lives: `s3://BUCKET/PREFIX`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,25 +306,28 @@ pub fn connect(url: &S3Url, opts: &S3Options) -> Result<Arc<dyn ObjectStore>> {
 /// names the object and what to check.
 pub fn failed(url: &S3Url, doing: &str, e: object_store::Error) -> Error {
     use object_store::Error as E;
-    let hint = match &e {
-        E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
-            " (check the credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the \
-             profile's in ~/.aws/credentials, and that they may use this bucket)"
-        }
-        E::NotFound { .. } => " (does the bucket exist?)",
-        _ => "",
-    };
+    const CREDENTIALS: &str = " (check the credentials: AWS_ACCESS_KEY_ID and \
+        AWS_SECRET_ACCESS_KEY, or the profile's in ~/.aws/credentials, and that they may use \
+        this bucket)";
     let text = e.to_string();
-    let hint = if hint.is_empty() && text.contains("NoSuchBucket") {
+    let has = |codes: &[&str]| codes.iter().any(|c| text.contains(c));
+    let hint = if matches!(e, E::PermissionDenied { .. } | E::Unauthenticated { .. })
+        || has(&[
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+        ]) {
+        CREDENTIALS
+    } else if has(&["NoSuchBucket"]) {
         " (the bucket does not exist: create it first)"
-    } else if hint.is_empty()
-        && (text.contains("AccessDenied")
-            || text.contains("InvalidAccessKeyId")
-            || text.contains("SignatureDoesNotMatch"))
-    {
-        " (check the credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile's)"
+    } else if has(&[
+        "error sending request",
+        "connection refused",
+        "Connection refused",
+    ]) {
+        " (is the endpoint right, and the store up? --s3-endpoint or AWS_ENDPOINT_URL)"
     } else {
-        hint
+        ""
     };
     Error::Remote(format!("{url}: {doing}: {text}{hint}"))
 }
@@ -260,11 +335,12 @@ pub fn failed(url: &S3Url, doing: &str, e: object_store::Error) -> Error {
 /// Whole object `rel`, or `None` if there is none.
 pub async fn get_opt(store: &dyn ObjectStore, url: &S3Url, rel: &str) -> Result<Option<Bytes>> {
     match store.get(&url.key(rel)).await {
-        Ok(got) => got
-            .bytes()
-            .await
-            .map(Some)
-            .map_err(|e| failed(url, &format!("reading {rel}"), e)),
+        Ok(got) => {
+            let bytes =
+                (got.bytes().await).map_err(|e| failed(url, &format!("reading {rel}"), e))?;
+            REQUESTS.got(bytes.len());
+            Ok(Some(bytes))
+        }
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(failed(url, &format!("reading {rel}"), e)),
     }
@@ -286,7 +362,9 @@ pub async fn get_range(
         .get_opts(&url.key(rel), opts)
         .await
         .map_err(|e| failed(url, &doing(), e))?;
-    got.bytes().await.map_err(|e| failed(url, &doing(), e))
+    let bytes = got.bytes().await.map_err(|e| failed(url, &doing(), e))?;
+    REQUESTS.got(bytes.len());
+    Ok(bytes)
 }
 
 /// The last `n` bytes of object `rel`, and its length.
@@ -307,16 +385,19 @@ pub async fn get_tail(
         .map_err(|e| failed(url, &doing(), e))?;
     let size = got.meta.size;
     let bytes = got.bytes().await.map_err(|e| failed(url, &doing(), e))?;
+    REQUESTS.got(bytes.len());
     Ok((bytes, size))
 }
 
 /// Writes `rel` (overwriting).
 pub async fn put(store: &dyn ObjectStore, url: &S3Url, rel: &str, bytes: Vec<u8>) -> Result<()> {
+    let len = bytes.len();
     store
         .put(&url.key(rel), PutPayload::from(bytes))
         .await
-        .map(|_| ())
-        .map_err(|e| failed(url, &format!("writing {rel}"), e))
+        .map_err(|e| failed(url, &format!("writing {rel}"), e))?;
+    REQUESTS.put(len);
+    Ok(())
 }
 
 /// Writes `rel` only if there is none (`If-None-Match: *`); `false` if
@@ -331,11 +412,15 @@ pub async fn put_create(
         mode: PutMode::Create,
         ..PutOptions::default()
     };
+    let len = bytes.len();
     match store
         .put_opts(&url.key(rel), PutPayload::from(bytes), opts)
         .await
     {
-        Ok(_) => Ok(true),
+        Ok(_) => {
+            REQUESTS.put(len);
+            Ok(true)
+        }
         Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
         Err(e) => Err(failed(url, &format!("creating {rel}"), e)),
     }
@@ -349,6 +434,7 @@ pub async fn list(
 ) -> Result<Vec<object_store::ObjectMeta>> {
     use futures_util::TryStreamExt;
     let prefix = url.key(rel);
+    REQUESTS.listed();
     let mut found: Vec<_> = store
         .list(Some(&prefix))
         .try_collect()
@@ -360,6 +446,7 @@ pub async fn list(
 
 /// Deletes `rel` (absent is fine).
 pub async fn delete(store: &dyn ObjectStore, url: &S3Url, rel: &str) -> Result<()> {
+    REQUESTS.deletes.fetch_add(1, Ordering::Relaxed);
     match store.delete(&url.key(rel)).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(e) => Err(failed(url, &format!("deleting {rel}"), e)),

@@ -57,6 +57,8 @@ pub mod verify;
 
 #[cfg(test)]
 mod fuzz_tests;
+#[cfg(test)]
+mod object_namespace_tests;
 
 pub use records::{Applied, Pair};
 pub use service::{ReplicaService, serve_on};

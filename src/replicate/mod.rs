@@ -38,6 +38,7 @@
 
 pub mod client;
 mod meta;
+mod object;
 pub mod point;
 mod resync;
 mod ship;
@@ -55,6 +56,8 @@ use crate::block::{self, HashKey};
 use crate::datastore::Datastore;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::ids::Epoch;
+use crate::object::{S3Options, S3Url};
+use crate::points::Retention;
 use crate::proto::replication::HelloRequest;
 use crate::state::{now_ns, write_durably};
 use crate::throttle::Throttle;
@@ -65,18 +68,60 @@ pub use stats::{ReplStats, ReplicationReport, ShipProgress};
 pub use verify::{BlockRun, Difference, VerifyReport};
 
 use client::{CONNECT_TIMEOUT, Client, remote};
+use object::ObjectLink;
 use point::Points;
+
+/// A connection to where points go.
+#[derive(Debug)]
+enum Link {
+    /// A secondary's gRPC client.
+    Secondary(Client),
+    /// An object-store repository.
+    Object(Box<ObjectLink>),
+}
 
 /// The default zstd level of shipped blocks (`--zstd-level`): -1, chosen
 /// by measurement (`docs/design.md`, "Compression that pays": 93% of level
 /// 1's saving on the wire for 12% less primary CPU).
 pub const DEFAULT_ZSTD_LEVEL: i32 = -1;
 
+/// Where points go.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A secondary (`hbrfs serve`), e.g. `127.0.0.1:7070`, and the key it
+    /// expects.
+    Secondary {
+        /// Its address.
+        addr: String,
+        /// Its pre-shared key.
+        key: AuthKey,
+    },
+    /// An object-store repository (`s3://BUCKET/PREFIX`).
+    Object {
+        /// Where it is.
+        url: S3Url,
+        /// Endpoint and the rest of the command line's settings.
+        s3: S3Options,
+        /// Which points of this datastore's series stay (`--keep`);
+        /// `None` keeps every point.
+        keep: Option<Retention>,
+    },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Secondary { addr, .. } => write!(f, "secondary {addr}"),
+            Target::Object { url, .. } => write!(f, "{url}"),
+        }
+    }
+}
+
 /// How to replicate.
 #[derive(Clone, Debug)]
 pub struct ReplicateOptions {
-    /// The secondary, e.g. `127.0.0.1:7070`.
-    pub addr: String,
+    /// Where points go.
+    pub target: Target,
     /// The ceiling: the longest a change waits before a point is cut, when
     /// nothing woke the replicator sooner (see the module doc).
     pub rpo: Duration,
@@ -85,8 +130,6 @@ pub struct ReplicateOptions {
     pub coalesce: Duration,
     /// zstd level for blocks.
     pub level: i32,
-    /// The key the secondary expects.
-    pub key: AuthKey,
     /// Cap on replication bandwidth, bytes per second.
     pub max_rate: Option<u64>,
 }
@@ -143,6 +186,7 @@ impl Replicator {
     pub fn new(ds: Arc<Datastore>, opts: ReplicateOptions) -> Result<Replicator> {
         let key = pair_key(&ds)?;
         let stats = Arc::new(ReplStats::default());
+        let _ = stats.target.set(opts.target.to_string());
         let points = Points::new(ds.clone(), stats.clone());
         stats
             .max_rate
@@ -166,7 +210,7 @@ impl Replicator {
     /// least every RPO (see the module doc); while disconnected, it
     /// connects again after a backoff.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut client: Option<(Client, Epoch)> = None;
+        let mut client: Option<(Link, Epoch)> = None;
         let mut backoff = FIRST_BACKOFF;
         loop {
             // A (re)connect is followed by a tick at once, in the same turn.
@@ -225,11 +269,25 @@ impl Replicator {
         }
     }
 
+    /// Connects to the target and reconciles the histories; returns the
+    /// link and the epoch the target holds.
+    async fn connect(&self) -> Result<(Link, Epoch)> {
+        match &self.opts.target {
+            Target::Secondary { addr, key } => {
+                let (client, applied) = self.connect_secondary(addr, key).await?;
+                Ok((Link::Secondary(client), applied))
+            }
+            Target::Object { url, s3, .. } => {
+                let (link, applied) = self.connect_object(url, s3).await?;
+                Ok((Link::Object(Box::new(link)), applied))
+            }
+        }
+    }
+
     /// Says hello and reconciles the histories; returns the client and the
     /// replica's last applied epoch.
-    async fn connect(&self) -> Result<(Client, Epoch)> {
-        let addr = &self.opts.addr;
-        let mut client = client::connect(addr, &self.opts.key, CONNECT_TIMEOUT).await?;
+    async fn connect_secondary(&self, addr: &str, key: &AuthKey) -> Result<(Client, Epoch)> {
+        let mut client = client::connect(addr, key, CONNECT_TIMEOUT).await?;
         let hello = HelloRequest {
             protocol_version: PROTOCOL_VERSION,
             datastore_id: self.ds.format.id.clone(),
@@ -248,11 +306,19 @@ impl Replicator {
         self.stats.progressed();
         let applied = Epoch(reply.last_applied_epoch);
         if reply.resync_token.is_empty() {
+            let remedy = "If this primary is right, reseed the secondary: stop it and run \
+                          `rm -rf REPLICA_DIR/.hbrfs` there (a full resync), or replicate to a new \
+                          replica folder.";
             self.points
-                .reconcile(applied, &reply.last_applied_point, addr)
+                .reconcile(
+                    applied,
+                    &reply.last_applied_point,
+                    &format!("the secondary {addr}"),
+                    remedy,
+                )
                 .await?;
         } else {
-            self.fail_back(&mut client, applied, reply.resync_token)
+            self.fail_back(&mut client, addr, applied, reply.resync_token)
                 .await?;
         }
         log::info!("connected to secondary {addr} (at epoch {applied})");
@@ -264,12 +330,17 @@ impl Replicator {
     /// The secondary is a demoted old primary holding a resync list: its
     /// history after the common base is that list, not a point of ours.
     /// Marks the list into tracking; the next point cut covers it.
-    async fn fail_back(&self, client: &mut Client, applied: Epoch, token: Vec<u8>) -> Result<()> {
+    async fn fail_back(
+        &self,
+        client: &mut Client,
+        addr: &str,
+        applied: Epoch,
+        token: Vec<u8>,
+    ) -> Result<()> {
         let now = self.ds.tracker.current_epoch();
         if applied >= now {
             return Err(Error::Remote(format!(
-                "the demoted secondary {} is at epoch {applied}, not behind this primary (epoch {now}):                  it cannot take this primary's points. Was it promoted from another replica?",
-                self.opts.addr
+                "the demoted secondary {addr} is at epoch {applied}, not behind this primary (epoch {now}):                  it cannot take this primary's points. Was it promoted from another replica?",
             )));
         }
         let bs = self.ds.format.block_size.bytes();
@@ -283,7 +354,7 @@ impl Replicator {
         .await?;
         log::info!(
             "failback: the demoted secondary {} (at epoch {applied}) listed {entries} paths written after              the common base: {} blocks marked, {} files whole, {} paths to remove; they ship with the next point",
-            self.opts.addr,
+            addr,
             marked.blocks,
             marked.whole,
             marked.removed
@@ -294,7 +365,7 @@ impl Replicator {
 
     /// One tick: cut and ship if anything changed; returns the
     /// replica's epoch afterwards.
-    async fn tick(&self, client: &mut Client, applied: Epoch) -> Result<Epoch> {
+    async fn tick(&self, link: &mut Link, applied: Epoch) -> Result<Epoch> {
         let Some(point) = self.points.next(applied).await? else {
             // Nothing changed since the last point: the replica equals the
             // primary now, so its age is zero (not the time since a cut).
@@ -304,7 +375,11 @@ impl Replicator {
             return Ok(applied);
         };
         let (before, started) = (self.stats.report(), std::time::Instant::now());
-        match self.ship(client, &point).await {
+        let shipped = match link {
+            Link::Secondary(client) => self.ship(client, &point).await,
+            Link::Object(link) => self.ship_object(link, &point).await,
+        };
+        match shipped {
             Ok(()) => {
                 // The secondary holds the point: say so before the blocks
                 // turn clean, so status never shows clean blocks and an

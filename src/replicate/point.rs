@@ -114,8 +114,15 @@ impl Points {
     /// this primary's history: the same point, the pending point whose
     /// acknowledgement was lost (recorded as shipped now), or an empty
     /// replica (a baseline: everything is marked) are fine; anything else
-    /// means the histories diverged, and nothing may be sent to `addr`.
-    pub async fn reconcile(&self, applied: Epoch, id: &[u8], addr: &str) -> Result<()> {
+    /// means the histories diverged, and nothing may be sent to `target`
+    /// (the error says so, and `remedy`).
+    pub async fn reconcile(
+        &self,
+        applied: Epoch,
+        id: &[u8],
+        target: &str,
+        remedy: &str,
+    ) -> Result<()> {
         let journal = &self.ds.journal;
         let shipped = journal.last_shipped()?;
         let pending = journal.pending_point()?;
@@ -131,7 +138,7 @@ impl Points {
         if applied == Epoch(0) && id.is_empty() {
             if shipped.is_some() {
                 log::warn!(
-                    "the secondary holds nothing of this datastore: shipping everything (baseline)"
+                    "{target} holds nothing of this datastore: shipping everything (baseline)"
                 );
                 let ds = self.ds.clone();
                 blocking("baseline", move || ds.tracker.mark_everything()).await?;
@@ -144,10 +151,8 @@ impl Points {
             })
         };
         Err(Error::Remote(format!(
-            "histories diverged: the secondary {addr} last applied epoch {applied} (point {}), but this primary last \
-             shipped {} and was shipping {}. Nothing was sent or overwritten. If this primary is right, reseed the \
-             secondary: stop it and run `rm -rf REPLICA_DIR/.hbrfs` there (a full resync), or replicate to a new \
-             replica folder.",
+            "histories diverged: {target} last applied epoch {applied} (point {}), but this primary last \
+             shipped {} and was shipping {}. Nothing was sent or overwritten. {remedy}",
             hex(id),
             show(shipped),
             show(pending)

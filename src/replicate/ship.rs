@@ -74,11 +74,11 @@ const MANIFEST_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 const ENTRY_OVERHEAD: usize = 8;
 
 /// The blocks to offer, file by file, in the order they are offered.
-type Work = Vec<(Arc<TrackedFile>, Vec<BlockNo>)>;
+pub(super) type Work = Vec<(Arc<TrackedFile>, Vec<BlockNo>)>;
 
 /// One block read for an offer.
-struct ReadBlock {
-    offer: Offer,
+pub(super) struct ReadBlock {
+    pub(super) offer: Offer,
     data: Vec<u8>,
 }
 
@@ -171,7 +171,11 @@ impl Stream<'_> {
 }
 
 /// Reads, zero-checks and hashes `blocks` of `file` as they were at the cut.
-fn read_and_hash(file: &TrackedFile, blocks: &[BlockNo], key: &HashKey) -> Result<Vec<ReadBlock>> {
+pub(super) fn read_and_hash(
+    file: &TrackedFile,
+    blocks: &[BlockNo],
+    key: &HashKey,
+) -> Result<Vec<ReadBlock>> {
     blocks
         .iter()
         .map(|&block| {
@@ -287,7 +291,10 @@ impl Chunker {
 /// The Manifest chunks of `point`, made on a blocking thread (journal
 /// reads) a couple ahead of the one being sent: the primary holds one or
 /// two chunks of a point's lists at a time, however long its backlog.
-fn manifest_chunks(ds: Arc<Datastore>, point: &Point) -> mpsc::Receiver<Result<Manifest>> {
+pub(super) fn manifest_chunks(
+    ds: Arc<Datastore>,
+    point: &Point,
+) -> mpsc::Receiver<Result<Manifest>> {
     let (tx, rx) = mpsc::channel(2);
     let (base, end) = (point.base(), point.epoch());
     let files = point.set().files.clone();
@@ -315,7 +322,7 @@ fn wire_op(op: OpRecord) -> Option<NamespaceOp> {
 }
 
 /// The closed blocks of every file of `set`, listed on a blocking thread.
-async fn list_blocks(set: &ClosedSet) -> Result<Work> {
+pub(super) async fn list_blocks(set: &ClosedSet) -> Result<Work> {
     let files = set.files.clone();
     blocking("listing blocks", move || {
         Ok(files
@@ -481,7 +488,7 @@ impl Replicator {
                 stats.progressed();
                 let count = read.len() as u64;
                 let wanted = take_wanted(read, wants.positions)?;
-                let packed = tokio::task::spawn_blocking(move || pack(wanted, level, probe));
+                let packed = tokio::task::spawn_blocking(move || pack_blocks(wanted, level, probe));
                 packing_tx
                     .send((packed, count, slot))
                     .await
@@ -502,7 +509,7 @@ impl Replicator {
     }
 
     /// Counts the offers of a chunk read and returns them.
-    fn count_offers(&self, read: &[ReadBlock]) -> Vec<Offer> {
+    pub(super) fn count_offers(&self, read: &[ReadBlock]) -> Vec<Offer> {
         let offers: Vec<Offer> = read.iter().map(|r| r.offer.clone()).collect();
         let zeros = offers.iter().filter(|o| o.zero).count() as u64;
         let bytes = |zero_only: bool| {
@@ -523,6 +530,17 @@ impl Replicator {
         offers
     }
 
+    /// Counts a block sent (to a secondary or into a pack).
+    pub(super) fn count_sent(&self, b: &PackedBlock) {
+        let stats = &self.stats;
+        stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
+        if b.raw {
+            stats.blocks_raw.fetch_add(1, Ordering::Relaxed);
+        }
+        (stats.raw_bytes_sent).fetch_add(b.length as u64, Ordering::Relaxed);
+        (stats.compressed_bytes_sent).fetch_add(b.block.zstd.len() as u64, Ordering::Relaxed);
+    }
+
     /// Sends packed blocks in messages of at most `message_bytes` or
     /// [`MAX_BLOCKS`] blocks.
     async fn send_blocks(
@@ -533,14 +551,8 @@ impl Replicator {
     ) -> Result<()> {
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
-        let stats = &self.stats;
         for b in packed {
-            stats.blocks_sent.fetch_add(1, Ordering::Relaxed);
-            if b.raw {
-                stats.blocks_raw.fetch_add(1, Ordering::Relaxed);
-            }
-            (stats.raw_bytes_sent).fetch_add(b.length as u64, Ordering::Relaxed);
-            (stats.compressed_bytes_sent).fetch_add(b.block.zstd.len() as u64, Ordering::Relaxed);
+            self.count_sent(&b);
             batch_bytes += b.block.zstd.len();
             batch.push(b.block);
             if batch_bytes >= message_bytes || batch.len() >= MAX_BLOCKS {
@@ -580,16 +592,20 @@ fn take_wanted(read: Vec<ReadBlock>, positions: Vec<u32>) -> Result<Vec<ReadBloc
 
 /// A wanted block ready to send, with its raw length and whether the
 /// probe sent it raw.
-struct PackedBlock {
-    block: Block,
-    length: usize,
+pub(super) struct PackedBlock {
+    pub(super) block: Block,
+    pub(super) length: usize,
     raw: bool,
 }
 
 /// Packs `wanted` at `level` across the workers (compression is the
 /// costly step; `probe`: incompressible blocks go raw, see `block::pack`),
 /// in order. Blocks the calling thread until the workers are done.
-fn pack(wanted: Vec<ReadBlock>, level: i32, probe: bool) -> Result<Vec<PackedBlock>> {
+pub(super) fn pack_blocks(
+    wanted: Vec<ReadBlock>,
+    level: i32,
+    probe: bool,
+) -> Result<Vec<PackedBlock>> {
     let packed = crate::workers::map(wanted, move |b| {
         let packed = if probe {
             block::pack(&b.data, level)

@@ -11,12 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorCounters, ErrorCounts, ErrorKind};
 use crate::ids::Epoch;
+use crate::object::s3::{REQUESTS, RequestCounts};
 use crate::state::now_ns;
 
 /// Counters for `hbrfs status`, shared by the replicator and the control
 /// socket.
 #[derive(Debug, Default)]
 pub struct ReplStats {
+    /// Where points go, as `status` names it (set once at start).
+    pub(super) target: std::sync::OnceLock<String>,
     pub(super) connected: AtomicBool,
     pub(super) last_applied: AtomicU64,
     /// When the last applied point was cut: the replica's age is measured
@@ -62,7 +65,10 @@ pub struct ReplStats {
 /// derived ratios. The field names are the JSON the CLI and scripts read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReplicationReport {
-    /// Whether a stream to the secondary is up.
+    /// Where points go: `secondary ADDR` or `s3://BUCKET/PREFIX`.
+    #[serde(default)]
+    pub target: String,
+    /// Whether a stream to the secondary (or the object store) is up.
     pub connected: bool,
     /// The newest epoch the secondary applied.
     pub last_applied_epoch: u64,
@@ -123,6 +129,9 @@ pub struct ReplicationReport {
     pub secondary_refusals: u64,
     /// The last of them, empty when none.
     pub last_secondary_refusal: String,
+    /// Requests to the object store (all zero with a secondary).
+    #[serde(default)]
+    pub object_requests: RequestCounts,
 }
 
 /// The ship in progress, so an operator can tell a long baseline from a
@@ -161,6 +170,7 @@ impl ReplStats {
         );
         let (bytes_offered, bytes_zero) = (load(&self.bytes_offered), load(&self.bytes_zero));
         ReplicationReport {
+            target: self.target.get().cloned().unwrap_or_default(),
             connected: self.connected.load(Ordering::Relaxed),
             last_applied_epoch: load(&self.last_applied),
             last_applied_cut_ns: cut,
@@ -198,6 +208,7 @@ impl ReplStats {
                 .lock()
                 .expect("refusal lock")
                 .clone(),
+            object_requests: REQUESTS.report(),
         }
     }
 
@@ -308,7 +319,7 @@ mod tests {
         assert_eq!(v["dedup_ratio"], 0.0);
         assert!(v["seconds_since_progress"].is_null());
         assert_eq!(v["last_progress_ns"], 0);
-        assert_eq!(v.as_object().unwrap().len(), 28);
+        assert_eq!(v.as_object().unwrap().len(), 30);
         assert_eq!(v["errors"]["remote"], 0);
         stats.secondary_refused(3, &["a".into(), "b".into()]);
         let r = stats.report();

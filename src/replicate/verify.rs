@@ -12,8 +12,8 @@ use crate::ids::{BlockNo, Epoch};
 use crate::proto::replication::{StatusRequest, VerifyFile, VerifyRequest};
 use crate::tracking::TrackedFile;
 
-use super::Replicator;
 use super::client::{CONNECT_TIMEOUT, Client, blocking, connect, remote, within};
+use super::{Replicator, Target};
 use crate::wire::{APPLY_TIMEOUT_BASE, NO_PROGRESS_TIMEOUT};
 
 /// Blocks hashed and compared per request.
@@ -135,7 +135,14 @@ impl Replicator {
     /// differing blocks so the next point ships them.
     pub async fn verify(&self, repair: bool) -> Result<VerifyReport> {
         let _turn = self.turn.lock().await;
-        let mut c = connect(&self.opts.addr, &self.opts.key, CONNECT_TIMEOUT).await?;
+        let Target::Secondary { addr, key } = &self.opts.target else {
+            return Err(Error::Usage(format!(
+                "verify compares with a secondary; this datastore replicates to {}: restore a \
+                 point (`hbrfs restore`) and compare with it instead",
+                self.opts.target
+            )));
+        };
+        let mut c = connect(addr, key, CONNECT_TIMEOUT).await?;
         let status = async {
             c.status(StatusRequest {})
                 .await
