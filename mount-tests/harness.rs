@@ -38,6 +38,9 @@ pub struct Mount {
     pub mountpoint: PathBuf,
     /// The extra arguments after `mount BACKING MNT`, reused by `restart`.
     args: Vec<String>,
+    /// Environment variables the daemon gets (an object store's
+    /// credentials), reused by `restart`.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log_path: PathBuf,
     /// Holds the directories (or only the log for `start_on`); dropped last,
@@ -48,31 +51,57 @@ pub struct Mount {
 impl Mount {
     /// Mounts a fresh, empty datastore: `TMP/backing` on `TMP/mnt`.
     pub fn start(extra_args: &[&str]) -> Mount {
+        Mount::start_with_env(extra_args, &[])
+    }
+
+    /// [`Mount::start`] with `env` set for the daemon.
+    pub fn start_with_env(extra_args: &[&str], env: &[(&str, String)]) -> Mount {
         let dir = temp_dir();
         let backing = dir.path().join("backing");
         let mountpoint = dir.path().join("mnt");
         fs::create_dir(&backing).expect("create backing dir");
         fs::create_dir(&mountpoint).expect("create mountpoint");
-        Mount::launch(dir, backing, mountpoint, extra_args)
+        Mount::launch(dir, backing, mountpoint, extra_args, env)
     }
 
     /// Mounts the given backing directory on the given mountpoint (both must
     /// outlive the returned `Mount`); the log goes to a temp dir of its own.
     pub fn start_on(backing: &Path, mountpoint: &Path, extra_args: &[&str]) -> Mount {
+        Mount::start_on_with_env(backing, mountpoint, extra_args, &[])
+    }
+
+    /// [`Mount::start_on`] with `env` set for the daemon.
+    pub fn start_on_with_env(
+        backing: &Path,
+        mountpoint: &Path,
+        extra_args: &[&str],
+        env: &[(&str, String)],
+    ) -> Mount {
         Mount::launch(
             temp_dir(),
             backing.to_path_buf(),
             mountpoint.to_path_buf(),
             extra_args,
+            env,
         )
     }
 
-    fn launch(dir: TempDir, backing: PathBuf, mountpoint: PathBuf, extra_args: &[&str]) -> Mount {
+    fn launch(
+        dir: TempDir,
+        backing: PathBuf,
+        mountpoint: PathBuf,
+        extra_args: &[&str],
+        env: &[(&str, String)],
+    ) -> Mount {
         let log_path = dir.path().join("hbrfs.log");
         let mut m = Mount {
             backing,
             mountpoint,
             args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
             child: None,
             log_path,
             _dir: dir,
@@ -110,6 +139,7 @@ impl Mount {
             .args(&self.args)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
             .stderr(log);

@@ -9,6 +9,7 @@ mod export;
 mod harness;
 mod health;
 mod metadata;
+mod object_publish;
 mod object_storage;
 mod passthrough;
 mod paths;
