@@ -10,6 +10,7 @@ mod harness;
 mod health;
 mod metadata;
 mod object_publish;
+mod object_recover;
 mod object_storage;
 mod passthrough;
 mod paths;
