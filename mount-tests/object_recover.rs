@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::{
-    Mount, detach_all, fuse_mounts_at, hbrfs, json_u64, path_str, pattern, run, stderr,
-    sync_file, temp_dir,
+    Mount, detach_all, fuse_mounts_at, hbrfs, json_u64, path_str, pattern, run, stderr, sync_file,
+    temp_dir,
 };
 use crate::object_publish::{PUBLISH_TIMEOUT, restore, s3_mount, wait_published};
 use crate::replication::{Secondary, Until, primary_on, repl_counter, wait_applied};
@@ -148,11 +148,24 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
         .arg(m.mnt("vm.qcow2"))
         .arg("64M"));
     run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 1M 3M", "-c", "write -P 0xa5 40M 1M"])
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 3M",
+            "-c",
+            "write -P 0xa5 40M 1M",
+        ])
         .arg(m.mnt("vm.qcow2")));
     const BIG: u64 = 256 * MIB;
     run(Command::new("dd")
-        .args(["if=/dev/urandom", "bs=1M", "count=256", "conv=fsync", "status=none"])
+        .args([
+            "if=/dev/urandom",
+            "bs=1M",
+            "count=256",
+            "conv=fsync",
+            "status=none",
+        ])
         .arg(format!("of={}", m.mnt("disk.raw").display())));
     fs::create_dir(m.mnt("etc")).unwrap();
     fs::write(m.mnt("etc/conf"), pattern(10_000, 3)).unwrap();
@@ -189,7 +202,9 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
         "restore: {} MiB of data in {secs:.2} s, {:.1} MB/s (load {})",
         BIG / MIB + 4,
         (BIG + 4 * MIB) as f64 / secs / 1e6,
-        fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     run(Command::new("qemu-img")
         .args(["compare", "-q"])
@@ -200,7 +215,10 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
     let conf = fs::metadata(out.join("etc/conf")).unwrap();
     assert_eq!(conf.mode() & 0o7777, 0o640);
     assert_eq!(conf.nlink(), 2);
-    assert_eq!(conf.ino(), fs::metadata(out.join("conf.link")).unwrap().ino());
+    assert_eq!(
+        conf.ino(),
+        fs::metadata(out.join("conf.link")).unwrap().ino()
+    );
     assert_eq!(
         conf.mtime(),
         fs::metadata(m.back("etc/conf")).unwrap().mtime()
@@ -233,7 +251,11 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("not empty"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("not empty"),
+        "{}",
+        stderr(&refused)
+    );
     assert_eq!(fs::read_dir(&busy).unwrap().count(), 1);
 
     let started = Instant::now();
@@ -262,7 +284,9 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
          {:.2} GETs per MiB (load {})",
         BIG as f64 / secs / 1e6,
         gets as f64 / (bytes as f64 / MIB as f64),
-        fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     run(Command::new("qemu-img")
         .args(["compare", "-q"])
@@ -381,7 +405,14 @@ fn test_failover_and_promote_take_an_object_store_point() {
     let into = dir.path().join("primary");
     let out = hbrfs_s3(
         &server,
-        &["promote", url, "--point", "latest", "--into", path_str(&into)],
+        &[
+            "promote",
+            url,
+            "--point",
+            "latest",
+            "--into",
+            path_str(&into),
+        ],
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("hbrfs mount"), "{said}");
@@ -400,7 +431,9 @@ fn test_failover_and_promote_take_an_object_store_point() {
     let p = Mount::start_on_with_env(&into, &mnt, &args, &server.env());
     let s = wait_published(&p, PUBLISH_TIMEOUT);
     let sent = json_u64(&s["replication"]["object_requests"]["put_bytes"]);
-    println!("promoted primary's first point: {sent} bytes uploaded (the first primary's: {stored})");
+    println!(
+        "promoted primary's first point: {sent} bytes uploaded (the first primary's: {stored})"
+    );
     assert!(
         sent < stored / 10,
         "the promoted primary uploaded {sent} bytes of blocks the repository holds"

@@ -557,9 +557,7 @@ fn run(cli: Cli) -> Result<()> {
             s3,
         } => match object_source(&replica, s3)? {
             Some(src) => daemon::run_test_failover_object(&src, &point, scratch, &mountpoint),
-            None => {
-                daemon::run_test_failover(Path::new(&replica), &point, scratch, &mountpoint)
-            }
+            None => daemon::run_test_failover(Path::new(&replica), &point, scratch, &mountpoint),
         },
         Command::Restore {
             source,

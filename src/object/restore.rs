@@ -141,7 +141,8 @@ pub async fn restore(reader: Arc<PointReader>, dir: &Path) -> Result<Restored> {
     .await?;
     done.data_bytes = written.iter().sum();
     set_metadata(&reader, &root, &partial)?;
-    sys::syncfs(root.as_fd()).at(&partial)?;
+    let synced = File::open(&partial).at(&partial)?;
+    sys::syncfs(synced.as_fd()).at(&partial)?;
     std::fs::rename(&partial, dir).map_err(|e| Error::Io {
         path: dir.to_path_buf(),
         source: std::io::Error::new(
