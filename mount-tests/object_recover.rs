@@ -36,6 +36,22 @@ fn hbrfs_s3(server: &S3Server, args: &[&str]) -> std::process::Output {
         .envs(server.env()))
 }
 
+/// `qemu-img compare` of two images: same guest-visible content.
+fn qemu_compare(a: &Path, b: &Path) {
+    run(Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(a)
+        .arg(b));
+}
+
+/// The load average, for figures.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 /// `points ls URL --json`: the rows.
 fn points(server: &S3Server, url: &str) -> Vec<Value> {
     let out = hbrfs_s3(server, &["points", "ls", url, "--json"]);
@@ -160,15 +176,14 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
         ])
         .arg(m.mnt("vm.qcow2")));
     const BIG: u64 = 256 * MIB;
-    run(Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            "bs=1M",
-            "count=256",
-            "conv=fsync",
-            "status=none",
-        ])
-        .arg(format!("of={}", m.mnt("disk.raw").display())));
+    {
+        use std::io::Write;
+        let mut raw = fs::File::create(m.mnt("disk.raw")).unwrap();
+        for seed in 0..BIG / (16 * MIB) {
+            raw.write_all(&pattern(16 * MIB as usize, 100 + seed))
+                .unwrap();
+        }
+    }
     fs::create_dir(m.mnt("etc")).unwrap();
     fs::write(m.mnt("etc/conf"), pattern(10_000, 3)).unwrap();
     fs::set_permissions(m.mnt("etc/conf"), fs::Permissions::from_mode(0o640)).unwrap();
@@ -204,14 +219,9 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
         "restore: {} MiB of data in {secs:.2} s, {:.1} MB/s (load {})",
         BIG / MIB + 4,
         (BIG + 4 * MIB) as f64 / secs / 1e6,
-        fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
+        loadavg()
     );
-    run(Command::new("qemu-img")
-        .args(["compare", "-q"])
-        .arg(m.back("vm.qcow2"))
-        .arg(out.join("vm.qcow2")));
+    qemu_compare(&m.back("vm.qcow2"), &out.join("vm.qcow2"));
     assert_same_file(&m.back("disk.raw"), &out.join("disk.raw"));
     assert_eq!(fs::read(out.join("small")).unwrap(), b"hello");
     let conf = fs::metadata(out.join("etc/conf")).unwrap();
@@ -286,14 +296,9 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
          {:.2} GETs per MiB (load {})",
         BIG as f64 / secs / 1e6,
         gets as f64 / (bytes as f64 / MIB as f64),
-        fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
+        loadavg()
     );
-    run(Command::new("qemu-img")
-        .args(["compare", "-q"])
-        .arg(m.back("vm.qcow2"))
-        .arg(pm.path("vm.qcow2")));
+    qemu_compare(&m.back("vm.qcow2"), &pm.path("vm.qcow2"));
     assert_eq!(fs::read(pm.path("conf.link")).unwrap(), pattern(10_000, 3));
     assert_eq!(
         fs::read_link(pm.path("conf.sym")).unwrap(),
@@ -427,14 +432,7 @@ fn test_failover_and_promote_take_an_object_store_point() {
     let mnt = dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let endpoint = server.endpoint();
-    let args = [
-        "--replicate-to",
-        url,
-        "--s3-endpoint",
-        &endpoint,
-        "--rpo",
-        "1s",
-    ];
+    let args = ["--replicate-to", url, "--s3-endpoint", &endpoint];
     let p = Mount::start_on_with_env(&into, &mnt, &args, &server.env());
     let s = wait_published(&p, PUBLISH_TIMEOUT);
     let sent = json_u64(&s["replication"]["object_requests"]["put_bytes"]);

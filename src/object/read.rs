@@ -207,21 +207,7 @@ impl PointReader {
             });
         }
         let hashes = self.block_hashes(fm, blocks.clone()).await?;
-        let wanted: Vec<_> = blocks
-            .clone()
-            .zip(&hashes)
-            .filter_map(|(block, h)| {
-                h.map(|h| {
-                    (
-                        h,
-                        Want::Block {
-                            file: file_id,
-                            block,
-                        },
-                    )
-                })
-            })
-            .collect();
+        let wanted = wanted_blocks(file_id, blocks.clone(), &hashes);
         let got = self.blobs(&wanted).await?;
         let mut out = vec![0u8; (end - offset) as usize];
         for (block, h) in blocks.zip(hashes) {
@@ -495,20 +481,7 @@ impl PointReader {
     async fn prefetch(&self, file_id: u64, blocks: Range<u64>) -> Result<()> {
         let fm = self.file(file_id)?;
         let hashes = self.block_hashes(fm, blocks.clone()).await?;
-        let wanted: Vec<_> = blocks
-            .zip(hashes)
-            .filter_map(|(block, h)| {
-                h.map(|h| {
-                    (
-                        h,
-                        Want::Block {
-                            file: file_id,
-                            block,
-                        },
-                    )
-                })
-            })
-            .collect();
+        let wanted = wanted_blocks(file_id, blocks, &hashes);
         self.blobs(&wanted).await.map(|_| ())
     }
 
@@ -541,6 +514,25 @@ impl PointReader {
             reason: format!("{}: {reason}", self.name()),
         }
     }
+}
+
+/// The non-zero blocks of `blocks` of file `file_id` whose hashes are
+/// `hashes`, as blobs wanted.
+fn wanted_blocks(
+    file_id: u64,
+    blocks: Range<u64>,
+    hashes: &[Option<BlockHash>],
+) -> Vec<(BlockHash, Want)> {
+    blocks
+        .zip(hashes)
+        .filter_map(|(block, h)| {
+            let want = Want::Block {
+                file: file_id,
+                block,
+            };
+            h.map(|h| (h, want))
+        })
+        .collect()
 }
 
 /// Where a reading command finds its point: `s3://…` and what the

@@ -121,7 +121,7 @@ pub async fn restore(reader: Arc<PointReader>, dir: &Path) -> Result<Restored> {
         let size = reader.file(*file_id)?.size;
         done.bytes += size;
         file.set_len(size)
-            .at(&partial.join(OsStr::from_bytes(rel)))?;
+            .at(partial.join(OsStr::from_bytes(rel)))?;
         let blocks = size.div_ceil(reader.repo().block_size());
         let mut first = 0;
         while first < blocks {
