@@ -212,7 +212,9 @@ impl PointReader {
         let mut out = vec![0u8; (end - offset) as usize];
         for (block, h) in blocks.zip(hashes) {
             let Some(h) = h else { continue };
-            let content = &got[&h];
+            let content = got
+                .get(&h)
+                .ok_or_else(|| self.damaged(format!("block {block} was not fetched")))?;
             let start = block * bs;
             let need = (fm.size.min(start + bs) - start) as usize;
             if content.len() < need {
