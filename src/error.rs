@@ -51,9 +51,10 @@ pub enum Error {
     /// reached.
     #[error("{0}")]
     Remote(String),
-    /// The secondary refused what was shipped: sending the same again
-    /// would be refused again.
-    #[error("refused by the secondary: {0}")]
+    /// The target (a secondary, or an object store's series) refused what
+    /// was shipped: sending the same again would be refused again. The
+    /// message names the target.
+    #[error("refused {0}")]
     Refused(String),
     /// The user asked for something that cannot be done as asked.
     #[error("{0}")]

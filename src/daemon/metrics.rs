@@ -71,8 +71,44 @@ impl Collector for PrimaryMetrics {
         let r = stats.report();
         counters(&mut e, &primary_counters(&r))?;
         gauges(&mut e, &primary_gauges(&r))?;
+        target(&mut e, &r)?;
         errors(&mut e, &r.errors)
     }
+}
+
+/// Encodes `hbrfs_target_info{target, kind} 1` (which secondary or
+/// repository points go to) and, with an object store, the requests made
+/// to it (`hbrfs_object_requests_total{op}`, `hbrfs_object_bytes_total{op}`).
+fn target(e: &mut DescriptorEncoder, r: &ReplicationReport) -> fmt::Result {
+    let kind = if r.target.starts_with("s3://") {
+        "object"
+    } else {
+        "secondary"
+    };
+    let help = "Where points go (value 1): a secondary or an object store.";
+    let mut m = e.encode_descriptor("hbrfs_target_info", help, None, MetricType::Gauge)?;
+    ConstGauge::new(1.0)
+        .encode(m.encode_family(&[("target", r.target.as_str()), ("kind", kind)])?)?;
+    if kind != "object" {
+        return Ok(());
+    }
+    let q = &r.object_requests;
+    let help = "Requests to the object store, by operation.";
+    let mut m = e.encode_descriptor("hbrfs_object_requests", help, None, MetricType::Counter)?;
+    for (op, n) in [
+        ("put", q.puts),
+        ("get", q.gets),
+        ("list", q.lists),
+        ("delete", q.deletes),
+    ] {
+        ConstCounter::new(n).encode(m.encode_family(&[("op", op)])?)?;
+    }
+    let help = "Bytes sent to (put) and read from (get) the object store.";
+    let mut m = e.encode_descriptor("hbrfs_object_bytes", help, None, MetricType::Counter)?;
+    for (op, n) in [("put", q.put_bytes), ("get", q.get_bytes)] {
+        ConstCounter::new(n).encode(m.encode_family(&[("op", op)])?)?;
+    }
+    Ok(())
 }
 
 /// The primary's counters, from its replication report.

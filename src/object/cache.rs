@@ -231,8 +231,10 @@ impl Cache {
     pub async fn sync(&self, repo: &Repo) -> Result<usize> {
         let store = repo.store.as_ref();
         let mut new = 0;
-        for meta in s3::list(store, &repo.url, "index").await? {
+        let (after, mut newest) = (self.listed_after("index")?, self.newest_ns("index"));
+        for meta in s3::list_after(store, &repo.url, "index", after.as_deref()).await? {
             let rel = repo.url.rel(&meta.location).to_string();
+            newest = newest.max(name_ns(&rel));
             if self.seen.contains_key(&rel).map_err(|e| self.err(e))? {
                 continue;
             }
@@ -246,9 +248,15 @@ impl Cache {
                 .map_err(|e| self.err(e))?;
             new += 1;
         }
+        self.note_listed("index", newest)?;
         let (mut gone, mut seen_deleted) = (HashSet::new(), Vec::new());
-        for meta in s3::list(store, &repo.url, "gc/deleted").await? {
+        let (after, mut newest) = (
+            self.listed_after("gc/deleted")?,
+            self.newest_ns("gc/deleted"),
+        );
+        for meta in s3::list_after(store, &repo.url, "gc/deleted", after.as_deref()).await? {
             let rel = repo.url.rel(&meta.location).to_string();
+            newest = newest.max(name_ns(&rel));
             if self.seen.contains_key(&rel).map_err(|e| self.err(e))? {
                 continue;
             }
@@ -264,6 +272,7 @@ impl Cache {
                 .insert(rel.as_str(), &[])
                 .map_err(|e| self.err(e))?;
         }
+        self.note_listed("gc/deleted", newest)?;
         let candidates = match s3::get_opt(store, &repo.url, "gc/candidates").await? {
             Some(bytes) => {
                 let c: GcCandidates = format::open(&bytes, &repo.url, "gc/candidates")?;
@@ -274,6 +283,42 @@ impl Cache {
         *self.candidates.lock().expect("candidates lock") = candidates;
         self.db.flush().map_err(|e| self.err(e))?;
         Ok(new)
+    }
+
+    /// Where the next listing of `dir` may start: names carry their
+    /// creation time (`NS-…`), so only names from [`LIST_WINDOW`] before
+    /// the newest one seen need listing again (what is in that window and
+    /// seen is skipped). `None` lists everything (first sync).
+    fn listed_after(&self, dir: &str) -> Result<Option<String>> {
+        let mark = self
+            .seen
+            .get(format!("mark:{dir}"))
+            .map_err(|e| self.err(e))?;
+        Ok(mark.and_then(|m| {
+            let ns = u64::from_le_bytes(m.as_ref().try_into().ok()?);
+            let from = ns.saturating_sub(LIST_WINDOW.as_nanos() as u64);
+            Some(format!("{dir}/{from:020}"))
+        }))
+    }
+
+    /// The newest creation time among the names of `dir` seen so far.
+    fn newest_ns(&self, dir: &str) -> u64 {
+        self.seen
+            .get(format!("mark:{dir}"))
+            .ok()
+            .flatten()
+            .and_then(|m| m.as_ref().try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0)
+    }
+
+    /// Records the newest creation time among the names of `dir` seen.
+    fn note_listed(&self, dir: &str, newest: u64) -> Result<()> {
+        if newest > 0 {
+            (self.seen)
+                .insert(format!("mark:{dir}"), &newest.to_le_bytes())
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     fn load_segment(&self, segment: &IndexSegment, repo: &Repo, rel: &str) -> Result<()> {
@@ -353,10 +398,31 @@ impl Cache {
 }
 
 /// A fresh segment's key below the prefix: `index/` and a random name.
+/// The creation time a name `DIR/NS[-…]` starts with, 0 if none.
+fn name_ns(rel: &str) -> u64 {
+    let name = rel.rsplit('/').next().unwrap_or("");
+    name.split('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How far back a listing of segments or GC records starts before the
+/// newest name already seen: names carry their writer's clock, and a
+/// writer may PUT a name some time after making it (an upload's retries),
+/// or run on a clock behind ours.
+const LIST_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A fresh segment's key below the prefix: `index/NS-RANDOM`, its
+/// creation time first, so a cache lists only the recent ones.
 pub fn segment_name() -> Result<String> {
     use crate::error::IoContext;
-    let id = crate::sys::random_bytes::<16>().at("/dev/urandom")?;
-    Ok(format!("index/{}", crate::state::hex(&id)))
+    let id = crate::sys::random_bytes::<8>().at("/dev/urandom")?;
+    Ok(format!(
+        "index/{:020}-{}",
+        crate::state::now_ns(),
+        crate::state::hex(&id)
+    ))
 }
 
 /// The entries of pack `rel`, from its footer (one ranged read of the

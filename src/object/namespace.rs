@@ -19,7 +19,7 @@
 //!
 //! What is modelled, and where it differs from a folder:
 //! - A regular file is known by the primary's file id, which is also its
-//!   `Entry.ino` (so [`crate::mirror::tree::Tree::build`] groups its
+//!   `Entry.ino` (so `mirror::tree::Tree::build` groups its
 //!   names as hard links, and the manifest's file maps find it). Names of
 //!   one id share size, mode, owner and time, as names of one inode do.
 //! - Folders, symlinks and other nodes get inode numbers only in

@@ -432,11 +432,25 @@ pub async fn list(
     url: &S3Url,
     rel: &str,
 ) -> Result<Vec<object_store::ObjectMeta>> {
+    list_after(store, url, rel, None).await
+}
+
+/// Every key below `rel/` sorting after `after` (below the prefix too;
+/// `None`: all), with its size and time, sorted.
+pub async fn list_after(
+    store: &dyn ObjectStore,
+    url: &S3Url,
+    rel: &str,
+    after: Option<&str>,
+) -> Result<Vec<object_store::ObjectMeta>> {
     use futures_util::TryStreamExt;
     let prefix = url.key(rel);
     REQUESTS.listed();
-    let mut found: Vec<_> = store
-        .list(Some(&prefix))
+    let listing = match after {
+        Some(a) => store.list_with_offset(Some(&prefix), &url.key(a)),
+        None => store.list(Some(&prefix)),
+    };
+    let mut found: Vec<_> = listing
         .try_collect()
         .await
         .map_err(|e| failed(url, &format!("listing {rel}/"), e))?;

@@ -136,7 +136,7 @@ pub(super) fn unexpected(what: &str, reply: &ship_reply::Body) -> Error {
 /// out (a stalled connection) when that is what closed it.
 pub(super) fn ship_status(s: tonic::Status) -> Error {
     if s.code() == tonic::Code::InvalidArgument {
-        Error::Refused(s.message().to_string())
+        Error::Refused(format!("by the secondary: {}", s.message()))
     } else if keepalive_timed_out(&s) {
         remote(
             "secondary",

@@ -241,7 +241,7 @@ impl Replicator {
             let there = manifest::load(repo, series, m.seq).await?;
             if there.as_ref().is_none_or(|t| t.point_id != m.point_id) {
                 return Err(Error::Refused(format!(
-                    "{}: point {} of datastore {series} was published by another writer (point {}): \
+                    "by {}: point {} of datastore {series} was published by another writer (point {}): \
                      two primaries are replicating this datastore to one prefix. This one stops \
                      publishing; its changes stay dirty. Stop the other primary, or give this one \
                      another prefix.",
