@@ -11,6 +11,7 @@ mod health;
 mod metadata;
 mod object_gc;
 mod object_publish;
+mod object_recover;
 mod object_storage;
 mod passthrough;
 mod paths;

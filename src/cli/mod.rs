@@ -7,8 +7,10 @@
 //! - `render`: tables, `--json`, byte and time formatting.
 //! - `status`: `hbrfs status` for a primary or a secondary, and `--watch`.
 //! - `roles`: `hbrfs promote` and `hbrfs demote`, and what they say.
+//! - `objects`: `points ls`, `restore` and `promote` of an object store.
 
 mod gc;
+mod objects;
 mod points;
 mod render;
 mod roles;
@@ -25,6 +27,7 @@ use crate::daemon::{self, MountOptions, ServeOptions};
 use crate::datastore::{Access, Datastore};
 use crate::error::{Error, Result};
 use crate::ids::BlockSize;
+use crate::object::read::{DEFAULT_CACHE_BYTES, PointSource};
 use crate::object::{S3Options, S3Url};
 use crate::points::Retention;
 use crate::replicate::{ReplicateOptions, Target as ReplicaTarget};
@@ -126,30 +129,52 @@ enum Command {
         mountpoint: PathBuf,
     },
     /// Mount one recovery point of a replica read-only (foreground), as
-    /// it was when applied; `serve` may go on applying meanwhile.
+    /// it was when applied; `serve` may go on applying meanwhile. Of an
+    /// object store (s3://BUCKET/PREFIX), the point is fetched lazily:
+    /// only what is read travels.
     MountPoint {
-        /// The replica folder.
-        replica: PathBuf,
-        /// The point: its epoch, its name (`hbrfs points ls`) or `latest`.
+        /// The replica folder, or s3://BUCKET/PREFIX.
+        replica: String,
+        /// The point: its epoch, its name (`hbrfs points ls`) or `latest`
+        /// (of an object store: its SEQ or `latest`).
         point: String,
         /// Where to mount it.
         mountpoint: PathBuf,
+        #[command(flatten)]
+        s3: ObjectArgs,
     },
     /// Mount a writable sandbox of a recovery point (foreground), to boot
     /// a VM from it while replication goes on; stopping it discards
-    /// every change.
+    /// every change. The point may be an object store's (read lazily).
     TestFailover {
-        /// The replica folder.
-        replica: PathBuf,
-        /// The point: its epoch, its name (`hbrfs points ls`) or `latest`.
+        /// The replica folder, or s3://BUCKET/PREFIX.
+        replica: String,
+        /// The point: its epoch, its name (`hbrfs points ls`) or `latest`
+        /// (of an object store: its SEQ or `latest`).
         #[arg(long, default_value = "latest")]
         point: String,
         /// Where the sandbox keeps what is written (a folder of its own
-        /// inside); default REPLICA/.hbrfs/sandboxes.
+        /// inside); default REPLICA/.hbrfs/sandboxes (of an object store:
+        /// the cache folder's sandboxes/).
         #[arg(long, value_name = "DIR")]
         scratch: Option<PathBuf>,
         /// Where to mount it.
         mountpoint: PathBuf,
+        #[command(flatten)]
+        s3: ObjectArgs,
+    },
+    /// Write one point of an object store (s3://BUCKET/PREFIX) into DIR
+    /// (absent or empty), whole: a replica folder for `hbrfs serve` or a
+    /// backing folder for a new primary, so only differences travel next.
+    Restore {
+        /// s3://BUCKET/PREFIX.
+        source: String,
+        /// The point: its SEQ (`hbrfs points ls s3://…`) or `latest`.
+        point: String,
+        /// Where to write it (renamed into place once complete).
+        dir: PathBuf,
+        #[command(flatten)]
+        s3: ObjectArgs,
     },
     /// Run a primary and a secondary on loopback under DIR: the demo.
     Up {
@@ -192,10 +217,13 @@ enum Command {
         #[command(subcommand)]
         what: JournalCommand,
     },
-    /// The recovery points a replica keeps (`serve --keep`).
+    /// The recovery points a replica keeps (`serve --keep`), or an object
+    /// store holds: `hbrfs points ls REPLICA|s3://BUCKET/PREFIX` (or the
+    /// older `hbrfs points REPLICA ls`).
     Points {
-        /// The replica folder.
-        replica: PathBuf,
+        /// The replica folder (older form: before `ls`).
+        #[arg(value_name = "REPLICA")]
+        replica: Option<String>,
         #[command(subcommand)]
         what: PointsCommand,
     },
@@ -229,14 +257,21 @@ enum Command {
     },
     /// Failover: turn a replica into a primary at its applied point (or at
     /// an older kept point it is rolled back to): the pair's common base.
-    /// `hbrfs serve` must not run.
+    /// `hbrfs serve` must not run. Of an object store: restore the point
+    /// (--point, default latest) into INTO, the new primary's backing.
     Promote {
-        /// The replica folder.
-        replica: PathBuf,
+        /// The replica folder, or s3://BUCKET/PREFIX.
+        replica: String,
         /// Roll the replica back to this kept point first (an epoch or a
-        /// point name, as `hbrfs points ls` shows them).
+        /// point name, as `hbrfs points ls` shows them); of an object
+        /// store, the point to restore (SEQ or `latest`).
         #[arg(long, value_name = "POINT")]
         point: Option<String>,
+        /// With s3://: the folder to restore into (absent or empty).
+        #[arg(long, value_name = "DIR")]
+        into: Option<PathBuf>,
+        #[command(flatten)]
+        s3: ObjectArgs,
     },
     /// Failback: turn an old primary (its daemon stopped) into a secondary
     /// of the new one; what it wrote after its last shipped point becomes
@@ -299,12 +334,65 @@ struct Target {
 #[derive(Debug, Subcommand)]
 enum PointsCommand {
     /// Every kept point, oldest first: epoch, time, files, changed
-    /// blocks and the undo kept with it.
+    /// blocks and the undo kept with it; of an object store, each point's
+    /// SEQ, epoch, cut time, files and what it uploaded.
     Ls {
+        /// The replica folder, or s3://BUCKET/PREFIX.
+        #[arg(value_name = "REPLICA|s3://BUCKET/PREFIX")]
+        source: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        s3: ObjectArgs,
     },
+}
+
+/// What a command reading an object store's points adds to its address.
+#[derive(Debug, Default, clap::Args)]
+struct ObjectArgs {
+    /// The object store's endpoint, for stores other than AWS (e.g.
+    /// http://127.0.0.1:8333); default AWS_ENDPOINT_URL, else AWS's.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// Which datastore's points (a repository shared by several holds a
+    /// series of points per datastore: `points ls` shows them).
+    #[arg(long = "datastore", value_name = "ID")]
+    series: Option<String>,
+    /// Where the local index of the repository is kept; default
+    /// $XDG_CACHE_HOME/hbrfs/REPO-ID (else ~/.cache/hbrfs/REPO-ID).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Bytes of blocks a lazy mount keeps in memory (e.g. 1G).
+    #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
+    cache_size: Option<u64>,
+}
+
+/// The object-store point source `given` names, with `args`; `None` when
+/// `given` is a folder (then no object flag may be set).
+fn object_source(given: &str, args: ObjectArgs) -> Result<Option<PointSource>> {
+    let Some(url) = S3Url::parse(given) else {
+        let set = args.s3_endpoint.is_some()
+            || args.series.is_some()
+            || args.cache_dir.is_some()
+            || args.cache_size.is_some();
+        if set {
+            return Err(Error::Usage(format!(
+                "{given} is a folder: --s3-endpoint, --datastore, --cache-dir and --cache-size \
+                 go with s3://BUCKET/PREFIX"
+            )));
+        }
+        return Ok(None);
+    };
+    Ok(Some(PointSource {
+        url: url?,
+        opts: S3Options {
+            endpoint: args.s3_endpoint,
+        },
+        cache_dir: args.cache_dir,
+        datastore: args.series,
+        cache_bytes: args.cache_size.unwrap_or(DEFAULT_CACHE_BYTES),
+    }))
 }
 
 #[derive(Debug, Subcommand)]
@@ -492,19 +580,57 @@ fn run(cli: Cli) -> Result<()> {
             replica,
             point,
             mountpoint,
-        } => daemon::run_mount_point(&replica, &point, &mountpoint),
+            s3,
+        } => match object_source(&replica, s3)? {
+            Some(src) => daemon::run_mount_object_point(&src, &point, &mountpoint),
+            None => daemon::run_mount_point(Path::new(&replica), &point, &mountpoint),
+        },
         Command::TestFailover {
             replica,
             point,
             scratch,
             mountpoint,
-        } => daemon::run_test_failover(&replica, &point, scratch, &mountpoint),
+            s3,
+        } => match object_source(&replica, s3)? {
+            Some(src) => daemon::run_test_failover_object(&src, &point, scratch, &mountpoint),
+            None => daemon::run_test_failover(Path::new(&replica), &point, scratch, &mountpoint),
+        },
+        Command::Restore {
+            source,
+            point,
+            dir,
+            s3,
+        } => match object_source(&source, s3)? {
+            Some(src) => objects::restore(&src, &point, &dir).map(drop),
+            None => Err(Error::Usage(format!(
+                "{source}: restore reads an object store (s3://BUCKET/PREFIX); a replica's \
+                 point is served by `hbrfs mount-point` or promoted by `hbrfs promote`"
+            ))),
+        },
         Command::Up { dir, rpo } => daemon::run_up(&dir, rpo),
         Command::Status { target, watch, .. } => status::run(&target, watch),
         Command::Verify { target, repair } => verify(&target, repair),
         Command::Journal { target, what } => journal(&target, what),
         Command::Points { replica, what } => match what {
-            PointsCommand::Ls { json } => points::ls(&replica, json),
+            PointsCommand::Ls { source, json, s3 } => {
+                let given = match (replica, source) {
+                    (Some(r), None) | (None, Some(r)) => r,
+                    (Some(_), Some(_)) => {
+                        return Err(Error::Usage(
+                            "name the replica once: hbrfs points ls REPLICA".into(),
+                        ));
+                    }
+                    (None, None) => {
+                        return Err(Error::Usage(
+                            "which points? hbrfs points ls REPLICA|s3://BUCKET/PREFIX".into(),
+                        ));
+                    }
+                };
+                match object_source(&given, s3)? {
+                    Some(src) => objects::ls(&src, json),
+                    None => points::ls(Path::new(&given), json),
+                }
+            }
         },
         Command::Export {
             replica,
@@ -518,7 +644,25 @@ fn run(cli: Cli) -> Result<()> {
             let backing = resolve_datastore(&target.datastore)?;
             ask_and_print(&backing, &Request::Cut, target.json)
         }
-        Command::Promote { replica, point } => roles::promote(&replica, point.as_deref()),
+        Command::Promote {
+            replica,
+            point,
+            into,
+            s3,
+        } => match (object_source(&replica, s3)?, into) {
+            (Some(src), Some(into)) => {
+                objects::promote(&src, point.as_deref().unwrap_or("latest"), &into)
+            }
+            (Some(_), None) => Err(Error::Usage(
+                "promote from an object store restores the point into a folder: \
+                 give it with --into DIR"
+                    .into(),
+            )),
+            (None, Some(_)) => Err(Error::Usage(
+                "--into goes with s3://BUCKET/PREFIX: a replica is promoted in place".into(),
+            )),
+            (None, None) => roles::promote(Path::new(&replica), point.as_deref()),
+        },
         Command::Demote { backing } => roles::demote(&backing),
         Command::Migrate { datastore, timeout } => roles::migrate(&datastore, timeout),
         Command::Gc {

@@ -27,7 +27,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::sys;
 
 pub use primary::{MountOptions, run_mount};
-pub use recovery::{run_mount_point, run_test_failover};
+pub use recovery::{
+    run_mount_object_point, run_mount_point, run_test_failover, run_test_failover_object,
+};
 pub use secondary::{ServeOptions, default_key_path, run_mount_replica, run_serve};
 pub use up::run_up;
 

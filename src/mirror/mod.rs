@@ -12,6 +12,7 @@
 //!
 //! - this file: the [`Mirror`] of the live replica, and finding a kept point.
 //! - `tree`: a point's recorded namespace as an inode table.
+//! - `object`: a point of an object-store repository, read lazily.
 //! - `point`: one point served read-only ([`point::PointFs`]): the ops.
 //! - `point_mount`: `hbrfs mount-point`, one point as a whole mount.
 //! - `points_dir`: `.points/` in the mirror's root, every kept point.
@@ -39,6 +40,7 @@ use crate::replica::Pair;
 use crate::replica::overlay::SharedOverlay;
 use crate::state::ReplicaPaths;
 
+pub mod object;
 pub mod point;
 pub mod point_mount;
 pub mod points_dir;

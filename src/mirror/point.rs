@@ -1,14 +1,15 @@
 //! One recovery point as a read-only filesystem: its [`Tree`] for names
-//! and attributes, its [`PointView`] for bytes. `hbrfs mount-point`
-//! mounts one alone; the mirror serves one per opened `.points/<name>/`.
+//! and attributes, its [`PointBytes`] for bytes (a replica's
+//! [`PointView`], or an object store's point). `hbrfs mount-point` mounts
+//! one alone; the mirror serves one per opened `.points/<name>/`.
 //!
 //! A point never changes, so the kernel may cache everything: entries and
 //! attributes for a day, file pages across opens (`FOPEN_KEEP_CACHE`).
-//! Reads go to the view whole (up to 1 MiB a request, see
+//! Reads go to the source whole (up to 1 MiB a request, see
 //! [`crate::fs::negotiate`]); each takes the points lock shared (inside
 //! the view) and nothing else, never the mirror's view lock.
 //!
-//! The view (and with it the pin that keeps retention off the point) may
+//! A replica's view (and with it the pin that keeps retention off the point) may
 //! be let go while nothing uses it ([`PointFs::let_go_if_idle`]) and is
 //! opened again by the next read; the tree stays, as the point's namespace
 //! cannot change.
@@ -34,6 +35,27 @@ use crate::state::ReplicaPaths;
 /// never change.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// Where a point's file bytes come from: a replica's undo and live files
+/// ([`HeldView`]), or an object store's packs (`crate::mirror::object`).
+pub trait PointBytes: Send + Sync + std::fmt::Debug {
+    /// Fills `buf` from `offset` of the file the point's namespace names
+    /// `ino`, of `size` bytes at the point; returns the bytes read (short
+    /// at its end).
+    fn read(&self, ino: u64, size: u64, offset: u64, buf: &mut [u8]) -> Result<usize>;
+
+    /// Requests and bytes fetched from a remote store so far, if the
+    /// bytes come from one (shown as the root's `user.hbrfs.fetched`).
+    fn fetched(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+impl PointBytes for PointView {
+    fn read(&self, ino: u64, size: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        PointView::read(self, ino, size, offset, buf)
+    }
+}
+
 /// A view, when it was last used.
 #[derive(Debug)]
 struct Held {
@@ -41,21 +63,56 @@ struct Held {
     last_used: Instant,
 }
 
-/// One point, served read-only as FUSE inodes `base..base + nodes`.
+/// A replica's point as [`PointBytes`]: its view, let go while idle (and
+/// with it the pin that keeps retention off the point) and opened again
+/// by the next read.
 #[derive(Debug)]
-pub struct PointFs {
+pub struct HeldView {
     /// The replica folder.
     root: PathBuf,
     /// The point's record (its epoch is what a view opens again).
     record: PointRecord,
     /// The pair's block size (what the view composes by).
     block_size: u64,
-    /// FUSE inode of node 0, the point's root.
-    base: u64,
-    tree: Tree,
     /// The view, or none while let go; its own lock, so a read only
     /// clones the `Arc` under it and reads outside.
     held: Mutex<Held>,
+}
+
+impl HeldView {
+    /// The view, opened again if it was let go.
+    fn view(&self) -> Result<Arc<PointView>> {
+        let mut held = self.held.lock().expect("view lock");
+        held.last_used = Instant::now();
+        if let Some(view) = &held.view {
+            return Ok(view.clone());
+        }
+        let view = Arc::new(PointView::open(
+            &self.root,
+            self.record.epoch,
+            self.block_size,
+        )?);
+        held.view = Some(view.clone());
+        Ok(view)
+    }
+}
+
+impl PointBytes for HeldView {
+    fn read(&self, ino: u64, size: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.view()?.read(ino, size, offset, buf)
+    }
+}
+
+/// One point, served read-only as FUSE inodes `base..base + nodes`, its
+/// bytes from `S`.
+#[derive(Debug)]
+pub struct PointFs<S = HeldView> {
+    source: S,
+    /// The block size (the attributes' `blksize`).
+    block_size: u64,
+    /// FUSE inode of node 0, the point's root.
+    base: u64,
+    tree: Tree,
     /// Open file handles: a point in use is never let go.
     open: AtomicU64,
     /// Folder listings, snapshotted at `opendir`.
@@ -84,31 +141,58 @@ pub fn tree_of(root: &Path, view: &PointView) -> Result<Tree> {
     Tree::build(view.entries(), top, &namespace)
 }
 
-impl PointFs {
+impl PointFs<HeldView> {
     /// Opens point `epoch` of the replica at `root` (block size
     /// `block_size`), pinned, as FUSE inodes from `base` on.
     pub fn open(root: &Path, epoch: u64, block_size: u64, base: u64) -> Result<PointFs> {
         let view = PointView::open(root, epoch, block_size)?;
         let record = view.record().clone();
         let tree = tree_of(root, &view)?;
-        Ok(PointFs {
+        let source = HeldView {
             root: root.to_path_buf(),
             record,
             block_size,
-            base,
-            tree,
             held: Mutex::new(Held {
                 view: Some(Arc::new(view)),
                 last_used: Instant::now(),
             }),
-            open: AtomicU64::new(0),
-            listings: HandleTable::default(),
-        })
+        };
+        Ok(PointFs::new(source, tree, block_size, base))
     }
 
     /// The point's record.
     pub fn record(&self) -> &PointRecord {
-        &self.record
+        &self.source.record
+    }
+
+    /// Lets the view (and its pin) go when no file is open and nothing
+    /// was read for `idle`; returns whether it holds none now.
+    pub fn let_go_if_idle(&self, idle: Duration) -> bool {
+        let mut held = self.source.held.lock().expect("view lock");
+        if self.open.load(Ordering::Relaxed) == 0 && held.last_used.elapsed() >= idle {
+            held.view = None;
+        }
+        held.view.is_none()
+    }
+}
+
+impl<S: PointBytes> PointFs<S> {
+    /// The point of namespace `tree` whose bytes `source` reads, as FUSE
+    /// inodes from `base` on.
+    pub fn new(source: S, tree: Tree, block_size: u64, base: u64) -> PointFs<S> {
+        PointFs {
+            source,
+            block_size,
+            base,
+            tree,
+            open: AtomicU64::new(0),
+            listings: HandleTable::default(),
+        }
+    }
+
+    /// Where its bytes come from.
+    pub fn source(&self) -> &S {
+        &self.source
     }
 
     /// The FUSE inode of the point's root.
@@ -128,32 +212,6 @@ impl PointFs {
             attr: node.attr(ino, self.block_size as u32),
             ttl: TTL,
         }
-    }
-
-    /// The view, opened again if it was let go.
-    fn view(&self) -> Result<Arc<PointView>> {
-        let mut held = self.held.lock().expect("view lock");
-        held.last_used = Instant::now();
-        if let Some(view) = &held.view {
-            return Ok(view.clone());
-        }
-        let view = Arc::new(PointView::open(
-            &self.root,
-            self.record.epoch,
-            self.block_size,
-        )?);
-        held.view = Some(view.clone());
-        Ok(view)
-    }
-
-    /// Lets the view (and its pin) go when no file is open and nothing
-    /// was read for `idle`; returns whether it holds none now.
-    pub fn let_go_if_idle(&self, idle: Duration) -> bool {
-        let mut held = self.held.lock().expect("view lock");
-        if self.open.load(Ordering::Relaxed) == 0 && held.last_used.elapsed() >= idle {
-            held.view = None;
-        }
-        held.view.is_none()
     }
 
     /// Looks `name` up in folder `parent`.
@@ -208,8 +266,8 @@ impl PointFs {
         }
         let len = node.size.saturating_sub(offset).min(u64::from(size));
         let mut buf = vec![0u8; len as usize];
-        let view = self.view().map_err(state_errno)?;
-        let n = view
+        let n = self
+            .source
             .read(node.replica_ino, node.size, offset, &mut buf)
             .map_err(state_errno)?;
         buf.truncate(n);

@@ -1,5 +1,6 @@
 //! The filesystem of `hbrfs mount-point`: one recovery point, read-only,
-//! as the whole mount (its root is the point's root). Each callback calls
+//! as the whole mount (its root is the point's root), of a replica or of
+//! an object store. Each callback calls
 //! one [`PointFs`] op and answers with its result.
 
 use std::ffi::OsStr;
@@ -14,27 +15,57 @@ use fuser::{
     ReplyXattr, Request,
 };
 
-use super::point::PointFs;
+use super::point::{HeldView, PointBytes, PointFs};
 use crate::error::{IoContext, Result};
 use crate::fs::reply::{Answer, Xattr, io_errno};
 use crate::sys;
 
-/// One point mounted alone.
+/// One point mounted alone, its bytes from `S`.
 #[derive(Debug)]
-pub struct PointMount {
-    point: PointFs,
-    /// The replica folder, for `statfs`.
+pub struct PointMount<S = HeldView> {
+    point: PointFs<S>,
+    /// The replica folder (or a reader's cache folder), for `statfs`.
     root: File,
+}
+
+/// The extended attribute of the mount's root that says what a point
+/// read from a remote store has fetched: "GETS BYTES".
+pub const FETCHED_XATTR: &str = "user.hbrfs.fetched";
+
+impl<S: PointBytes> PointMount<S> {
+    /// `point`, its `statfs` answered by the file system of `root`.
+    pub fn new(point: PointFs<S>, root: &Path) -> Result<PointMount<S>> {
+        Ok(PointMount {
+            point,
+            root: File::open(root).at(root)?,
+        })
+    }
+
+    /// The value of `name` on `ino` for a buffer of `size` bytes: only
+    /// the root's fetched figures.
+    fn xattr(&self, ino: INodeNo, name: &OsStr, size: u32) -> Result<Xattr, Errno> {
+        let value = match self.point.source().fetched() {
+            Some((gets, bytes)) if ino == self.point.root_ino() && name == FETCHED_XATTR => {
+                format!("{gets} {bytes}").into_bytes()
+            }
+            _ => return Err(Errno::ENODATA),
+        };
+        match size {
+            0 => Ok(Xattr::Size(value.len() as u32)),
+            n if (n as usize) < value.len() => Err(Errno::ERANGE),
+            _ => Ok(Xattr::Data(value)),
+        }
+    }
 }
 
 impl PointMount {
     /// Point `epoch` of the replica at `root` (block size `block_size`),
     /// pinned for as long as the mount lives.
     pub fn open(root: &Path, epoch: u64, block_size: u64) -> Result<PointMount> {
-        Ok(PointMount {
-            point: PointFs::open(root, epoch, block_size, INodeNo::ROOT.0)?,
-            root: File::open(root).at(root)?,
-        })
+        PointMount::new(
+            PointFs::open(root, epoch, block_size, INodeNo::ROOT.0)?,
+            root,
+        )
     }
 }
 
@@ -43,7 +74,7 @@ fn statfs_of(root: &File) -> Result<libc::statvfs, Errno> {
     sys::statvfs(root.as_fd()).map_err(io_errno)
 }
 
-impl Filesystem for PointMount {
+impl<S: PointBytes + 'static> Filesystem for PointMount<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         crate::fs::negotiate(config, false);
         Ok(())
@@ -119,8 +150,8 @@ impl Filesystem for PointMount {
         reply.answer(statfs_of(&self.root));
     }
 
-    fn getxattr(&self, _req: &Request, _: INodeNo, _: &OsStr, _: u32, reply: ReplyXattr) {
-        reply.error(Errno::ENODATA);
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply.answer(self.xattr(ino, name, size));
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {

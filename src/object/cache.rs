@@ -447,7 +447,26 @@ pub async fn fetch(repo: &Repo, hash: BlockHash, loc: &Location) -> Result<Vec<u
     let rel = loc.pack_rel();
     let end = loc.offset + u64::from(loc.stored);
     let stored = s3::get_range(repo.store.as_ref(), &repo.url, &rel, loc.offset..end).await?;
-    let raw = crate::block::decompress(&stored, loc.raw as usize).map_err(|e| {
+    open_blob(repo, hash, loc, &stored)
+}
+
+/// The content of the blob `hash` at `loc` from its `stored` bytes (read
+/// alone, or cut out of a longer ranged read): decompressed within its
+/// recorded size and checked against its keyed hash.
+pub fn open_blob(repo: &Repo, hash: BlockHash, loc: &Location, stored: &[u8]) -> Result<Vec<u8>> {
+    let rel = loc.pack_rel();
+    if stored.len() != loc.stored as usize {
+        return Err(repo.url.damaged(
+            &rel,
+            format!(
+                "blob {hash:?} at {}: {} bytes read, {} recorded (the pack is cut short?)",
+                loc.offset,
+                stored.len(),
+                loc.stored
+            ),
+        ));
+    }
+    let raw = crate::block::decompress(stored, loc.raw as usize).map_err(|e| {
         repo.url
             .damaged(&rel, format!("blob {hash:?} at {}: {e}", loc.offset))
     })?;

@@ -47,13 +47,19 @@
 //! - [`namespace`]: a point's namespace replayed from the primary's lists.
 //! - [`retention`]: the `--keep` grid applied to a series (manifests go).
 //! - [`gc`]: mark, grace and sweep of unreferenced packs, under a lease.
+//! - [`read`]: one point read lazily (`mount-point`, `test-failover`,
+//!   `restore` of an `s3://` point), through [`lru`], a cache bounded by bytes.
+//! - [`restore`]: one point written out whole into a folder.
 
 pub mod cache;
 pub mod format;
 pub mod gc;
+pub mod lru;
 pub mod manifest;
 pub mod namespace;
 pub mod pack;
+pub mod read;
+pub mod restore;
 pub mod retention;
 pub mod s3;
 

@@ -12,13 +12,14 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use crate::error::{IoContext, Result};
-use crate::points::PointView;
+use crate::mirror::point::PointBytes;
 use crate::state::read_full;
 
 /// The point's file under a sandbox file.
 #[derive(Debug)]
 pub struct Base {
-    /// The replica inode its undo records are keyed by.
+    /// Its identity in the point's namespace (the replica inode its
+    /// undo records are keyed by, or the primary's file id).
     pub ino: u64,
     /// Bytes of it still showing: its size at the point, less what
     /// shrinks cut off since.
@@ -73,7 +74,7 @@ impl CowFile {
     }
 
     /// Reads up to `len` bytes at `offset`, short at the end of the file.
-    pub fn read(&self, view: &PointView, offset: u64, len: u32) -> Result<Vec<u8>> {
+    pub fn read(&self, view: &dyn PointBytes, offset: u64, len: u32) -> Result<Vec<u8>> {
         let n = self.size.saturating_sub(offset).min(u64::from(len));
         let mut buf = vec![0u8; n as usize];
         self.read_into(view, offset, &mut buf)?;
@@ -83,7 +84,7 @@ impl CowFile {
     /// Fills `buf` from `offset` (within the file's size): runs of written
     /// blocks from the scratch file, runs of others from the point in one
     /// view read each.
-    fn read_into(&self, view: &PointView, offset: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_into(&self, view: &dyn PointBytes, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset + buf.len() as u64;
         let bs = self.block_size;
         let mut at = offset;
@@ -110,7 +111,7 @@ impl CowFile {
 
     /// Writes `data` at `offset`: each block it touches that is not
     /// written yet is first copied whole into the scratch file.
-    pub fn write(&mut self, view: &PointView, offset: u64, data: &[u8]) -> Result<()> {
+    pub fn write(&mut self, view: &dyn PointBytes, offset: u64, data: &[u8]) -> Result<()> {
         let bs = self.block_size;
         let end = offset + data.len() as u64;
         for block in offset / bs..end.div_ceil(bs) {

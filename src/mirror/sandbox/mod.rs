@@ -29,12 +29,11 @@ use std::time::Duration;
 use fuser::{Errno, FileHandle, INodeNo};
 
 use self::file::{Base, CowFile};
-use super::point::tree_of;
-use super::tree::Node;
+use super::point::PointBytes;
+use super::tree::{Node, Tree};
 use crate::error::{IoContext, Result};
 use crate::fs::handles::{DirEntry, HandleTable, listing};
 use crate::fs::reply::{Entry, Listing, Res, state_errno};
-use crate::points::PointView;
 
 /// Attributes may be cached this long: every change goes through us.
 const TTL: Duration = Duration::from_secs(1);
@@ -58,7 +57,8 @@ struct Nodes {
 /// A writable sandbox of one point.
 #[derive(Debug)]
 pub struct Sandbox {
-    view: PointView,
+    /// The point's bytes: a replica's view or an object store's point.
+    view: Box<dyn PointBytes>,
     /// The scratch folder (this sandbox's alone), removed on drop.
     scratch: PathBuf,
     block_size: u64,
@@ -69,11 +69,15 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// A sandbox of the point `view` shows of the replica at `root`,
-    /// keeping its changes in `scratch` (made here, empty; removed when
-    /// the sandbox drops).
-    pub fn new(root: &Path, view: PointView, scratch: PathBuf, block_size: u64) -> Result<Sandbox> {
-        let tree = tree_of(root, &view)?;
+    /// A sandbox of the point of namespace `tree` whose bytes `view`
+    /// reads, keeping its changes in `scratch` (made here, empty; removed
+    /// when the sandbox drops).
+    pub fn new(
+        tree: &Tree,
+        view: Box<dyn PointBytes>,
+        scratch: PathBuf,
+        block_size: u64,
+    ) -> Result<Sandbox> {
         crate::state::make_state_dirs(&scratch)?;
         let mut map = HashMap::new();
         for (i, n) in tree.nodes().iter().enumerate() {
@@ -172,14 +176,16 @@ impl Sandbox {
     pub fn op_read(&self, ino: INodeNo, offset: u64, size: u32) -> Res<Vec<u8>> {
         let file = self.file(ino)?;
         let f = file.lock().expect("file lock");
-        f.read(&self.view, offset, size).map_err(state_errno)
+        f.read(self.view.as_ref(), offset, size)
+            .map_err(state_errno)
     }
 
     /// Writes file `ino`.
     pub fn op_write(&self, ino: INodeNo, offset: u64, data: &[u8]) -> Res<u32> {
         let file = self.file(ino)?;
         let mut f = file.lock().expect("file lock");
-        f.write(&self.view, offset, data).map_err(state_errno)?;
+        f.write(self.view.as_ref(), offset, data)
+            .map_err(state_errno)?;
         Ok(data.len() as u32)
     }
 
