@@ -120,6 +120,17 @@ pub(crate) fn restore(server: &S3Server, url: &str, point: &str, dir: &Path) {
     );
 }
 
+/// The newest point of `url` restores `rel` as `expected`.
+fn assert_latest_restores(server: &S3Server, url: &str, rel: &str, expected: &[u8]) {
+    let out = crate::harness::temp_dir();
+    restore(server, url, "latest", &out.path().join("r"));
+    let got = std::fs::read(out.path().join("r").join(rel)).expect("read the restored file");
+    assert!(
+        got == expected,
+        "{rel} restored from {url} differs from what was written"
+    );
+}
+
 /// The store killed while a point uploads: no partial point becomes
 /// visible, the primary shows the failure within seconds, and after the
 /// store restarts the point is published without sending again the packs
@@ -169,12 +180,7 @@ fn the_store_killed_mid_upload_shows_no_partial_point_and_resumes_without_resend
         !manifests(&server, "kill", "repo").is_empty(),
         "the point was published"
     );
-    let out = crate::harness::temp_dir();
-    restore(&server, url, "latest", &out.path().join("r"));
-    assert!(
-        std::fs::read(out.path().join("r/disk.raw")).expect("restored image") == data,
-        "the restored image differs from what was written"
-    );
+    assert_latest_restores(&server, url, "disk.raw", &data);
 }
 
 /// Two primaries of one datastore (a copied backing folder) replicating
@@ -310,12 +316,7 @@ fn wrong_credentials_or_a_missing_bucket_is_a_clear_error_and_nothing_is_lost() 
     let good: Vec<&str> = good.iter().map(String::as_str).collect();
     let m3 = Mount::start_on_with_env(&backing, &mountpoint, &good, &server.env());
     wait_published(&m3, PUBLISH_TIMEOUT);
-    let out = crate::harness::temp_dir();
-    restore(&server, "s3://creds/repo", "latest", &out.path().join("r"));
-    assert!(
-        std::fs::read(out.path().join("r/disk.raw")).expect("restored") == data,
-        "the restored image differs"
-    );
+    assert_latest_restores(&server, "s3://creds/repo", "disk.raw", &data);
     drop(m);
 }
 
@@ -352,10 +353,5 @@ fn mount_keep_drops_the_points_outside_the_grid_after_each_publish() {
         kept.last().is_some_and(|k| k.ends_with(&newest)),
         "the newest point ({newest}) stays: {kept:?}"
     );
-    let out = crate::harness::temp_dir();
-    restore(&server, url, "latest", &out.path().join("r"));
-    assert!(
-        std::fs::read(out.path().join("r/disk.raw")).expect("restored") == last,
-        "the newest point restores the last write"
-    );
+    assert_latest_restores(&server, url, "disk.raw", &last);
 }

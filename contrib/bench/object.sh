@@ -125,6 +125,18 @@ change() {
         --io_size="$(((kib + 63) / 64 * 64))k" --randrepeat=0
 }
 
+# write_step STEP SEED: the fill (timed from its start) or a change (timed
+# from the end of its fsync) through $mnt; sets t0.
+write_step() {
+    if [[ $1 == fill ]]; then
+        t0=$(now_ns)
+        fio_job "$mnt/disk.img" "$2" --end_fsync=1 --rw=write --bs=1M --size="${size_mb}M"
+    else
+        change "$mnt/disk.img" "$1" "$2"
+        t0=$(now_ns)
+    fi
+}
+
 # wait_published DIR PID: until nothing is dirty, pending or shipping and
 # every closed epoch is published; prints the primary's status JSON.
 wait_published() {
@@ -159,13 +171,7 @@ wait_mounted "$mnt" "$primary_pid" "hbrfs mount (object)"
 before=$("$hbrfs" status -d "$work/b-obj" --json)
 seed=1
 for step in "${steps[@]}"; do
-    if [[ $step == fill ]]; then
-        t0=$(now_ns)
-        fio_job "$mnt/disk.img" "$seed" --end_fsync=1 --rw=write --bs=1M --size="${size_mb}M"
-    else
-        change "$mnt/disk.img" "$step" "$seed"
-        t0=$(now_ns)
-    fi
+    write_step "$step" "$seed"
     after=$(wait_published "$work/b-obj" "$primary_pid")
     o_ns[$step]=$(($(now_ns) - t0))
     for f in puts put_bytes gets get_bytes lists; do
@@ -197,13 +203,7 @@ wait_mounted "$mnt" "$primary_pid" "hbrfs mount (POSIX)"
 before=$("$hbrfs" status -d "$work/b-posix" --json)
 seed=1
 for step in "${steps[@]}"; do
-    if [[ $step == fill ]]; then
-        t0=$(now_ns)
-        fio_job "$mnt/disk.img" "$seed" --end_fsync=1 --rw=write --bs=1M --size="${size_mb}M"
-    else
-        change "$mnt/disk.img" "$step" "$seed"
-        t0=$(now_ns)
-    fi
+    write_step "$step" "$seed"
     wait_caught_up "$work/b-posix" "$work/replica" "$primary_pid" "$secondary_pid" >/dev/null
     p_ns[$step]=$(($(now_ns) - t0))
     after=$("$hbrfs" status -d "$work/b-posix" --json)
