@@ -29,17 +29,25 @@ pub(crate) fn s3_mount(
     env: &[(&str, String)],
     extra: &[&str],
 ) -> Mount {
+    let mut args = s3_args(server, url);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Mount::start_with_env(&args, env)
+}
+
+/// The arguments that replicate to `url` on `server` with `--rpo 1s`.
+fn s3_args(server: &S3Server, url: &str) -> Vec<String> {
     let endpoint = server.endpoint();
-    let mut args = vec![
+    [
         "--replicate-to",
         url,
         "--s3-endpoint",
         &endpoint,
         "--rpo",
         "1s",
-    ];
-    args.extend_from_slice(extra);
-    Mount::start_with_env(&args, env)
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
 /// Polls the primary until nothing is dirty or pending and every closed
@@ -198,15 +206,8 @@ fn two_primaries_racing_for_one_prefix_one_wins_and_the_other_is_refused() {
     let (back2, mnt2) = (dir.path().join("back"), dir.path().join("mnt"));
     run(Command::new("cp").arg("-a").arg(&first.backing).arg(&back2));
     std::fs::create_dir(&mnt2).expect("mountpoint");
-    let endpoint = server.endpoint();
-    let args = [
-        "--replicate-to",
-        url,
-        "--s3-endpoint",
-        &endpoint,
-        "--rpo",
-        "1s",
-    ];
+    let args = s3_args(&server, url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = Mount::start_on_with_env(&first.backing, &first.mountpoint, &args, &server.env());
     let b = Mount::start_on_with_env(&back2, &mnt2, &args, &server.env());
     // Each writes something of its own, so each has a point to publish.
@@ -290,18 +291,7 @@ fn wrong_credentials_or_a_missing_bucket_is_a_clear_error_and_nothing_is_lost() 
 
     let backing = m.backing.clone();
     let mountpoint = m.mountpoint.clone();
-    let endpoint = server.endpoint();
-    let args = |url: &'static str| {
-        vec![
-            "--replicate-to".to_string(),
-            url.to_string(),
-            "--s3-endpoint".to_string(),
-            endpoint.clone(),
-            "--rpo".to_string(),
-            "1s".to_string(),
-        ]
-    };
-    let missing = args("s3://no-such-bucket/repo");
+    let missing = s3_args(&server, "s3://no-such-bucket/repo");
     let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
     let mut m2 = Mount::start_on_with_env(&backing, &mountpoint, &missing, &server.env());
     let error = wait_last_error(&m2, "does not exist", Duration::from_secs(60));
@@ -312,7 +302,7 @@ fn wrong_credentials_or_a_missing_bucket_is_a_clear_error_and_nothing_is_lost() 
     assert!(json_u64(&status_json(&backing)["dirty_blocks"]) > 0);
     m2.stop();
 
-    let good = args("s3://creds/repo");
+    let good = s3_args(&server, "s3://creds/repo");
     let good: Vec<&str> = good.iter().map(String::as_str).collect();
     let m3 = Mount::start_on_with_env(&backing, &mountpoint, &good, &server.env());
     wait_published(&m3, PUBLISH_TIMEOUT);
