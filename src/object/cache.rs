@@ -382,15 +382,26 @@ impl Cache {
         }
         let n = found.packs.len();
         if n > 0 {
+            // Sharing the repair spares other caches the footers; this
+            // cache holds the entries either way, so a reader with
+            // read-only credentials still reads.
             let name = segment_name()?;
-            s3::put(store, &repo.url, &name, format::seal(&found)?).await?;
-            self.seen
-                .insert(name.as_str(), &[])
-                .map_err(|e| self.err(e))?;
-            log::warn!(
-                "{}: {n} packs were in no index segment; indexed them from their footers into {name}",
-                repo.url
-            );
+            match s3::put(store, &repo.url, &name, format::seal(&found)?).await {
+                Ok(()) => {
+                    self.seen
+                        .insert(name.as_str(), &[])
+                        .map_err(|e| self.err(e))?;
+                    log::warn!(
+                        "{}: {n} packs were in no index segment; indexed them from their footers into {name}",
+                        repo.url
+                    );
+                }
+                Err(e) => log::warn!(
+                    "{}: {n} packs were in no index segment; indexed them here from their footers, \
+                     but could not publish the segment ({e})",
+                    repo.url
+                ),
+            }
         }
         self.db.flush().map_err(|e| self.err(e))?;
         Ok(n)
