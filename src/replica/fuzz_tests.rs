@@ -2089,9 +2089,11 @@ fn random_byte_mutations_of_an_encoded_epoch_never_panic_and_never_leave_the_las
         panic!("{e}");
     }
     // Each refused or broken stream rolls its point back (a few syncs),
-    // so a case costs milliseconds; the bound catches a run gone slow.
+    // so a case costs milliseconds: 28 s alone on 2 cores, 102 s beside
+    // builds and mount tests. The bound catches a run gone pathological
+    // (a hang, a sync per block), not a busy machine.
     assert!(
-        started.elapsed().as_secs() < 60,
+        started.elapsed().as_secs() < 240,
         "the fuzz run took {:?}",
         started.elapsed()
     );
