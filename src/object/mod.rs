@@ -39,7 +39,7 @@
 //!
 //! - [`s3`]: the address, credentials (AWS conventions) and the store,
 //!   every request with a deadline and the crate's retries.
-//! - [`format`]: encoding and checking every record; packs' footers.
+//! - [`mod@format`]: encoding and checking every record; packs' footers.
 //! - [`pack`]: building a pack.
 //! - [`cache`]: the local index (hash → pack), rebuilt from segments, or
 //!   from pack footers when segments are lost.
