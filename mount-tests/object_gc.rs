@@ -12,7 +12,7 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use hbrfs::block::BlockHash;
-use hbrfs::object::cache::{Cache, fetch};
+use hbrfs::object::cache::Cache;
 use hbrfs::object::manifest::{decode_map, hash_of, list_points, list_series, load};
 use hbrfs::object::{MAP_CHUNK_BLOCKS, Repo, S3Url, format, s3 as store_io};
 use hbrfs::proto::object::GcLease;
@@ -114,12 +114,13 @@ fn read_image(repo: &Repo, series: &str, seq: u64) -> Vec<u8> {
             let get = |h: BlockHash| {
                 let cache = &cache;
                 async move {
-                    let loc = cache.lookup(h).expect("lookup").unwrap_or_else(|| {
-                        panic!("point {seq}: blob {h:?} is in no pack: GC lost it")
-                    });
-                    fetch(repo, h, &loc)
-                        .await
-                        .unwrap_or_else(|e| panic!("point {seq}: blob {h:?}: {e}"))
+                    let found = cache.read(repo, h).await;
+                    let found = found.unwrap_or_else(|e| panic!("point {seq}: blob {h:?}: {e}"));
+                    found
+                        .unwrap_or_else(|| {
+                            panic!("point {seq}: blob {h:?} is in no pack: GC lost it")
+                        })
+                        .1
                 }
             };
             let map = decode_map(&get(h).await, repo, "map").expect("decode a map chunk");

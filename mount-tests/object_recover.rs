@@ -17,7 +17,7 @@ use crate::harness::{
     Mount, detach_all, fuse_mounts_at, hbrfs, json_u64, path_str, pattern, run, stderr, sync_file,
     temp_dir,
 };
-use crate::object_publish::{PUBLISH_TIMEOUT, restore, s3_mount, wait_published};
+use crate::object_publish::{PUBLISH_TIMEOUT, objects, restore, s3_mount, wait_published};
 use crate::replication::{
     Secondary, Until, primary_on, primary_status, repl_counter, wait_applied,
 };
@@ -64,7 +64,7 @@ fn points(server: &S3Server, url: &str) -> Vec<Value> {
 struct PointMount {
     child: Child,
     at: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl PointMount {
@@ -102,15 +102,16 @@ impl PointMount {
             assert!(Instant::now() < deadline, "hbrfs {cmd} did not mount");
             sleep(Duration::from_millis(20));
         }
-        PointMount {
-            child,
-            at,
-            _dir: dir,
-        }
+        PointMount { child, at, dir }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
         self.at.join(rel)
+    }
+
+    /// What it logged so far.
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 
     /// The root's `user.hbrfs.fetched`: (GETs, bytes).
@@ -447,4 +448,106 @@ fn test_failover_and_promote_take_an_object_store_point() {
     let series: std::collections::BTreeSet<_> =
         rows.iter().map(|r| r["datastore"].to_string()).collect();
     assert_eq!(series.len(), 2, "a series of its own: {rows:?}");
+}
+
+/// `hbrfs gc URL --grace 0s ARGS… --json`: the report.
+fn gc_now(server: &S3Server, url: &str, args: &[&str]) -> Value {
+    let mut all = vec!["gc", url, "--grace", "0s", "--json"];
+    all.extend_from_slice(args);
+    let out = hbrfs_s3(server, &all);
+    serde_json::from_slice(&out.stdout).expect("gc --json prints JSON")
+}
+
+/// A pack left sparse by retention is repacked: the first GC copies its
+/// live blobs into a new pack, the second lists the old one as a
+/// candidate, the third deletes it. A lazy mount whose index was loaded
+/// before all that reads the point on from the new copy, and a restore
+/// after it is byte-identical; a file with an all-zero map chunk (a hole
+/// of more than 256 MiB) is marked and restored like any other.
+#[test]
+fn gc_repacks_a_sparse_pack_and_readers_follow_the_copy() {
+    let server = S3Server::start();
+    server.create_bucket("repack");
+    let url = "s3://repack/repo";
+    let m = s3_mount(&server, url, &server.env(), &[]);
+    let block = 64 * 1024;
+    let first = pattern(32 * block, 31);
+    fs::write(m.mnt("disk.img"), &first).unwrap();
+    let hole = 300 * MIB;
+    let f = fs::File::create(m.mnt("holes.img")).unwrap();
+    f.set_len(hole).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(block, 32), hole - block as u64).unwrap();
+    drop(f);
+    sync_file(&m.mnt("disk.img"));
+    sync_file(&m.mnt("holes.img"));
+    wait_published(&m, PUBLISH_TIMEOUT);
+    // Blocks 4.. rewritten: the first pack keeps 4 live blocks of 32.
+    let mut second = first.clone();
+    second[4 * block..].copy_from_slice(&pattern(28 * block, 33));
+    fs::write(m.mnt("disk.img"), &second).unwrap();
+    sync_file(&m.mnt("disk.img"));
+    wait_published(&m, PUBLISH_TIMEOUT);
+    drop(m);
+    let newest = json_u64(&points(&server, url).last().unwrap()["seq"]).to_string();
+    let pm = PointMount::start(&server, "mount-point", url, &[&newest]);
+    sleep(Duration::from_millis(1100));
+
+    let r1 = gc_now(&server, url, &["--keep", "1s:1s"]);
+    assert!(!r1["dropped"].as_array().unwrap().is_empty(), "{r1:#}");
+    let sparse = r1["sparse"][0]["pack"]
+        .as_str()
+        .expect("a sparse pack")
+        .to_string();
+    assert!(json_u64(&r1["repacked"]) >= 1, "{r1:#}");
+    assert!(json_u64(&r1["repack_packs"]) >= 1, "{r1:#}");
+    assert_eq!(json_u64(&r1["deleted"]), 0, "{r1:#}");
+    let key = format!("repo/{sparse}");
+    let has = |k: &str| {
+        objects(&server, "repack", "repo/data")
+            .iter()
+            .any(|(o, _)| o == k)
+    };
+    assert!(has(&key), "{key} before the grace path");
+    let r2 = gc_now(&server, url, &[]);
+    assert!(json_u64(&r2["candidates"]) >= 1, "{r2:#}");
+    assert!(
+        !r2["sparse"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["pack"] == sparse.as_str()),
+        "the copy keeps its live blobs now: {r2:#}"
+    );
+    let r3 = gc_now(&server, url, &[]);
+    assert!(json_u64(&r3["deleted"]) >= 1, "{r3:#}");
+    assert!(!has(&key), "{key} was deleted");
+    println!(
+        "repack: {} live bytes copied into {} packs; then {} packs ({} bytes) freed",
+        json_u64(&r1["repacked_bytes"]),
+        json_u64(&r1["repack_packs"]),
+        json_u64(&r3["deleted"]),
+        json_u64(&r3["freed_bytes"])
+    );
+
+    // The mount's index named the deleted pack: it reads on from the copy.
+    assert!(fs::read(pm.path("disk.img")).unwrap() == second);
+    let tail = read_at(&pm.path("holes.img"), hole - block as u64, block);
+    assert!(tail == pattern(block, 32));
+    assert!(
+        read_at(&pm.path("holes.img"), 0, block)
+            .iter()
+            .all(|b| *b == 0)
+    );
+    let log = pm.log();
+    assert!(
+        log.contains(&format!("{sparse} is gone")),
+        "the mount read the deleted pack's blobs elsewhere: {log}"
+    );
+    drop(pm);
+    let dir = temp_dir();
+    let out = dir.path().join("restored");
+    restore(&server, url, "latest", &out);
+    assert!(fs::read(out.join("disk.img")).unwrap() == second);
+    assert_eq!(fs::metadata(out.join("holes.img")).unwrap().len(), hole);
+    assert!(read_at(&out.join("holes.img"), hole - block as u64, block) == pattern(block, 32));
 }

@@ -116,9 +116,23 @@ fn text(url: &S3Url, r: &GcReport) -> String {
     line(
         "sparse",
         format!(
-            "{} packs under half live ({} dead in them): left for a repack",
+            "{} packs under half live ({} dead in them)",
             r.sparse.len(),
             b(dead)
+        ),
+    );
+    line(
+        "repack",
+        format!(
+            "{verb} copy the live blobs of {} of them ({}) into {} new packs; \
+             the old ones go after the grace period",
+            r.repacked,
+            b(r.repacked_bytes),
+            if r.dry_run {
+                "some".to_string()
+            } else {
+                r.repack_packs.to_string()
+            }
         ),
     );
     let q = &r.requests;

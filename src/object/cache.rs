@@ -70,7 +70,8 @@ impl Location {
         })
     }
 
-    fn of(pack: [u8; 16], e: &PackEntry) -> Location {
+    /// Where the blob `e` of pack `pack` lies.
+    pub fn of(pack: [u8; 16], e: &PackEntry) -> Location {
         Location {
             pack,
             offset: e.offset,
@@ -90,7 +91,9 @@ impl Location {
 #[derive(Debug)]
 pub struct Cache {
     dir: PathBuf,
-    /// hash → [`Location`].
+    /// hash ++ pack id → [`Location`]: a blob may lie in several packs
+    /// (stored again beside a GC candidate, or copied by a repack), and
+    /// the copy a reader knew may be deleted once another is indexed.
     blobs: sled::Tree,
     /// Every pack known: id → ().
     packs: sled::Tree,
@@ -103,6 +106,10 @@ pub struct Cache {
     /// Packs GC listed as candidates at the last sync.
     candidates: Mutex<HashSet<[u8; 16]>>,
 }
+
+/// The layout of the trees: a cache written by a version that kept one
+/// copy per blob is rebuilt.
+const LAYOUT: &[u8] = b"2";
 
 fn sled_err(dir: &Path, e: sled::Error) -> Error {
     Error::Journal {
@@ -127,11 +134,14 @@ impl Cache {
         let err = |e| sled_err(dir, e);
         let db = sled::open(dir).map_err(err)?;
         let id = repo.config.repo_id.as_slice();
-        if db.get("repo").map_err(err)?.as_deref() != Some(id) {
+        if db.get("repo").map_err(err)?.as_deref() != Some(id)
+            || db.get("layout").map_err(err)?.as_deref() != Some(LAYOUT)
+        {
             for name in ["blobs", "packs", "seen", "pending"] {
                 db.drop_tree(name).map_err(err)?;
             }
             db.insert("repo", id).map_err(err)?;
+            db.insert("layout", LAYOUT).map_err(err)?;
         }
         Ok(Cache {
             blobs: db.open_tree("blobs").map_err(err)?,
@@ -148,18 +158,54 @@ impl Cache {
         sled_err(&self.dir, e)
     }
 
-    /// Where `hash` lies, if any pack holds it.
+    /// Every known copy of `hash`.
+    fn copies(&self, hash: BlockHash) -> Result<Vec<Location>> {
+        let mut found = Vec::new();
+        for kv in self.blobs.scan_prefix(hash.to_bytes()) {
+            let (_, v) = kv.map_err(|e| self.err(e))?;
+            found.extend(Location::decode(&v));
+        }
+        Ok(found)
+    }
+
+    /// Where `hash` lies, if any pack holds it: a copy outside GC's
+    /// candidates if there is one (a candidate may go).
     pub fn lookup(&self, hash: BlockHash) -> Result<Option<Location>> {
-        let got = self.blobs.get(hash.to_bytes()).map_err(|e| self.err(e))?;
-        Ok(got.and_then(|b| Location::decode(&b)))
+        let copies = self.copies(hash)?;
+        let safe = copies.iter().find(|l| !self.is_candidate(&l.pack));
+        Ok(safe.or(copies.first()).copied())
     }
 
     /// Where `hash` lies, if a writer may rely on it: not in a pack GC
     /// may delete.
     pub fn lookup_for_write(&self, hash: BlockHash) -> Result<Option<Location>> {
         Ok(self
-            .lookup(hash)?
-            .filter(|loc| !self.is_candidate(&loc.pack)))
+            .copies(hash)?
+            .into_iter()
+            .find(|l| !self.is_candidate(&l.pack)))
+    }
+
+    /// Blob `hash` and where it was read, from a pack that still holds
+    /// it, or `None` if no known pack does. A copy found gone (GC deleted
+    /// it once the blob was stored elsewhere: a repack, or a writer beside
+    /// a candidate) makes the index learn GC's records, and the next copy
+    /// is read.
+    pub async fn read(&self, repo: &Repo, hash: BlockHash) -> Result<Option<(Location, Vec<u8>)>> {
+        let mut gone = HashSet::new();
+        loop {
+            let copies = self.copies(hash)?.into_iter();
+            let Some(loc) = copies
+                .filter(|l| !gone.contains(&l.pack))
+                .min_by_key(|l| self.is_candidate(&l.pack))
+            else {
+                return Ok(None);
+            };
+            if let Some(raw) = fetch(repo, hash, &loc).await? {
+                return Ok(Some((loc, raw)));
+            }
+            gone.insert(loc.pack);
+            self.sync(repo).await?;
+        }
     }
 
     /// Whether pack `id` is known (named by a segment, uploaded here, or
@@ -180,7 +226,8 @@ impl Cache {
     fn insert_entries(&self, id: [u8; 16], entries: &[PackEntry]) -> Result<()> {
         let mut batch = sled::Batch::default();
         for e in entries {
-            batch.insert(e.hash.as_slice(), &Location::of(id, e).encode()[..]);
+            let key = [e.hash.as_slice(), &id[..]].concat();
+            batch.insert(key, &Location::of(id, e).encode()[..]);
         }
         self.blobs.apply_batch(batch).map_err(|e| self.err(e))?;
         self.packs.insert(id, &[]).map_err(|e| self.err(e))?;
@@ -408,7 +455,6 @@ impl Cache {
     }
 }
 
-/// A fresh segment's key below the prefix: `index/` and a random name.
 /// The creation time a name `DIR/NS[-…]` starts with, 0 if none.
 fn name_ns(rel: &str) -> u64 {
     let name = rel.rsplit('/').next().unwrap_or("");
@@ -451,14 +497,17 @@ pub async fn read_footer(repo: &Repo, rel: &str) -> Result<Vec<PackEntry>> {
     format::parse_footer(&tail, size, &repo.url, rel)
 }
 
-/// The content of the blob `hash` at `loc`: one ranged read, decompressed
-/// within its recorded size and checked against its keyed hash, so a
-/// damaged or substituted pack is an error, never wrong data.
-pub async fn fetch(repo: &Repo, hash: BlockHash, loc: &Location) -> Result<Vec<u8>> {
+/// The content of the blob `hash` at `loc`, or `None` if its pack is
+/// gone: one ranged read, decompressed within its recorded size and
+/// checked against its keyed hash, so a damaged or substituted pack is an
+/// error, never wrong data.
+pub async fn fetch(repo: &Repo, hash: BlockHash, loc: &Location) -> Result<Option<Vec<u8>>> {
     let rel = loc.pack_rel();
     let end = loc.offset + u64::from(loc.stored);
-    let stored = s3::get_range(repo.store.as_ref(), &repo.url, &rel, loc.offset..end).await?;
-    open_blob(repo, hash, loc, &stored)
+    match s3::get_range_opt(repo.store.as_ref(), &repo.url, &rel, loc.offset..end).await? {
+        Some(stored) => open_blob(repo, hash, loc, &stored).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// The content of the blob `hash` at `loc` from its `stored` bytes (read

@@ -16,12 +16,15 @@
 //!    so all it names is indexed); then the listing of `data/` (every pack
 //!    a listed segment names was uploaded before it). Each manifest's map
 //!    chunks are fetched once per distinct hash; the map chunks and the
-//!    blocks they name are the referenced blobs. A pack is referenced if
-//!    any blob of it is, by hash: a blob held twice (a writer stored it
-//!    again beside a candidate) keeps both packs, since a reader's cache
-//!    may know either. A pack in no segment (a writer died between its
-//!    packs and its segment, or is uploading now) cannot be referenced:
-//!    no manifest is published before its segment.
+//!    blocks they name are the referenced blobs. A referenced blob keeps
+//!    the newest pack that holds it (by upload time, then id); a pack is
+//!    referenced if it keeps any. So a blob held twice (a writer stored it
+//!    again beside a candidate, or a repack copied it) lets the older copy
+//!    go; a reader whose index named that copy finds it gone, learns the
+//!    deletion from `gc/deleted/` and reads the other
+//!    ([`super::cache::Cache::read`]). A pack in no segment (a writer died
+//!    between its packs and its segment, or is uploading now) cannot be
+//!    referenced: no manifest is published before its segment.
 //! 4. **Sweep.** Packs of the previous `gc/candidates` first marked at
 //!    least the grace period before this mark began and still
 //!    unreferenced are written to `gc/deleted/NS`, then deleted. The new
@@ -32,6 +35,13 @@
 //!    again. Segments all of whose packs are gone are deleted last (a
 //!    cache that loaded them already dropped their packs by
 //!    `gc/deleted/`; one that never did has no use for them).
+//! 5. **Repack.** Referenced packs under half live are sparse. The live
+//!    blobs of the sparsest (up to [`REPACK_BYTES_PER_RUN`] a run) are
+//!    read whole, checked against their hashes, and written into new packs
+//!    named by one new segment. The sparse packs stay: the next run finds
+//!    their blobs kept newer elsewhere, lists them as candidates, and a run
+//!    a grace period later deletes them, so a repack frees space two runs
+//!    and a grace period after it, by the same path as any other pack.
 //!
 //! # Why this never deletes what an upload needs
 //!
@@ -54,10 +64,8 @@
 //! local cache (`--cache-dir`: both are immutable, so a later run fetches
 //! only new ones); then a PUT and a DELETE per deleted pack and a PUT of
 //! the candidates. The index is held in memory (about 40 bytes a blob).
-//!
-//! Sparse packs (referenced, but less than half of their bytes) are only
-//! reported: repacking them (copying their live blobs into new packs so
-//! they go by the normal grace path) is left to a later version.
+//! A repack adds a GET of each sparse pack it copies and a PUT per new
+//! pack and for its segment.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -73,11 +81,14 @@ use serde::Serialize;
 use crate::block::BlockHash;
 use crate::error::{Error, IoContext, Result};
 use crate::keep::Retention;
-use crate::proto::object::{BlobKind, GcCandidates, GcDeleted, GcLease, IndexSegment};
+use crate::proto::object::{
+    BlobKind, GcCandidates, GcDeleted, GcLease, IndexSegment, index_segment,
+};
 use crate::state::{hex, now_ns, unhex, utc};
 
-use super::cache::{Location, fetch};
+use super::cache::{self, Location, fetch, segment_name};
 use super::manifest::{decode_map, hash_of, list_series, point_rel};
+use super::pack::{FinishedPack, PackBuilder};
 use super::retention::{published, to_drop};
 use super::{Repo, format, pack_rel, s3};
 
@@ -88,6 +99,9 @@ pub const LEASE_TTL: Duration = Duration::from_secs(300);
 const CONCURRENCY: usize = 16;
 /// A referenced pack below this share of live bytes is sparse.
 const SPARSE_SHARE: f64 = 0.5;
+/// Live bytes one run copies out of sparse packs at most: more is left
+/// for the next runs, so one run's time stays bounded.
+pub const REPACK_BYTES_PER_RUN: u64 = 1 << 30;
 
 /// What `hbrfs gc` asks.
 #[derive(Clone, Debug)]
@@ -157,8 +171,15 @@ pub struct GcReport {
     pub freed_bytes: u64,
     /// Index segments deleted (all their packs gone).
     pub segments_deleted: u64,
-    /// Referenced packs under half live: what a repack would shrink.
+    /// Referenced packs under half live.
     pub sparse: Vec<SparsePack>,
+    /// Sparse packs whose live blobs this run copied into new packs (dry:
+    /// would copy), sparsest first up to [`REPACK_BYTES_PER_RUN`]; they go
+    /// by the grace path from the next run on, the new copies held newer.
+    pub repacked: u64,
+    /// Live bytes those copies took, and the packs they were written to.
+    pub repacked_bytes: u64,
+    pub repack_packs: u64,
     /// What the run cost.
     pub requests: Requests,
     /// Wall time, ms.
@@ -237,6 +258,13 @@ struct PackState {
     referenced: bool,
 }
 
+impl PackState {
+    /// Referenced for less than [`SPARSE_SHARE`] of its blob bytes.
+    fn is_sparse(&self) -> bool {
+        (self.live_bytes as f64) < SPARSE_SHARE * self.blob_bytes as f64
+    }
+}
+
 async fn collect(
     repo: &Repo,
     opts: &GcOptions,
@@ -291,7 +319,7 @@ async fn collect(
         report.points += 1;
         for file in &m.files {
             for chunk in &file.chunks {
-                if chunk.len() != 16 {
+                if !chunk.is_empty() && chunk.len() != 16 {
                     return Err(repo
                         .url
                         .damaged(rel, format!("a map chunk hash of {} bytes", chunk.len())));
@@ -375,7 +403,7 @@ async fn collect(
                 format::check_entry(e, u64::MAX, &repo.url, rel)?;
                 let h = BlockHash::from_bytes(&e.hash).map_or(0, |h| h.0);
                 listed.push((h, u64::from(e.stored)));
-                if e.kind() == BlobKind::Map {
+                if e.kind() == BlobKind::Map && packs.contains_key(&id) {
                     let loc = Location {
                         pack: id,
                         offset: e.offset,
@@ -410,7 +438,12 @@ async fn collect(
             let raw = cache
                 .map_chunk(repo, hash, || async {
                     Counts::add(&counts.gets);
-                    fetch(repo, hash, loc).await
+                    fetch(repo, hash, loc).await?.ok_or_else(|| {
+                        repo.url.damaged(
+                            &loc.pack_rel(),
+                            "vanished while GC held the lease; GC stopped before deleting anything",
+                        )
+                    })
                 })
                 .await?;
             let what = format!("{} (map chunk {hash:?})", loc.pack_rel());
@@ -427,30 +460,54 @@ async fn collect(
     cache.keep_maps(chunks.iter().map(|(h, _)| *h))?;
     drop(chunks);
 
-    // Which packs are referenced.
-    let mut found: HashSet<u128> = HashSet::new();
-    for (id, state) in packs.iter_mut() {
-        for &(h, stored) in blobs.get(id).map(Vec::as_slice).unwrap_or_default() {
-            state.blob_bytes += stored;
+    // Which packs are referenced: a blob held by several packs keeps only
+    // the newest (a repack's copy, or a writer's beside a candidate), so
+    // the older copies go by the grace path; a reader that knew one reads
+    // another once it is deleted.
+    let mut keeper: HashMap<u128, (u64, [u8; 16])> = HashMap::new();
+    for (id, state) in &packs {
+        for &(h, _) in blobs.get(id).map(Vec::as_slice).unwrap_or_default() {
             if referenced.contains(&h) {
-                state.live_bytes += stored;
-                state.referenced = true;
-                found.insert(h);
+                let k = keeper.entry(h).or_insert((state.modified_ns, *id));
+                *k = (*k).max((state.modified_ns, *id));
             }
         }
     }
-    if let Some(missing) = referenced.iter().find(|h| !found.contains(h)) {
+    if let Some(missing) = referenced.iter().find(|h| !keeper.contains_key(h)) {
         return Err(Error::BadState {
             path: PathBuf::from(repo.url.to_string()),
             reason: format!(
                 "{} blobs live points name are in no pack (e.g. {:?}): the repository is \
                  damaged; GC stopped before deleting anything",
-                referenced.len() - found.len(),
+                referenced.len() - keeper.len(),
                 BlockHash(*missing)
             ),
         });
     }
-    drop((referenced, found, blobs, maps));
+    let keeps = |h: u128, id: &[u8; 16]| keeper.get(&h).is_some_and(|k| k.1 == *id);
+    for (id, state) in packs.iter_mut() {
+        for &(h, stored) in blobs.get(id).map(Vec::as_slice).unwrap_or_default() {
+            state.blob_bytes += stored;
+            if keeps(h, id) {
+                state.live_bytes += stored;
+                state.referenced = true;
+            }
+        }
+    }
+    let sparse: Vec<[u8; 16]> = packs
+        .iter()
+        .filter(|(_, p)| p.referenced && p.is_sparse())
+        .map(|(id, _)| *id)
+        .collect();
+    let mut live_in: HashMap<[u8; 16], HashSet<u128>> = HashMap::new();
+    for id in &sparse {
+        let live = blobs[id]
+            .iter()
+            .filter(|(h, _)| keeps(*h, id))
+            .map(|(h, _)| *h);
+        live_in.insert(*id, live.collect());
+    }
+    drop((referenced, keeper, blobs, maps));
 
     report.packs = packs.len() as u64;
     report.pack_bytes = packs.values().map(|p| p.size).sum();
@@ -460,7 +517,7 @@ async fn collect(
             report.referenced_packs += 1;
             report.referenced_bytes += p.size;
             report.live_blob_bytes += p.live_bytes;
-            if (p.live_bytes as f64) < SPARSE_SHARE * p.blob_bytes as f64 {
+            if p.is_sparse() {
                 report.sparse.push(SparsePack {
                     pack: pack_rel(id),
                     bytes: p.blob_bytes,
@@ -474,6 +531,19 @@ async fn collect(
     report
         .sparse
         .sort_by_key(|s| s.live_bytes * 1000 / s.bytes.max(1));
+    let mut sparse = sparse;
+    sparse.sort_by_key(|id| packs[id].live_bytes * 1000 / packs[id].blob_bytes.max(1));
+    let mut repack_from = Vec::new();
+    for id in sparse {
+        let live = packs[&id].live_bytes;
+        if report.repacked_bytes + live > REPACK_BYTES_PER_RUN && !repack_from.is_empty() {
+            break;
+        }
+        report.repacked += 1;
+        report.repacked_bytes += live;
+        repack_from.push((id, live_in.remove(&id).unwrap_or_default()));
+    }
+    drop(live_in);
 
     // The sweep.
     Counts::add(&counts.gets);
@@ -533,14 +603,81 @@ async fn collect(
         s3::delete(store, &repo.url, rel).await?;
         cache.forget_segment(rel)?;
     }
+    report.repack_packs = repack(repo, &repack_from, lease, counts).await?;
     log::info!(
-        "{}: GC deleted {} packs ({} bytes); {} candidates",
+        "{}: GC deleted {} packs ({} bytes); {} candidates; repacked {} sparse packs ({} live bytes) into {}",
         repo.url,
         report.deleted,
         report.freed_bytes,
-        report.candidates
+        report.candidates,
+        report.repacked,
+        report.repacked_bytes,
+        report.repack_packs
     );
     Ok(report)
+}
+
+/// Copies the live blobs of each pack of `from` (with the hashes this run
+/// keeps in it) into new packs, checked on the way, and publishes one index
+/// segment naming them; returns how many packs it wrote. The sources stay:
+/// the next run finds their blobs held newer elsewhere and lists them as
+/// candidates. A run that dies first leaves packs in no segment, which go
+/// the way of any orphan.
+async fn repack(
+    repo: &Repo,
+    from: &[([u8; 16], HashSet<u128>)],
+    lease: &mut Option<Lease>,
+    counts: &Counts,
+) -> Result<u64> {
+    let store = repo.store.as_ref();
+    let (mut builder, mut written) = (PackBuilder::default(), Vec::new());
+    for (id, live) in from {
+        keep_lease(lease, repo, counts).await?;
+        let rel = pack_rel(id);
+        Counts::add(&counts.gets);
+        let bytes = s3::get_opt(store, &repo.url, &rel)
+            .await?
+            .ok_or_else(|| repo.url.damaged(&rel, "vanished while GC held the lease"))?;
+        for e in format::parse_footer(&bytes, bytes.len() as u64, &repo.url, &rel)? {
+            let Some(hash) = BlockHash::from_bytes(&e.hash).filter(|h| live.contains(&h.0)) else {
+                continue;
+            };
+            let loc = Location::of(*id, &e);
+            let stored = &bytes[e.offset as usize..(e.offset + u64::from(e.stored)) as usize];
+            cache::open_blob(repo, hash, &loc, stored)?;
+            builder.add(hash, e.kind(), stored, e.raw as usize);
+            if builder.is_full() {
+                keep_lease(lease, repo, counts).await?;
+                written.push(put_pack(repo, &mut builder, counts).await?);
+            }
+        }
+    }
+    if !builder.is_empty() {
+        written.push(put_pack(repo, &mut builder, counts).await?);
+    }
+    if written.is_empty() {
+        return Ok(0);
+    }
+    let segment = IndexSegment { packs: written };
+    keep_lease(lease, repo, counts).await?;
+    Counts::add(&counts.puts);
+    s3::put(store, &repo.url, &segment_name()?, format::seal(&segment)?).await?;
+    Ok(segment.packs.len() as u64)
+}
+
+/// Uploads the pack `builder` holds; what a segment says of it.
+async fn put_pack(
+    repo: &Repo,
+    builder: &mut PackBuilder,
+    counts: &Counts,
+) -> Result<index_segment::Pack> {
+    let FinishedPack { id, bytes, entries } = builder.finish()?;
+    Counts::add(&counts.puts);
+    s3::put(repo.store.as_ref(), &repo.url, &pack_rel(&id), bytes).await?;
+    Ok(index_segment::Pack {
+        pack: id.to_vec(),
+        entries,
+    })
 }
 
 /// The candidates record's key below the prefix.

@@ -389,13 +389,16 @@ impl PointReader {
             let last = &group[group.len() - 1].1;
             let range = first.offset..last.offset + u64::from(last.stored);
             let rel = first.pack_rel();
-            let bytes = s3::get_range(
+            let got = s3::get_range_opt(
                 self.repo.store.as_ref(),
                 &self.repo.url,
                 &rel,
                 range.clone(),
             )
             .await?;
+            let Some(bytes) = got else {
+                return self.read_moved(&group).await;
+            };
             self.fetched.gets.fetch_add(1, Ordering::Relaxed);
             self.fetched
                 .bytes
@@ -424,6 +427,36 @@ impl PointReader {
             }
         }
         Ok(())
+    }
+
+    /// The blobs of `group` once their pack was found gone (GC deleted it
+    /// after they were stored elsewhere, by a repack or a writer): each
+    /// read from the copy the refreshed index names.
+    async fn read_moved(
+        &self,
+        group: &[(BlockHash, Location)],
+    ) -> Result<Vec<(BlockHash, Vec<u8>)>> {
+        let gone = group[0].1.pack_rel();
+        log::info!(
+            "{}: {gone} is gone (deleted by GC); reading {} blobs from their other copies",
+            self.repo.url,
+            group.len()
+        );
+        let mut blobs = Vec::with_capacity(group.len());
+        for (h, _) in group {
+            let Some((loc, raw)) = self.index.read(&self.repo, *h).await? else {
+                return Err(self.damaged(format!(
+                    "blob {h:?}: its pack {gone} is gone and no other pack holds it \
+                     (the repository is damaged)"
+                )));
+            };
+            self.fetched.gets.fetch_add(1, Ordering::Relaxed);
+            self.fetched
+                .bytes
+                .fetch_add(u64::from(loc.stored), Ordering::Relaxed);
+            blobs.push((*h, raw));
+        }
+        Ok(blobs)
     }
 
     /// Where blob `hash` lies; a blob the index does not know makes it

@@ -353,18 +353,34 @@ pub async fn get_range(
     rel: &str,
     range: std::ops::Range<u64>,
 ) -> Result<Bytes> {
+    get_range_opt(store, url, rel, range).await?.ok_or_else(|| {
+        Error::Remote(format!(
+            "{url}: reading part of {rel}: there is no such object"
+        ))
+    })
+}
+
+/// Bytes `range` of object `rel`, or `None` if there is no such object (a
+/// pack GC deleted: the reader looks for another copy).
+pub async fn get_range_opt(
+    store: &dyn ObjectStore,
+    url: &S3Url,
+    rel: &str,
+    range: std::ops::Range<u64>,
+) -> Result<Option<Bytes>> {
     let opts = GetOptions {
         range: Some(GetRange::Bounded(range)),
         ..GetOptions::default()
     };
     let doing = || format!("reading part of {rel}");
-    let got = store
-        .get_opts(&url.key(rel), opts)
-        .await
-        .map_err(|e| failed(url, &doing(), e))?;
+    let got = match store.get_opts(&url.key(rel), opts).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(failed(url, &doing(), e)),
+    };
     let bytes = got.bytes().await.map_err(|e| failed(url, &doing(), e))?;
     REQUESTS.got(bytes.len());
-    Ok(bytes)
+    Ok(Some(bytes))
 }
 
 /// The last `n` bytes of object `rel`, and its length.

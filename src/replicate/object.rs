@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use crate::block::{self, BlockHash};
 use crate::error::{Error, Result};
 use crate::ids::Epoch;
-use crate::object::cache::{self, Cache, segment_name};
+use crate::object::cache::{Cache, segment_name};
 use crate::object::manifest::{self, decode_map, encode_map, hash_of};
 use crate::object::namespace::Namespace;
 use crate::object::pack::{FinishedPack, PackBuilder};
@@ -473,11 +473,11 @@ impl<'a> Upload<'a> {
         if let Some(c) = self.chunks.get(&hash) {
             return Ok(c.clone());
         }
-        let loc = match self.cache.lookup(hash)? {
-            Some(loc) => loc,
+        let (loc, raw) = match self.cache.read(&self.repo, hash).await? {
+            Some(found) => found,
             None => {
                 self.cache.repair_from_packs(&self.repo).await?;
-                self.cache.lookup(hash)?.ok_or_else(|| {
+                self.cache.read(&self.repo, hash).await?.ok_or_else(|| {
                     self.repo
                         .url
                         .damaged("index", format!("map chunk {hash:?} is in no pack"))
@@ -485,7 +485,6 @@ impl<'a> Upload<'a> {
             }
         };
         self.relied.insert(loc.pack);
-        let raw = cache::fetch(&self.repo, hash, &loc).await?;
         let chunk = Arc::new(decode_map(&raw, &self.repo, &loc.pack_rel())?);
         self.chunks.insert(hash, chunk.clone());
         Ok(chunk)
