@@ -191,10 +191,14 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
     fs::hard_link(m.mnt("etc/conf"), m.mnt("conf.link")).unwrap();
     std::os::unix::fs::symlink("etc/conf", m.mnt("conf.sym")).unwrap();
     run(Command::new("mkfifo").arg(m.mnt("etc/pipe")));
+    run(Command::new("mknod")
+        .arg(m.mnt("etc/null"))
+        .args(["c", "1", "3"]));
     let sparse = fs::File::create(m.mnt("sparse.img")).unwrap();
     sparse.set_len(64 * MIB).unwrap();
     drop(sparse);
     fs::write(m.mnt("small"), b"hello").unwrap();
+    std::os::unix::fs::chown(m.mnt("small"), Some(1234), Some(5678)).unwrap();
     for f in ["vm.qcow2", "disk.raw", "etc/conf", "small"] {
         sync_file(&m.mnt(f));
     }
@@ -225,6 +229,14 @@ fn an_object_point_restores_byte_identical_and_mounts_lazily() {
     qemu_compare(&m.back("vm.qcow2"), &out.join("vm.qcow2"));
     assert_same_file(&m.back("disk.raw"), &out.join("disk.raw"));
     assert_eq!(fs::read(out.join("small")).unwrap(), b"hello");
+    let small = fs::metadata(out.join("small")).unwrap();
+    assert_eq!((small.uid(), small.gid()), (1234, 5678), "owners restored");
+    let null = fs::symlink_metadata(out.join("etc/null")).unwrap();
+    assert!(null.file_type().is_char_device(), "{null:?}");
+    assert_eq!(
+        null.rdev(),
+        fs::symlink_metadata(m.back("etc/null")).unwrap().rdev()
+    );
     let conf = fs::metadata(out.join("etc/conf")).unwrap();
     assert_eq!(conf.mode() & 0o7777, 0o640);
     assert_eq!(conf.nlink(), 2);
@@ -550,4 +562,95 @@ fn gc_repacks_a_sparse_pack_and_readers_follow_the_copy() {
     assert!(fs::read(out.join("disk.img")).unwrap() == second);
     assert_eq!(fs::metadata(out.join("holes.img")).unwrap().len(), hole);
     assert!(read_at(&out.join("holes.img"), hole - block as u64, block) == pattern(block, 32));
+}
+
+/// `hbrfs restore URL latest DIR` started in the background, with the
+/// server's endpoint and credentials.
+fn spawn_restore(server: &S3Server, url: &str, dir: &Path) -> Child {
+    Command::new(hbrfs())
+        .args(["restore", url, "latest", path_str(dir), "--s3-endpoint"])
+        .arg(server.endpoint())
+        .envs(server.env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hbrfs restore")
+}
+
+/// Waits until `path` exists (a restore began writing), at most 60 s.
+fn wait_exists(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        sleep(Duration::from_millis(2));
+    }
+}
+
+/// The store killed while a restore reads: back within seconds, the
+/// restore rides it out (retries) and is byte-identical; down for good,
+/// the restore fails naming the store, leaves no `DIR` (only its partial
+/// folder), and the next restore into `DIR` completes and is identical.
+#[test]
+fn a_restore_rides_out_a_store_restart_and_fails_clearly_when_it_stays_down() {
+    let mut server = S3Server::start();
+    server.create_bucket("rfault");
+    let url = "s3://rfault/repo";
+    let m = s3_mount(&server, url, &server.env(), &[]);
+    let image = pattern(128 * MIB as usize, 41);
+    fs::write(m.mnt("disk.img"), &image).unwrap();
+    sync_file(&m.mnt("disk.img"));
+    wait_published(&m, PUBLISH_TIMEOUT);
+    drop(m);
+    let dir = temp_dir();
+
+    let back = dir.path().join("back");
+    let child = spawn_restore(&server, url, &back);
+    wait_exists(&dir.path().join(".back.hbrfs-restore-partial"));
+    server.kill();
+    sleep(Duration::from_secs(1));
+    server.restart();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the restore did not ride out the restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fs::read(back.join("disk.img")).unwrap() == image);
+
+    let down = dir.path().join("down");
+    let partial = dir.path().join(".down.hbrfs-restore-partial");
+    let child = spawn_restore(&server, url, &down);
+    wait_exists(&partial);
+    server.kill();
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!(
+        "restore with the store down failed after {:?}: {err}",
+        t.elapsed()
+    );
+    assert!(
+        !out.status.success(),
+        "a restore without its store succeeded"
+    );
+    assert!(
+        err.contains(&server.endpoint().replace("http://", "")) || err.contains("s3://rfault/repo"),
+        "{err}"
+    );
+    assert!(!down.exists(), "a failed restore left {}", down.display());
+    assert!(
+        partial.exists(),
+        "the partial folder is kept, and named: {err}"
+    );
+    server.restart();
+    restore(&server, url, "latest", &down);
+    assert!(fs::read(down.join("disk.img")).unwrap() == image);
+    assert!(
+        !partial.exists(),
+        "the next restore removed the partial folder"
+    );
 }

@@ -30,8 +30,10 @@
 #      starting it until the first 4 KiB of the image is read, then a
 #      cold sequential `dd bs=1M` of the whole image (MiB/s), `cmp`ed.
 #   5. GC: 100 more points (one 64 KiB write + fsync each, waited until
-#      published), then `hbrfs gc s3://bench/repo --grace 0s` timed; and
-#      once more with `--keep 1s:10s` (retention drops most of them).
+#      published), then `hbrfs gc s3://bench/repo --grace 0s` timed; once
+#      more with `--keep 1s:10s` (retention drops most of them, sparse
+#      packs are repacked); then twice more, the last timed: what they
+#      left unreferenced becomes a candidate, then goes.
 #
 # Knobs: SIZE_MB=4096, RPO=1s, GC_POINTS=100, BENCH_DIR=/var/tmp (~4 x
 # SIZE_MB free, not tmpfs), TIMEOUT=900 (s per wait), KEEP=0, BUILD=1.
@@ -92,13 +94,24 @@ trap 'exit 130' INT TERM
 
 # The store: every listener on a free loopback port, no auto-created
 # buckets, credentials from a config file.
-s3_port=$(free_port) master=$(free_port) volume=$(free_port) filer=$(free_port)
+# Each gRPC port is given too: the default (port + 10000) overflows for a
+# high free port.
+declare -A port
+for p in s3 s3_grpc master master_grpc volume volume_grpc filer filer_grpc admin admin_grpc; do
+    port[$p]=$(free_port)
+done
+s3_port=${port[s3]}
 cat >"$work/s3.json" <<'EOF'
 {"identities":[{"name":"bench","credentials":[{"accessKey":"bench","secretKey":"bench-secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
 EOF
 setsid "$weed" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.config="$work/s3.json" \
-    -s3.port="$s3_port" -master.port="$master" -volume.port="$volume" -filer.port="$filer" \
-    -webdav.port="$(free_port)" -admin.port="$(free_port)" -s3.autoCreateBucket=false \
+    -s3.autoCreateBucket=false -admin.ui=false -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 \
+    -master.telemetry=false -filer.localSocket="$work/filer.sock" -s3.localSocket="$work/s3.sock" \
+    -s3.port="$s3_port" -s3.port.grpc="${port[s3_grpc]}" \
+    -master.port="${port[master]}" -master.port.grpc="${port[master_grpc]}" \
+    -volume.port="${port[volume]}" -volume.port.grpc="${port[volume_grpc]}" \
+    -filer.port="${port[filer]}" -filer.port.grpc="${port[filer_grpc]}" \
+    -admin.port="${port[admin]}" -admin.port.grpc="${port[admin_grpc]}" \
     >"$work/weed.log" 2>&1 &
 weed_pid=$!
 endpoint=http://127.0.0.1:$s3_port
@@ -107,12 +120,17 @@ for _ in $(seq 300); do
     sleep 0.1
 done
 curl -s -o /dev/null "$endpoint/" || die "the store did not answer at $endpoint"
-for _ in $(seq 100); do
-    echo "s3.bucket.create -name bench" |
-        "$weed" shell -master="127.0.0.1:$master.$((master + 10000))" \
-            -filer="127.0.0.1:$filer.$((filer + 10000))" 2>&1 | grep -q "created bucket" && break
+created=0
+for _ in $(seq 50); do
+    if echo "s3.bucket.create -name bench" |
+        "$weed" shell -master="127.0.0.1:${port[master]}.${port[master_grpc]}" \
+            -filer="127.0.0.1:${port[filer]}.${port[filer_grpc]}" 2>&1 | grep -q "created bucket"; then
+        created=1
+        break
+    fi
     sleep 0.2
 done
+((created)) || die "weed shell could not create the bucket"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1
 url=s3://bench/repo
 s3=(--s3-endpoint "$endpoint")
@@ -259,12 +277,23 @@ stop "$primary_pid"
 primary_pid=''
 unmount "$mnt"
 t0=$(now_ns)
-"$hbrfs" gc "$url" "${s3[@]}" --grace 0s >"$work/gc1.log" 2>&1 || die "gc failed"
+"$hbrfs" gc "$url" "${s3[@]}" --grace 0s --json >"$work/gc1.json" 2>"$work/gc1.log" || die "gc failed"
 gc_ns=$(($(now_ns) - t0))
 t0=$(now_ns)
-"$hbrfs" gc "$url" "${s3[@]}" --grace 0s --keep 1s:10s >"$work/gc2.log" 2>&1 || die "gc --keep failed"
+"$hbrfs" gc "$url" "${s3[@]}" --grace 0s --keep 1s:10s --json >"$work/gc2.json" 2>"$work/gc2.log" ||
+    die "gc --keep failed"
 gck_ns=$(($(now_ns) - t0))
 left=$("$hbrfs" points ls "$url" "${s3[@]}" --json | jq 'length')
+# Two more runs: the first lists what retention and the repack left
+# unreferenced as candidates, the second (grace 0 s) deletes them.
+"$hbrfs" gc "$url" "${s3[@]}" --grace 0s --json >"$work/gc3.json" 2>"$work/gc3.log" || die "gc failed"
+t0=$(now_ns)
+"$hbrfs" gc "$url" "${s3[@]}" --grace 0s --json >"$work/gc4.json" 2>"$work/gc4.log" || die "gc failed"
+gcd_ns=$(($(now_ns) - t0))
+# gc_what FILE: what one run did, from its JSON report.
+gc_what() {
+    jq -r '"\(.dropped | length) points let go, \(.deleted) packs deleted (\(.freed_bytes / 1048576 | floor) MiB), \(.candidates) candidates, \(.repacked) sparse packs repacked (\(.repacked_bytes / 1048576 | floor) MiB live), \(.requests.gets) GETs"' "$1"
+}
 
 size=$((size_mb * 1048576))
 echo
@@ -283,5 +312,6 @@ echo "| --- | ---: |"
 echo "| restore, whole image | $(secs "$restore_ns") s, $(rate "$size" "$restore_ns") MiB/s |"
 echo "| lazy mount: start to first 4 KiB read | $(secs "$first_ns") s |"
 echo "| lazy mount: sequential read | $(rate "$size" "$seq_ns") MiB/s |"
-echo "| gc over $points points (--grace 0s) | $(secs "$gc_ns") s |"
-echo "| gc --keep 1s:10s (points left: $left) | $(secs "$gck_ns") s |"
+echo "| gc over $points points (--grace 0s) | $(secs "$gc_ns") s: $(gc_what "$work/gc1.json") |"
+echo "| gc --keep 1s:10s (points left: $left) | $(secs "$gck_ns") s: $(gc_what "$work/gc2.json") |"
+echo "| gc, two runs later (grace 0 s) | $(secs "$gcd_ns") s: $(gc_what "$work/gc4.json") |"

@@ -34,9 +34,7 @@ pub(super) fn run(args: GcArgs) -> Result<()> {
         .build()
         .map_err(|e| Error::Remote(format!("starting the async runtime: {e}")))?;
     let report = rt.block_on(async {
-        let opts = S3Options {
-            endpoint: args.endpoint.clone(),
-        };
+        let opts = S3Options::reader(args.endpoint.clone());
         let repo = Repo::open(&url, &opts, None).await?;
         let cache_dir = args
             .cache_dir

@@ -386,9 +386,7 @@ fn object_source(given: &str, args: ObjectArgs) -> Result<Option<PointSource>> {
     };
     Ok(Some(PointSource {
         url: url?,
-        opts: S3Options {
-            endpoint: args.s3_endpoint,
-        },
+        opts: S3Options::reader(args.s3_endpoint),
         cache_dir: args.cache_dir,
         datastore: args.series,
         cache_bytes: args.cache_size.unwrap_or(DEFAULT_CACHE_BYTES),
@@ -746,9 +744,7 @@ fn replicate_options(
         }
         return target(ReplicaTarget::Object {
             url: url?,
-            s3: S3Options {
-                endpoint: s3_endpoint,
-            },
+            s3: S3Options::writer(s3_endpoint),
             keep: keep.map(|k| Retention::new(k.0, None)),
         });
     }

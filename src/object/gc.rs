@@ -63,8 +63,9 @@
 //! live manifest, and GETs of index segments and map chunks not in the
 //! local cache (`--cache-dir`: both are immutable, so a later run fetches
 //! only new ones); then a PUT and a DELETE per deleted pack and a PUT of
-//! the candidates. The index is held in memory (about 40 bytes a blob).
-//! A repack adds a GET of each sparse pack it copies and a PUT per new
+//! the candidates. The index is held in memory: about 120 bytes a blob,
+//! with the live set and each live blob's keeper (~2 GiB for 1 TiB of
+//! 64 KiB blocks). A repack adds a GET of each sparse pack it copies and a PUT per new
 //! pack and for its segment.
 
 use std::collections::{HashMap, HashSet};

@@ -43,9 +43,21 @@ use super::format;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest a TCP (and TLS) connection may take to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a failing request is retried (5xx, timeouts, refused
-/// connections) before its error is reported.
-pub const RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a reader's failing request (5xx, timeouts, refused
+/// connections) is retried before its error is reported: a restore, a
+/// lazy mount or a GC rides out a store restarting.
+pub const READER_RETRY: Duration = Duration::from_secs(30);
+/// The same for a primary's uploads: a failed point is shipped again whole
+/// (finished packs are not re-sent), and `status` shows the cause within
+/// seconds.
+pub const WRITER_RETRY: Duration = Duration::from_secs(5);
+/// Retries of one request at most: enough that the time, not the count,
+/// ends them. A refused connection fails at once, so ten retries of the
+/// default backoff were spent in under 2 s: a store restarting failed
+/// restores and lazy reads.
+const MAX_RETRIES: usize = 1000;
+/// The longest wait between two retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(4);
 
 /// Requests this process made to object stores: what `status` and the
 /// benchmark count (requests, not bytes, are what a store bills and
@@ -194,10 +206,31 @@ impl fmt::Display for S3Url {
 }
 
 /// What the command line adds to the AWS conventions.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct S3Options {
     /// `--s3-endpoint`: a non-AWS store (e.g. `http://127.0.0.1:8333`).
     pub endpoint: Option<String>,
+    /// How long a failing request is retried: [`READER_RETRY`] or
+    /// [`WRITER_RETRY`].
+    pub retry_for: Duration,
+}
+
+impl S3Options {
+    /// For commands that read (and GC): patient.
+    pub fn reader(endpoint: Option<String>) -> S3Options {
+        S3Options {
+            endpoint,
+            retry_for: READER_RETRY,
+        }
+    }
+
+    /// For a primary's uploads: quick to report.
+    pub fn writer(endpoint: Option<String>) -> S3Options {
+        S3Options {
+            endpoint,
+            retry_for: WRITER_RETRY,
+        }
+    }
 }
 
 /// Installs ring as the process's rustls provider once: `reqwest` is
@@ -289,9 +322,13 @@ pub fn connect(url: &S3Url, opts: &S3Options) -> Result<Arc<dyn ObjectStore>> {
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_allow_http(http);
     let retry = RetryConfig {
-        backoff: BackoffConfig::default(),
-        max_retries: 10,
-        retry_timeout: RETRY_TIMEOUT,
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: MAX_BACKOFF,
+            base: 2.0,
+        },
+        max_retries: MAX_RETRIES,
+        retry_timeout: opts.retry_for,
     };
     let store = builder
         .with_bucket_name(&url.bucket)
