@@ -1925,6 +1925,47 @@ fn seeded_replica_receives_only_the_blocks_that_differ() {
     assert!(sec.log().contains("seeding: indexed"), "{}", sec.log());
 }
 
+/// `hbrfs verify --json -d BACKING EXTRA…`: whether it exited 0, and its
+/// report.
+pub(crate) fn verify_json(backing: &Path, extra: &[&str]) -> (bool, Value) {
+    let mut args = vec!["verify", "--json", "-d", path_str(backing)];
+    args.extend_from_slice(extra);
+    let out = Command::new(hbrfs())
+        .args(&args)
+        .output()
+        .expect("run hbrfs verify");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("verify printed no JSON ({e}): {out:?}"));
+    (out.status.success(), v)
+}
+
+/// Flips a byte of block 7 of `file` (a copy of the datastore's
+/// `disk.img`, primary or replica, behind hbrfs's back); then `verify` of
+/// the datastore at `backing` must name exactly that block and fail, and
+/// `verify --repair` mark it to ship again.
+pub(crate) fn flip_block_7_and_repair(backing: &Path, file: &Path) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, 7 * BLOCK + 123).unwrap();
+    f.write_all_at(&[byte[0] ^ 0xff], 7 * BLOCK + 123).unwrap();
+    f.sync_all().unwrap();
+    let (ok, v) = verify_json(backing, &[]);
+    assert!(!ok, "verify passed with a flipped byte: {v:#}");
+    let diffs = v["differences"].as_array().unwrap();
+    assert_eq!(diffs.len(), 1, "{v:#}");
+    assert_eq!(diffs[0]["path"], "disk.img");
+    assert_eq!(
+        diffs[0]["ranges"],
+        serde_json::json!([{"first_block": 7, "blocks": 1}])
+    );
+    let (ok, v) = verify_json(backing, &["--repair"]);
+    assert!(!ok && v["repaired"] == Value::Bool(true), "{v:#}");
+}
+
 /// `hbrfs verify` compares primary and replica by block hashes: with
 /// writes going on it reports nothing (dirty blocks are not differences);
 /// after a byte of a replica file is flipped behind hbrfs's back it names
@@ -1934,17 +1975,7 @@ fn verify_finds_exactly_a_flipped_replica_byte_and_repair_fixes_it() {
     let (sec, m) = pair(&[]);
     write_ranges(&m.mnt("disk.img"), &[(0, 32 * BLOCK)], BLOCK);
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
-    let verify = |extra: &[&str]| {
-        let mut args = vec!["verify", "--json", "-d", path_str(&m.backing)];
-        args.extend_from_slice(extra);
-        let out = Command::new(hbrfs())
-            .args(&args)
-            .output()
-            .expect("run hbrfs verify");
-        let v: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("verify printed no JSON ({e}): {out:?}"));
-        (out.status.success(), v)
-    };
+    let verify = |extra: &[&str]| verify_json(&m.backing, extra);
     // Writes in flight (dirty, not yet shipped) are no difference.
     write_ranges(&m.mnt("disk.img"), &[(40 * BLOCK, BLOCK)], BLOCK);
     let (ok, v) = verify(&[]);
@@ -1953,27 +1984,7 @@ fn verify_finds_exactly_a_flipped_replica_byte_and_repair_fixes_it() {
     assert!(json_u64(&v["blocks_checked"]) >= 32, "{v:#}");
 
     // Flip one byte of block 7 in the replica file itself.
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(sec.rep("disk.img"))
-        .unwrap();
-    let mut byte = [0u8; 1];
-    f.read_exact_at(&mut byte, 7 * BLOCK + 123).unwrap();
-    f.write_all_at(&[byte[0] ^ 0xff], 7 * BLOCK + 123).unwrap();
-    f.sync_all().unwrap();
-    let (ok, v) = verify(&[]);
-    assert!(!ok, "verify passed with a flipped byte: {v:#}");
-    let diffs = v["differences"].as_array().unwrap();
-    assert_eq!(diffs.len(), 1, "{v:#}");
-    assert_eq!(diffs[0]["path"], "disk.img");
-    assert_eq!(
-        diffs[0]["ranges"],
-        serde_json::json!([{"first_block": 7, "blocks": 1}])
-    );
-
-    let (ok, v) = verify(&["--repair"]);
-    assert!(!ok && v["repaired"] == Value::Bool(true), "{v:#}");
+    flip_block_7_and_repair(&m.backing, &sec.rep("disk.img"));
     wait_applied(&m, &sec, Until::CaughtUp, APPLY_TIMEOUT);
     assert_same_bytes(&m.mnt("disk.img"), &sec.rep("disk.img"));
     let (ok, v) = verify(&[]);

@@ -1,6 +1,9 @@
 //! `hbrfs verify`: compares every clean block with the replica at the last
 //! shipped point by keyed hash, without sending block content. Dirty
 //! blocks ship with the next point anyway, so they are no difference.
+//! Against a secondary, the secondary hashes what it holds; against an
+//! object store, the point's block maps already hold the hashes (only the
+//! map chunks are read, never a block).
 
 use std::sync::Arc;
 
@@ -14,6 +17,10 @@ use crate::tracking::TrackedFile;
 
 use super::client::{CONNECT_TIMEOUT, Client, blocking, connect, remote, within};
 use super::{Replicator, Target};
+use crate::auth::AuthKey;
+use crate::object::cache::Cache;
+use crate::object::read::PointReader;
+use crate::object::{Repo, S3Options, S3Url, manifest};
 use crate::wire::{APPLY_TIMEOUT_BASE, NO_PROGRESS_TIMEOUT};
 
 /// Blocks hashed and compared per request.
@@ -129,43 +136,31 @@ struct Tally {
     skipped: u64,
 }
 
+/// What `verify` compares with, at the last shipped point.
+enum Replica {
+    /// The secondary, asked chunk by chunk for the hashes it holds.
+    Secondary { client: Client, epoch: Epoch },
+    /// The point in the object store: its block maps, read through a
+    /// local index of its own (the replicator holds the datastore's).
+    Object(Box<PointReader>),
+}
+
 impl Replicator {
     /// `hbrfs verify`: compares every clean block with the replica at the
     /// last shipped point, by keyed hash; with `repair`, marks the
     /// differing blocks so the next point ships them.
     pub async fn verify(&self, repair: bool) -> Result<VerifyReport> {
         let _turn = self.turn.lock().await;
-        let Target::Secondary { addr, key } = &self.opts.target else {
-            return Err(Error::Usage(format!(
-                "verify compares with a secondary; this datastore replicates to {}: restore a \
-                 point (`hbrfs restore`) and compare with it instead",
-                self.opts.target
-            )));
-        };
-        let mut c = connect(addr, key, CONNECT_TIMEOUT).await?;
-        let status = async {
-            c.status(StatusRequest {})
-                .await
-                .map_err(|s| remote("secondary", s.message()))
-        };
-        let applied = within(NO_PROGRESS_TIMEOUT, "(waiting for its status)", status)
-            .await?
-            .into_inner()
-            .last_applied_epoch;
         let shipped = self.points.last_shipped_epoch()?.0;
-        if applied != shipped || applied == 0 {
-            return Err(Error::Remote(format!(
-                "the secondary is at epoch {applied} and the last point shipped is {shipped}: \
-                 verify once a point has been applied"
-            )));
-        }
+        let (mut replica, epoch) = match &self.opts.target {
+            Target::Secondary { addr, key } => self.secondary_at(addr, key, shipped).await?,
+            Target::Object { url, s3, .. } => self.object_point_at(url, s3, shipped).await?,
+        };
         let mut tally = Tally::default();
         let mut differences = Vec::new();
         let files = self.ds.tracker.all_files();
         for file in files.into_iter().filter(|f| !f.is_gone()) {
-            let verdict = self
-                .verify_file(&mut c, Epoch(applied), &file, &mut tally)
-                .await?;
+            let verdict = self.verify_file(&mut replica, &file, &mut tally).await?;
             if verdict.differing.is_empty() && verdict.size_differs.is_none() {
                 continue;
             }
@@ -175,7 +170,7 @@ impl Replicator {
             differences.push(difference(&file, verdict));
         }
         Ok(VerifyReport {
-            epoch: applied,
+            epoch,
             blocks_checked: tally.checked,
             blocks_dirty_skipped: tally.skipped,
             repaired: repair && !differences.is_empty(),
@@ -183,54 +178,180 @@ impl Replicator {
         })
     }
 
-    /// Compares the clean blocks of `file` with the replica at `applied`,
-    /// chunk by chunk.
+    /// The secondary at `addr`, once it has applied the point `shipped`.
+    async fn secondary_at(
+        &self,
+        addr: &str,
+        key: &AuthKey,
+        shipped: u64,
+    ) -> Result<(Replica, u64)> {
+        let mut client = connect(addr, key, CONNECT_TIMEOUT).await?;
+        let status = async {
+            client
+                .status(StatusRequest {})
+                .await
+                .map_err(|s| remote("secondary", s.message()))
+        };
+        let applied = within(NO_PROGRESS_TIMEOUT, "(waiting for its status)", status)
+            .await?
+            .into_inner()
+            .last_applied_epoch;
+        if applied != shipped || applied == 0 {
+            return Err(Error::Remote(format!(
+                "the secondary is at epoch {applied} and the last point shipped is {shipped}: \
+                 verify once a point has been applied"
+            )));
+        }
+        let epoch = Epoch(applied);
+        Ok((Replica::Secondary { client, epoch }, applied))
+    }
+
+    /// This datastore's newest point in the object store at `url`, once
+    /// it is the point `shipped`.
+    async fn object_point_at(
+        &self,
+        url: &S3Url,
+        s3: &S3Options,
+        shipped: u64,
+    ) -> Result<(Replica, u64)> {
+        let repo = Repo::open(url, s3, None).await?;
+        let dir = self
+            .ds
+            .paths
+            .object_cache(&repo.id_hex())
+            .with_extension("verify");
+        let index = {
+            let (dir, repo) = (dir.clone(), repo.clone());
+            blocking("opening verify's object index", move || {
+                Cache::open(&dir, &repo)
+            })
+            .await?
+        };
+        let series = self.ds.format.id.clone();
+        let newest = manifest::list_points(&repo, &series).await?.last().copied();
+        let Some(seq) = newest else {
+            return Err(Error::Remote(format!(
+                "{url} holds no point of this datastore yet: verify once one is published"
+            )));
+        };
+        let reader = PointReader::open(repo, Arc::new(index), &series, seq, 0).await?;
+        let epoch = reader.manifest().epoch;
+        if epoch != shipped || epoch == 0 {
+            return Err(Error::Remote(format!(
+                "{url}'s newest point of this datastore is of epoch {epoch} and the last point \
+                 shipped is {shipped}: verify once a point has been published"
+            )));
+        }
+        Ok((Replica::Object(Box::new(reader)), epoch))
+    }
+
+    /// Compares the clean blocks of `file` with `replica`, chunk by chunk.
     async fn verify_file(
         &self,
-        c: &mut Client,
-        applied: Epoch,
+        replica: &mut Replica,
         file: &Arc<TrackedFile>,
         tally: &mut Tally,
     ) -> Result<FileVerdict> {
-        let blocks = file.size().div_ceil(self.ds.format.block_size.bytes());
+        let bs = self.ds.format.block_size.bytes();
+        let blocks = file.size().div_ceil(bs);
+        let key = match replica {
+            Replica::Secondary { .. } => self.key.clone(),
+            Replica::Object(reader) => reader.repo().key.clone(),
+        };
         let mut verdict = FileVerdict::default();
         for start in (0..blocks).step_by(CHUNK as usize) {
             let chunk = start..(start + CHUNK).min(blocks);
             let count = chunk.end - chunk.start;
-            let vf = hash_clean(file.clone(), chunk, self.key.clone()).await?;
+            let vf = hash_clean(file.clone(), chunk, key.clone()).await?;
             tally.checked += vf.blocks.len() as u64;
             tally.skipped += count - vf.blocks.len() as u64;
             if vf.blocks.is_empty() {
                 continue;
             }
-            let request = VerifyRequest {
-                epoch: applied.0,
-                files: vec![vf],
-            };
-            // The secondary re-reads and hashes up to a chunk of blocks: as
-            // generous as an apply's base deadline.
-            let compared = async {
-                c.verify(request)
-                    .await
-                    .map_err(|s| remote("secondary", s.message()))
-            };
-            let reply = within(
-                APPLY_TIMEOUT_BASE,
-                "(waiting for a verify answer)",
-                compared,
-            )
-            .await?
-            .into_inner();
-            for r in reply.files {
-                verdict.path = r.path;
-                verdict
-                    .differing
-                    .extend(r.differing.into_iter().map(BlockNo));
-                if r.size_differs {
-                    verdict.size_differs = Some(r.size);
+            match replica {
+                Replica::Secondary { client, epoch } => {
+                    ask_secondary(client, *epoch, vf, &mut verdict).await?
+                }
+                Replica::Object(reader) => {
+                    compare_with_point(reader, &key, bs, vf, &mut verdict).await?
                 }
             }
         }
         Ok(verdict)
     }
+}
+
+/// Asks the secondary which blocks of `vf` differ at `epoch`.
+async fn ask_secondary(
+    c: &mut Client,
+    epoch: Epoch,
+    vf: VerifyFile,
+    verdict: &mut FileVerdict,
+) -> Result<()> {
+    let request = VerifyRequest {
+        epoch: epoch.0,
+        files: vec![vf],
+    };
+    // The secondary re-reads and hashes up to a chunk of blocks: as
+    // generous as an apply's base deadline.
+    let compared = async {
+        c.verify(request)
+            .await
+            .map_err(|s| remote("secondary", s.message()))
+    };
+    let reply = within(
+        APPLY_TIMEOUT_BASE,
+        "(waiting for a verify answer)",
+        compared,
+    )
+    .await?
+    .into_inner();
+    for r in reply.files {
+        verdict.path = r.path;
+        verdict
+            .differing
+            .extend(r.differing.into_iter().map(BlockNo));
+        if r.size_differs {
+            verdict.size_differs = Some(r.size);
+        }
+    }
+    Ok(())
+}
+
+/// Notes the blocks of `vf` whose hashes differ from the point's map (a
+/// zero entry stands for a block of zeros); a file the point lacks
+/// differs whole.
+async fn compare_with_point(
+    reader: &PointReader,
+    key: &HashKey,
+    bs: u64,
+    vf: VerifyFile,
+    verdict: &mut FileVerdict,
+) -> Result<()> {
+    let Ok(fm) = reader.file(vf.file_id) else {
+        verdict.size_differs = Some(0);
+        verdict
+            .differing
+            .extend(vf.blocks.iter().map(|&b| BlockNo(b)));
+        return Ok(());
+    };
+    if fm.size != vf.size {
+        verdict.size_differs = Some(fm.size);
+    }
+    if let Some(e) = reader.namespace().iter().find(|e| e.ino == vf.file_id) {
+        verdict.path.clone_from(&e.path);
+    }
+    let (first, last) = (vf.blocks[0], vf.blocks[vf.blocks.len() - 1]);
+    let held = reader.block_hashes(fm, first..last + 1).await?;
+    for (b, hash) in vf.blocks.iter().zip(&vf.hashes) {
+        let len = bs.min(vf.size.saturating_sub(b * bs)) as usize;
+        let expected = match held[(b - first) as usize] {
+            Some(h) => h,
+            None => key.hash(&vec![0u8; len]),
+        };
+        if hash.as_slice() != expected.to_bytes() {
+            verdict.differing.push(BlockNo(*b));
+        }
+    }
+    Ok(())
 }
