@@ -65,8 +65,8 @@
 //! only new ones); then a PUT and a DELETE per deleted pack and a PUT of
 //! the candidates. The index is held in memory: about 120 bytes a blob,
 //! with the live set and each live blob's keeper (~2 GiB for 1 TiB of
-//! 64 KiB blocks). A repack adds a GET of each sparse pack it copies and a PUT per new
-//! pack and for its segment.
+//! 64 KiB blocks). A repack adds a GET of each sparse pack it copies, a
+//! PUT per new pack and one for its segment.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -495,19 +495,34 @@ async fn collect(
             }
         }
     }
-    let sparse: Vec<[u8; 16]> = packs
+    // The sparse packs, sparsest first; the first ones, up to
+    // REPACK_BYTES_PER_RUN, are repacked with the blobs they keep.
+    let mut sparse: Vec<[u8; 16]> = packs
         .iter()
         .filter(|(_, p)| p.referenced && p.is_sparse())
         .map(|(id, _)| *id)
         .collect();
-    let mut live_in: HashMap<[u8; 16], HashSet<u128>> = HashMap::new();
+    sparse.sort_by_key(|id| packs[id].live_bytes * 1000 / packs[id].blob_bytes.max(1));
+    let mut repack_from = Vec::new();
     for id in &sparse {
-        let live = blobs[id]
-            .iter()
-            .filter(|(h, _)| keeps(*h, id))
-            .map(|(h, _)| *h);
-        live_in.insert(*id, live.collect());
+        let live = packs[id].live_bytes;
+        if report.repacked_bytes + live > REPACK_BYTES_PER_RUN && !repack_from.is_empty() {
+            break;
+        }
+        report.repacked += 1;
+        report.repacked_bytes += live;
+        let held = blobs.get(id).map(Vec::as_slice).unwrap_or_default();
+        let kept = held.iter().filter(|(h, _)| keeps(*h, id)).map(|(h, _)| *h);
+        repack_from.push((*id, kept.collect::<HashSet<u128>>()));
     }
+    report.sparse = sparse
+        .iter()
+        .map(|id| SparsePack {
+            pack: pack_rel(id),
+            bytes: packs[id].blob_bytes,
+            live_bytes: packs[id].live_bytes,
+        })
+        .collect();
     drop((referenced, keeper, blobs, maps));
 
     report.packs = packs.len() as u64;
@@ -518,33 +533,10 @@ async fn collect(
             report.referenced_packs += 1;
             report.referenced_bytes += p.size;
             report.live_blob_bytes += p.live_bytes;
-            if p.is_sparse() {
-                report.sparse.push(SparsePack {
-                    pack: pack_rel(id),
-                    bytes: p.blob_bytes,
-                    live_bytes: p.live_bytes,
-                });
-            }
         } else {
             unreferenced.push((*id, p.modified_ns));
         }
     }
-    report
-        .sparse
-        .sort_by_key(|s| s.live_bytes * 1000 / s.bytes.max(1));
-    let mut sparse = sparse;
-    sparse.sort_by_key(|id| packs[id].live_bytes * 1000 / packs[id].blob_bytes.max(1));
-    let mut repack_from = Vec::new();
-    for id in sparse {
-        let live = packs[&id].live_bytes;
-        if report.repacked_bytes + live > REPACK_BYTES_PER_RUN && !repack_from.is_empty() {
-            break;
-        }
-        report.repacked += 1;
-        report.repacked_bytes += live;
-        repack_from.push((id, live_in.remove(&id).unwrap_or_default()));
-    }
-    drop(live_in);
 
     // The sweep.
     Counts::add(&counts.gets);
