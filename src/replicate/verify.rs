@@ -319,8 +319,10 @@ async fn ask_secondary(
 }
 
 /// Notes the blocks of `vf` whose hashes differ from the point's map (a
-/// zero entry stands for a block of zeros); a file the point lacks
-/// differs whole.
+/// zero entry stands for a block of zeros), as the secondary does: a
+/// block past the point's end differs, unless the file is not idle (its
+/// size change ships with the next point); so does the size of an idle
+/// file. A file the point lacks has size 0.
 async fn compare_with_point(
     reader: &PointReader,
     key: &HashKey,
@@ -328,28 +330,36 @@ async fn compare_with_point(
     vf: VerifyFile,
     verdict: &mut FileVerdict,
 ) -> Result<()> {
-    let Ok(fm) = reader.file(vf.file_id) else {
-        verdict.size_differs = Some(0);
-        verdict
-            .differing
-            .extend(vf.blocks.iter().map(|&b| BlockNo(b)));
-        return Ok(());
-    };
-    if fm.size != vf.size {
-        verdict.size_differs = Some(fm.size);
+    let fm = reader.file(vf.file_id).ok();
+    let size = fm.map_or(0, |f| f.size);
+    if vf.idle && size != vf.size {
+        verdict.size_differs = Some(size);
     }
     if let Some(e) = reader.namespace().iter().find(|e| e.ino == vf.file_id) {
         verdict.path.clone_from(&e.path);
     }
-    let (first, last) = (vf.blocks[0], vf.blocks[vf.blocks.len() - 1]);
-    let held = reader.block_hashes(fm, first..last + 1).await?;
+    let first = vf.blocks[0];
+    let held = match fm {
+        Some(fm) => {
+            let last = vf.blocks[vf.blocks.len() - 1];
+            reader.block_hashes(fm, first..last + 1).await?
+        }
+        None => Vec::new(),
+    };
+    let full_zero = key.hash(&vec![0u8; bs as usize]);
     for (b, hash) in vf.blocks.iter().zip(&vf.hashes) {
-        let len = bs.min(vf.size.saturating_sub(b * bs)) as usize;
-        let expected = match held[(b - first) as usize] {
+        let start = b * bs;
+        let len = bs.min(vf.size.saturating_sub(start));
+        let past_end = start + len > size;
+        if past_end && !vf.idle {
+            continue;
+        }
+        let expected = match held.get((b - first) as usize).copied().flatten() {
             Some(h) => h,
-            None => key.hash(&vec![0u8; len]),
+            None if len == bs => full_zero,
+            None => key.hash(&vec![0u8; len as usize]),
         };
-        if hash.as_slice() != expected.to_bytes() {
+        if past_end || hash.as_slice() != expected.to_bytes() {
             verdict.differing.push(BlockNo(*b));
         }
     }
